@@ -1,0 +1,192 @@
+//! Mesh events and the event bus.
+//!
+//! Events are written to an outbox in the same transaction as the change they
+//! report; an outbox relay publishes them through [`EventPublisher`] and
+//! deletes them only once the bus accepted them. Notifiers consume them
+//! through [`EventSource`]. [`InProcessBus`] implements both for the one-process
+//! dev mesh; the RabbitMQ bus implements the same traits.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use fedmesh_proto::pb;
+use tokio::sync::broadcast;
+
+use crate::time::timestamp_from_micros;
+
+/// `agency.registered`: an agency joined the directory.
+pub const AGENCY_REGISTERED: &str = "agency.registered";
+/// `agency.deregistered`: an agency left the directory.
+pub const AGENCY_DEREGISTERED: &str = "agency.deregistered";
+/// `message.accepted`: a message was stored in its recipient's home shard.
+pub const MESSAGE_ACCEPTED: &str = "message.accepted";
+/// `message.delivered`: the recipient acknowledged a message.
+pub const MESSAGE_DELIVERED: &str = "message.delivered";
+
+/// Something that happened in the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Unique id (UUIDv7, text form); subscribers deduplicate by it.
+    pub event_id: String,
+    /// One of the kinds above.
+    pub kind: String,
+    /// Region where it happened.
+    pub region: String,
+    /// The agency concerned.
+    pub agency_id: String,
+    /// The message concerned, if any.
+    pub message_id: Option<String>,
+    /// When it happened, microseconds since the epoch.
+    pub occurred_at_micros: i64,
+    /// More about it.
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Event {
+    /// A new event with a fresh id, happening now.
+    pub fn new(kind: &str, region: &str, agency_id: &str) -> Self {
+        Event {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            kind: kind.to_string(),
+            region: region.to_string(),
+            agency_id: agency_id.to_string(),
+            message_id: None,
+            occurred_at_micros: crate::time::now_micros(),
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    /// The same event, concerning `message_id`.
+    pub fn with_message(mut self, message_id: &str) -> Self {
+        self.message_id = Some(message_id.to_string());
+        self
+    }
+
+    /// The same event with one more attribute.
+    pub fn with_attribute(mut self, key: &str, value: impl ToString) -> Self {
+        self.attributes.insert(key.to_string(), value.to_string());
+        self
+    }
+}
+
+impl From<Event> for pb::Event {
+    fn from(event: Event) -> Self {
+        pb::Event {
+            event_id: event.event_id,
+            kind: event.kind,
+            region: event.region,
+            agency_id: event.agency_id,
+            message_id: event.message_id.unwrap_or_default(),
+            occurred_at: Some(timestamp_from_micros(event.occurred_at_micros)),
+            attributes: event.attributes.into_iter().collect(),
+        }
+    }
+}
+
+/// The bus refused or failed to take events; the outbox keeps them.
+#[derive(Debug, thiserror::Error)]
+#[error("event bus unavailable: {0}")]
+pub struct BusError(pub String);
+
+/// A boxed future, for the dyn-compatible bus traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Publishes events. Resolves only once the bus has accepted all of them.
+pub trait EventPublisher: Send + Sync + 'static {
+    /// Publishes `events` in order.
+    fn publish(&self, events: Vec<Event>) -> BoxFuture<'_, Result<(), BusError>>;
+}
+
+/// Hands out live subscriptions to the events on the bus.
+pub trait EventSource: Send + Sync + 'static {
+    /// A receiver of every event published from now on.
+    fn subscribe(&self) -> broadcast::Receiver<Event>;
+}
+
+/// The in-process event bus of the dev mesh: a broadcast channel. Events
+/// published while nobody subscribes are not kept.
+#[derive(Debug, Clone)]
+pub struct InProcessBus {
+    sender: broadcast::Sender<Event>,
+}
+
+impl InProcessBus {
+    /// A bus that buffers up to `capacity` events for slow subscribers.
+    pub fn new(capacity: usize) -> Self {
+        let (sender, _) = broadcast::channel(capacity);
+        InProcessBus { sender }
+    }
+}
+
+impl Default for InProcessBus {
+    fn default() -> Self {
+        InProcessBus::new(65_536)
+    }
+}
+
+impl EventPublisher for InProcessBus {
+    fn publish(&self, events: Vec<Event>) -> BoxFuture<'_, Result<(), BusError>> {
+        for event in events {
+            // No subscriber is not an error: the bus has accepted the event.
+            let _ = self.sender.send(event);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl EventSource for InProcessBus {
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.sender.subscribe()
+    }
+}
+
+/// Where an outbox relay reads events from and deletes them once published.
+pub trait Outbox: Send + Sync + 'static {
+    /// Up to `limit` of the oldest events, with their outbox row ids.
+    fn fetch(&self, limit: u32) -> BoxFuture<'_, Result<Vec<(i64, Event)>, BusError>>;
+    /// Deletes published rows.
+    fn delete(&self, row_ids: Vec<i64>) -> BoxFuture<'_, Result<(), BusError>>;
+}
+
+/// Drains `outbox` to `publisher` until `shutdown`: woken by `wake` after each
+/// commit that wrote events, and every `poll_interval` regardless. Rows are
+/// deleted only after the publisher accepted them, so an event may be
+/// published twice after a crash but is never lost.
+pub async fn run_outbox_relay(
+    name: String,
+    outbox: std::sync::Arc<dyn Outbox>,
+    publisher: std::sync::Arc<dyn EventPublisher>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    poll_interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    const BATCH: u32 = 512;
+    let mut backoff = poll_interval;
+    loop {
+        let drained = async {
+            loop {
+                let rows = outbox.fetch(BATCH).await?;
+                if rows.is_empty() {
+                    return Ok::<(), BusError>(());
+                }
+                let (row_ids, events): (Vec<i64>, Vec<Event>) = rows.into_iter().unzip();
+                publisher.publish(events).await?;
+                outbox.delete(row_ids).await?;
+            }
+        }
+        .await;
+        match drained {
+            Ok(()) => backoff = poll_interval,
+            Err(error) => {
+                tracing::warn!(outbox = %name, %error, retry_in = ?backoff, "outbox relay failed, will retry");
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = wake.notified() => {}
+            () = tokio::time::sleep(backoff) => {}
+        }
+    }
+}

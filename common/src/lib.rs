@@ -1,0 +1,26 @@
+//! What every fedmesh role shares.
+//!
+//! - [`error`]: the small set of error kinds, their gRPC codes, and the one
+//!   place a `tonic::Status` is built from a service error.
+//! - [`identity`]: who the caller is, read in one interceptor.
+//! - [`validate`]: the patterns of agency ids, regions, kinds and headers.
+//! - [`events`]: mesh events and the event bus interface, with the
+//!   in-process bus of the dev mesh.
+//! - [`topology`]: the directory as gateways see it, and how updates apply.
+//! - [`server`]: health, reflection and graceful serving for every role.
+//! - [`sqlite`]: durable SQLite pools and the outbox they share.
+//! - [`time`]: timestamps as stored and as sent.
+//!
+//! Architecture Invariant: this crate depends on no role crate.
+
+pub mod error;
+pub mod events;
+pub mod identity;
+pub mod server;
+pub mod sqlite;
+pub mod time;
+pub mod topology;
+pub mod validate;
+
+pub use error::{ErrorKind, ServiceError};
+pub use identity::Identity;

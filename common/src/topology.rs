@@ -1,0 +1,172 @@
+//! The directory as a gateway sees it: regions and their shards, where each
+//! agency lives, and which gateways serve each region, at a version.
+//!
+//! Gateways keep the last [`Topology`] they received and keep serving from it
+//! while the coordinator is unavailable.
+
+use std::collections::{BTreeMap, HashMap};
+
+use fedmesh_proto::pb;
+
+/// Where an agency lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgencyHome {
+    /// Home region.
+    pub region: String,
+    /// Shard of the home region that holds its inbox.
+    pub shard: String,
+}
+
+/// A gateway others can reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEntry {
+    /// Region it serves.
+    pub region: String,
+    /// URL it is reached at.
+    pub address: String,
+}
+
+/// A versioned copy of the directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Topology {
+    /// Version of the last update applied; 0 before the first snapshot.
+    pub version: u64,
+    /// Region name to its shard names.
+    pub regions: BTreeMap<String, Vec<String>>,
+    /// Agency id to its home.
+    pub agencies: HashMap<String, AgencyHome>,
+    /// Gateway id to its entry.
+    pub gateways: BTreeMap<String, GatewayEntry>,
+}
+
+impl Topology {
+    /// Applies one update from the topology stream. A snapshot replaces
+    /// everything; a change older than the current version is ignored.
+    pub fn apply(&mut self, update: pb::TopologyUpdate) {
+        match update.update {
+            Some(pb::topology_update::Update::Snapshot(snapshot)) => {
+                *self = Topology::from_snapshot(update.version, snapshot);
+            }
+            Some(pb::topology_update::Update::Change(change)) if update.version > self.version => {
+                self.version = update.version;
+                self.apply_change(change);
+            }
+            _ => {}
+        }
+    }
+
+    fn from_snapshot(version: u64, snapshot: pb::TopologySnapshot) -> Topology {
+        let mut topology = Topology {
+            version,
+            regions: snapshot
+                .regions
+                .into_iter()
+                .map(|region| (region.name, region.shards))
+                .collect(),
+            ..Topology::default()
+        };
+        for agency in snapshot.agencies {
+            topology.upsert_agency(agency);
+        }
+        for gateway in snapshot.gateways {
+            topology.upsert_gateway(gateway);
+        }
+        topology
+    }
+
+    fn apply_change(&mut self, change: pb::TopologyChange) {
+        use pb::topology_change::Change;
+        match change.change {
+            Some(Change::AgencyUpserted(agency)) => self.upsert_agency(agency),
+            Some(Change::AgencyRemoved(agency_id)) => {
+                self.agencies.remove(&agency_id);
+            }
+            Some(Change::GatewayUpserted(gateway)) => self.upsert_gateway(gateway),
+            Some(Change::GatewayRemoved(gateway_id)) => {
+                self.gateways.remove(&gateway_id);
+            }
+            None => {}
+        }
+    }
+
+    /// Records where `agency` lives.
+    pub fn upsert_agency(&mut self, agency: pb::Agency) {
+        self.agencies.insert(
+            agency.agency_id,
+            AgencyHome {
+                region: agency.region,
+                shard: agency.shard,
+            },
+        );
+    }
+
+    fn upsert_gateway(&mut self, gateway: pb::Gateway) {
+        self.gateways.insert(
+            gateway.gateway_id,
+            GatewayEntry {
+                region: gateway.region,
+                address: gateway.address,
+            },
+        );
+    }
+
+    /// Addresses of the gateways serving `region`, in gateway id order.
+    pub fn gateways_of(&self, region: &str) -> Vec<String> {
+        self.gateways
+            .values()
+            .filter(|gateway| gateway.region == region)
+            .map(|gateway| gateway.address.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::topology_change::Change;
+
+    fn agency(id: &str, region: &str) -> pb::Agency {
+        pb::Agency {
+            agency_id: id.to_string(),
+            region: region.to_string(),
+            shard: format!("{region}-1"),
+            ..pb::Agency::default()
+        }
+    }
+
+    fn change(version: u64, change: Change) -> pb::TopologyUpdate {
+        pb::TopologyUpdate {
+            version,
+            update: Some(pb::topology_update::Update::Change(pb::TopologyChange {
+                change: Some(change),
+            })),
+        }
+    }
+
+    #[test]
+    fn snapshot_then_changes() {
+        let mut topology = Topology::default();
+        topology.apply(pb::TopologyUpdate {
+            version: 10,
+            update: Some(pb::topology_update::Update::Snapshot(pb::TopologySnapshot {
+                regions: vec![pb::Region {
+                    name: "east".into(),
+                    shards: vec!["east-1".into()],
+                }],
+                agencies: vec![agency("alpha", "east")],
+                gateways: vec![],
+            })),
+        });
+        assert_eq!(topology.agencies["alpha"].shard, "east-1");
+
+        topology.apply(change(11, Change::AgencyUpserted(agency("beta", "west"))));
+        topology.apply(change(12, Change::AgencyRemoved("alpha".into())));
+        // A stale change is ignored.
+        topology.apply(change(9, Change::AgencyUpserted(agency("gamma", "west"))));
+
+        assert_eq!(topology.version, 12);
+        assert!(!topology.agencies.contains_key("alpha"));
+        assert!(topology.agencies.contains_key("beta"));
+        assert!(!topology.agencies.contains_key("gamma"));
+    }
+}

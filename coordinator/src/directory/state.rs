@@ -1,0 +1,308 @@
+//! The in-memory topology: what gateways see, numbered by version, and the
+//! broadcast of each change to watchers.
+
+use std::collections::BTreeMap;
+
+use fedmesh_proto::pb;
+use fedmesh_common::time::timestamp_from_micros;
+use tokio::sync::broadcast;
+use tokio::time::{Duration, Instant};
+
+use super::AgencyRecord;
+use crate::config::RegionConfig;
+
+/// A gateway as last reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRecord {
+    /// Stable id of the gateway instance.
+    pub gateway_id: String,
+    /// Region it serves.
+    pub region: String,
+    /// URL it is reached at.
+    pub address: String,
+    /// Open inbox streams it reported.
+    pub open_streams: u32,
+    /// Sends in flight it reported.
+    pub in_flight: u32,
+    /// When it last reported, microseconds since the epoch (for display).
+    pub last_seen_micros: i64,
+    /// When it last reported, for expiry.
+    pub last_seen: Instant,
+}
+
+/// What a new watcher starts from: a snapshot and the changes after it.
+pub struct WatchStart {
+    /// The full topology at its current version.
+    pub snapshot: pb::TopologyUpdate,
+    /// Every change after the snapshot.
+    pub changes: broadcast::Receiver<pb::TopologyUpdate>,
+}
+
+/// The topology at a version, and the channel its changes go out on.
+pub struct TopologyState {
+    version: u64,
+    regions: Vec<RegionConfig>,
+    agencies: BTreeMap<String, AgencyRecord>,
+    gateways: BTreeMap<String, GatewayRecord>,
+    changes: broadcast::Sender<pb::TopologyUpdate>,
+}
+
+impl TopologyState {
+    /// A topology holding `agencies`, at `initial_version`.
+    pub fn new(regions: Vec<RegionConfig>, agencies: Vec<AgencyRecord>, initial_version: u64) -> Self {
+        let (changes, _) = broadcast::channel(1024);
+        TopologyState {
+            version: initial_version,
+            regions,
+            agencies: agencies
+                .into_iter()
+                .map(|agency| (agency.agency_id.clone(), agency))
+                .collect(),
+            gateways: BTreeMap::new(),
+            changes,
+        }
+    }
+
+    /// The current version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Names of the configured regions.
+    pub fn region_names(&self) -> Vec<String> {
+        self.regions.iter().map(|region| region.name.clone()).collect()
+    }
+
+    /// The shard of `region` holding the fewest agencies, or None if the
+    /// region does not exist.
+    pub fn pick_shard(&self, region: &str) -> Option<String> {
+        let region = self.regions.iter().find(|candidate| candidate.name == region)?;
+        region
+            .shards
+            .iter()
+            .min_by_key(|shard| {
+                self.agencies
+                    .values()
+                    .filter(|agency| &agency.shard == *shard)
+                    .count()
+            })
+            .cloned()
+    }
+
+    /// One agency.
+    pub fn agency(&self, agency_id: &str) -> Option<&AgencyRecord> {
+        self.agencies.get(agency_id)
+    }
+
+    /// Up to `limit` agencies after `after` in id order, optionally of one region.
+    pub fn agencies_page(&self, after: &str, region: Option<&str>, limit: usize) -> Vec<AgencyRecord> {
+        use std::ops::Bound;
+        self.agencies
+            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+            .map(|(_, agency)| agency)
+            .filter(|agency| region.is_none_or(|region| agency.region == region))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Number of agencies per region, in region order.
+    pub fn agency_counts(&self) -> Vec<(String, usize)> {
+        self.regions
+            .iter()
+            .map(|region| {
+                let count = self
+                    .agencies
+                    .values()
+                    .filter(|agency| agency.region == region.name)
+                    .count();
+                (region.name.clone(), count)
+            })
+            .collect()
+    }
+
+    /// Adds or replaces an agency and publishes the change.
+    pub fn upsert_agency(&mut self, agency: AgencyRecord) {
+        let change = pb::topology_change::Change::AgencyUpserted(agency_to_pb(&agency));
+        self.agencies.insert(agency.agency_id.clone(), agency);
+        self.publish(change);
+    }
+
+    /// Removes an agency and publishes the change.
+    pub fn remove_agency(&mut self, agency_id: &str) {
+        if self.agencies.remove(agency_id).is_some() {
+            self.publish(pb::topology_change::Change::AgencyRemoved(agency_id.to_string()));
+        }
+    }
+
+    /// Records a gateway report. A new gateway or a changed address is
+    /// published; a load change alone is kept for snapshots only.
+    pub fn report_gateway(&mut self, gateway: GatewayRecord) {
+        let changed = self.gateways.get(&gateway.gateway_id).is_none_or(|known| {
+            known.address != gateway.address || known.region != gateway.region
+        });
+        let change = pb::topology_change::Change::GatewayUpserted(gateway_to_pb(&gateway));
+        if changed {
+            tracing::info!(gateway_id = %gateway.gateway_id, region = %gateway.region, address = %gateway.address, "gateway joined");
+        }
+        self.gateways.insert(gateway.gateway_id.clone(), gateway);
+        if changed {
+            self.publish(change);
+        }
+    }
+
+    /// Drops gateways not heard from within `expiry` of `now`; returns their ids.
+    pub fn expire_gateways(&mut self, now: Instant, expiry: Duration) -> Vec<String> {
+        let expired: Vec<String> = self
+            .gateways
+            .values()
+            .filter(|gateway| now.saturating_duration_since(gateway.last_seen) > expiry)
+            .map(|gateway| gateway.gateway_id.clone())
+            .collect();
+        for gateway_id in &expired {
+            self.gateways.remove(gateway_id);
+            tracing::warn!(%gateway_id, "gateway stopped reporting, removed from topology");
+            self.publish(pb::topology_change::Change::GatewayRemoved(gateway_id.clone()));
+        }
+        expired
+    }
+
+    /// A snapshot at the current version and a receiver of the changes after it.
+    pub fn watch(&self) -> WatchStart {
+        WatchStart {
+            snapshot: self.snapshot(),
+            changes: self.changes.subscribe(),
+        }
+    }
+
+    /// The full topology at the current version.
+    pub fn snapshot(&self) -> pb::TopologyUpdate {
+        pb::TopologyUpdate {
+            version: self.version,
+            update: Some(pb::topology_update::Update::Snapshot(pb::TopologySnapshot {
+                regions: self
+                    .regions
+                    .iter()
+                    .map(|region| pb::Region {
+                        name: region.name.clone(),
+                        shards: region.shards.clone(),
+                    })
+                    .collect(),
+                agencies: self.agencies.values().map(agency_to_pb).collect(),
+                gateways: self.gateways.values().map(gateway_to_pb).collect(),
+            })),
+        }
+    }
+
+    fn publish(&mut self, change: pb::topology_change::Change) {
+        self.version += 1;
+        // No watcher is not an error.
+        let _ = self.changes.send(pb::TopologyUpdate {
+            version: self.version,
+            update: Some(pb::topology_update::Update::Change(pb::TopologyChange {
+                change: Some(change),
+            })),
+        });
+    }
+}
+
+/// The wire form of an agency.
+pub(crate) fn agency_to_pb(agency: &AgencyRecord) -> pb::Agency {
+    pb::Agency {
+        agency_id: agency.agency_id.clone(),
+        region: agency.region.clone(),
+        shard: agency.shard.clone(),
+        display_name: agency.display_name.clone(),
+        registered_at: Some(timestamp_from_micros(agency.registered_at_micros)),
+    }
+}
+
+fn gateway_to_pb(gateway: &GatewayRecord) -> pb::Gateway {
+    pb::Gateway {
+        gateway_id: gateway.gateway_id.clone(),
+        region: gateway.region.clone(),
+        address: gateway.address.clone(),
+        load: Some(pb::GatewayLoad {
+            open_streams: gateway.open_streams,
+            in_flight: gateway.in_flight,
+        }),
+        last_seen: Some(timestamp_from_micros(gateway.last_seen_micros)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> TopologyState {
+        let regions = vec![RegionConfig {
+            name: "east".into(),
+            shards: vec!["east-1".into(), "east-2".into()],
+        }];
+        TopologyState::new(regions, vec![], 100)
+    }
+
+    fn gateway(gateway_id: &str, last_seen: Instant) -> GatewayRecord {
+        GatewayRecord {
+            gateway_id: gateway_id.into(),
+            region: "east".into(),
+            address: "http://127.0.0.1:1".into(),
+            open_streams: 0,
+            in_flight: 0,
+            last_seen_micros: 0,
+            last_seen,
+        }
+    }
+
+    #[test]
+    fn shards_fill_evenly_and_unknown_regions_have_none() {
+        let mut state = state();
+        assert_eq!(state.pick_shard("mars"), None);
+        let first = state.pick_shard("east").expect("shard");
+        state.upsert_agency(AgencyRecord {
+            agency_id: "alpha".into(),
+            region: "east".into(),
+            shard: first.clone(),
+            display_name: String::new(),
+            registered_at_micros: 0,
+        });
+        let second = state.pick_shard("east").expect("shard");
+        assert_ne!(first, second);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_gateways_expire_and_watchers_hear_of_it() {
+        let mut state = state();
+        let mut watch = state.watch();
+        state.report_gateway(gateway("east-0", Instant::now()));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        state.report_gateway(gateway("east-1", Instant::now()));
+        tokio::time::advance(Duration::from_secs(10)).await;
+
+        let expired = state.expire_gateways(Instant::now(), Duration::from_secs(15));
+        assert_eq!(expired, vec!["east-0".to_string()]);
+
+        let versions: Vec<u64> = std::iter::from_fn(|| watch.changes.try_recv().ok())
+            .map(|update| update.version)
+            .collect();
+        assert_eq!(versions, vec![101, 102, 103]);
+    }
+
+    #[test]
+    fn pages_walk_all_agencies_once() {
+        let mut state = state();
+        for index in 0..5 {
+            state.upsert_agency(AgencyRecord {
+                agency_id: format!("a{index}"),
+                region: "east".into(),
+                shard: "east-1".into(),
+                display_name: String::new(),
+                registered_at_micros: 0,
+            });
+        }
+        let first = state.agencies_page("", None, 3);
+        let second = state.agencies_page(&first[2].agency_id, None, 3);
+        assert_eq!(first.len() + second.len(), 5);
+        assert!(state.agencies_page("", Some("west"), 10).is_empty());
+    }
+}

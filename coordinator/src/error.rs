@@ -1,0 +1,75 @@
+//! Errors of the coordinator's services and how callers see them.
+
+use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError};
+
+/// Everything a Directory call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// A request field is malformed.
+    #[error(transparent)]
+    InvalidField(#[from] InvalidField),
+    /// The agency is unknown.
+    #[error("agency {0:?} is not registered")]
+    AgencyNotFound(String),
+    /// The region is unknown.
+    #[error("region {region:?} does not exist; known regions: {known}")]
+    RegionNotFound {
+        /// The region asked for.
+        region: String,
+        /// The regions that exist, comma separated.
+        known: String,
+    },
+    /// The agency id is taken.
+    #[error("agency {0:?} is already registered")]
+    AgencyExists(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The control database failed.
+    #[error("control database: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A failure of the directory store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row exists already.
+    #[error("already exists")]
+    Conflict,
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// Migrations could not be applied.
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value could not be read back.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+impl ServiceError for DirectoryError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            DirectoryError::InvalidField(_) => ErrorKind::InvalidArgument,
+            DirectoryError::AgencyNotFound(_) | DirectoryError::RegionNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            DirectoryError::AgencyExists(_) => ErrorKind::AlreadyExists,
+            DirectoryError::PermissionDenied(_) => ErrorKind::PermissionDenied,
+            DirectoryError::Store(_) => ErrorKind::Internal,
+        }
+    }
+
+    fn field(&self) -> Option<&str> {
+        match self {
+            DirectoryError::InvalidField(invalid) => Some(invalid.field),
+            _ => None,
+        }
+    }
+}
+
+impl From<DirectoryError> for tonic::Status {
+    fn from(error: DirectoryError) -> Self {
+        fedmesh_common::error::to_status(&error)
+    }
+}

@@ -1,0 +1,204 @@
+//! `fedmesh.v1.Directory` on top of [`Directory`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fedmesh_common::identity::{Identity, caller};
+use fedmesh_common::time::now_micros;
+use fedmesh_common::validate;
+use fedmesh_proto::pb;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::directory::{Directory, GatewayRecord};
+use crate::directory::agency_to_pb;
+use crate::error::DirectoryError;
+
+/// The Directory service of one coordinator.
+pub(crate) struct DirectoryService {
+    pub(crate) directory: Arc<Directory>,
+    pub(crate) report_interval: std::time::Duration,
+    pub(crate) shutdown: CancellationToken,
+}
+
+fn require_operator(identity: &Identity) -> Result<(), Status> {
+    match identity {
+        Identity::Operator(_) | Identity::Coordinator => Ok(()),
+        other => Err(DirectoryError::PermissionDenied(format!(
+            "{other} may not change the directory; only operators may"
+        ))
+        .into()),
+    }
+}
+
+type TopologyStream = Pin<Box<dyn Stream<Item = Result<pb::TopologyUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::directory_server::Directory for DirectoryService {
+    async fn register_agency(
+        &self,
+        request: Request<pb::RegisterAgencyRequest>,
+    ) -> Result<Response<pb::RegisterAgencyResponse>, Status> {
+        require_operator(&caller(&request)?)?;
+        let request = request.into_inner();
+        let agency = self
+            .directory
+            .register_agency(&request.agency_id, &request.region, &request.display_name)
+            .await?;
+        Ok(Response::new(pb::RegisterAgencyResponse {
+            agency: Some(agency_to_pb(&agency)),
+        }))
+    }
+
+    async fn get_agency(
+        &self,
+        request: Request<pb::GetAgencyRequest>,
+    ) -> Result<Response<pb::GetAgencyResponse>, Status> {
+        caller(&request)?;
+        let agency = self.directory.get_agency(&request.get_ref().agency_id)?;
+        Ok(Response::new(pb::GetAgencyResponse {
+            agency: Some(agency_to_pb(&agency)),
+        }))
+    }
+
+    async fn list_agencies(
+        &self,
+        request: Request<pb::ListAgenciesRequest>,
+    ) -> Result<Response<pb::ListAgenciesResponse>, Status> {
+        caller(&request)?;
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            0 => 100,
+            size @ 1..=1000 => size as usize,
+            _ => {
+                return Err(DirectoryError::from(fedmesh_common::error::InvalidField::new(
+                    "page_size",
+                    "page size must be 1 to 1000 (0 means 100)",
+                ))
+                .into());
+            }
+        };
+        let region = (!request.region.is_empty()).then_some(request.region.as_str());
+        if let Some(region) = region {
+            validate::region("region", region).map_err(DirectoryError::from)?;
+        }
+        // One more than asked tells whether another page follows.
+        let mut agencies =
+            self.directory
+                .state()
+                .agencies_page(&request.page_token, region, page_size + 1);
+        let next_page_token = if agencies.len() > page_size {
+            agencies.truncate(page_size);
+            agencies
+                .last()
+                .map(|agency| agency.agency_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListAgenciesResponse {
+            agencies: agencies.iter().map(agency_to_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn deregister_agency(
+        &self,
+        request: Request<pb::DeregisterAgencyRequest>,
+    ) -> Result<Response<pb::DeregisterAgencyResponse>, Status> {
+        require_operator(&caller(&request)?)?;
+        self.directory
+            .deregister_agency(&request.get_ref().agency_id)
+            .await?;
+        Ok(Response::new(pb::DeregisterAgencyResponse {}))
+    }
+
+    type WatchTopologyStream = TopologyStream;
+
+    async fn watch_topology(
+        &self,
+        request: Request<pb::WatchTopologyRequest>,
+    ) -> Result<Response<Self::WatchTopologyStream>, Status> {
+        caller(&request)?;
+        let directory = Arc::clone(&self.directory);
+        let shutdown = self.shutdown.clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let start = directory.state().watch();
+        tokio::spawn(async move {
+            let mut changes = start.changes;
+            if sender.send(Ok(start.snapshot)).await.is_err() {
+                return;
+            }
+            loop {
+                let update = tokio::select! {
+                    () = shutdown.cancelled() => {
+                        let _ = sender.send(Err(Status::unavailable("coordinator shutting down, reconnect"))).await;
+                        return;
+                    }
+                    () = sender.closed() => return,
+                    update = changes.recv() => update,
+                };
+                let update = match update {
+                    Ok(update) => update,
+                    // The watcher fell behind: start it over from a snapshot.
+                    Err(RecvError::Lagged(_)) => {
+                        let start = directory.state().watch();
+                        changes = start.changes;
+                        start.snapshot
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if sender.send(Ok(update)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+    }
+
+    async fn report_gateway(
+        &self,
+        request: Request<pb::ReportGatewayRequest>,
+    ) -> Result<Response<pb::ReportGatewayResponse>, Status> {
+        let identity = caller(&request)?;
+        let gateway = request.into_inner().gateway.unwrap_or_default();
+        validate::agency_id("gateway.gateway_id", &gateway.gateway_id).map_err(DirectoryError::from)?;
+        validate::region("gateway.region", &gateway.region).map_err(DirectoryError::from)?;
+        if identity != Identity::Gateway(gateway.region.clone()) {
+            return Err(DirectoryError::PermissionDenied(format!(
+                "{identity} may not report a gateway of region {}",
+                gateway.region
+            ))
+            .into());
+        }
+        if !self.directory.state().region_names().contains(&gateway.region) {
+            return Err(DirectoryError::RegionNotFound {
+                known: self.directory.state().region_names().join(", "),
+                region: gateway.region,
+            }
+            .into());
+        }
+        if tonic::transport::Endpoint::from_shared(gateway.address.clone()).is_err() {
+            return Err(DirectoryError::from(fedmesh_common::error::InvalidField::new(
+                "gateway.address",
+                format!("{:?} is not a URL such as http://10.0.0.5:50052", gateway.address),
+            ))
+            .into());
+        }
+        let load = gateway.load.unwrap_or_default();
+        self.directory.state().report_gateway(GatewayRecord {
+            gateway_id: gateway.gateway_id,
+            region: gateway.region,
+            address: gateway.address,
+            open_streams: load.open_streams,
+            in_flight: load.in_flight,
+            last_seen_micros: now_micros(),
+            last_seen: tokio::time::Instant::now(),
+        });
+        Ok(Response::new(pb::ReportGatewayResponse {
+            report_interval_ms: u64::try_from(self.report_interval.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+}

@@ -1,0 +1,107 @@
+//! fedmesh coordinator: keeps the directory (agencies, regions, shards,
+//! gateways) and publishes it to gateways as a versioned topology stream.
+//!
+//! - `config`: [`CoordinatorConfig`].
+//! - `directory` (DOMAIN): the directory and the in-memory topology.
+//! - `store` (STORAGE): the control database behind [`DirectoryStore`].
+//! - `grpc` (TRANSPORT): the `Directory` service.
+//!
+//! Every directory change is committed with its event (outbox) before it is
+//! published to watchers, so a gateway never sees an agency that a crash
+//! could forget.
+
+pub mod config;
+pub mod directory;
+pub mod error;
+pub mod store;
+
+mod grpc;
+
+use std::sync::Arc;
+
+use fedmesh_common::events::{EventPublisher, run_outbox_relay};
+use fedmesh_common::identity::IdentityInterceptor;
+use fedmesh_proto::pb;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{CoordinatorConfig, RegionConfig};
+pub use store::{DirectoryStore, SqliteDirectoryStore};
+
+/// Why a coordinator could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The control database could not be opened or migrated.
+    #[error("control database: {0}")]
+    Store(#[from] error::StoreError),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Runs a coordinator on `listener` until `shutdown` is cancelled; events go
+/// to `publisher`. Returns once every task has stopped.
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    publisher: Arc<dyn EventPublisher>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    if config.regions.is_empty() || config.regions.iter().any(|region| region.shards.is_empty()) {
+        return Err(RunError::Config("every region needs at least one shard".into()));
+    }
+    let store = SqliteDirectoryStore::open(&config.database_url).await?;
+    let outbox = store.outbox();
+    let directory = Arc::new(directory::Directory::load(Arc::new(store), config.regions.clone()).await?);
+    let tasks = TaskTracker::new();
+
+    // Events of directory changes go to the bus; a wake-up is not needed
+    // because registrations are rare, so the relay polls.
+    tasks.spawn(run_outbox_relay(
+        "control".into(),
+        outbox,
+        publisher,
+        Arc::new(tokio::sync::Notify::new()),
+        config.outbox_poll_interval,
+        shutdown.clone(),
+    ));
+    tasks.spawn(expire_gateways(Arc::clone(&directory), config.clone(), shutdown.clone()));
+
+    let service = grpc::DirectoryService {
+        directory,
+        report_interval: config.gateway_report_interval,
+        shutdown: shutdown.clone(),
+    };
+    let routes = tonic::service::Routes::new(pb::directory_server::DirectoryServer::with_interceptor(
+        service,
+        IdentityInterceptor::new(config.identity_mode),
+    ));
+    let local_address = listener.local_addr().ok();
+    tracing::info!(address = ?local_address, "coordinator serving");
+    let served = fedmesh_common::server::serve(routes, listener, shutdown.clone()).await;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    tracing::info!("coordinator stopped");
+    Ok(served?)
+}
+
+async fn expire_gateways(
+    directory: Arc<directory::Directory>,
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(config.gateway_report_interval);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {
+                directory.state().expire_gateways(tokio::time::Instant::now(), config.gateway_expiry);
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The directory store on SQLite (WAL, synchronous=FULL).
+
+use std::sync::Arc;
+
+use fedmesh_common::events::{Event, Outbox};
+use fedmesh_common::sqlite::{SqliteOutbox, insert_event, open_pool};
+use sqlx::Row;
+use sqlx::sqlite::SqlitePool;
+
+use super::DirectoryStore;
+use crate::directory::AgencyRecord;
+use crate::error::StoreError;
+
+/// The control database on SQLite.
+#[derive(Debug, Clone)]
+pub struct SqliteDirectoryStore {
+    pool: SqlitePool,
+}
+
+impl SqliteDirectoryStore {
+    /// Opens (creating if missing) the database at `url` and applies migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let pool = open_pool(url, 4).await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(SqliteDirectoryStore { pool })
+    }
+
+    /// This store's outbox, for the outbox relay.
+    pub fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(SqliteOutbox::new(self.pool.clone()))
+    }
+}
+
+fn agency_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgencyRecord, StoreError> {
+    Ok(AgencyRecord {
+        agency_id: row.try_get("agency_id")?,
+        region: row.try_get("region")?,
+        shard: row.try_get("shard")?,
+        display_name: row.try_get("display_name")?,
+        registered_at_micros: row.try_get("registered_at")?,
+    })
+}
+
+#[async_trait::async_trait]
+impl DirectoryStore for SqliteDirectoryStore {
+    async fn insert_agency(&self, agency: &AgencyRecord, event: Event) -> Result<(), StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO agencies (agency_id, region, shard, display_name, registered_at) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (agency_id) DO NOTHING",
+        )
+        .bind(&agency.agency_id)
+        .bind(&agency.region)
+        .bind(&agency.shard)
+        .bind(&agency.display_name)
+        .bind(agency.registered_at_micros)
+        .execute(&mut *transaction)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        insert_event(&mut transaction, &event).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_agency(&self, agency_id: &str, event: Event) -> Result<bool, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM agencies WHERE agency_id = ?")
+            .bind(agency_id)
+            .execute(&mut *transaction)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_event(&mut transaction, &event).await?;
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    async fn all_agencies(&self) -> Result<Vec<AgencyRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT agency_id, region, shard, display_name, registered_at FROM agencies ORDER BY agency_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(agency_from_row).collect()
+    }
+}

@@ -1,0 +1,53 @@
+//! The directory store suite, run on every backend.
+
+use fedmesh_common::events::{AGENCY_REGISTERED, Event};
+
+use super::*;
+
+fn agency(agency_id: &str) -> AgencyRecord {
+    AgencyRecord {
+        agency_id: agency_id.to_string(),
+        region: "east".to_string(),
+        shard: "east-1".to_string(),
+        display_name: String::new(),
+        registered_at_micros: 1,
+    }
+}
+
+macro_rules! directory_store_suite {
+    ($backend:ident, $open:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn duplicate_registration_conflicts_and_writes_nothing() {
+                let (store, _guard) = $open.await;
+                let event = || Event::new(AGENCY_REGISTERED, "east", "alpha");
+                store.insert_agency(&agency("alpha"), event()).await.expect("first insert");
+                let second = store.insert_agency(&agency("alpha"), event()).await;
+                assert!(matches!(second, Err(StoreError::Conflict)), "{second:?}");
+                assert_eq!(store.all_agencies().await.expect("list").len(), 1);
+                let outbox = store.outbox().fetch(10).await.expect("outbox");
+                assert_eq!(outbox.len(), 1, "the rejected insert wrote no event");
+            }
+
+            #[tokio::test]
+            async fn delete_removes_and_reports_absence() {
+                let (store, _guard) = $open.await;
+                let event = || Event::new(AGENCY_REGISTERED, "east", "alpha");
+                store.insert_agency(&agency("alpha"), event()).await.expect("insert");
+                assert!(store.delete_agency("alpha", event()).await.expect("delete"));
+                assert!(!store.delete_agency("alpha", event()).await.expect("delete again"));
+                assert!(store.all_agencies().await.expect("list").is_empty());
+            }
+        }
+    };
+}
+
+async fn open_sqlite() -> (SqliteDirectoryStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("control.sqlite").display());
+    (SqliteDirectoryStore::open(&url).await.expect("open"), dir)
+}
+
+directory_store_suite!(sqlite, open_sqlite());
