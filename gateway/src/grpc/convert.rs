@@ -1,0 +1,148 @@
+//! Wire types to domain types and back. Validation happens here, at the
+//! edge: a request that converts is well-formed.
+
+use std::collections::BTreeMap;
+
+use fedmesh_common::error::InvalidField;
+use fedmesh_common::time::{micros_from_timestamp, now_micros, timestamp_from_micros};
+use fedmesh_common::validate;
+use fedmesh_proto::pb;
+
+use crate::message::{Message, Receipt};
+
+fn checked_headers(
+    field: &'static str,
+    headers: std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, InvalidField> {
+    validate::headers(field, &headers)?;
+    Ok(headers.into_iter().collect())
+}
+
+fn checked_idempotency_key(
+    field: &'static str,
+    key: Option<String>,
+) -> Result<Option<String>, InvalidField> {
+    if let Some(key) = &key {
+        validate::idempotency_key(field, key)?;
+    }
+    Ok(key)
+}
+
+/// A new message from a `Send`, given a fresh UUIDv7 id, accepted now in
+/// `origin_region`.
+pub(crate) fn message_from_send(
+    request: pb::SendRequest,
+    origin_region: &str,
+) -> Result<Message, InvalidField> {
+    validate::agency_id("sender_id", &request.sender_id)?;
+    validate::agency_id("recipient_id", &request.recipient_id)?;
+    validate::kind("kind", &request.kind)?;
+    Ok(Message {
+        message_id: uuid::Uuid::now_v7().to_string(),
+        headers: checked_headers("headers", request.headers)?,
+        idempotency_key: checked_idempotency_key("idempotency_key", request.idempotency_key)?,
+        sender_id: request.sender_id,
+        recipient_id: request.recipient_id,
+        kind: request.kind,
+        payload: request.payload,
+        origin_region: origin_region.to_string(),
+        accepted_at_micros: now_micros(),
+    })
+}
+
+/// A relayed message from a `Forward`, keeping the id the origin gave it.
+pub(crate) fn message_from_forward(request: pb::ForwardRequest) -> Result<Message, InvalidField> {
+    let message = request
+        .message
+        .ok_or_else(|| InvalidField::new("message", "message is required"))?;
+    uuid::Uuid::parse_str(&message.message_id).map_err(|_| {
+        InvalidField::new("message.message_id", "message id must be a UUID in text form")
+    })?;
+    validate::agency_id("message.sender_id", &message.sender_id)?;
+    validate::agency_id("message.recipient_id", &message.recipient_id)?;
+    validate::kind("message.kind", &message.kind)?;
+    validate::region("message.origin_region", &message.origin_region)?;
+    Ok(Message {
+        headers: checked_headers("message.headers", message.headers)?,
+        idempotency_key: checked_idempotency_key("idempotency_key", request.idempotency_key)?,
+        accepted_at_micros: micros_from_timestamp(message.accepted_at.as_ref()),
+        message_id: message.message_id,
+        sender_id: message.sender_id,
+        recipient_id: message.recipient_id,
+        kind: message.kind,
+        payload: message.payload,
+        origin_region: message.origin_region,
+    })
+}
+
+/// The wire form of a message.
+pub(crate) fn message_to_pb(message: Message) -> pb::Message {
+    pb::Message {
+        message_id: message.message_id,
+        sender_id: message.sender_id,
+        recipient_id: message.recipient_id,
+        kind: message.kind,
+        payload: message.payload,
+        headers: message.headers.into_iter().collect(),
+        accepted_at: Some(timestamp_from_micros(message.accepted_at_micros)),
+        origin_region: message.origin_region,
+    }
+}
+
+/// The `Forward` that relays `message` to its home region.
+pub(crate) fn forward_request(message: Message) -> pb::ForwardRequest {
+    pb::ForwardRequest {
+        idempotency_key: message.idempotency_key.clone(),
+        message: Some(message_to_pb(message)),
+    }
+}
+
+/// The wire form of a receipt for a stored message.
+pub(crate) fn receipt_to_pb(receipt: Receipt) -> pb::Receipt {
+    pb::Receipt {
+        message_id: receipt.message_id,
+        status: pb::ReceiptStatus::Stored.into(),
+        home_region: receipt.home_region,
+        stored_at: Some(timestamp_from_micros(receipt.stored_at_micros)),
+        duplicate: receipt.duplicate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send() -> pb::SendRequest {
+        pb::SendRequest {
+            sender_id: "alpha".into(),
+            recipient_id: "beta".into(),
+            kind: "note".into(),
+            payload: b"hi".to_vec(),
+            headers: Default::default(),
+            idempotency_key: Some("k1".into()),
+        }
+    }
+
+    #[test]
+    fn a_forward_keeps_what_the_send_accepted() {
+        let message = message_from_send(send(), "east").expect("valid");
+        let forwarded = message_from_forward(forward_request(message.clone())).expect("valid");
+        assert_eq!(forwarded, message);
+    }
+
+    #[test]
+    fn malformed_fields_are_named() {
+        let cases: [(fn(&mut pb::SendRequest), &str); 4] = [
+            (|request| request.sender_id = "Alpha".into(), "sender_id"),
+            (|request| request.recipient_id = String::new(), "recipient_id"),
+            (|request| request.kind = "no spaces".into(), "kind"),
+            (|request| request.idempotency_key = Some(String::new()), "idempotency_key"),
+        ];
+        for (spoil, field) in cases {
+            let mut request = send();
+            spoil(&mut request);
+            let error = message_from_send(request, "east").expect_err(field);
+            assert_eq!(error.field, field);
+        }
+    }
+}

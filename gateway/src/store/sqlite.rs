@@ -1,0 +1,188 @@
+//! A shard on SQLite (WAL, synchronous=FULL): the dev mesh's store.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox};
+use fedmesh_common::sqlite::{SqliteOutbox, insert_event, open_pool};
+use fedmesh_common::time::now_micros;
+use sqlx::Row;
+use sqlx::sqlite::{SqlitePool, SqliteRow};
+
+use super::MessageStore;
+use crate::error::StoreError;
+use crate::message::{InboxMessage, Message, Stored};
+
+/// A shard on SQLite.
+#[derive(Debug, Clone)]
+pub struct SqliteMessageStore {
+    pool: SqlitePool,
+    region: String,
+}
+
+impl SqliteMessageStore {
+    /// Opens (creating if missing) the shard at `url` in `region` and
+    /// applies migrations.
+    pub async fn open(url: &str, region: &str) -> Result<Self, StoreError> {
+        let pool = open_pool(url, 4).await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(SqliteMessageStore {
+            pool,
+            region: region.to_string(),
+        })
+    }
+}
+
+fn to_sequence(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative sequence {value}")))
+}
+
+fn to_sql_sequence(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn inbox_message_from_row(row: &SqliteRow) -> Result<InboxMessage, StoreError> {
+    let headers: String = row.try_get("headers")?;
+    let headers: BTreeMap<String, String> =
+        serde_json::from_str(&headers).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    Ok(InboxMessage {
+        sequence: to_sequence(row.try_get("sequence")?)?,
+        message: Message {
+            message_id: row.try_get("message_id")?,
+            sender_id: row.try_get("sender_id")?,
+            recipient_id: row.try_get("recipient_id")?,
+            kind: row.try_get("kind")?,
+            payload: row.try_get("payload")?,
+            headers,
+            idempotency_key: row.try_get("idempotency_key")?,
+            origin_region: row.try_get("origin_region")?,
+            accepted_at_micros: row.try_get("accepted_at")?,
+        },
+    })
+}
+
+#[async_trait::async_trait]
+impl MessageStore for SqliteMessageStore {
+    async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let stored_at_micros = now_micros();
+        let mut results = Vec::with_capacity(messages.len());
+        for message in messages {
+            let existing = sqlx::query(
+                "SELECT message_id, sequence, stored_at FROM messages \
+                 WHERE message_id = ? OR (sender_id = ? AND idempotency_key = ?) LIMIT 1",
+            )
+            .bind(&message.message_id)
+            .bind(&message.sender_id)
+            .bind(&message.idempotency_key)
+            .fetch_optional(&mut *transaction)
+            .await?;
+            if let Some(row) = existing {
+                results.push(Stored {
+                    message_id: row.try_get("message_id")?,
+                    sequence: to_sequence(row.try_get("sequence")?)?,
+                    stored_at_micros: row.try_get("stored_at")?,
+                    duplicate: true,
+                });
+                continue;
+            }
+            let sequence: i64 = sqlx::query_scalar(
+                "INSERT INTO inboxes (recipient_id, last_sequence) VALUES (?, 1) \
+                 ON CONFLICT (recipient_id) DO UPDATE SET last_sequence = last_sequence + 1 \
+                 RETURNING last_sequence",
+            )
+            .bind(&message.recipient_id)
+            .fetch_one(&mut *transaction)
+            .await?;
+            let headers = serde_json::to_string(&message.headers)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            sqlx::query(
+                "INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
+                 headers, idempotency_key, origin_region, accepted_at, stored_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&message.message_id)
+            .bind(&message.recipient_id)
+            .bind(sequence)
+            .bind(&message.sender_id)
+            .bind(&message.kind)
+            .bind(&message.payload)
+            .bind(headers)
+            .bind(&message.idempotency_key)
+            .bind(&message.origin_region)
+            .bind(message.accepted_at_micros)
+            .bind(stored_at_micros)
+            .execute(&mut *transaction)
+            .await?;
+            let event = Event::new(MESSAGE_ACCEPTED, &self.region, &message.recipient_id)
+                .with_message(&message.message_id)
+                .with_attribute("sender", &message.sender_id)
+                .with_attribute("kind", &message.kind)
+                .with_attribute("sequence", sequence);
+            insert_event(&mut transaction, &event).await?;
+            results.push(Stored {
+                message_id: message.message_id.clone(),
+                sequence: to_sequence(sequence)?,
+                stored_at_micros,
+                duplicate: false,
+            });
+        }
+        transaction.commit().await?;
+        Ok(results)
+    }
+
+    async fn fetch_unacked(
+        &self,
+        recipient_id: &str,
+        after_sequence: u64,
+        limit: u32,
+    ) -> Result<Vec<InboxMessage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
+             idempotency_key, origin_region, accepted_at FROM messages \
+             WHERE recipient_id = ? AND acked_at IS NULL AND sequence > ? \
+             ORDER BY sequence LIMIT ?",
+        )
+        .bind(recipient_id)
+        .bind(to_sql_sequence(after_sequence))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(inbox_message_from_row).collect()
+    }
+
+    async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let acked_at = now_micros();
+        let mut acked = Vec::with_capacity(sequences.len());
+        for &sequence in sequences {
+            let row = sqlx::query(
+                "UPDATE messages SET acked_at = ? \
+                 WHERE recipient_id = ? AND sequence = ? AND acked_at IS NULL \
+                 RETURNING message_id, sender_id, kind",
+            )
+            .bind(acked_at)
+            .bind(recipient_id)
+            .bind(to_sql_sequence(sequence))
+            .fetch_optional(&mut *transaction)
+            .await?;
+            let Some(row) = row else { continue };
+            let message_id: String = row.try_get("message_id")?;
+            let sender_id: String = row.try_get("sender_id")?;
+            let kind: String = row.try_get("kind")?;
+            let event = Event::new(MESSAGE_DELIVERED, &self.region, recipient_id)
+                .with_message(&message_id)
+                .with_attribute("sender", sender_id)
+                .with_attribute("kind", kind)
+                .with_attribute("sequence", sequence);
+            insert_event(&mut transaction, &event).await?;
+            acked.push(sequence);
+        }
+        transaction.commit().await?;
+        Ok(acked)
+    }
+
+    fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(SqliteOutbox::new(self.pool.clone()))
+    }
+}

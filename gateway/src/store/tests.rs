@@ -1,0 +1,97 @@
+//! The message store suite: the same cases on every backend.
+
+use std::collections::BTreeMap;
+
+use fedmesh_common::events::{MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
+
+use super::*;
+
+fn message(message_id: &str, recipient_id: &str, idempotency_key: Option<&str>) -> Message {
+    Message {
+        message_id: message_id.to_string(),
+        sender_id: "sender".to_string(),
+        recipient_id: recipient_id.to_string(),
+        kind: "test.kind".to_string(),
+        payload: message_id.as_bytes().to_vec(),
+        headers: BTreeMap::from([("h".to_string(), "v".to_string())]),
+        idempotency_key: idempotency_key.map(str::to_string),
+        origin_region: "east".to_string(),
+        accepted_at_micros: 7,
+    }
+}
+
+async fn event_kinds(store: &dyn MessageStore) -> Vec<String> {
+    let rows = store.outbox().fetch(1000).await.expect("outbox");
+    rows.into_iter().map(|(_, event)| event.kind).collect()
+}
+
+macro_rules! message_store_suite {
+    ($backend:ident, $open:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn sequences_are_dense_per_recipient() {
+                let (store, _guard) = $open.await;
+                let stored = store
+                    .insert_batch(&[message("m1", "alpha", None), message("m2", "beta", None), message("m3", "alpha", None)])
+                    .await
+                    .expect("insert");
+                let sequences: Vec<u64> = stored.iter().map(|stored| stored.sequence).collect();
+                assert_eq!(sequences, vec![1, 1, 2]);
+                let inbox = store.fetch_unacked("alpha", 0, 10).await.expect("fetch");
+                assert_eq!(inbox.len(), 2);
+                assert_eq!(inbox[1].message, message("m3", "alpha", None));
+            }
+
+            #[tokio::test]
+            async fn retries_are_stored_once() {
+                let (store, _guard) = $open.await;
+                let first = store.insert_batch(&[message("m1", "alpha", Some("key-1"))]).await.expect("insert");
+                // Same id (a retried Forward), then same key with a new id
+                // (a retried Send), one of them in the same batch as a twin.
+                let again = store
+                    .insert_batch(&[
+                        message("m1", "alpha", None),
+                        message("m9", "alpha", Some("key-1")),
+                        message("m2", "alpha", Some("key-2")),
+                        message("m3", "alpha", Some("key-2")),
+                    ])
+                    .await
+                    .expect("insert again");
+                assert!(!first[0].duplicate);
+                assert!(again[0].duplicate && again[1].duplicate && again[3].duplicate);
+                assert!(!again[2].duplicate);
+                assert_eq!(again[1].message_id, "m1");
+                assert_eq!(again[1].sequence, first[0].sequence);
+                assert_eq!(again[3].message_id, "m2");
+                assert_eq!(store.fetch_unacked("alpha", 0, 10).await.expect("fetch").len(), 2);
+                assert_eq!(event_kinds(&store).await, vec![MESSAGE_ACCEPTED, MESSAGE_ACCEPTED]);
+            }
+
+            #[tokio::test]
+            async fn acked_messages_leave_the_inbox_once() {
+                let (store, _guard) = $open.await;
+                store
+                    .insert_batch(&[message("m1", "alpha", None), message("m2", "alpha", None)])
+                    .await
+                    .expect("insert");
+                assert_eq!(store.ack("alpha", &[1, 5]).await.expect("ack"), vec![1]);
+                assert_eq!(store.ack("alpha", &[1]).await.expect("ack again"), Vec::<u64>::new());
+                let inbox = store.fetch_unacked("alpha", 0, 10).await.expect("fetch");
+                assert_eq!(inbox.iter().map(|entry| entry.sequence).collect::<Vec<_>>(), vec![2]);
+                assert!(store.fetch_unacked("alpha", 2, 10).await.expect("fetch after").is_empty());
+                let kinds = event_kinds(&store).await;
+                assert_eq!(kinds.iter().filter(|kind| *kind == MESSAGE_DELIVERED).count(), 1);
+            }
+        }
+    };
+}
+
+async fn open_sqlite() -> (SqliteMessageStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("shard.sqlite").display());
+    (SqliteMessageStore::open(&url, "east").await.expect("open"), dir)
+}
+
+message_store_suite!(sqlite, open_sqlite());

@@ -1,0 +1,213 @@
+//! TRANSPORT (outbound): this gateway as a client of the coordinator and of
+//! the gateways of other regions.
+//!
+//! - the topology watcher keeps the last topology received and reconnects
+//!   with backoff; while the coordinator is away the gateway serves from it;
+//! - the reporter announces this gateway and its load periodically;
+//! - lookups ask the coordinator for an agency the topology does not have yet;
+//! - relays forward a message to a gateway of the recipient's region.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedmesh_common::identity::{AttachIdentity, Identity};
+use fedmesh_common::topology::{AgencyHome, Topology};
+use fedmesh_proto::pb;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::error::GatewayError;
+
+type DirectoryClient =
+    pb::directory_client::DirectoryClient<InterceptedService<Channel, AttachIdentity>>;
+type RelayClient = pb::relay_client::RelayClient<InterceptedService<Channel, AttachIdentity>>;
+
+/// Connections to the coordinator and to other gateways.
+pub(crate) struct Upstream {
+    identity: AttachIdentity,
+    directory: DirectoryClient,
+    relays: Mutex<HashMap<String, RelayClient>>,
+    relay_timeout: Duration,
+}
+
+impl Upstream {
+    /// Lazy connections as `identity` (attached as a header in dev mode).
+    pub(crate) fn new(
+        coordinator_url: &str,
+        identity: &Identity,
+        relay_timeout: Duration,
+    ) -> Result<Self, tonic::transport::Error> {
+        let identity = AttachIdentity::new(identity);
+        let channel = fedmesh_common::server::lazy_channel(coordinator_url)?;
+        Ok(Upstream {
+            directory: pb::directory_client::DirectoryClient::with_interceptor(
+                channel,
+                identity.clone(),
+            ),
+            identity,
+            relays: Mutex::new(HashMap::new()),
+            relay_timeout,
+        })
+    }
+
+    /// Asks the coordinator where `agency_id` lives.
+    pub(crate) async fn lookup(&self, agency_id: &str) -> Result<AgencyHome, GatewayError> {
+        let mut request = tonic::Request::new(pb::GetAgencyRequest {
+            agency_id: agency_id.to_string(),
+        });
+        request.set_timeout(Duration::from_secs(5));
+        match self.directory.clone().get_agency(request).await {
+            Ok(response) => {
+                let agency = response.into_inner().agency.unwrap_or_default();
+                Ok(AgencyHome {
+                    region: agency.region,
+                    shard: agency.shard,
+                })
+            }
+            Err(status) if status.code() == Code::NotFound => {
+                Err(GatewayError::AgencyNotFound(agency_id.to_string()))
+            }
+            Err(status) => Err(GatewayError::Unavailable(format!(
+                "agency {agency_id:?} is not in this gateway's topology yet and the coordinator \
+                 cannot be asked ({}); retry shortly",
+                status.message()
+            ))),
+        }
+    }
+
+    fn relay_client(&self, address: &str) -> Result<RelayClient, GatewayError> {
+        let mut relays = self.relays.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(client) = relays.get(address) {
+            return Ok(client.clone());
+        }
+        let channel = fedmesh_common::server::lazy_channel(address).map_err(|error| {
+            GatewayError::Unavailable(format!("gateway address {address:?} is unusable: {error}"))
+        })?;
+        let client = pb::relay_client::RelayClient::with_interceptor(channel, self.identity.clone());
+        relays.insert(address.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Forwards `request` to the first of `gateways` that takes it. A status
+    /// other than "unreachable" from the home region is returned as it is.
+    pub(crate) async fn forward(
+        &self,
+        region: &str,
+        gateways: &[String],
+        request: pb::ForwardRequest,
+    ) -> Result<pb::Receipt, tonic::Status> {
+        let mut last_failure = format!("no gateway of region {region} is known");
+        for address in gateways {
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(self.relay_timeout);
+            let mut client = self.relay_client(address)?;
+            match client.forward(call).await {
+                Ok(response) => {
+                    return response.into_inner().receipt.ok_or_else(|| {
+                        tonic::Status::internal(format!("gateway {address} answered without a receipt"))
+                    });
+                }
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+                    ) =>
+                {
+                    tracing::warn!(%region, %address, error = %status.message(), "relay failed, trying next gateway");
+                    last_failure = format!("{address}: {}", status.message());
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(GatewayError::Unavailable(format!(
+            "region {region} cannot be reached ({last_failure}); nothing was stored, retry with the same idempotency key"
+        ))
+        .into())
+    }
+
+    /// Follows the coordinator's topology stream into `topology` until
+    /// `shutdown`, reconnecting with backoff. The last topology is kept while
+    /// disconnected.
+    pub(crate) async fn watch_topology(
+        &self,
+        topology: watch::Sender<Arc<Topology>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let outcome = tokio::select! {
+                () = shutdown.cancelled() => return,
+                outcome = self.follow_topology(&topology, &mut backoff) => outcome,
+            };
+            if let Err(status) = outcome {
+                tracing::warn!(error = %status.message(), retry_in = ?backoff, "topology stream lost, serving from the last topology");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn follow_topology(
+        &self,
+        topology: &watch::Sender<Arc<Topology>>,
+        backoff: &mut Duration,
+    ) -> Result<(), tonic::Status> {
+        let mut stream = self
+            .directory
+            .clone()
+            .watch_topology(pb::WatchTopologyRequest {})
+            .await?
+            .into_inner();
+        while let Some(update) = stream.message().await? {
+            *backoff = Duration::from_millis(100);
+            let snapshot = matches!(update.update, Some(pb::topology_update::Update::Snapshot(_)));
+            topology.send_modify(|current| Arc::make_mut(current).apply(update));
+            if snapshot {
+                let current = topology.borrow();
+                tracing::info!(version = current.version, n_agencies = current.agencies.len(), n_gateways = current.gateways.len(), "topology snapshot received");
+            }
+        }
+        Err(tonic::Status::unavailable("coordinator closed the topology stream"))
+    }
+
+    /// Reports `gateway` (with the load `load` gives) every interval the
+    /// coordinator asks for, until `shutdown`.
+    pub(crate) async fn report(
+        &self,
+        gateway: pb::Gateway,
+        load: impl Fn() -> pb::GatewayLoad,
+        shutdown: CancellationToken,
+    ) {
+        let mut interval = Duration::from_secs(5);
+        loop {
+            let request = pb::ReportGatewayRequest {
+                gateway: Some(pb::Gateway {
+                    load: Some(load()),
+                    ..gateway.clone()
+                }),
+            };
+            match self.directory.clone().report_gateway(request).await {
+                Ok(response) => {
+                    let asked = response.into_inner().report_interval_ms;
+                    if asked > 0 {
+                        interval = Duration::from_millis(asked);
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "gateway report failed");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
