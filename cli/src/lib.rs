@@ -1,0 +1,8 @@
+//! The `fedmesh` command line as a library: the commands ([`cli`]), the
+//! one-process dev mesh ([`dev`]) and the client plumbing ([`client`]). The
+//! binary only parses arguments, sets up logging and calls [`cli::run`]; the
+//! end-to-end tests start the same [`dev::DevMesh`].
+
+pub mod cli;
+pub mod client;
+pub mod dev;

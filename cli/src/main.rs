@@ -1,1 +1,28 @@
-fn main() {}
+//! `fedmesh`: parse, set up logging, run, and turn an error into one line
+//! and a non-zero exit.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = fedmesh::cli::Cli::parse();
+    // The mesh logs what it does; client commands log only problems.
+    let default_level = match cli.command {
+        fedmesh::cli::Command::Dev(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("FEDMESH_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let mut stdout = std::io::stdout();
+    match fedmesh::cli::run(cli, &mut stdout).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

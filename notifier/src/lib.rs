@@ -1,0 +1,240 @@
+//! fedmesh notifier: fans mesh events out to subscribers.
+//!
+//! A notifier consumes the event bus through [`EventSource`] and serves
+//! `Notifications.Subscribe`: each subscriber gets the events matching its
+//! filter from the moment its call is answered.
+//!
+//! Access: an agency sees only events concerning itself; operators see all.
+//! On the in-process bus of the dev mesh a subscriber too slow to keep up is
+//! told so (RESOURCE_EXHAUSTED) rather than silently skipped.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError, to_status};
+use fedmesh_common::events::{Event, EventSource};
+use fedmesh_common::identity::{Identity, IdentityInterceptor, IdentityMode, caller};
+use fedmesh_common::validate;
+use fedmesh_proto::pb;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Everything a notifier needs to run.
+#[derive(Debug, Clone)]
+pub struct NotifierConfig {
+    /// How callers are authenticated. Default: refuse everything.
+    pub identity_mode: IdentityMode,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        NotifierConfig {
+            identity_mode: IdentityMode::Refuse,
+        }
+    }
+}
+
+/// Everything a Subscribe call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifierError {
+    /// A filter field is malformed.
+    #[error(transparent)]
+    InvalidField(#[from] InvalidField),
+    /// The caller may not see these events.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The subscriber fell behind the bus.
+    #[error("subscriber fell {0} events behind and was disconnected; resubscribe")]
+    Lagged(u64),
+    /// The notifier is stopping.
+    #[error("notifier shutting down; resubscribe")]
+    ShuttingDown,
+}
+
+impl ServiceError for NotifierError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            NotifierError::InvalidField(_) => ErrorKind::InvalidArgument,
+            NotifierError::PermissionDenied(_) => ErrorKind::PermissionDenied,
+            NotifierError::Lagged(_) => ErrorKind::ResourceExhausted,
+            NotifierError::ShuttingDown => ErrorKind::Unavailable,
+        }
+    }
+
+    fn field(&self) -> Option<&str> {
+        match self {
+            NotifierError::InvalidField(invalid) => Some(invalid.field),
+            _ => None,
+        }
+    }
+}
+
+impl From<NotifierError> for Status {
+    fn from(error: NotifierError) -> Self {
+        to_status(&error)
+    }
+}
+
+/// Which events a subscriber wants; an empty list allows all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Allowed regions.
+    pub regions: Vec<String>,
+    /// Allowed agencies.
+    pub agencies: Vec<String>,
+    /// Allowed event kinds.
+    pub kinds: Vec<String>,
+}
+
+impl Filter {
+    /// Whether `event` passes the filter.
+    pub fn matches(&self, event: &Event) -> bool {
+        let allows = |allowed: &[String], value: &str| {
+            allowed.is_empty() || allowed.iter().any(|item| item == value)
+        };
+        allows(&self.regions, &event.region)
+            && allows(&self.agencies, &event.agency_id)
+            && allows(&self.kinds, &event.kind)
+    }
+
+    /// Validates a request's filter and narrows it to what `identity` may see.
+    pub fn for_caller(request: pb::SubscribeRequest, identity: &Identity) -> Result<Filter, NotifierError> {
+        for region in &request.regions {
+            validate::region("regions", region)?;
+        }
+        for agency in &request.agencies {
+            validate::agency_id("agencies", agency)?;
+        }
+        for kind in &request.kinds {
+            validate::kind("kinds", kind)?;
+        }
+        let mut filter = Filter {
+            regions: request.regions,
+            agencies: request.agencies,
+            kinds: request.kinds,
+        };
+        if let Identity::Agency(own) = identity {
+            if filter.agencies.iter().any(|agency| agency != own) {
+                return Err(NotifierError::PermissionDenied(format!(
+                    "{identity} may subscribe only to events concerning itself"
+                )));
+            }
+            filter.agencies = vec![own.clone()];
+        }
+        Ok(filter)
+    }
+}
+
+struct NotificationsService {
+    source: Arc<dyn EventSource>,
+    shutdown: CancellationToken,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::notifications_server::Notifications for NotificationsService {
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let identity = caller(&request)?;
+        let filter = Filter::for_caller(request.into_inner(), &identity)?;
+        // Subscribed before the call is answered: every event published after
+        // the answer reaches this subscriber.
+        let mut events = self.source.subscribe();
+        let shutdown = self.shutdown.clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        tracing::debug!(%identity, ?filter, "subscriber joined");
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    () = shutdown.cancelled() => Err(NotifierError::ShuttingDown),
+                    () = sender.closed() => return,
+                    event = events.recv() => match event {
+                        Ok(event) => Ok(event),
+                        Err(RecvError::Lagged(n_missed)) => Err(NotifierError::Lagged(n_missed)),
+                        Err(RecvError::Closed) => Err(NotifierError::ShuttingDown),
+                    },
+                };
+                match event {
+                    Ok(event) if filter.matches(&event) => {
+                        if sender.send(Ok(event.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        let _ = sender.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+    }
+}
+
+/// Runs a notifier on `listener`, consuming `source`, until `shutdown`.
+pub async fn run(
+    config: NotifierConfig,
+    listener: TcpListener,
+    source: Arc<dyn EventSource>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let service = NotificationsService {
+        source,
+        shutdown: shutdown.clone(),
+    };
+    let routes = tonic::service::Routes::new(pb::notifications_server::NotificationsServer::with_interceptor(
+        service,
+        IdentityInterceptor::new(config.identity_mode),
+    ));
+    tracing::info!(address = ?listener.local_addr().ok(), "notifier serving");
+    let served = fedmesh_common::server::serve(routes, listener, shutdown).await;
+    tracing::info!("notifier stopped");
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agencies_see_only_their_own_events() {
+        let alpha = Identity::Agency("alpha".into());
+        let filter = Filter::for_caller(pb::SubscribeRequest::default(), &alpha).expect("own");
+        let mut event = Event::new("message.accepted", "east", "alpha");
+        assert!(filter.matches(&event));
+        event.agency_id = "beta".into();
+        assert!(!filter.matches(&event));
+
+        let others = pb::SubscribeRequest {
+            agencies: vec!["beta".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Filter::for_caller(others, &alpha),
+            Err(NotifierError::PermissionDenied(_))
+        ));
+    }
+
+    #[test]
+    fn filters_combine_regions_and_kinds() {
+        let operator = Identity::Operator("ops".into());
+        let request = pb::SubscribeRequest {
+            regions: vec!["west".into()],
+            kinds: vec!["message.delivered".into()],
+            ..Default::default()
+        };
+        let filter = Filter::for_caller(request, &operator).expect("valid");
+        assert!(filter.matches(&Event::new("message.delivered", "west", "x1")));
+        assert!(!filter.matches(&Event::new("message.accepted", "west", "x1")));
+        assert!(!filter.matches(&Event::new("message.delivered", "east", "x1")));
+    }
+}

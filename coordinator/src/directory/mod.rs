@@ -79,10 +79,13 @@ impl Directory {
             )
             .into());
         }
-        let shard = self.state().pick_shard(region).ok_or_else(|| DirectoryError::RegionNotFound {
-            region: region.to_string(),
-            known: self.state().region_names().join(", "),
-        })?;
+        let shard = {
+            let state = self.state();
+            state.pick_shard(region).ok_or_else(|| DirectoryError::RegionNotFound {
+                region: region.to_string(),
+                known: state.region_names().join(", "),
+            })?
+        };
         let record = AgencyRecord {
             agency_id: agency_id.to_string(),
             region: region.to_string(),

@@ -173,9 +173,10 @@ impl pb::directory_server::Directory for DirectoryService {
             ))
             .into());
         }
-        if !self.directory.state().region_names().contains(&gateway.region) {
+        let known_regions = self.directory.state().region_names();
+        if !known_regions.contains(&gateway.region) {
             return Err(DirectoryError::RegionNotFound {
-                known: self.directory.state().region_names().join(", "),
+                known: known_regions.join(", "),
                 region: gateway.region,
             }
             .into());

@@ -1,0 +1,216 @@
+//! The one-process dev mesh: a coordinator, a gateway for each region and a
+//! notifier, each on its own loopback port, SQLite files under a data folder
+//! and an in-process event bus, talking to each other over real gRPC.
+//!
+//! `fedmesh dev` and the end-to-end tests start the mesh through
+//! [`DevMesh::start`].
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use fedmesh_common::events::InProcessBus;
+use fedmesh_common::identity::IdentityMode;
+use fedmesh_common::topology::Topology;
+use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};
+use fedmesh_gateway::{GatewayConfig, ShardConfig};
+use fedmesh_notifier::NotifierConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// The regions of the dev mesh, in port order.
+pub const DEV_REGIONS: [&str; 3] = ["east", "west", "central"];
+/// The coordinator's port; the gateways and the notifier take the next ones.
+pub const DEFAULT_BASE_PORT: u16 = 50051;
+
+/// How to start a dev mesh.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// Folder of the SQLite files; created if missing.
+    pub data_dir: PathBuf,
+    /// Port of the coordinator; gateways take the next three (east, west,
+    /// central), the notifier the one after. `None` binds every component to
+    /// an ephemeral port (tests).
+    pub base_port: Option<u16>,
+}
+
+/// A running dev mesh.
+pub struct DevMesh {
+    /// URL of the coordinator.
+    pub coordinator_url: String,
+    /// Region and URL of each gateway, in [`DEV_REGIONS`] order.
+    pub gateway_urls: Vec<(String, String)>,
+    /// URL of the notifier.
+    pub notifier_url: String,
+    shutdown: CancellationToken,
+    components: JoinSet<(String, anyhow::Result<()>)>,
+}
+
+async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} for the {what} (is another fedmesh dev running? try --base-port)"))
+}
+
+fn url_of(listener: &TcpListener) -> anyhow::Result<String> {
+    Ok(format!("http://{}", listener.local_addr()?))
+}
+
+fn sqlite_url(data_dir: &Path, name: &str) -> String {
+    format!("sqlite://{}", data_dir.join(format!("{name}.sqlite")).display())
+}
+
+impl DevMesh {
+    /// Starts every component and returns once each gateway knows the
+    /// gateways of every region.
+    pub async fn start(options: DevOptions) -> anyhow::Result<DevMesh> {
+        std::fs::create_dir_all(&options.data_dir)
+            .with_context(|| format!("cannot create data folder {}", options.data_dir.display()))?;
+        let port = |offset: u16| options.base_port.map_or(Ok(0), |base| {
+            base.checked_add(offset).context("--base-port is too high: five consecutive ports are needed")
+        });
+        let coordinator_listener = bind(port(0)?, "coordinator").await?;
+        let mut gateway_listeners = Vec::new();
+        for (offset, region) in (1..).zip(DEV_REGIONS) {
+            gateway_listeners.push((region, bind(port(offset)?, &format!("{region} gateway")).await?));
+        }
+        let notifier_listener = bind(port(4)?, "notifier").await?;
+
+        tracing::warn!("dev mode: no TLS; the caller identity is read from the x-fedmesh-identity header, from loopback only");
+        let bus = InProcessBus::default();
+        let shutdown = CancellationToken::new();
+        let mut components = JoinSet::new();
+        let coordinator_url = url_of(&coordinator_listener)?;
+
+        let regions = DEV_REGIONS
+            .iter()
+            .map(|region| RegionConfig {
+                name: region.to_string(),
+                shards: vec![format!("{region}-1")],
+            })
+            .collect();
+        let mut coordinator = CoordinatorConfig::new(regions, sqlite_url(&options.data_dir, "control"));
+        coordinator.identity_mode = IdentityMode::DevHeader;
+        // Small intervals keep the dev mesh's view fresh after restarts.
+        coordinator.gateway_report_interval = Duration::from_secs(2);
+        coordinator.gateway_expiry = Duration::from_secs(6);
+        // The control database is opened before anything else needs it.
+        let coordinator_bus = Arc::new(bus.clone());
+        let coordinator_shutdown = shutdown.clone();
+        components.spawn(async move {
+            let outcome = fedmesh_coordinator::run(coordinator, coordinator_listener, coordinator_bus, coordinator_shutdown).await;
+            ("coordinator".to_string(), outcome.map_err(anyhow::Error::from))
+        });
+
+        let mut gateway_urls = Vec::new();
+        let mut topologies: Vec<watch::Receiver<Arc<Topology>>> = Vec::new();
+        for (region, listener) in gateway_listeners {
+            let shard = format!("{region}-1");
+            let mut config = GatewayConfig::new(
+                format!("{region}-0"),
+                region,
+                vec![ShardConfig {
+                    database_url: sqlite_url(&options.data_dir, &shard),
+                    name: shard,
+                }],
+                coordinator_url.clone(),
+            );
+            config.identity_mode = IdentityMode::DevHeader;
+            gateway_urls.push((region.to_string(), url_of(&listener)?));
+            let running = fedmesh_gateway::start(config, listener, Arc::new(bus.clone()), shutdown.clone())
+                .await
+                .with_context(|| format!("cannot start the {region} gateway"))?;
+            topologies.push(running.topology.clone());
+            components.spawn(async move {
+                let outcome = match running.stopped.await {
+                    Ok(outcome) => outcome.map_err(anyhow::Error::from),
+                    Err(error) => Err(anyhow::Error::from(error)),
+                };
+                (format!("{region} gateway"), outcome)
+            });
+        }
+
+        let notifier_url = url_of(&notifier_listener)?;
+        let notifier_shutdown = shutdown.clone();
+        let notifier_config = NotifierConfig {
+            identity_mode: IdentityMode::DevHeader,
+        };
+        components.spawn(async move {
+            let outcome = fedmesh_notifier::run(notifier_config, notifier_listener, Arc::new(bus), notifier_shutdown).await;
+            ("notifier".to_string(), outcome.map_err(anyhow::Error::from))
+        });
+
+        let mut mesh = DevMesh {
+            coordinator_url,
+            gateway_urls,
+            notifier_url,
+            shutdown,
+            components,
+        };
+        if let Err(error) = mesh.wait_ready(topologies).await {
+            mesh.shutdown.cancel();
+            while mesh.components.join_next().await.is_some() {}
+            return Err(error);
+        }
+        Ok(mesh)
+    }
+
+    async fn wait_ready(&mut self, topologies: Vec<watch::Receiver<Arc<Topology>>>) -> anyhow::Result<()> {
+        let n_gateways = self.gateway_urls.len();
+        let expected: Vec<&String> = self.gateway_urls.iter().map(|(_, url)| url).collect();
+        for mut topology in topologies {
+            let ready = topology.wait_for(|topology| {
+                let known: Vec<&String> = topology.gateways.values().map(|gateway| &gateway.address).collect();
+                known.len() == n_gateways && expected.iter().all(|url| known.contains(url))
+            });
+            tokio::select! {
+                ready = tokio::time::timeout(Duration::from_secs(60), ready) => {
+                    ready
+                        .context("the gateways did not learn of each other within 60 s")?
+                        .context("a gateway stopped while starting")?;
+                }
+                Some(stopped) = self.components.join_next() => {
+                    let (name, outcome) = stopped.context("a component panicked")?;
+                    outcome.with_context(|| format!("the {name} stopped while starting"))?;
+                    anyhow::bail!("the {name} stopped while starting");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A token that stops the mesh when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until a component stops (an error, or after the shutdown token
+    /// was cancelled), then stops the rest and waits for all of them.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while let Some(stopped) = self.components.join_next().await {
+            // Whatever stopped first, the others follow.
+            self.shutdown.cancel();
+            let outcome = match stopped {
+                Ok((name, outcome)) => outcome.with_context(|| format!("the {name} failed")),
+                Err(error) => Err(anyhow::Error::from(error).context("a component panicked")),
+            };
+            if let Err(error) = outcome {
+                tracing::error!(error = %format!("{error:#}"), "dev mesh component failed");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Stops every component gracefully and waits for them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
