@@ -29,13 +29,23 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct EndpointArgs {
     /// Coordinator URL; agencies' home gateways are found through it.
-    #[arg(long, global = true, env = "FEDMESH_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "FEDMESH_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub coordinator: String,
     /// Gateway URL to use instead of the agency's home gateway.
     #[arg(long, global = true, env = "FEDMESH_GATEWAY")]
     pub gateway: Option<String>,
     /// Notifier URL, for `subscribe`.
-    #[arg(long, global = true, env = "FEDMESH_NOTIFIER", default_value = "http://127.0.0.1:50055")]
+    #[arg(
+        long,
+        global = true,
+        env = "FEDMESH_NOTIFIER",
+        default_value = "http://127.0.0.1:50055"
+    )]
     pub notifier: String,
     /// Operator name the CLI acts as for directory changes and status.
     #[arg(long, global = true, env = "FEDMESH_OPERATOR", default_value = "cli")]
@@ -212,7 +222,11 @@ async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> 
         base_port: Some(args.base_port),
     })
     .await?;
-    writeln!(out, "fedmesh dev mesh is up (data in {})", args.data_dir.display())?;
+    writeln!(
+        out,
+        "fedmesh dev mesh is up (data in {})",
+        args.data_dir.display()
+    )?;
     writeln!(out, "  coordinator      {}", mesh.coordinator_url)?;
     for (region, url) in &mesh.gateway_urls {
         writeln!(out, "  gateway {region:<8} {url}")?;
@@ -233,13 +247,14 @@ async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> 
 pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
@@ -261,23 +276,44 @@ fn agency_json(agency: &pb::Agency) -> serde_json::Value {
     })
 }
 
-fn print_agencies(agencies: &[pb::Agency], json_output: bool, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+fn print_agencies(
+    agencies: &[pb::Agency],
+    json_output: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
     if json_output {
         let list: Vec<_> = agencies.iter().map(agency_json).collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
         return Ok(());
     }
-    writeln!(out, "{:<24} {:<10} {:<12} {}", "AGENCY", "REGION", "SHARD", "NAME")?;
+    writeln!(
+        out,
+        "{:<24} {:<10} {:<12} NAME",
+        "AGENCY", "REGION", "SHARD"
+    )?;
     for agency in agencies {
-        writeln!(out, "{:<24} {:<10} {:<12} {}", agency.agency_id, agency.region, agency.shard, agency.display_name)?;
+        writeln!(
+            out,
+            "{:<24} {:<10} {:<12} {}",
+            agency.agency_id, agency.region, agency.shard, agency.display_name
+        )?;
     }
     Ok(())
 }
 
-async fn agency(endpoints: &Endpoints, command: AgencyCommand, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+async fn agency(
+    endpoints: &Endpoints,
+    command: AgencyCommand,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
     let mut directory = endpoints.directory_as_operator()?;
     match command {
-        AgencyCommand::Register { id, region, name, output } => {
+        AgencyCommand::Register {
+            id,
+            region,
+            name,
+            output,
+        } => {
             let agency = directory
                 .register_agency(pb::RegisterAgencyRequest {
                     agency_id: id.clone(),
@@ -290,9 +326,17 @@ async fn agency(endpoints: &Endpoints, command: AgencyCommand, out: &mut (dyn Wr
                 .agency
                 .context("the coordinator answered without the agency")?;
             if output.json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&agency_json(&agency))?)?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&agency_json(&agency))?
+                )?;
             } else {
-                writeln!(out, "registered {} in {} (shard {})", agency.agency_id, agency.region, agency.shard)?;
+                writeln!(
+                    out,
+                    "registered {} in {} (shard {})",
+                    agency.agency_id, agency.region, agency.shard
+                )?;
             }
         }
         AgencyCommand::List { region, output } => {
@@ -318,7 +362,9 @@ async fn agency(endpoints: &Endpoints, command: AgencyCommand, out: &mut (dyn Wr
         }
         AgencyCommand::Show { id, output } => {
             let agency = directory
-                .get_agency(pb::GetAgencyRequest { agency_id: id.clone() })
+                .get_agency(pb::GetAgencyRequest {
+                    agency_id: id.clone(),
+                })
                 .await
                 .map_err(|status| rpc_error(status, &format!("cannot show {id:?}")))?
                 .into_inner()
@@ -328,7 +374,9 @@ async fn agency(endpoints: &Endpoints, command: AgencyCommand, out: &mut (dyn Wr
         }
         AgencyCommand::Deregister { id } => {
             directory
-                .deregister_agency(pb::DeregisterAgencyRequest { agency_id: id.clone() })
+                .deregister_agency(pb::DeregisterAgencyRequest {
+                    agency_id: id.clone(),
+                })
                 .await
                 .map_err(|status| rpc_error(status, &format!("cannot deregister {id:?}")))?;
             writeln!(out, "deregistered {id}")?;
@@ -342,15 +390,21 @@ fn read_body(args: &SendArgs) -> anyhow::Result<Vec<u8>> {
         (Some(body), _) => Ok(body.clone().into_bytes()),
         (None, Some(path)) if path.as_os_str() == "-" => {
             let mut body = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut body).context("cannot read the body from standard input")?;
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+                .context("cannot read the body from standard input")?;
             Ok(body)
         }
-        (None, Some(path)) => std::fs::read(path).with_context(|| format!("cannot read the body file {}", path.display())),
+        (None, Some(path)) => std::fs::read(path)
+            .with_context(|| format!("cannot read the body file {}", path.display())),
         (None, None) => anyhow::bail!("give the body with --body TEXT or --body-file PATH"),
     }
 }
 
-async fn send(endpoints: &Endpoints, args: SendArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+async fn send(
+    endpoints: &Endpoints,
+    args: SendArgs,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
     let payload = read_body(&args)?;
     let mut headers = std::collections::HashMap::new();
     for header in &args.headers {
@@ -379,7 +433,10 @@ async fn send(endpoints: &Endpoints, args: SendArgs, out: &mut (dyn Write + Send
         pb::ReceiptStatus::Spooled => "SPOOLED",
         pb::ReceiptStatus::Unspecified => "UNSPECIFIED",
     };
-    let stored_at = receipt.stored_at.map(|time| time.to_string()).unwrap_or_default();
+    let stored_at = receipt
+        .stored_at
+        .map(|time| time.to_string())
+        .unwrap_or_default();
     if args.output.json {
         let value = json!({
             "message_id": receipt.message_id,
@@ -390,13 +447,25 @@ async fn send(endpoints: &Endpoints, args: SendArgs, out: &mut (dyn Write + Send
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        let retry = if receipt.duplicate { " (retry: already stored, nothing new stored)" } else { "" };
-        writeln!(out, "{status} {} in {} at {stored_at}{retry}", receipt.message_id, receipt.home_region)?;
+        let retry = if receipt.duplicate {
+            " (retry: already stored, nothing new stored)"
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "{status} {} in {} at {stored_at}{retry}",
+            receipt.message_id, receipt.home_region
+        )?;
     }
     Ok(())
 }
 
-fn print_delivery(delivery: &pb::Delivery, json_output: bool, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+fn print_delivery(
+    delivery: &pb::Delivery,
+    json_output: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
     let message = delivery.message.clone().unwrap_or_default();
     let body = String::from_utf8_lossy(&message.payload);
     if json_output {
@@ -413,14 +482,26 @@ fn print_delivery(delivery: &pb::Delivery, json_output: bool, out: &mut (dyn Wri
         });
         writeln!(out, "{value}")?;
     } else {
-        writeln!(out, "#{} from {} ({}) kind {} id {}", delivery.sequence, message.sender_id, message.origin_region, message.kind, message.message_id)?;
+        writeln!(
+            out,
+            "#{} from {} ({}) kind {} id {}",
+            delivery.sequence,
+            message.sender_id,
+            message.origin_region,
+            message.kind,
+            message.message_id
+        )?;
         writeln!(out, "  {body}")?;
     }
     out.flush()?;
     Ok(())
 }
 
-async fn inbox(endpoints: &Endpoints, args: InboxArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+async fn inbox(
+    endpoints: &Endpoints,
+    args: InboxArgs,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
     if args.limit == Some(0) {
         anyhow::bail!("--limit must be at least 1");
     }
@@ -480,7 +561,11 @@ async fn inbox(endpoints: &Endpoints, args: InboxArgs, out: &mut (dyn Write + Se
     Ok(())
 }
 
-async fn subscribe(endpoints: &Endpoints, args: SubscribeArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+async fn subscribe(
+    endpoints: &Endpoints,
+    args: SubscribeArgs,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
     let identity = match &args.agency {
         Some(agency) => Identity::Agency(agency.clone()),
         None => Identity::Operator(endpoints.operator.clone()),
@@ -508,7 +593,10 @@ async fn subscribe(endpoints: &Endpoints, args: SubscribeArgs, out: &mut (dyn Wr
             event = events.message() => event.map_err(|status| rpc_error(status, "event stream failed"))?,
         };
         let Some(event) = event else { return Ok(()) };
-        let occurred_at = event.occurred_at.map(|time| time.to_string()).unwrap_or_default();
+        let occurred_at = event
+            .occurred_at
+            .map(|time| time.to_string())
+            .unwrap_or_default();
         if args.json {
             let value = json!({
                 "event_id": event.event_id,
@@ -521,9 +609,21 @@ async fn subscribe(endpoints: &Endpoints, args: SubscribeArgs, out: &mut (dyn Wr
             });
             writeln!(out, "{value}")?;
         } else {
-            let mut attributes: Vec<String> = event.attributes.iter().map(|(key, value)| format!("{key}={value}")).collect();
+            let mut attributes: Vec<String> = event
+                .attributes
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect();
             attributes.sort();
-            writeln!(out, "{occurred_at} {:<18} {:<8} {:<20} {} {}", event.kind, event.region, event.agency_id, event.message_id, attributes.join(" "))?;
+            writeln!(
+                out,
+                "{occurred_at} {:<18} {:<8} {:<20} {} {}",
+                event.kind,
+                event.region,
+                event.agency_id,
+                event.message_id,
+                attributes.join(" ")
+            )?;
         }
         out.flush()?;
         n_events += 1;
@@ -533,9 +633,19 @@ async fn subscribe(endpoints: &Endpoints, args: SubscribeArgs, out: &mut (dyn Wr
     }
 }
 
-async fn status(endpoints: &Endpoints, json_output: bool, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+async fn status(
+    endpoints: &Endpoints,
+    json_output: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
     let topology = endpoints.topology().await?;
-    let count = |region: &str| topology.agencies.iter().filter(|agency| agency.region == region).count();
+    let count = |region: &str| {
+        topology
+            .agencies
+            .iter()
+            .filter(|agency| agency.region == region)
+            .count()
+    };
     if json_output {
         let regions: Vec<_> = topology
             .regions
@@ -559,11 +669,21 @@ async fn status(endpoints: &Endpoints, json_output: bool, out: &mut (dyn Write +
                 json!({ "region": region.name, "shards": region.shards, "agencies": count(&region.name), "gateways": gateways })
             })
             .collect();
-        writeln!(out, "{}", serde_json::to_string_pretty(&json!({ "coordinator": endpoints.coordinator, "regions": regions }))?)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({ "coordinator": endpoints.coordinator, "regions": regions })
+            )?
+        )?;
         return Ok(());
     }
     writeln!(out, "coordinator {}", endpoints.coordinator)?;
-    writeln!(out, "{:<10} {:<16} {:>8}  {}", "REGION", "SHARDS", "AGENCIES", "GATEWAYS")?;
+    writeln!(
+        out,
+        "{:<10} {:<16} {:>8}  GATEWAYS",
+        "REGION", "SHARDS", "AGENCIES"
+    )?;
     for region in &topology.regions {
         let gateways: Vec<String> = topology
             .gateways
@@ -571,11 +691,25 @@ async fn status(endpoints: &Endpoints, json_output: bool, out: &mut (dyn Write +
             .filter(|gateway| gateway.region == region.name)
             .map(|gateway| {
                 let load = gateway.load.unwrap_or_default();
-                format!("{} {} (streams {}, in flight {})", gateway.gateway_id, gateway.address, load.open_streams, load.in_flight)
+                format!(
+                    "{} {} (streams {}, in flight {})",
+                    gateway.gateway_id, gateway.address, load.open_streams, load.in_flight
+                )
             })
             .collect();
-        let gateways = if gateways.is_empty() { "none".to_string() } else { gateways.join(", ") };
-        writeln!(out, "{:<10} {:<16} {:>8}  {}", region.name, region.shards.join(","), count(&region.name), gateways)?;
+        let gateways = if gateways.is_empty() {
+            "none".to_string()
+        } else {
+            gateways.join(", ")
+        };
+        writeln!(
+            out,
+            "{:<10} {:<16} {:>8}  {}",
+            region.name,
+            region.shards.join(","),
+            count(&region.name),
+            gateways
+        )?;
     }
     Ok(())
 }

@@ -34,12 +34,16 @@ pub fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
 }
 
 fn channel(url: &str) -> anyhow::Result<Channel> {
-    fedmesh_common::server::lazy_channel(url).with_context(|| format!("{url:?} is not a usable URL"))
+    fedmesh_common::server::lazy_channel(url)
+        .with_context(|| format!("{url:?} is not a usable URL"))
 }
 
 impl Endpoints {
     /// The directory, as `identity`.
-    pub fn directory(&self, identity: &Identity) -> anyhow::Result<pb::directory_client::DirectoryClient<Authenticated>> {
+    pub fn directory(
+        &self,
+        identity: &Identity,
+    ) -> anyhow::Result<pb::directory_client::DirectoryClient<Authenticated>> {
         Ok(pb::directory_client::DirectoryClient::with_interceptor(
             channel(&self.coordinator)?,
             AttachIdentity::new(identity),
@@ -47,16 +51,23 @@ impl Endpoints {
     }
 
     /// The directory, as this operator.
-    pub fn directory_as_operator(&self) -> anyhow::Result<pb::directory_client::DirectoryClient<Authenticated>> {
+    pub fn directory_as_operator(
+        &self,
+    ) -> anyhow::Result<pb::directory_client::DirectoryClient<Authenticated>> {
         self.directory(&Identity::Operator(self.operator.clone()))
     }
 
     /// The notifier, as `identity`.
-    pub fn notifications(&self, identity: &Identity) -> anyhow::Result<pb::notifications_client::NotificationsClient<Authenticated>> {
-        Ok(pb::notifications_client::NotificationsClient::with_interceptor(
-            channel(&self.notifier)?,
-            AttachIdentity::new(identity),
-        ))
+    pub fn notifications(
+        &self,
+        identity: &Identity,
+    ) -> anyhow::Result<pb::notifications_client::NotificationsClient<Authenticated>> {
+        Ok(
+            pb::notifications_client::NotificationsClient::with_interceptor(
+                channel(&self.notifier)?,
+                AttachIdentity::new(identity),
+            ),
+        )
     }
 
     /// The current topology, from the coordinator.
@@ -79,7 +90,10 @@ impl Endpoints {
     }
 
     /// The Exchange of `agency_id`'s home gateway, acting as that agency.
-    pub async fn exchange_for(&self, agency_id: &str) -> anyhow::Result<pb::exchange_client::ExchangeClient<Authenticated>> {
+    pub async fn exchange_for(
+        &self,
+        agency_id: &str,
+    ) -> anyhow::Result<pb::exchange_client::ExchangeClient<Authenticated>> {
         let identity = Identity::Agency(agency_id.to_string());
         let url = match &self.gateway {
             Some(url) => url.clone(),
@@ -110,6 +124,11 @@ impl Endpoints {
             .into_iter()
             .find(|gateway| gateway.region == agency.region)
             .map(|gateway| gateway.address)
-            .with_context(|| format!("no gateway of region {} is running; agency {agency_id} is homed there", agency.region))
+            .with_context(|| {
+                format!(
+                    "no gateway of region {} is running; agency {agency_id} is homed there",
+                    agency.region
+                )
+            })
     }
 }

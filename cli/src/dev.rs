@@ -62,7 +62,10 @@ fn url_of(listener: &TcpListener) -> anyhow::Result<String> {
 }
 
 fn sqlite_url(data_dir: &Path, name: &str) -> String {
-    format!("sqlite://{}", data_dir.join(format!("{name}.sqlite")).display())
+    format!(
+        "sqlite://{}",
+        data_dir.join(format!("{name}.sqlite")).display()
+    )
 }
 
 impl DevMesh {
@@ -71,17 +74,25 @@ impl DevMesh {
     pub async fn start(options: DevOptions) -> anyhow::Result<DevMesh> {
         std::fs::create_dir_all(&options.data_dir)
             .with_context(|| format!("cannot create data folder {}", options.data_dir.display()))?;
-        let port = |offset: u16| options.base_port.map_or(Ok(0), |base| {
-            base.checked_add(offset).context("--base-port is too high: five consecutive ports are needed")
-        });
+        let port = |offset: u16| {
+            options.base_port.map_or(Ok(0), |base| {
+                base.checked_add(offset)
+                    .context("--base-port is too high: five consecutive ports are needed")
+            })
+        };
         let coordinator_listener = bind(port(0)?, "coordinator").await?;
         let mut gateway_listeners = Vec::new();
         for (offset, region) in (1..).zip(DEV_REGIONS) {
-            gateway_listeners.push((region, bind(port(offset)?, &format!("{region} gateway")).await?));
+            gateway_listeners.push((
+                region,
+                bind(port(offset)?, &format!("{region} gateway")).await?,
+            ));
         }
         let notifier_listener = bind(port(4)?, "notifier").await?;
 
-        tracing::warn!("dev mode: no TLS; the caller identity is read from the x-fedmesh-identity header, from loopback only");
+        tracing::warn!(
+            "dev mode: no TLS; the caller identity is read from the x-fedmesh-identity header, from loopback only"
+        );
         let bus = InProcessBus::default();
         let shutdown = CancellationToken::new();
         let mut components = JoinSet::new();
@@ -94,7 +105,8 @@ impl DevMesh {
                 shards: vec![format!("{region}-1")],
             })
             .collect();
-        let mut coordinator = CoordinatorConfig::new(regions, sqlite_url(&options.data_dir, "control"));
+        let mut coordinator =
+            CoordinatorConfig::new(regions, sqlite_url(&options.data_dir, "control"));
         coordinator.identity_mode = IdentityMode::DevHeader;
         // Small intervals keep the dev mesh's view fresh after restarts.
         coordinator.gateway_report_interval = Duration::from_secs(2);
@@ -103,8 +115,17 @@ impl DevMesh {
         let coordinator_bus = Arc::new(bus.clone());
         let coordinator_shutdown = shutdown.clone();
         components.spawn(async move {
-            let outcome = fedmesh_coordinator::run(coordinator, coordinator_listener, coordinator_bus, coordinator_shutdown).await;
-            ("coordinator".to_string(), outcome.map_err(anyhow::Error::from))
+            let outcome = fedmesh_coordinator::run(
+                coordinator,
+                coordinator_listener,
+                coordinator_bus,
+                coordinator_shutdown,
+            )
+            .await;
+            (
+                "coordinator".to_string(),
+                outcome.map_err(anyhow::Error::from),
+            )
         });
 
         let mut gateway_urls = Vec::new();
@@ -122,9 +143,10 @@ impl DevMesh {
             );
             config.identity_mode = IdentityMode::DevHeader;
             gateway_urls.push((region.to_string(), url_of(&listener)?));
-            let running = fedmesh_gateway::start(config, listener, Arc::new(bus.clone()), shutdown.clone())
-                .await
-                .with_context(|| format!("cannot start the {region} gateway"))?;
+            let running =
+                fedmesh_gateway::start(config, listener, Arc::new(bus.clone()), shutdown.clone())
+                    .await
+                    .with_context(|| format!("cannot start the {region} gateway"))?;
             topologies.push(running.topology.clone());
             components.spawn(async move {
                 let outcome = match running.stopped.await {
@@ -141,7 +163,13 @@ impl DevMesh {
             identity_mode: IdentityMode::DevHeader,
         };
         components.spawn(async move {
-            let outcome = fedmesh_notifier::run(notifier_config, notifier_listener, Arc::new(bus), notifier_shutdown).await;
+            let outcome = fedmesh_notifier::run(
+                notifier_config,
+                notifier_listener,
+                Arc::new(bus),
+                notifier_shutdown,
+            )
+            .await;
             ("notifier".to_string(), outcome.map_err(anyhow::Error::from))
         });
 
@@ -160,12 +188,19 @@ impl DevMesh {
         Ok(mesh)
     }
 
-    async fn wait_ready(&mut self, topologies: Vec<watch::Receiver<Arc<Topology>>>) -> anyhow::Result<()> {
+    async fn wait_ready(
+        &mut self,
+        topologies: Vec<watch::Receiver<Arc<Topology>>>,
+    ) -> anyhow::Result<()> {
         let n_gateways = self.gateway_urls.len();
         let expected: Vec<&String> = self.gateway_urls.iter().map(|(_, url)| url).collect();
         for mut topology in topologies {
             let ready = topology.wait_for(|topology| {
-                let known: Vec<&String> = topology.gateways.values().map(|gateway| &gateway.address).collect();
+                let known: Vec<&String> = topology
+                    .gateways
+                    .values()
+                    .map(|gateway| &gateway.address)
+                    .collect();
                 known.len() == n_gateways && expected.iter().all(|url| known.contains(url))
             });
             tokio::select! {

@@ -103,8 +103,7 @@ pub fn to_status(error: &dyn ServiceError) -> tonic::Status {
         }
         ErrorKind::InvalidArgument => match error.field() {
             Some(field) => {
-                let details =
-                    ErrorDetails::with_bad_request_violation(field, error.to_string());
+                let details = ErrorDetails::with_bad_request_violation(field, error.to_string());
                 tonic::Status::with_error_details(kind.grpc_code(), error.to_string(), details)
             }
             None => tonic::Status::invalid_argument(error.to_string()),

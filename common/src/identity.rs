@@ -95,7 +95,10 @@ impl IdentityInterceptor {
 }
 
 impl tonic::service::Interceptor for IdentityInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         match self.mode {
             IdentityMode::Refuse => Err(tonic::Status::unauthenticated(
                 "this component has no authentication configured",
@@ -118,7 +121,9 @@ impl tonic::service::Interceptor for IdentityInterceptor {
                         ))
                     })?
                     .to_str()
-                    .map_err(|_| tonic::Status::unauthenticated(format!("{IDENTITY_HEADER} is not ASCII")))?;
+                    .map_err(|_| {
+                        tonic::Status::unauthenticated(format!("{IDENTITY_HEADER} is not ASCII"))
+                    })?;
                 let identity = Identity::parse(header).ok_or_else(|| {
                     tonic::Status::unauthenticated(format!(
                         "{IDENTITY_HEADER} {header:?} is not agency/<id>, gateway/<region>, coordinator, notifier or operator/<name>"
@@ -156,7 +161,10 @@ impl AttachIdentity {
 }
 
 impl tonic::service::Interceptor for AttachIdentity {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         request
             .metadata_mut()
             .insert(IDENTITY_HEADER, self.value.clone());
@@ -170,7 +178,13 @@ mod tests {
 
     #[test]
     fn identities_round_trip() {
-        for text in ["agency/tax-office", "gateway/east", "coordinator", "notifier", "operator/alice"] {
+        for text in [
+            "agency/tax-office",
+            "gateway/east",
+            "coordinator",
+            "notifier",
+            "operator/alice",
+        ] {
             let identity = Identity::parse(text).expect(text);
             assert_eq!(identity.to_string(), text);
         }

@@ -34,8 +34,10 @@ pub async fn serve(
 
 /// Opens a lazy channel to `address` (an `http://host:port` URL).
 pub fn lazy_channel(address: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    Ok(tonic::transport::Endpoint::from_shared(address.to_string())?
-        .tcp_nodelay(true)
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect_lazy())
+    Ok(
+        tonic::transport::Endpoint::from_shared(address.to_string())?
+            .tcp_nodelay(true)
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy(),
+    )
 }

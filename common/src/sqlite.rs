@@ -112,3 +112,13 @@ impl Outbox for SqliteOutbox {
         })
     }
 }
+
+/// Begins a write transaction that takes the write lock at once
+/// (`BEGIN IMMEDIATE`): a transaction that reads first and writes later
+/// would otherwise fail with SQLITE_BUSY_SNAPSHOT when another connection
+/// committed in between, instead of waiting for the lock.
+pub async fn begin_write(
+    pool: &SqlitePool,
+) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}

@@ -148,14 +148,16 @@ mod tests {
         let mut topology = Topology::default();
         topology.apply(pb::TopologyUpdate {
             version: 10,
-            update: Some(pb::topology_update::Update::Snapshot(pb::TopologySnapshot {
-                regions: vec![pb::Region {
-                    name: "east".into(),
-                    shards: vec!["east-1".into()],
-                }],
-                agencies: vec![agency("alpha", "east")],
-                gateways: vec![],
-            })),
+            update: Some(pb::topology_update::Update::Snapshot(
+                pb::TopologySnapshot {
+                    regions: vec![pb::Region {
+                        name: "east".into(),
+                        shards: vec!["east-1".into()],
+                    }],
+                    agencies: vec![agency("alpha", "east")],
+                    gateways: vec![],
+                },
+            )),
         });
         assert_eq!(topology.agencies["alpha"].shard, "east-1");
 

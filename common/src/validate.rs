@@ -30,15 +30,22 @@ pub fn region(field: &'static str, value: &str) -> Result<(), InvalidField> {
 }
 
 fn name(field: &'static str, value: &str, what: &str) -> Result<(), InvalidField> {
-    let pattern = "2 to 63 characters of a-z, 0-9 and '-', starting with a letter and not ending with '-'";
+    let pattern =
+        "2 to 63 characters of a-z, 0-9 and '-', starting with a letter and not ending with '-'";
     if value.is_empty() {
-        return Err(InvalidField::new(field, format!("{what} is required ({pattern})")));
+        return Err(InvalidField::new(
+            field,
+            format!("{what} is required ({pattern})"),
+        ));
     }
     let valid_chars = value
         .bytes()
         .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-');
     let starts_with_letter = value.as_bytes()[0].is_ascii_lowercase();
-    if !(2..=63).contains(&value.len()) || !valid_chars || !starts_with_letter || value.ends_with('-')
+    if !(2..=63).contains(&value.len())
+        || !valid_chars
+        || !starts_with_letter
+        || value.ends_with('-')
     {
         return Err(InvalidField::new(
             field,
@@ -54,7 +61,10 @@ pub fn kind(field: &'static str, value: &str) -> Result<(), InvalidField> {
     let valid_chars = value.bytes().all(|byte| {
         byte.is_ascii_lowercase() || byte.is_ascii_digit() || matches!(byte, b'.' | b'_' | b'-')
     });
-    let starts_with_letter = value.bytes().next().is_some_and(|byte| byte.is_ascii_lowercase());
+    let starts_with_letter = value
+        .bytes()
+        .next()
+        .is_some_and(|byte| byte.is_ascii_lowercase());
     if value.len() > 128 || !valid_chars || !starts_with_letter {
         return Err(InvalidField::new(
             field,
@@ -80,20 +90,28 @@ pub fn headers(field: &'static str, headers: &HashMap<String, String>) -> Result
     if headers.len() > MAX_HEADERS {
         return Err(InvalidField::new(
             field,
-            format!("{} headers given, at most {MAX_HEADERS} allowed", headers.len()),
+            format!(
+                "{} headers given, at most {MAX_HEADERS} allowed",
+                headers.len()
+            ),
         ));
     }
     for (key, value) in headers {
         if key.is_empty() || key.len() > 128 || !key.bytes().all(|byte| byte.is_ascii_graphic()) {
             return Err(InvalidField::new(
                 field,
-                format!("header name {key:?} must be 1 to 128 printable ASCII characters without spaces"),
+                format!(
+                    "header name {key:?} must be 1 to 128 printable ASCII characters without spaces"
+                ),
             ));
         }
         if value.len() > MAX_HEADER_VALUE_BYTES {
             return Err(InvalidField::new(
                 field,
-                format!("header {key:?} is {} bytes, at most {MAX_HEADER_VALUE_BYTES} allowed", value.len()),
+                format!(
+                    "header {key:?} is {} bytes, at most {MAX_HEADER_VALUE_BYTES} allowed",
+                    value.len()
+                ),
             ));
         }
     }
@@ -110,7 +128,16 @@ mod tests {
             assert!(agency_id("id", good).is_ok(), "{good}");
         }
         let too_long = "a".repeat(64);
-        for bad in ["", "a", "Tax", "1abc", "abc-", "a_b", "a b", too_long.as_str()] {
+        for bad in [
+            "",
+            "a",
+            "Tax",
+            "1abc",
+            "abc-",
+            "a_b",
+            "a b",
+            too_long.as_str(),
+        ] {
             assert!(agency_id("id", bad).is_err(), "{bad}");
         }
     }

@@ -52,11 +52,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     if config.regions.is_empty() || config.regions.iter().any(|region| region.shards.is_empty()) {
-        return Err(RunError::Config("every region needs at least one shard".into()));
+        return Err(RunError::Config(
+            "every region needs at least one shard".into(),
+        ));
     }
     let store = SqliteDirectoryStore::open(&config.database_url).await?;
     let outbox = store.outbox();
-    let directory = Arc::new(directory::Directory::load(Arc::new(store), config.regions.clone()).await?);
+    let directory =
+        Arc::new(directory::Directory::load(Arc::new(store), config.regions.clone()).await?);
     let tasks = TaskTracker::new();
 
     // Events of directory changes go to the bus; a wake-up is not needed
@@ -69,17 +72,22 @@ pub async fn run(
         config.outbox_poll_interval,
         shutdown.clone(),
     ));
-    tasks.spawn(expire_gateways(Arc::clone(&directory), config.clone(), shutdown.clone()));
+    tasks.spawn(expire_gateways(
+        Arc::clone(&directory),
+        config.clone(),
+        shutdown.clone(),
+    ));
 
     let service = grpc::DirectoryService {
         directory,
         report_interval: config.gateway_report_interval,
         shutdown: shutdown.clone(),
     };
-    let routes = tonic::service::Routes::new(pb::directory_server::DirectoryServer::with_interceptor(
-        service,
-        IdentityInterceptor::new(config.identity_mode),
-    ));
+    let routes =
+        tonic::service::Routes::new(pb::directory_server::DirectoryServer::with_interceptor(
+            service,
+            IdentityInterceptor::new(config.identity_mode),
+        ));
     let local_address = listener.local_addr().ok();
     tracing::info!(address = ?local_address, "coordinator serving");
     let served = fedmesh_common::server::serve(routes, listener, shutdown.clone()).await;

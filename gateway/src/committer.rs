@@ -45,7 +45,13 @@ impl Committer {
         tasks: &tokio_util::task::TaskTracker,
     ) -> Committer {
         let (sender, receiver) = mpsc::channel(max_batch.max(1) * 4);
-        tasks.spawn(commit_loop(store, receiver, max_batch.max(1), hub, outbox_wake));
+        tasks.spawn(commit_loop(
+            store,
+            receiver,
+            max_batch.max(1),
+            hub,
+            outbox_wake,
+        ));
         Committer { sender }
     }
 

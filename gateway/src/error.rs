@@ -23,7 +23,9 @@ pub enum GatewayError {
     #[error("agency {0:?} is not registered")]
     AgencyNotFound(String),
     /// The agency must use a gateway of its home region.
-    #[error("agency {agency_id:?} is homed in region {home_region}; use a gateway of {home_region}, this one serves {region}")]
+    #[error(
+        "agency {agency_id:?} is homed in region {home_region}; use a gateway of {home_region}, this one serves {region}"
+    )]
     WrongRegion {
         /// The agency.
         agency_id: String,

@@ -26,8 +26,8 @@ mod grpc;
 mod upstream;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use fedmesh_common::events::{EventPublisher, run_outbox_relay};
 use fedmesh_common::identity::{Identity, IdentityInterceptor};
@@ -127,7 +127,10 @@ impl Shared {
     }
 
     /// The home of `agency_id`, which must be this gateway's region.
-    pub(crate) async fn require_homed_here(&self, agency_id: &str) -> Result<AgencyHome, GatewayError> {
+    pub(crate) async fn require_homed_here(
+        &self,
+        agency_id: &str,
+    ) -> Result<AgencyHome, GatewayError> {
         let home = self.home_of(agency_id).await?;
         if home.region != self.config.region {
             return Err(GatewayError::WrongRegion {
@@ -157,7 +160,11 @@ impl Shared {
     }
 
     /// Stores `message` in `shard` of this region and returns its receipt.
-    pub(crate) async fn store_local(&self, shard: &str, message: Message) -> Result<Receipt, GatewayError> {
+    pub(crate) async fn store_local(
+        &self,
+        shard: &str,
+        message: Message,
+    ) -> Result<Receipt, GatewayError> {
         let stored = self
             .shard(shard)?
             .committer
@@ -200,11 +207,19 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<RunningGateway, RunError> {
     if config.shards.is_empty() {
-        return Err(RunError::Config(format!("gateway {} has no shard", config.gateway_id)));
+        return Err(RunError::Config(format!(
+            "gateway {} has no shard",
+            config.gateway_id
+        )));
     }
     let advertise_url = match &config.advertise_url {
         Some(url) => url.clone(),
-        None => format!("http://{}", listener.local_addr().map_err(|error| RunError::Config(error.to_string()))?),
+        None => format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .map_err(|error| RunError::Config(error.to_string()))?
+        ),
     };
     let tasks = TaskTracker::new();
     let hub = Arc::new(InboxHub::default());
@@ -212,7 +227,10 @@ pub async fn start(
     for shard in &config.shards {
         let store = SqliteMessageStore::open(&shard.database_url, &config.region)
             .await
-            .map_err(|source| RunError::Store { shard: shard.name.clone(), source })?;
+            .map_err(|source| RunError::Store {
+                shard: shard.name.clone(),
+                source,
+            })?;
         let store: Arc<dyn MessageStore> = Arc::new(store);
         let outbox_wake = Arc::new(Notify::new());
         tasks.spawn(run_outbox_relay(
@@ -223,8 +241,21 @@ pub async fn start(
             config.outbox_poll_interval,
             shutdown.clone(),
         ));
-        let committer = Committer::spawn(Arc::clone(&store), config.max_batch, Arc::clone(&hub), Arc::clone(&outbox_wake), &tasks);
-        shards.insert(shard.name.clone(), Shard { store, committer, outbox_wake });
+        let committer = Committer::spawn(
+            Arc::clone(&store),
+            config.max_batch,
+            Arc::clone(&hub),
+            Arc::clone(&outbox_wake),
+            &tasks,
+        );
+        shards.insert(
+            shard.name.clone(),
+            Shard {
+                store,
+                committer,
+                outbox_wake,
+            },
+        );
     }
 
     let identity = Identity::Gateway(config.region.clone());
@@ -243,7 +274,10 @@ pub async fn start(
 
     let watcher = Arc::clone(&shared);
     tasks.spawn(async move {
-        watcher.upstream.watch_topology(topology_sender, watcher.shutdown.clone()).await;
+        watcher
+            .upstream
+            .watch_topology(topology_sender, watcher.shutdown.clone())
+            .await;
     });
     let reporter = Arc::clone(&shared);
     let gateway = pb::Gateway {
@@ -258,7 +292,10 @@ pub async fn start(
             open_streams: u32::try_from(reporter.hub.open_streams()).unwrap_or(u32::MAX),
             in_flight: reporter.in_flight.load(Ordering::Relaxed),
         };
-        reporter.upstream.report(gateway, load, reporter.shutdown.clone()).await;
+        reporter
+            .upstream
+            .report(gateway, load, reporter.shutdown.clone())
+            .await;
     });
 
     let interceptor = IdentityInterceptor::new(config.identity_mode);
@@ -287,7 +324,11 @@ pub async fn start(
         tracing::info!(gateway_id = %config.gateway_id, "gateway stopped");
         Ok(served?)
     });
-    Ok(RunningGateway { topology, advertise_url, stopped })
+    Ok(RunningGateway {
+        topology,
+        advertise_url,
+        stopped,
+    })
 }
 
 /// Runs a gateway until `shutdown` is cancelled; see [`start`].

@@ -80,14 +80,18 @@ impl Upstream {
     }
 
     fn relay_client(&self, address: &str) -> Result<RelayClient, GatewayError> {
-        let mut relays = self.relays.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut relays = self
+            .relays
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(client) = relays.get(address) {
             return Ok(client.clone());
         }
         let channel = fedmesh_common::server::lazy_channel(address).map_err(|error| {
             GatewayError::Unavailable(format!("gateway address {address:?} is unusable: {error}"))
         })?;
-        let client = pb::relay_client::RelayClient::with_interceptor(channel, self.identity.clone());
+        let client =
+            pb::relay_client::RelayClient::with_interceptor(channel, self.identity.clone());
         relays.insert(address.to_string(), client.clone());
         Ok(client)
     }
@@ -108,13 +112,18 @@ impl Upstream {
             match client.forward(call).await {
                 Ok(response) => {
                     return response.into_inner().receipt.ok_or_else(|| {
-                        tonic::Status::internal(format!("gateway {address} answered without a receipt"))
+                        tonic::Status::internal(format!(
+                            "gateway {address} answered without a receipt"
+                        ))
                     });
                 }
                 Err(status)
                     if matches!(
                         status.code(),
-                        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+                        Code::Unavailable
+                            | Code::DeadlineExceeded
+                            | Code::Cancelled
+                            | Code::Unknown
                     ) =>
                 {
                     tracing::warn!(%region, %address, error = %status.message(), "relay failed, trying next gateway");
@@ -167,14 +176,24 @@ impl Upstream {
             .into_inner();
         while let Some(update) = stream.message().await? {
             *backoff = Duration::from_millis(100);
-            let snapshot = matches!(update.update, Some(pb::topology_update::Update::Snapshot(_)));
+            let snapshot = matches!(
+                update.update,
+                Some(pb::topology_update::Update::Snapshot(_))
+            );
             topology.send_modify(|current| Arc::make_mut(current).apply(update));
             if snapshot {
                 let current = topology.borrow();
-                tracing::info!(version = current.version, n_agencies = current.agencies.len(), n_gateways = current.gateways.len(), "topology snapshot received");
+                tracing::info!(
+                    version = current.version,
+                    n_agencies = current.agencies.len(),
+                    n_gateways = current.gateways.len(),
+                    "topology snapshot received"
+                );
             }
         }
-        Err(tonic::Status::unavailable("coordinator closed the topology stream"))
+        Err(tonic::Status::unavailable(
+            "coordinator closed the topology stream",
+        ))
     }
 
     /// Reports `gateway` (with the load `load` gives) every interval the

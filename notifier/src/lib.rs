@@ -101,7 +101,10 @@ impl Filter {
     }
 
     /// Validates a request's filter and narrows it to what `identity` may see.
-    pub fn for_caller(request: pb::SubscribeRequest, identity: &Identity) -> Result<Filter, NotifierError> {
+    pub fn for_caller(
+        request: pb::SubscribeRequest,
+        identity: &Identity,
+    ) -> Result<Filter, NotifierError> {
         for region in &request.regions {
             validate::region("regions", region)?;
         }
@@ -176,7 +179,9 @@ impl pb::notifications_server::Notifications for NotificationsService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 }
 
@@ -191,10 +196,12 @@ pub async fn run(
         source,
         shutdown: shutdown.clone(),
     };
-    let routes = tonic::service::Routes::new(pb::notifications_server::NotificationsServer::with_interceptor(
-        service,
-        IdentityInterceptor::new(config.identity_mode),
-    ));
+    let routes = tonic::service::Routes::new(
+        pb::notifications_server::NotificationsServer::with_interceptor(
+            service,
+            IdentityInterceptor::new(config.identity_mode),
+        ),
+    );
     tracing::info!(address = ?listener.local_addr().ok(), "notifier serving");
     let served = fedmesh_common::server::serve(routes, listener, shutdown).await;
     tracing::info!("notifier stopped");

@@ -1,0 +1,329 @@
+//! The end-to-end test harness: [`TestMesh`] starts the dev mesh in-process
+//! on ephemeral loopback ports over a temporary data folder, and hands out
+//! clients that act as agencies or as an operator.
+//!
+//! Waiting is done on events (a delivery, an event, a status) with a
+//! generous deadline, never by sleeping.
+
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use fedmesh::client::Authenticated;
+use fedmesh::dev::{DevMesh, DevOptions};
+use fedmesh_common::identity::{AttachIdentity, Identity};
+use fedmesh_proto::pb;
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+
+/// How long any single awaited event may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Awaits `future`, failing the test with `what` after [`DEADLINE`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// A dev mesh on ephemeral ports over its own data folder.
+pub struct TestMesh {
+    mesh: Option<DevMesh>,
+    data_dir: tempfile::TempDir,
+}
+
+fn channel(url: &str) -> tonic::transport::Channel {
+    fedmesh_common::server::lazy_channel(url).unwrap()
+}
+
+impl TestMesh {
+    /// Starts a mesh over a fresh data folder.
+    pub async fn start() -> TestMesh {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mesh = Self::start_on(data_dir.path()).await;
+        TestMesh {
+            mesh: Some(mesh),
+            data_dir,
+        }
+    }
+
+    async fn start_on(path: &std::path::Path) -> DevMesh {
+        let options = DevOptions {
+            data_dir: path.to_path_buf(),
+            base_port: None,
+        };
+        within("the dev mesh to start", DevMesh::start(options))
+            .await
+            .unwrap()
+    }
+
+    fn mesh(&self) -> &DevMesh {
+        self.mesh.as_ref().unwrap()
+    }
+
+    /// Stops the mesh gracefully and starts it again on the same folder.
+    pub async fn restart(&mut self) {
+        within("the dev mesh to stop", self.mesh.take().unwrap().stop())
+            .await
+            .unwrap();
+        self.mesh = Some(Self::start_on(self.data_dir.path()).await);
+    }
+
+    /// URL of the gateway of `region`.
+    pub fn gateway_url(&self, region: &str) -> String {
+        self.mesh()
+            .gateway_urls
+            .iter()
+            .find(|(name, _)| name == region)
+            .map(|(_, url)| url.clone())
+            .unwrap()
+    }
+
+    /// The coordinator's URL.
+    pub fn coordinator_url(&self) -> String {
+        self.mesh().coordinator_url.clone()
+    }
+
+    /// The notifier's URL.
+    pub fn notifier_url(&self) -> String {
+        self.mesh().notifier_url.clone()
+    }
+
+    /// The directory, as an operator.
+    pub fn directory(&self) -> pb::directory_client::DirectoryClient<Authenticated> {
+        self.directory_as(&Identity::Operator("test".into()))
+    }
+
+    /// The directory, as `identity`.
+    pub fn directory_as(
+        &self,
+        identity: &Identity,
+    ) -> pb::directory_client::DirectoryClient<Authenticated> {
+        pb::directory_client::DirectoryClient::with_interceptor(
+            channel(&self.mesh().coordinator_url),
+            AttachIdentity::new(identity),
+        )
+    }
+
+    /// The Exchange of `region`'s gateway, acting as agency `agency_id`.
+    pub fn exchange(
+        &self,
+        region: &str,
+        agency_id: &str,
+    ) -> pb::exchange_client::ExchangeClient<Authenticated> {
+        pb::exchange_client::ExchangeClient::with_interceptor(
+            channel(&self.gateway_url(region)),
+            AttachIdentity::new(&Identity::Agency(agency_id.into())),
+        )
+        .max_encoding_message_size(16 * 1024 * 1024)
+    }
+
+    /// The notifier, as an operator.
+    pub fn notifications(&self) -> pb::notifications_client::NotificationsClient<Authenticated> {
+        pb::notifications_client::NotificationsClient::with_interceptor(
+            channel(&self.mesh().notifier_url),
+            AttachIdentity::new(&Identity::Operator("test".into())),
+        )
+    }
+
+    /// Registers `agency_id` in `region`.
+    pub async fn register(&self, agency_id: &str, region: &str) {
+        self.directory()
+            .register_agency(pb::RegisterAgencyRequest {
+                agency_id: agency_id.into(),
+                region: region.into(),
+                display_name: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Sends `body` from `sender_id` (homed in `region`) to `recipient_id`.
+    pub async fn send(
+        &self,
+        region: &str,
+        sender_id: &str,
+        recipient_id: &str,
+        body: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<pb::Receipt, Status> {
+        let response = self
+            .exchange(region, sender_id)
+            .send(send_request(sender_id, recipient_id, body, idempotency_key))
+            .await?;
+        Ok(response.into_inner().receipt.unwrap())
+    }
+
+    /// Opens the inbox of `agency_id` on the gateway of `region`.
+    pub async fn open_inbox(
+        &self,
+        region: &str,
+        agency_id: &str,
+        window: u32,
+    ) -> Result<Inbox, Status> {
+        Inbox::open(self.exchange(region, agency_id), agency_id, window).await
+    }
+
+    /// Every agency in the directory.
+    pub async fn agency_ids(&self) -> Vec<String> {
+        let page = self
+            .directory()
+            .list_agencies(pb::ListAgenciesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        page.agencies
+            .into_iter()
+            .map(|agency| agency.agency_id)
+            .collect()
+    }
+}
+
+impl Drop for TestMesh {
+    fn drop(&mut self) {
+        if let Some(mesh) = &self.mesh {
+            mesh.shutdown_token().cancel();
+        }
+    }
+}
+
+/// A `Send` request with kind `test.note`.
+pub fn send_request(
+    sender_id: &str,
+    recipient_id: &str,
+    body: &str,
+    idempotency_key: Option<&str>,
+) -> pb::SendRequest {
+    pb::SendRequest {
+        sender_id: sender_id.into(),
+        recipient_id: recipient_id.into(),
+        kind: "test.note".into(),
+        payload: body.as_bytes().to_vec(),
+        headers: Default::default(),
+        idempotency_key: idempotency_key.map(str::to_string),
+    }
+}
+
+/// One open Receive stream.
+pub struct Inbox {
+    requests: mpsc::Sender<pb::ReceiveRequest>,
+    responses: tonic::Streaming<pb::ReceiveResponse>,
+}
+
+/// What the stream said next.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Next {
+    /// A delivery.
+    Delivery(pb::Delivery),
+    /// Nothing more to deliver for now.
+    Idle,
+    /// The stream ended with this status (None: ended cleanly).
+    Ended(Option<Status>),
+}
+
+impl Inbox {
+    /// Opens an inbox stream on `exchange`.
+    pub async fn open(
+        mut exchange: pb::exchange_client::ExchangeClient<Authenticated>,
+        agency_id: &str,
+        window: u32,
+    ) -> Result<Inbox, Status> {
+        let (requests, outbound) = mpsc::channel(64);
+        requests
+            .send(pb::ReceiveRequest {
+                request: Some(pb::receive_request::Request::Open(pb::OpenInbox {
+                    agency_id: agency_id.into(),
+                    window,
+                })),
+            })
+            .await
+            .unwrap();
+        let responses = exchange
+            .receive(tokio_stream::wrappers::ReceiverStream::new(outbound))
+            .await?
+            .into_inner();
+        Ok(Inbox {
+            requests,
+            responses,
+        })
+    }
+
+    /// The next thing the stream says.
+    pub async fn next(&mut self) -> Next {
+        match within("the inbox stream", self.responses.message()).await {
+            Ok(Some(pb::ReceiveResponse {
+                response: Some(pb::receive_response::Response::Delivery(delivery)),
+            })) => Next::Delivery(delivery),
+            Ok(Some(_)) => Next::Idle,
+            Ok(None) => Next::Ended(None),
+            Err(status) => Next::Ended(Some(status)),
+        }
+    }
+
+    /// Deliveries up to the next Idle.
+    pub async fn drain(&mut self) -> Vec<pb::Delivery> {
+        let mut deliveries = Vec::new();
+        loop {
+            match self.next().await {
+                Next::Delivery(delivery) => deliveries.push(delivery),
+                Next::Idle => return deliveries,
+                Next::Ended(status) => panic!("inbox stream ended: {status:?}"),
+            }
+        }
+    }
+
+    /// Waits for the next delivery, skipping Idle markers.
+    pub async fn next_delivery(&mut self) -> pb::Delivery {
+        loop {
+            match self.next().await {
+                Next::Delivery(delivery) => return delivery,
+                Next::Idle => {}
+                Next::Ended(status) => panic!("inbox stream ended: {status:?}"),
+            }
+        }
+    }
+
+    /// Acknowledges `sequences`.
+    pub async fn ack(&self, sequences: &[u64]) {
+        self.requests
+            .send(pb::ReceiveRequest {
+                request: Some(pb::receive_request::Request::Ack(pb::Ack {
+                    sequences: sequences.to_vec(),
+                    up_to: 0,
+                })),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Closes the client side and waits for the gateway to end the stream,
+    /// so that every ack sent was applied.
+    pub async fn close(self) {
+        let Inbox {
+            requests,
+            mut responses,
+        } = self;
+        drop(requests);
+        within("the inbox stream to end", async {
+            while let Ok(Some(_)) = responses.message().await {}
+        })
+        .await;
+    }
+}
+
+/// The payload of a delivery, as text.
+pub fn body(delivery: &pb::Delivery) -> String {
+    String::from_utf8(delivery.message.as_ref().unwrap().payload.clone()).unwrap()
+}
+
+/// Asserts that `result` failed with `code`, and returns the status.
+#[track_caller]
+pub fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+    match result {
+        Err(status) if status.code() == code => status,
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}

@@ -8,8 +8,8 @@
 
 mod state;
 
-pub use state::{GatewayRecord, TopologyState, WatchStart};
 pub(crate) use state::agency_to_pb;
+pub use state::{GatewayRecord, TopologyState, WatchStart};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -60,7 +60,9 @@ impl Directory {
     pub fn state(&self) -> MutexGuard<'_, TopologyState> {
         // A panic while holding the lock leaves the state as consistent as
         // any single-field update, so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Registers `agency_id` in `region` on the region's least-loaded shard.
@@ -81,10 +83,12 @@ impl Directory {
         }
         let shard = {
             let state = self.state();
-            state.pick_shard(region).ok_or_else(|| DirectoryError::RegionNotFound {
-                region: region.to_string(),
-                known: state.region_names().join(", "),
-            })?
+            state
+                .pick_shard(region)
+                .ok_or_else(|| DirectoryError::RegionNotFound {
+                    region: region.to_string(),
+                    known: state.region_names().join(", "),
+                })?
         };
         let record = AgencyRecord {
             agency_id: agency_id.to_string(),
@@ -93,8 +97,8 @@ impl Directory {
             display_name: display_name.to_string(),
             registered_at_micros: fedmesh_common::time::now_micros(),
         };
-        let event = Event::new(AGENCY_REGISTERED, region, agency_id)
-            .with_attribute("shard", &record.shard);
+        let event =
+            Event::new(AGENCY_REGISTERED, region, agency_id).with_attribute("shard", &record.shard);
         match self.store.insert_agency(&record, event).await {
             Ok(()) => {}
             Err(StoreError::Conflict) => {

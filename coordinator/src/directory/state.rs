@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use fedmesh_proto::pb;
 use fedmesh_common::time::timestamp_from_micros;
+use fedmesh_proto::pb;
 use tokio::sync::broadcast;
 use tokio::time::{Duration, Instant};
 
@@ -49,7 +49,11 @@ pub struct TopologyState {
 
 impl TopologyState {
     /// A topology holding `agencies`, at `initial_version`.
-    pub fn new(regions: Vec<RegionConfig>, agencies: Vec<AgencyRecord>, initial_version: u64) -> Self {
+    pub fn new(
+        regions: Vec<RegionConfig>,
+        agencies: Vec<AgencyRecord>,
+        initial_version: u64,
+    ) -> Self {
         let (changes, _) = broadcast::channel(1024);
         TopologyState {
             version: initial_version,
@@ -70,13 +74,19 @@ impl TopologyState {
 
     /// Names of the configured regions.
     pub fn region_names(&self) -> Vec<String> {
-        self.regions.iter().map(|region| region.name.clone()).collect()
+        self.regions
+            .iter()
+            .map(|region| region.name.clone())
+            .collect()
     }
 
     /// The shard of `region` holding the fewest agencies, or None if the
     /// region does not exist.
     pub fn pick_shard(&self, region: &str) -> Option<String> {
-        let region = self.regions.iter().find(|candidate| candidate.name == region)?;
+        let region = self
+            .regions
+            .iter()
+            .find(|candidate| candidate.name == region)?;
         region
             .shards
             .iter()
@@ -95,7 +105,12 @@ impl TopologyState {
     }
 
     /// Up to `limit` agencies after `after` in id order, optionally of one region.
-    pub fn agencies_page(&self, after: &str, region: Option<&str>, limit: usize) -> Vec<AgencyRecord> {
+    pub fn agencies_page(
+        &self,
+        after: &str,
+        region: Option<&str>,
+        limit: usize,
+    ) -> Vec<AgencyRecord> {
         use std::ops::Bound;
         self.agencies
             .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
@@ -131,16 +146,19 @@ impl TopologyState {
     /// Removes an agency and publishes the change.
     pub fn remove_agency(&mut self, agency_id: &str) {
         if self.agencies.remove(agency_id).is_some() {
-            self.publish(pb::topology_change::Change::AgencyRemoved(agency_id.to_string()));
+            self.publish(pb::topology_change::Change::AgencyRemoved(
+                agency_id.to_string(),
+            ));
         }
     }
 
     /// Records a gateway report. A new gateway or a changed address is
     /// published; a load change alone is kept for snapshots only.
     pub fn report_gateway(&mut self, gateway: GatewayRecord) {
-        let changed = self.gateways.get(&gateway.gateway_id).is_none_or(|known| {
-            known.address != gateway.address || known.region != gateway.region
-        });
+        let changed = self
+            .gateways
+            .get(&gateway.gateway_id)
+            .is_none_or(|known| known.address != gateway.address || known.region != gateway.region);
         let change = pb::topology_change::Change::GatewayUpserted(gateway_to_pb(&gateway));
         if changed {
             tracing::info!(gateway_id = %gateway.gateway_id, region = %gateway.region, address = %gateway.address, "gateway joined");
@@ -162,7 +180,9 @@ impl TopologyState {
         for gateway_id in &expired {
             self.gateways.remove(gateway_id);
             tracing::warn!(%gateway_id, "gateway stopped reporting, removed from topology");
-            self.publish(pb::topology_change::Change::GatewayRemoved(gateway_id.clone()));
+            self.publish(pb::topology_change::Change::GatewayRemoved(
+                gateway_id.clone(),
+            ));
         }
         expired
     }
@@ -179,18 +199,20 @@ impl TopologyState {
     pub fn snapshot(&self) -> pb::TopologyUpdate {
         pb::TopologyUpdate {
             version: self.version,
-            update: Some(pb::topology_update::Update::Snapshot(pb::TopologySnapshot {
-                regions: self
-                    .regions
-                    .iter()
-                    .map(|region| pb::Region {
-                        name: region.name.clone(),
-                        shards: region.shards.clone(),
-                    })
-                    .collect(),
-                agencies: self.agencies.values().map(agency_to_pb).collect(),
-                gateways: self.gateways.values().map(gateway_to_pb).collect(),
-            })),
+            update: Some(pb::topology_update::Update::Snapshot(
+                pb::TopologySnapshot {
+                    regions: self
+                        .regions
+                        .iter()
+                        .map(|region| pb::Region {
+                            name: region.name.clone(),
+                            shards: region.shards.clone(),
+                        })
+                        .collect(),
+                    agencies: self.agencies.values().map(agency_to_pb).collect(),
+                    gateways: self.gateways.values().map(gateway_to_pb).collect(),
+                },
+            )),
         }
     }
 

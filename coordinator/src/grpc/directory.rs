@@ -12,8 +12,8 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::directory::{Directory, GatewayRecord};
 use crate::directory::agency_to_pb;
+use crate::directory::{Directory, GatewayRecord};
 use crate::error::DirectoryError;
 
 /// The Directory service of one coordinator.
@@ -73,11 +73,13 @@ impl pb::directory_server::Directory for DirectoryService {
             0 => 100,
             size @ 1..=1000 => size as usize,
             _ => {
-                return Err(DirectoryError::from(fedmesh_common::error::InvalidField::new(
-                    "page_size",
-                    "page size must be 1 to 1000 (0 means 100)",
-                ))
-                .into());
+                return Err(
+                    DirectoryError::from(fedmesh_common::error::InvalidField::new(
+                        "page_size",
+                        "page size must be 1 to 1000 (0 means 100)",
+                    ))
+                    .into(),
+                );
             }
         };
         let region = (!request.region.is_empty()).then_some(request.region.as_str());
@@ -155,7 +157,9 @@ impl pb::directory_server::Directory for DirectoryService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     async fn report_gateway(
@@ -164,7 +168,8 @@ impl pb::directory_server::Directory for DirectoryService {
     ) -> Result<Response<pb::ReportGatewayResponse>, Status> {
         let identity = caller(&request)?;
         let gateway = request.into_inner().gateway.unwrap_or_default();
-        validate::agency_id("gateway.gateway_id", &gateway.gateway_id).map_err(DirectoryError::from)?;
+        validate::agency_id("gateway.gateway_id", &gateway.gateway_id)
+            .map_err(DirectoryError::from)?;
         validate::region("gateway.region", &gateway.region).map_err(DirectoryError::from)?;
         if identity != Identity::Gateway(gateway.region.clone()) {
             return Err(DirectoryError::PermissionDenied(format!(
@@ -182,11 +187,16 @@ impl pb::directory_server::Directory for DirectoryService {
             .into());
         }
         if tonic::transport::Endpoint::from_shared(gateway.address.clone()).is_err() {
-            return Err(DirectoryError::from(fedmesh_common::error::InvalidField::new(
-                "gateway.address",
-                format!("{:?} is not a URL such as http://10.0.0.5:50052", gateway.address),
-            ))
-            .into());
+            return Err(
+                DirectoryError::from(fedmesh_common::error::InvalidField::new(
+                    "gateway.address",
+                    format!(
+                        "{:?} is not a URL such as http://10.0.0.5:50052",
+                        gateway.address
+                    ),
+                ))
+                .into(),
+            );
         }
         let load = gateway.load.unwrap_or_default();
         self.directory.state().report_gateway(GatewayRecord {

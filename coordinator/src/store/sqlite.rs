@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use fedmesh_common::events::{Event, Outbox};
-use fedmesh_common::sqlite::{SqliteOutbox, insert_event, open_pool};
+use fedmesh_common::sqlite::{SqliteOutbox, begin_write, insert_event, open_pool};
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
@@ -44,7 +44,7 @@ fn agency_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgencyRecord, StoreE
 #[async_trait::async_trait]
 impl DirectoryStore for SqliteDirectoryStore {
     async fn insert_agency(&self, agency: &AgencyRecord, event: Event) -> Result<(), StoreError> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = begin_write(&self.pool).await?;
         let inserted = sqlx::query(
             "INSERT INTO agencies (agency_id, region, shard, display_name, registered_at) \
              VALUES (?, ?, ?, ?, ?) ON CONFLICT (agency_id) DO NOTHING",
@@ -65,7 +65,7 @@ impl DirectoryStore for SqliteDirectoryStore {
     }
 
     async fn delete_agency(&self, agency_id: &str, event: Event) -> Result<bool, StoreError> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = begin_write(&self.pool).await?;
         let deleted = sqlx::query("DELETE FROM agencies WHERE agency_id = ?")
             .bind(agency_id)
             .execute(&mut *transaction)

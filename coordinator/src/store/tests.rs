@@ -23,7 +23,10 @@ macro_rules! directory_store_suite {
             async fn duplicate_registration_conflicts_and_writes_nothing() {
                 let (store, _guard) = $open.await;
                 let event = || Event::new(AGENCY_REGISTERED, "east", "alpha");
-                store.insert_agency(&agency("alpha"), event()).await.expect("first insert");
+                store
+                    .insert_agency(&agency("alpha"), event())
+                    .await
+                    .expect("first insert");
                 let second = store.insert_agency(&agency("alpha"), event()).await;
                 assert!(matches!(second, Err(StoreError::Conflict)), "{second:?}");
                 assert_eq!(store.all_agencies().await.expect("list").len(), 1);
@@ -35,9 +38,17 @@ macro_rules! directory_store_suite {
             async fn delete_removes_and_reports_absence() {
                 let (store, _guard) = $open.await;
                 let event = || Event::new(AGENCY_REGISTERED, "east", "alpha");
-                store.insert_agency(&agency("alpha"), event()).await.expect("insert");
+                store
+                    .insert_agency(&agency("alpha"), event())
+                    .await
+                    .expect("insert");
                 assert!(store.delete_agency("alpha", event()).await.expect("delete"));
-                assert!(!store.delete_agency("alpha", event()).await.expect("delete again"));
+                assert!(
+                    !store
+                        .delete_agency("alpha", event())
+                        .await
+                        .expect("delete again")
+                );
                 assert!(store.all_agencies().await.expect("list").is_empty());
             }
         }

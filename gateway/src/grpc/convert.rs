@@ -56,7 +56,10 @@ pub(crate) fn message_from_forward(request: pb::ForwardRequest) -> Result<Messag
         .message
         .ok_or_else(|| InvalidField::new("message", "message is required"))?;
     uuid::Uuid::parse_str(&message.message_id).map_err(|_| {
-        InvalidField::new("message.message_id", "message id must be a UUID in text form")
+        InvalidField::new(
+            "message.message_id",
+            "message id must be a UUID in text form",
+        )
     })?;
     validate::agency_id("message.sender_id", &message.sender_id)?;
     validate::agency_id("message.recipient_id", &message.recipient_id)?;
@@ -132,11 +135,18 @@ mod tests {
 
     #[test]
     fn malformed_fields_are_named() {
-        let cases: [(fn(&mut pb::SendRequest), &str); 4] = [
+        type Spoil = fn(&mut pb::SendRequest);
+        let cases: [(Spoil, &str); 4] = [
             (|request| request.sender_id = "Alpha".into(), "sender_id"),
-            (|request| request.recipient_id = String::new(), "recipient_id"),
+            (
+                |request| request.recipient_id = String::new(),
+                "recipient_id",
+            ),
             (|request| request.kind = "no spaces".into(), "kind"),
-            (|request| request.idempotency_key = Some(String::new()), "idempotency_key"),
+            (
+                |request| request.idempotency_key = Some(String::new()),
+                "idempotency_key",
+            ),
         ];
         for (spoil, field) in cases {
             let mut request = send();

@@ -51,7 +51,12 @@ impl pb::exchange_server::Exchange for ExchangeService {
         let _in_flight = shared.in_flight();
         shared.require_homed_here(&message.sender_id).await?;
         let home = shared.home_of(&message.recipient_id).await?;
-        let route = route(&shared.topology.borrow(), &shared.config.region, &home, shared.spread());
+        let route = route(
+            &shared.topology.borrow(),
+            &shared.config.region,
+            &home,
+            shared.spread(),
+        );
         let receipt = match route {
             Route::Local { shard } => {
                 convert::receipt_to_pb(shared.store_local(&shard, message).await?)
@@ -108,12 +113,22 @@ impl pb::exchange_server::Exchange for ExchangeService {
         let (sender, receiver) = mpsc::channel(64);
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
-            let outcome = deliver(&shared, &open.agency_id, &home.shard, window, inbound, &sender).await;
+            let outcome = deliver(
+                &shared,
+                &open.agency_id,
+                &home.shard,
+                window,
+                inbound,
+                &sender,
+            )
+            .await;
             if let Err(status) = outcome {
                 let _ = sender.send(Err(status)).await;
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 }
 
@@ -142,7 +157,10 @@ async fn deliver(
             let batch = store
                 .fetch_unacked(recipient_id, last_sent, room)
                 .await
-                .map_err(|source| GatewayError::Store { shard: shard.to_string(), source })?;
+                .map_err(|source| GatewayError::Store {
+                    shard: shard.to_string(),
+                    source,
+                })?;
             if !batch.is_empty() {
                 for entry in batch {
                     last_sent = entry.sequence;

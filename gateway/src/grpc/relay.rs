@@ -28,8 +28,8 @@ impl pb::relay_server::Relay for RelayService {
             ))
             .into());
         }
-        let message = convert::message_from_forward(request.into_inner())
-            .map_err(GatewayError::from)?;
+        let message =
+            convert::message_from_forward(request.into_inner()).map_err(GatewayError::from)?;
         let shared = &self.shared;
         shared.check_payload(message.payload.len())?;
         let home = shared.home_of(&message.recipient_id).await?;

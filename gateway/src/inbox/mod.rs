@@ -39,7 +39,9 @@ pub struct InboxLease<'a> {
 
 impl InboxHub {
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, InboxEntry>> {
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Opens the inbox of `recipient_id`, taking over from any older stream.
@@ -66,7 +68,11 @@ impl InboxHub {
 
     /// Tells the stream of `recipient_id`, if any, that `sequence` was stored.
     pub fn stored(&self, recipient_id: &str, sequence: u64) {
-        if let Some(InboxEntry { stored: Some(sender), .. }) = self.entries().get(recipient_id) {
+        if let Some(InboxEntry {
+            stored: Some(sender),
+            ..
+        }) = self.entries().get(recipient_id)
+        {
             sender.send_replace(sequence);
         }
     }
@@ -84,7 +90,11 @@ impl Drop for InboxLease<'_> {
     fn drop(&mut self) {
         let mut entries = self.hub.entries();
         if let Some(entry) = entries.get_mut(&self.recipient_id) {
-            if entry.active.as_ref().is_some_and(|(id, _)| *id == self.stream_id) {
+            if entry
+                .active
+                .as_ref()
+                .is_some_and(|(id, _)| *id == self.stream_id)
+            {
                 entry.active = None;
             }
             if entry.active.is_none() {
@@ -106,7 +116,11 @@ mod tests {
         assert!(older.taken_over.is_cancelled());
         assert!(!newer.taken_over.is_cancelled());
         drop(older);
-        assert_eq!(hub.open_streams(), 1, "the older stream's end leaves the newer open");
+        assert_eq!(
+            hub.open_streams(),
+            1,
+            "the older stream's end leaves the newer open"
+        );
         drop(newer);
         assert_eq!(hub.open_streams(), 0);
     }

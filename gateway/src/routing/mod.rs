@@ -61,7 +61,9 @@ mod tests {
         };
         assert_eq!(
             route(&topology, "east", &home("east"), 0),
-            Route::Local { shard: "east-1".into() }
+            Route::Local {
+                shard: "east-1".into()
+            }
         );
         assert_eq!(
             route(&topology, "east", &home("west"), 1),

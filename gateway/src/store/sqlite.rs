@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox};
-use fedmesh_common::sqlite::{SqliteOutbox, insert_event, open_pool};
+use fedmesh_common::sqlite::{SqliteOutbox, begin_write, insert_event, open_pool};
 use fedmesh_common::time::now_micros;
 use sqlx::Row;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
@@ -64,7 +64,7 @@ fn inbox_message_from_row(row: &SqliteRow) -> Result<InboxMessage, StoreError> {
 #[async_trait::async_trait]
 impl MessageStore for SqliteMessageStore {
     async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = begin_write(&self.pool).await?;
         let stored_at_micros = now_micros();
         let mut results = Vec::with_capacity(messages.len());
         for message in messages {
@@ -152,7 +152,7 @@ impl MessageStore for SqliteMessageStore {
     }
 
     async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = begin_write(&self.pool).await?;
         let acked_at = now_micros();
         let mut acked = Vec::with_capacity(sequences.len());
         for &sequence in sequences {

@@ -34,7 +34,11 @@ macro_rules! message_store_suite {
             async fn sequences_are_dense_per_recipient() {
                 let (store, _guard) = $open.await;
                 let stored = store
-                    .insert_batch(&[message("m1", "alpha", None), message("m2", "beta", None), message("m3", "alpha", None)])
+                    .insert_batch(&[
+                        message("m1", "alpha", None),
+                        message("m2", "beta", None),
+                        message("m3", "alpha", None),
+                    ])
                     .await
                     .expect("insert");
                 let sequences: Vec<u64> = stored.iter().map(|stored| stored.sequence).collect();
@@ -47,7 +51,10 @@ macro_rules! message_store_suite {
             #[tokio::test]
             async fn retries_are_stored_once() {
                 let (store, _guard) = $open.await;
-                let first = store.insert_batch(&[message("m1", "alpha", Some("key-1"))]).await.expect("insert");
+                let first = store
+                    .insert_batch(&[message("m1", "alpha", Some("key-1"))])
+                    .await
+                    .expect("insert");
                 // Same id (a retried Forward), then same key with a new id
                 // (a retried Send), one of them in the same batch as a twin.
                 let again = store
@@ -65,8 +72,18 @@ macro_rules! message_store_suite {
                 assert_eq!(again[1].message_id, "m1");
                 assert_eq!(again[1].sequence, first[0].sequence);
                 assert_eq!(again[3].message_id, "m2");
-                assert_eq!(store.fetch_unacked("alpha", 0, 10).await.expect("fetch").len(), 2);
-                assert_eq!(event_kinds(&store).await, vec![MESSAGE_ACCEPTED, MESSAGE_ACCEPTED]);
+                assert_eq!(
+                    store
+                        .fetch_unacked("alpha", 0, 10)
+                        .await
+                        .expect("fetch")
+                        .len(),
+                    2
+                );
+                assert_eq!(
+                    event_kinds(&store).await,
+                    vec![MESSAGE_ACCEPTED, MESSAGE_ACCEPTED]
+                );
             }
 
             #[tokio::test]
@@ -77,12 +94,30 @@ macro_rules! message_store_suite {
                     .await
                     .expect("insert");
                 assert_eq!(store.ack("alpha", &[1, 5]).await.expect("ack"), vec![1]);
-                assert_eq!(store.ack("alpha", &[1]).await.expect("ack again"), Vec::<u64>::new());
+                assert_eq!(
+                    store.ack("alpha", &[1]).await.expect("ack again"),
+                    Vec::<u64>::new()
+                );
                 let inbox = store.fetch_unacked("alpha", 0, 10).await.expect("fetch");
-                assert_eq!(inbox.iter().map(|entry| entry.sequence).collect::<Vec<_>>(), vec![2]);
-                assert!(store.fetch_unacked("alpha", 2, 10).await.expect("fetch after").is_empty());
+                assert_eq!(
+                    inbox.iter().map(|entry| entry.sequence).collect::<Vec<_>>(),
+                    vec![2]
+                );
+                assert!(
+                    store
+                        .fetch_unacked("alpha", 2, 10)
+                        .await
+                        .expect("fetch after")
+                        .is_empty()
+                );
                 let kinds = event_kinds(&store).await;
-                assert_eq!(kinds.iter().filter(|kind| *kind == MESSAGE_DELIVERED).count(), 1);
+                assert_eq!(
+                    kinds
+                        .iter()
+                        .filter(|kind| *kind == MESSAGE_DELIVERED)
+                        .count(),
+                    1
+                );
             }
         }
     };
@@ -91,7 +126,10 @@ macro_rules! message_store_suite {
 async fn open_sqlite() -> (SqliteMessageStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("shard.sqlite").display());
-    (SqliteMessageStore::open(&url, "east").await.expect("open"), dir)
+    (
+        SqliteMessageStore::open(&url, "east").await.expect("open"),
+        dir,
+    )
 }
 
 message_store_suite!(sqlite, open_sqlite());

@@ -1,0 +1,148 @@
+//! Bad input gets a precise status and leaves no trace.
+
+use fedmesh_common::identity::Identity;
+use fedmesh_proto::pb;
+use fedmesh_tests::{TestMesh, expect_code, send_request};
+use tonic::Code;
+
+fn register(agency_id: &str, region: &str) -> pb::RegisterAgencyRequest {
+    pb::RegisterAgencyRequest {
+        agency_id: agency_id.into(),
+        region: region.into(),
+        display_name: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn bad_registrations_are_refused_and_store_nothing() {
+    let mesh = TestMesh::start().await;
+    mesh.register("ministry", "east").await;
+    let mut directory = mesh.directory();
+
+    let status = expect_code(
+        directory.register_agency(register("Bad_Id", "east")).await,
+        Code::InvalidArgument,
+    );
+    assert!(
+        status.message().contains("agency_id"),
+        "{}",
+        status.message()
+    );
+    let status = expect_code(
+        directory
+            .register_agency(register("ministry", "west"))
+            .await,
+        Code::AlreadyExists,
+    );
+    assert!(
+        status.message().contains("ministry"),
+        "{}",
+        status.message()
+    );
+    let status = expect_code(
+        directory
+            .register_agency(register("newcomer", "mars"))
+            .await,
+        Code::NotFound,
+    );
+    assert!(
+        status.message().contains("east, west, central"),
+        "{}",
+        status.message()
+    );
+    // An agency may not change the directory.
+    let mut as_agency = mesh.directory_as(&Identity::Agency("ministry".into()));
+    expect_code(
+        as_agency.register_agency(register("sneaky", "east")).await,
+        Code::PermissionDenied,
+    );
+    expect_code(
+        directory
+            .get_agency(pb::GetAgencyRequest {
+                agency_id: "nobody".into(),
+            })
+            .await,
+        Code::NotFound,
+    );
+
+    assert_eq!(mesh.agency_ids().await, vec!["ministry"]);
+    let shown = directory
+        .get_agency(pb::GetAgencyRequest {
+            agency_id: "ministry".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        shown.agency.unwrap().region,
+        "east",
+        "the refused duplicate changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn bad_sends_are_refused_and_store_nothing() {
+    let mesh = TestMesh::start().await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    let mut exchange = mesh.exchange("east", "sender");
+
+    let mut malformed_kind = send_request("sender", "reader", "x", None);
+    malformed_kind.kind = "Not A Kind".into();
+    let status = expect_code(exchange.send(malformed_kind).await, Code::InvalidArgument);
+    assert!(status.message().contains("kind"), "{}", status.message());
+
+    let mut malformed_recipient = send_request("sender", "reader", "x", None);
+    malformed_recipient.recipient_id = "-reader".into();
+    expect_code(
+        exchange.send(malformed_recipient).await,
+        Code::InvalidArgument,
+    );
+
+    let mut too_big = send_request("sender", "reader", "", None);
+    too_big.payload = vec![0; 1024 * 1024 + 1];
+    let status = expect_code(exchange.send(too_big).await, Code::ResourceExhausted);
+    assert!(status.message().contains("1048576"), "{}", status.message());
+
+    let status = expect_code(
+        exchange
+            .send(send_request("sender", "nobody", "x", None))
+            .await,
+        Code::NotFound,
+    );
+    assert!(status.message().contains("nobody"), "{}", status.message());
+
+    // Acting as another agency.
+    let status = expect_code(
+        mesh.exchange("east", "reader")
+            .send(send_request("sender", "reader", "x", None))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert!(status.message().contains("itself"), "{}", status.message());
+    let as_sender = mesh.exchange("west", "sender");
+    expect_code(
+        fedmesh_tests::Inbox::open(as_sender, "reader", 0)
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+    );
+    // Sending through a gateway of another region than one's own.
+    expect_code(
+        mesh.exchange("west", "sender")
+            .send(send_request("sender", "reader", "x", None))
+            .await,
+        Code::FailedPrecondition,
+    );
+
+    let mut inbox = mesh.open_inbox("west", "reader", 0).await.unwrap();
+    assert!(
+        inbox.drain().await.is_empty(),
+        "a refused send stored nothing"
+    );
+    // A good send afterwards gets the first sequence: nothing was used up.
+    mesh.send("east", "sender", "reader", "fine", None)
+        .await
+        .unwrap();
+    assert_eq!(inbox.next_delivery().await.sequence, 1);
+}

@@ -1,0 +1,49 @@
+//! Events reach subscribers.
+
+use fedmesh_common::events::{MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
+use fedmesh_proto::pb;
+use fedmesh_tests::{TestMesh, within};
+
+#[tokio::test]
+async fn a_subscriber_sees_message_accepted_and_delivered() {
+    let mesh = TestMesh::start().await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    let mut events = mesh
+        .notifications()
+        .subscribe(pb::SubscribeRequest {
+            agencies: vec!["reader".into()],
+            kinds: vec![MESSAGE_ACCEPTED.into(), MESSAGE_DELIVERED.into()],
+            regions: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let receipt = mesh
+        .send("east", "sender", "reader", "watched", None)
+        .await
+        .unwrap();
+    let accepted = within("message.accepted", events.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(accepted.kind, MESSAGE_ACCEPTED);
+    assert_eq!(accepted.message_id, receipt.message_id);
+    assert_eq!(accepted.region, "west");
+    assert_eq!(
+        accepted.attributes.get("sender").map(String::as_str),
+        Some("sender")
+    );
+
+    let mut inbox = mesh.open_inbox("west", "reader", 0).await.unwrap();
+    let delivery = inbox.next_delivery().await;
+    inbox.ack(&[delivery.sequence]).await;
+    let delivered = within("message.delivered", events.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivered.kind, MESSAGE_DELIVERED);
+    assert_eq!(delivered.message_id, receipt.message_id);
+    assert_ne!(delivered.event_id, accepted.event_id);
+}

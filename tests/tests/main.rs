@@ -1,0 +1,11 @@
+//! End-to-end tests: the dev mesh in-process on ephemeral ports, driven over
+//! gRPC as agencies, operators and subscribers would.
+
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
+mod bad_input;
+mod cli;
+mod events;
+mod inbox;
+mod messaging;
+mod serving;
