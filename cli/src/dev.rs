@@ -47,6 +47,8 @@ pub struct DevMesh {
     /// URL of the notifier.
     pub notifier_url: String,
     shutdown: CancellationToken,
+    coordinator_shutdown: CancellationToken,
+    topologies: Vec<watch::Receiver<Arc<Topology>>>,
     components: JoinSet<(String, anyhow::Result<()>)>,
 }
 
@@ -113,7 +115,8 @@ impl DevMesh {
         coordinator.gateway_expiry = Duration::from_secs(6);
         // The control database is opened before anything else needs it.
         let coordinator_bus = Arc::new(bus.clone());
-        let coordinator_shutdown = shutdown.clone();
+        let coordinator_shutdown = shutdown.child_token();
+        let coordinator_stop = coordinator_shutdown.clone();
         components.spawn(async move {
             let outcome = fedmesh_coordinator::run(
                 coordinator,
@@ -178,6 +181,8 @@ impl DevMesh {
             gateway_urls,
             notifier_url,
             shutdown,
+            coordinator_shutdown: coordinator_stop,
+            topologies: topologies.clone(),
             components,
         };
         if let Err(error) = mesh.wait_ready(topologies).await {
@@ -217,6 +222,32 @@ impl DevMesh {
             }
         }
         Ok(())
+    }
+
+    /// The topology the gateway of `region` routes by.
+    pub fn gateway_topology(&self, region: &str) -> Option<watch::Receiver<Arc<Topology>>> {
+        let index = self
+            .gateway_urls
+            .iter()
+            .position(|(name, _)| name == region)?;
+        self.topologies.get(index).cloned()
+    }
+
+    /// Stops only the coordinator, as when it becomes unreachable; the
+    /// gateways keep serving from their last topology.
+    pub async fn stop_coordinator(&mut self) -> anyhow::Result<()> {
+        self.coordinator_shutdown.cancel();
+        let (name, outcome) = self
+            .components
+            .join_next()
+            .await
+            .context("no component is running")?
+            .context("a component panicked")?;
+        anyhow::ensure!(
+            name == "coordinator",
+            "the {name} stopped instead of the coordinator"
+        );
+        outcome
     }
 
     /// A token that stops the mesh when cancelled.

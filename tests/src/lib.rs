@@ -71,6 +71,32 @@ impl TestMesh {
         self.mesh = Some(Self::start_on(self.data_dir.path()).await);
     }
 
+    /// Waits until the gateway of `region` routes with a topology that
+    /// knows every agency in `agency_ids`.
+    pub async fn gateway_knows(&self, region: &str, agency_ids: &[&str]) {
+        let mut topology = self.mesh().gateway_topology(region).unwrap();
+        within(
+            "the gateway's topology",
+            topology.wait_for(|topology| {
+                agency_ids
+                    .iter()
+                    .all(|id| topology.agencies.contains_key(*id))
+            }),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Stops the coordinator alone; the rest of the mesh keeps running.
+    pub async fn stop_coordinator(&mut self) {
+        within(
+            "the coordinator to stop",
+            self.mesh.as_mut().unwrap().stop_coordinator(),
+        )
+        .await
+        .unwrap();
+    }
+
     /// URL of the gateway of `region`.
     pub fn gateway_url(&self, region: &str) -> String {
         self.mesh()

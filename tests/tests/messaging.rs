@@ -186,3 +186,25 @@ async fn concurrent_senders_are_group_committed_exactly_once_in_their_order() {
         );
     }
 }
+
+#[tokio::test]
+async fn gateways_keep_routing_from_their_last_topology_without_the_coordinator() {
+    let mut mesh = TestMesh::start().await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    mesh.send("east", "sender", "reader", "with coordinator", None)
+        .await
+        .unwrap();
+    for region in ["east", "west"] {
+        mesh.gateway_knows(region, &["sender", "reader"]).await;
+    }
+
+    mesh.stop_coordinator().await;
+    let receipt = mesh
+        .send("east", "sender", "reader", "without coordinator", None)
+        .await;
+    assert_eq!(receipt.unwrap().home_region, "west");
+    let mut inbox = mesh.open_inbox("west", "reader", 0).await.unwrap();
+    let bodies: Vec<String> = inbox.drain().await.iter().map(body).collect();
+    assert_eq!(bodies, ["with coordinator", "without coordinator"]);
+}
