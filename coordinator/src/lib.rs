@@ -58,17 +58,21 @@ pub async fn run(
     }
     let store = SqliteDirectoryStore::open(&config.database_url).await?;
     let outbox = store.outbox();
-    let directory =
-        Arc::new(directory::Directory::load(Arc::new(store), config.regions.clone()).await?);
+    let outbox_wake = Arc::new(tokio::sync::Notify::new());
+    let directory = directory::Directory::load(
+        Arc::new(store),
+        config.regions.clone(),
+        Arc::clone(&outbox_wake),
+    )
+    .await?;
+    let directory = Arc::new(directory);
     let tasks = TaskTracker::new();
 
-    // Events of directory changes go to the bus; a wake-up is not needed
-    // because registrations are rare, so the relay polls.
     tasks.spawn(run_outbox_relay(
         "control".into(),
         outbox,
         publisher,
-        Arc::new(tokio::sync::Notify::new()),
+        outbox_wake,
         config.outbox_poll_interval,
         shutdown.clone(),
     ));

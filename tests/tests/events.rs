@@ -47,3 +47,23 @@ async fn a_subscriber_sees_message_accepted_and_delivered() {
     assert_eq!(delivered.message_id, receipt.message_id);
     assert_ne!(delivered.event_id, accepted.event_id);
 }
+
+#[tokio::test]
+async fn a_subscriber_sees_registrations_of_its_regions_only() {
+    let mesh = TestMesh::start().await;
+    let mut events = mesh
+        .notifications()
+        .subscribe(pb::SubscribeRequest {
+            regions: vec!["central".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    mesh.register("elsewhere", "east").await;
+    mesh.register("ministry", "central").await;
+    let event = within("agency.registered", events.message()).await.unwrap().unwrap();
+    assert_eq!(event.kind, fedmesh_common::events::AGENCY_REGISTERED);
+    assert_eq!(event.agency_id, "ministry", "the east registration was filtered out");
+    assert_eq!(event.attributes.get("shard").map(String::as_str), Some("central-1"));
+}

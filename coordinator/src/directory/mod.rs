@@ -39,20 +39,24 @@ pub struct AgencyRecord {
 pub struct Directory {
     store: Arc<dyn DirectoryStore>,
     state: Mutex<TopologyState>,
+    outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Directory {
     /// Loads the agencies from `store` and starts the topology at a version
     /// above any a previous run of this coordinator handed out.
+    /// `outbox_wake` is notified after every commit that wrote an event.
     pub async fn load(
         store: Arc<dyn DirectoryStore>,
         regions: Vec<RegionConfig>,
+        outbox_wake: Arc<tokio::sync::Notify>,
     ) -> Result<Self, StoreError> {
         let agencies = store.all_agencies().await?;
         let initial_version = u64::try_from(fedmesh_common::time::now_micros()).unwrap_or(1);
         Ok(Directory {
             store,
             state: Mutex::new(TopologyState::new(regions, agencies, initial_version)),
+            outbox_wake,
         })
     }
 
@@ -106,6 +110,7 @@ impl Directory {
             }
             Err(error) => return Err(error.into()),
         }
+        self.outbox_wake.notify_one();
         self.state().upsert_agency(record.clone());
         tracing::info!(agency_id, region, shard = %record.shard, "agency registered");
         Ok(record)
@@ -127,6 +132,7 @@ impl Directory {
         if !self.store.delete_agency(agency_id, event).await? {
             return Err(DirectoryError::AgencyNotFound(agency_id.to_string()));
         }
+        self.outbox_wake.notify_one();
         self.state().remove_agency(agency_id);
         tracing::info!(agency_id, "agency deregistered");
         Ok(())
