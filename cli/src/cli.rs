@@ -80,6 +80,11 @@ pub struct DevArgs {
     /// survive a restart on the same folder.
     #[arg(long, default_value = "./fedmesh-data")]
     pub data_dir: PathBuf,
+    /// Keep a shard in another database instead of a SQLite file, e.g.
+    /// `--shard west-1=postgres://postgres@127.0.0.1/fedmesh_west_1`;
+    /// repeatable. Shards are east-1, west-1 and central-1.
+    #[arg(long = "shard", value_name = "NAME=URL")]
+    pub shards: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -217,9 +222,17 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
 }
 
 async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    let mut shard_urls = std::collections::HashMap::new();
+    for shard in &args.shards {
+        let (name, url) = shard
+            .split_once('=')
+            .with_context(|| format!("--shard {shard:?} is not NAME=URL"))?;
+        shard_urls.insert(name.to_string(), url.to_string());
+    }
     let mesh = DevMesh::start(DevOptions {
         data_dir: args.data_dir.clone(),
         base_port: Some(args.base_port),
+        shard_urls,
     })
     .await?;
     writeln!(

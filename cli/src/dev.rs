@@ -36,6 +36,9 @@ pub struct DevOptions {
     /// central), the notifier the one after. `None` binds every component to
     /// an ephemeral port (tests).
     pub base_port: Option<u16>,
+    /// Database URLs of shards (`east-1`, `west-1`, `central-1`) that are
+    /// not to be SQLite files in `data_dir`, e.g. PostgreSQL databases.
+    pub shard_urls: std::collections::HashMap<String, String>,
 }
 
 /// A running dev mesh.
@@ -50,6 +53,46 @@ pub struct DevMesh {
     coordinator_shutdown: CancellationToken,
     topologies: Vec<watch::Receiver<Arc<Topology>>>,
     components: JoinSet<(String, anyhow::Result<()>)>,
+    bus: InProcessBus,
+}
+
+/// What one gateway of the dev mesh is started with.
+struct GatewayStart {
+    gateway_id: String,
+    region: String,
+    shard: ShardConfig,
+    coordinator_url: String,
+}
+
+/// Starts a gateway in dev mode and adds it to `components`; returns its
+/// topology.
+async fn spawn_gateway(
+    gateway: GatewayStart,
+    listener: TcpListener,
+    bus: &InProcessBus,
+    shutdown: &CancellationToken,
+    components: &mut JoinSet<(String, anyhow::Result<()>)>,
+) -> anyhow::Result<watch::Receiver<Arc<Topology>>> {
+    let mut config = GatewayConfig::new(
+        gateway.gateway_id.clone(),
+        gateway.region,
+        vec![gateway.shard],
+        gateway.coordinator_url,
+    );
+    config.identity_mode = IdentityMode::DevHeader;
+    let running = fedmesh_gateway::start(config, listener, Arc::new(bus.clone()), shutdown.clone())
+        .await
+        .with_context(|| format!("cannot start gateway {}", gateway.gateway_id))?;
+    let topology = running.topology.clone();
+    let name = format!("gateway {}", gateway.gateway_id);
+    components.spawn(async move {
+        let outcome = match running.stopped.await {
+            Ok(outcome) => outcome.map_err(anyhow::Error::from),
+            Err(error) => Err(anyhow::Error::from(error)),
+        };
+        (name, outcome)
+    });
+    Ok(topology)
 }
 
 async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
@@ -135,32 +178,26 @@ impl DevMesh {
         let mut topologies: Vec<watch::Receiver<Arc<Topology>>> = Vec::new();
         for (region, listener) in gateway_listeners {
             let shard = format!("{region}-1");
-            let mut config = GatewayConfig::new(
-                format!("{region}-0"),
-                region,
-                vec![ShardConfig {
-                    database_url: sqlite_url(&options.data_dir, &shard),
-                    name: shard,
-                }],
-                coordinator_url.clone(),
-            );
-            config.identity_mode = IdentityMode::DevHeader;
+            let shard_url = options
+                .shard_urls
+                .get(&shard)
+                .cloned()
+                .unwrap_or_else(|| sqlite_url(&options.data_dir, &shard));
+            let gateway = GatewayStart {
+                gateway_id: format!("{region}-0"),
+                region: region.to_string(),
+                shard: ShardConfig::new(shard, shard_url),
+                coordinator_url: coordinator_url.clone(),
+            };
             gateway_urls.push((region.to_string(), url_of(&listener)?));
-            let running =
-                fedmesh_gateway::start(config, listener, Arc::new(bus.clone()), shutdown.clone())
-                    .await
-                    .with_context(|| format!("cannot start the {region} gateway"))?;
-            topologies.push(running.topology.clone());
-            components.spawn(async move {
-                let outcome = match running.stopped.await {
-                    Ok(outcome) => outcome.map_err(anyhow::Error::from),
-                    Err(error) => Err(anyhow::Error::from(error)),
-                };
-                (format!("{region} gateway"), outcome)
-            });
+            let topology =
+                spawn_gateway(gateway, listener, &bus, &shutdown, &mut components).await?;
+            topologies.push(topology);
         }
 
         let notifier_url = url_of(&notifier_listener)?;
+        let notifier_source = bus.clone();
+        let notifier_bus = bus;
         let notifier_shutdown = shutdown.clone();
         let notifier_config = NotifierConfig {
             identity_mode: IdentityMode::DevHeader,
@@ -169,12 +206,13 @@ impl DevMesh {
             let outcome = fedmesh_notifier::run(
                 notifier_config,
                 notifier_listener,
-                Arc::new(bus),
+                Arc::new(notifier_source),
                 notifier_shutdown,
             )
             .await;
             ("notifier".to_string(), outcome.map_err(anyhow::Error::from))
         });
+        let bus = notifier_bus;
 
         let mut mesh = DevMesh {
             coordinator_url,
@@ -184,6 +222,7 @@ impl DevMesh {
             coordinator_shutdown: coordinator_stop,
             topologies: topologies.clone(),
             components,
+            bus,
         };
         if let Err(error) = mesh.wait_ready(topologies).await {
             mesh.shutdown.cancel();
@@ -222,6 +261,42 @@ impl DevMesh {
             }
         }
         Ok(())
+    }
+
+    /// Starts one more gateway of `region` on an ephemeral port, serving
+    /// `shard` (as another replica would), and returns its URL once it
+    /// routes with a topology that knows every gateway of the mesh.
+    pub async fn add_gateway(
+        &mut self,
+        gateway_id: &str,
+        region: &str,
+        shard: ShardConfig,
+    ) -> anyhow::Result<String> {
+        let listener = bind(0, &format!("gateway {gateway_id}")).await?;
+        let url = url_of(&listener)?;
+        let gateway = GatewayStart {
+            gateway_id: gateway_id.to_string(),
+            region: region.to_string(),
+            shard,
+            coordinator_url: self.coordinator_url.clone(),
+        };
+        let mut topology = spawn_gateway(
+            gateway,
+            listener,
+            &self.bus,
+            &self.shutdown,
+            &mut self.components,
+        )
+        .await?;
+        let n_gateways = self.gateway_urls.len();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            topology.wait_for(|topology| topology.gateways.len() > n_gateways),
+        )
+        .await
+        .context("the new gateway did not join within 60 s")?
+        .context("the new gateway stopped while starting")?;
+        Ok(url)
     }
 
     /// The topology the gateway of `region` routes by.

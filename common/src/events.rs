@@ -141,12 +141,17 @@ impl EventSource for InProcessBus {
     }
 }
 
-/// Where an outbox relay reads events from and deletes them once published.
+/// The events a store committed and has not yet handed to the bus.
 pub trait Outbox: Send + Sync + 'static {
-    /// Up to `limit` of the oldest events, with their outbox row ids.
-    fn fetch(&self, limit: u32) -> BoxFuture<'_, Result<Vec<(i64, Event)>, BusError>>;
-    /// Deletes published rows.
-    fn delete(&self, row_ids: Vec<i64>) -> BoxFuture<'_, Result<(), BusError>>;
+    /// Publishes up to `limit` of the oldest events through `publisher`, in
+    /// order, and deletes them once it accepted them; returns how many were
+    /// relayed (0: the outbox is empty, or another relay is draining it).
+    /// Two relays of one outbox never publish the same rows concurrently.
+    fn relay_batch<'a>(
+        &'a self,
+        limit: u32,
+        publisher: &'a dyn EventPublisher,
+    ) -> BoxFuture<'a, Result<usize, BusError>>;
 }
 
 /// Drains `outbox` to `publisher` until `shutdown`: woken by `wake` after each
@@ -166,13 +171,9 @@ pub async fn run_outbox_relay(
     loop {
         let drained = async {
             loop {
-                let rows = outbox.fetch(BATCH).await?;
-                if rows.is_empty() {
+                if outbox.relay_batch(BATCH, publisher.as_ref()).await? == 0 {
                     return Ok::<(), BusError>(());
                 }
-                let (row_ids, events): (Vec<i64>, Vec<Event>) = rows.into_iter().unzip();
-                publisher.publish(events).await?;
-                outbox.delete(row_ids).await?;
             }
         }
         .await;

@@ -18,6 +18,8 @@ pub mod events;
 pub mod identity;
 pub mod server;
 pub mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod time;
 pub mod topology;
 pub mod validate;

@@ -80,35 +80,45 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<(i64, Event), sqlx::E
     Ok((row.try_get("row_id")?, event))
 }
 
-impl Outbox for SqliteOutbox {
-    fn fetch(&self, limit: u32) -> BoxFuture<'_, Result<Vec<(i64, Event)>, BusError>> {
-        Box::pin(async move {
-            let rows = sqlx::query(
-                "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes \
-                 FROM outbox ORDER BY row_id LIMIT ?",
-            )
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(outbox_error)?;
-            rows.iter()
-                .map(|row| event_from_row(row).map_err(outbox_error))
-                .collect()
-        })
+impl SqliteOutbox {
+    async fn fetch(&self, limit: u32) -> Result<Vec<(i64, Event)>, BusError> {
+        let rows = sqlx::query(
+            "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes \
+             FROM outbox ORDER BY row_id LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(outbox_error)?;
+        rows.iter()
+            .map(|row| event_from_row(row).map_err(outbox_error))
+            .collect()
     }
+}
 
-    fn delete(&self, row_ids: Vec<i64>) -> BoxFuture<'_, Result<(), BusError>> {
+impl Outbox for SqliteOutbox {
+    fn relay_batch<'a>(
+        &'a self,
+        limit: u32,
+        publisher: &'a dyn crate::events::EventPublisher,
+    ) -> BoxFuture<'a, Result<usize, BusError>> {
+        // One process owns a SQLite file, so one relay drains it: no lock is
+        // held while publishing.
         Box::pin(async move {
-            // Rows are fetched in order, so the published ones are a prefix.
-            let Some(last) = row_ids.iter().max() else {
-                return Ok(());
+            let rows = self.fetch(limit).await?;
+            let Some(last) = rows.last().map(|(row_id, _)| *row_id) else {
+                return Ok(0);
             };
+            let count = rows.len();
+            publisher
+                .publish(rows.into_iter().map(|(_, event)| event).collect())
+                .await?;
             sqlx::query("DELETE FROM outbox WHERE row_id <= ?")
                 .bind(last)
                 .execute(&self.pool)
                 .await
                 .map_err(outbox_error)?;
-            Ok(())
+            Ok(count)
         })
     }
 }

@@ -3,8 +3,11 @@
 //! committed.
 //!
 //! While a batch commits, new messages queue; the next batch takes all that
-//! queued (up to the configured maximum), so batches grow with load and a
-//! lone message is never delayed.
+//! queued (up to the configured maximum), so batches grow with load. An
+//! optional linger lets a batch wait briefly for more. Several batches of
+//! one shard may commit at once (`concurrency`): per-sender order still
+//! holds, because a sender's next message is sent only after the receipt of
+//! the previous one, that is after its batch committed.
 
 use std::sync::Arc;
 
@@ -16,6 +19,17 @@ use crate::message::{Message, Stored};
 use crate::store::MessageStore;
 
 type Reply = oneshot::Sender<Result<Stored, Arc<StoreError>>>;
+
+/// How a shard's commits are batched.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batching {
+    /// Most messages in one transaction.
+    pub(crate) max_batch: usize,
+    /// How long a batch that is not full waits for more messages.
+    pub(crate) linger: std::time::Duration,
+    /// How many batches may commit at once.
+    pub(crate) concurrency: usize,
+}
 
 /// Hands messages to a shard's commit task.
 #[derive(Clone)]
@@ -39,19 +53,24 @@ impl Committer {
     /// clone is dropped, after committing what was queued.
     pub(crate) fn spawn(
         store: Arc<dyn MessageStore>,
-        max_batch: usize,
+        batching: Batching,
         hub: Arc<InboxHub>,
         outbox_wake: Arc<Notify>,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Committer {
-        let (sender, receiver) = mpsc::channel(max_batch.max(1) * 4);
-        tasks.spawn(commit_loop(
-            store,
-            receiver,
-            max_batch.max(1),
-            hub,
-            outbox_wake,
-        ));
+        let max_batch = batching.max_batch.max(1);
+        let (sender, receiver) = mpsc::channel(max_batch * 4);
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..batching.concurrency.max(1) {
+            tasks.spawn(commit_loop(
+                Arc::clone(&store),
+                Arc::clone(&receiver),
+                max_batch,
+                batching.linger,
+                Arc::clone(&hub),
+                Arc::clone(&outbox_wake),
+            ));
+        }
         Committer { sender }
     }
 
@@ -69,15 +88,41 @@ impl Committer {
     }
 }
 
+/// Takes the next batch: waits for a first message, then for up to `linger`
+/// for more. Returns false once every sender is gone and nothing is queued.
+async fn next_batch(
+    receiver: &tokio::sync::Mutex<mpsc::Receiver<(Message, Reply)>>,
+    queued: &mut Vec<(Message, Reply)>,
+    max_batch: usize,
+    linger: std::time::Duration,
+) -> bool {
+    let mut receiver = receiver.lock().await;
+    if receiver.recv_many(queued, max_batch).await == 0 {
+        return false;
+    }
+    if !linger.is_zero() && queued.len() < max_batch {
+        let deadline = tokio::time::Instant::now() + linger;
+        while queued.len() < max_batch {
+            let more = max_batch - queued.len();
+            match tokio::time::timeout_at(deadline, receiver.recv_many(queued, more)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    true
+}
+
 async fn commit_loop(
     store: Arc<dyn MessageStore>,
-    mut receiver: mpsc::Receiver<(Message, Reply)>,
+    receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<(Message, Reply)>>>,
     max_batch: usize,
+    linger: std::time::Duration,
     hub: Arc<InboxHub>,
     outbox_wake: Arc<Notify>,
 ) {
     let mut queued = Vec::with_capacity(max_batch);
-    while receiver.recv_many(&mut queued, max_batch).await > 0 {
+    while next_batch(&receiver, &mut queued, max_batch, linger).await {
         let (messages, replies): (Vec<Message>, Vec<Reply>) = queued.drain(..).unzip();
         match store.insert_batch(&messages).await {
             Ok(stored) => {

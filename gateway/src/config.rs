@@ -9,8 +9,22 @@ use fedmesh_common::identity::IdentityMode;
 pub struct ShardConfig {
     /// Shard name as the coordinator knows it, e.g. `west-1`.
     pub name: String,
-    /// Database URL, e.g. `sqlite:///var/lib/fedmesh/west-1.sqlite`.
+    /// Database URL: `postgres://user@host/db` or
+    /// `sqlite:///var/lib/fedmesh/west-1.sqlite`.
     pub database_url: String,
+    /// Most connections to this shard (PostgreSQL). Default: 16.
+    pub max_connections: u32,
+}
+
+impl ShardConfig {
+    /// A shard with the default pool size.
+    pub fn new(name: impl Into<String>, database_url: impl Into<String>) -> Self {
+        ShardConfig {
+            name: name.into(),
+            database_url: database_url.into(),
+            max_connections: 16,
+        }
+    }
 }
 
 /// Everything a gateway needs to run.
@@ -37,6 +51,11 @@ pub struct GatewayConfig {
     pub default_window: u32,
     /// Most messages committed in one transaction. Default: 256.
     pub max_batch: usize,
+    /// How long a batch that is not full waits for more messages before it
+    /// commits. Default: 0 (batches still form while a commit is running).
+    pub commit_linger: Duration,
+    /// How many batches of one shard may commit at once. Default: 4.
+    pub commit_concurrency: usize,
     /// How long a relay to another region may take before the next gateway
     /// is tried. Default: 10 s.
     pub relay_timeout: Duration,
@@ -63,6 +82,8 @@ impl GatewayConfig {
             max_payload_bytes: 1024 * 1024,
             default_window: 128,
             max_batch: 256,
+            commit_linger: Duration::ZERO,
+            commit_concurrency: 4,
             relay_timeout: Duration::from_secs(10),
             outbox_poll_interval: Duration::from_secs(1),
         }

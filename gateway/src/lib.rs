@@ -225,13 +225,13 @@ pub async fn start(
     let hub = Arc::new(InboxHub::default());
     let mut shards = HashMap::new();
     for shard in &config.shards {
-        let store = SqliteMessageStore::open(&shard.database_url, &config.region)
+        let store = store::open_store(&shard.database_url, &config.region, shard.max_connections)
             .await
             .map_err(|source| RunError::Store {
                 shard: shard.name.clone(),
                 source,
             })?;
-        let store: Arc<dyn MessageStore> = Arc::new(store);
+        store.spawn_wakeups(Arc::clone(&hub), &tasks, shutdown.clone());
         let outbox_wake = Arc::new(Notify::new());
         tasks.spawn(run_outbox_relay(
             shard.name.clone(),
@@ -241,9 +241,16 @@ pub async fn start(
             config.outbox_poll_interval,
             shutdown.clone(),
         ));
+        let batching = committer::Batching {
+            max_batch: config.max_batch,
+            linger: config.commit_linger,
+            concurrency: config
+                .commit_concurrency
+                .min(store.max_concurrent_batches()),
+        };
         let committer = Committer::spawn(
             Arc::clone(&store),
-            config.max_batch,
+            batching,
             Arc::clone(&hub),
             Arc::clone(&outbox_wake),
             &tasks,

@@ -7,12 +7,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
 use fedmesh::client::Authenticated;
 use fedmesh::dev::{DevMesh, DevOptions};
 use fedmesh_common::identity::{AttachIdentity, Identity};
+use fedmesh_common::testing::TestDatabase;
 use fedmesh_proto::pb;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
@@ -28,9 +30,21 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     }
 }
 
+/// Where the mesh keeps its shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite files in the data folder (the dev mesh's default).
+    Sqlite,
+    /// A fresh PostgreSQL database per shard, dropped after the test.
+    Postgres,
+}
+
 /// A dev mesh on ephemeral ports over its own data folder.
 pub struct TestMesh {
     mesh: Option<DevMesh>,
+    shard_urls: HashMap<String, String>,
+    /// Kept until the mesh is gone: dropping them drops the databases.
+    databases: Vec<TestDatabase>,
     data_dir: tempfile::TempDir,
 }
 
@@ -39,20 +53,71 @@ fn channel(url: &str) -> tonic::transport::Channel {
 }
 
 impl TestMesh {
-    /// Starts a mesh over a fresh data folder.
+    /// Starts a mesh on SQLite over a fresh data folder.
     pub async fn start() -> TestMesh {
+        Self::start_with(Backend::Sqlite).await
+    }
+
+    /// Starts a mesh whose shards live in `backend`.
+    pub async fn start_with(backend: Backend) -> TestMesh {
         let data_dir = tempfile::tempdir().unwrap();
-        let mesh = Self::start_on(data_dir.path()).await;
+        let mut databases = Vec::new();
+        let mut shard_urls = HashMap::new();
+        if backend == Backend::Postgres {
+            for region in fedmesh::dev::DEV_REGIONS {
+                let database = TestDatabase::create().await;
+                shard_urls.insert(format!("{region}-1"), database.url.clone());
+                databases.push(database);
+            }
+        }
+        let mesh = Self::start_on(data_dir.path(), &shard_urls).await;
         TestMesh {
             mesh: Some(mesh),
+            shard_urls,
+            databases,
             data_dir,
         }
     }
 
-    async fn start_on(path: &std::path::Path) -> DevMesh {
+    /// The database URL of `shard`.
+    pub fn shard_url(&self, shard: &str) -> String {
+        self.shard_urls.get(shard).cloned().unwrap_or_else(|| {
+            let path = self.data_dir.path().join(format!("{shard}.sqlite"));
+            format!("sqlite://{}", path.display())
+        })
+    }
+
+    /// Starts another gateway replica of `region` on the region's shard;
+    /// returns its URL.
+    pub async fn add_gateway(&mut self, gateway_id: &str, region: &str) -> String {
+        let shard = format!("{region}-1");
+        let config = fedmesh_gateway::ShardConfig::new(shard.clone(), self.shard_url(&shard));
+        let mesh = self.mesh.as_mut().unwrap();
+        within(
+            "the new gateway",
+            mesh.add_gateway(gateway_id, region, config),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The Exchange of the gateway at `url`, acting as agency `agency_id`.
+    pub fn exchange_at(
+        &self,
+        url: &str,
+        agency_id: &str,
+    ) -> pb::exchange_client::ExchangeClient<Authenticated> {
+        pb::exchange_client::ExchangeClient::with_interceptor(
+            channel(url),
+            AttachIdentity::new(&Identity::Agency(agency_id.into())),
+        )
+    }
+
+    async fn start_on(path: &std::path::Path, shard_urls: &HashMap<String, String>) -> DevMesh {
         let options = DevOptions {
             data_dir: path.to_path_buf(),
             base_port: None,
+            shard_urls: shard_urls.clone(),
         };
         within("the dev mesh to start", DevMesh::start(options))
             .await
@@ -68,7 +133,7 @@ impl TestMesh {
         within("the dev mesh to stop", self.mesh.take().unwrap().stop())
             .await
             .unwrap();
-        self.mesh = Some(Self::start_on(self.data_dir.path()).await);
+        self.mesh = Some(Self::start_on(self.data_dir.path(), &self.shard_urls).await);
     }
 
     /// Waits until the gateway of `region` routes with a topology that
@@ -212,6 +277,8 @@ impl Drop for TestMesh {
         if let Some(mesh) = &self.mesh {
             mesh.shutdown_token().cancel();
         }
+        // The databases are dropped with FORCE, closing what is still open.
+        self.databases.clear();
     }
 }
 
@@ -352,4 +419,28 @@ pub fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) ->
         Err(status) if status.code() == code => status,
         other => panic!("expected {code:?}, got {other:?}"),
     }
+}
+
+/// Runs each named `async fn(Backend)` as a test on every backend: a
+/// `sqlite` and a `postgres` module with one `#[tokio::test]` per name.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
 }

@@ -2,11 +2,10 @@
 
 use fedmesh_common::events::{MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
 use fedmesh_proto::pb;
-use fedmesh_tests::{TestMesh, within};
+use fedmesh_tests::{Backend, TestMesh, within};
 
-#[tokio::test]
-async fn a_subscriber_sees_message_accepted_and_delivered() {
-    let mesh = TestMesh::start().await;
+async fn a_subscriber_sees_message_accepted_and_delivered(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
     mesh.register("sender", "east").await;
     mesh.register("reader", "west").await;
     let mut events = mesh
@@ -48,9 +47,8 @@ async fn a_subscriber_sees_message_accepted_and_delivered() {
     assert_ne!(delivered.event_id, accepted.event_id);
 }
 
-#[tokio::test]
-async fn a_subscriber_sees_registrations_of_its_regions_only() {
-    let mesh = TestMesh::start().await;
+async fn a_subscriber_sees_registrations_of_its_regions_only(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
     let mut events = mesh
         .notifications()
         .subscribe(pb::SubscribeRequest {
@@ -62,8 +60,22 @@ async fn a_subscriber_sees_registrations_of_its_regions_only() {
         .into_inner();
     mesh.register("elsewhere", "east").await;
     mesh.register("ministry", "central").await;
-    let event = within("agency.registered", events.message()).await.unwrap().unwrap();
+    let event = within("agency.registered", events.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(event.kind, fedmesh_common::events::AGENCY_REGISTERED);
-    assert_eq!(event.agency_id, "ministry", "the east registration was filtered out");
-    assert_eq!(event.attributes.get("shard").map(String::as_str), Some("central-1"));
+    assert_eq!(
+        event.agency_id, "ministry",
+        "the east registration was filtered out"
+    );
+    assert_eq!(
+        event.attributes.get("shard").map(String::as_str),
+        Some("central-1")
+    );
 }
+
+fedmesh_tests::on_every_backend!(
+    a_subscriber_sees_message_accepted_and_delivered,
+    a_subscriber_sees_registrations_of_its_regions_only,
+);

@@ -1,11 +1,10 @@
 //! The Receive stream: acks, redelivery, flow control, takeover.
 
-use fedmesh_tests::{Next, TestMesh, body};
+use fedmesh_tests::{Backend, Next, TestMesh, body};
 use tonic::Code;
 
-#[tokio::test]
-async fn an_acked_message_is_not_redelivered_and_an_unacked_one_is() {
-    let mesh = TestMesh::start().await;
+async fn an_acked_message_is_not_redelivered_and_an_unacked_one_is(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
     mesh.register("sender", "east").await;
     mesh.register("reader", "east").await;
     for text in ["one", "two", "three"] {
@@ -32,9 +31,8 @@ async fn an_acked_message_is_not_redelivered_and_an_unacked_one_is() {
     assert_eq!(redelivered[0].sequence, deliveries[1].sequence);
 }
 
-#[tokio::test]
-async fn the_window_bounds_unacknowledged_deliveries() {
-    let mesh = TestMesh::start().await;
+async fn the_window_bounds_unacknowledged_deliveries(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
     mesh.register("sender", "west").await;
     mesh.register("reader", "west").await;
     for index in 0..5 {
@@ -50,9 +48,8 @@ async fn the_window_bounds_unacknowledged_deliveries() {
     assert_eq!(second.iter().map(body).collect::<Vec<_>>(), ["m2"]);
 }
 
-#[tokio::test]
-async fn a_live_stream_is_woken_by_new_messages() {
-    let mesh = TestMesh::start().await;
+async fn a_live_stream_is_woken_by_new_messages(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
     mesh.register("sender", "central").await;
     mesh.register("reader", "west").await;
     let mut inbox = mesh.open_inbox("west", "reader", 0).await.unwrap();
@@ -63,9 +60,8 @@ async fn a_live_stream_is_woken_by_new_messages() {
     assert_eq!(body(&inbox.next_delivery().await), "live");
 }
 
-#[tokio::test]
-async fn a_newer_stream_takes_over_the_inbox() {
-    let mesh = TestMesh::start().await;
+async fn a_newer_stream_takes_over_the_inbox(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
     mesh.register("reader", "east").await;
     let mut older = mesh.open_inbox("east", "reader", 0).await.unwrap();
     assert!(older.drain().await.is_empty());
@@ -79,3 +75,10 @@ async fn a_newer_stream_takes_over_the_inbox() {
         other => panic!("the older stream should end with ABORTED, got {other:?}"),
     }
 }
+
+fedmesh_tests::on_every_backend!(
+    an_acked_message_is_not_redelivered_and_an_unacked_one_is,
+    the_window_bounds_unacknowledged_deliveries,
+    a_live_stream_is_woken_by_new_messages,
+    a_newer_stream_takes_over_the_inbox,
+);

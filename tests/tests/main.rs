@@ -8,4 +8,5 @@ mod cli;
 mod events;
 mod inbox;
 mod messaging;
+mod scale;
 mod serving;

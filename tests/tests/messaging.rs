@@ -1,11 +1,10 @@
 //! Messages between regions: exactly once, in order, across restarts.
 
 use fedmesh_proto::pb;
-use fedmesh_tests::{TestMesh, body};
+use fedmesh_tests::{Backend, TestMesh, body};
 
-#[tokio::test]
-async fn an_east_to_west_message_arrives_exactly_once() {
-    let mesh = TestMesh::start().await;
+async fn an_east_to_west_message_arrives_exactly_once(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
     mesh.register("tax-office", "east").await;
     mesh.register("land-registry", "west").await;
 
@@ -47,9 +46,8 @@ async fn an_east_to_west_message_arrives_exactly_once() {
     assert_eq!(body(&deliveries[0]), "deed 42");
 }
 
-#[tokio::test]
-async fn messages_from_one_sender_arrive_in_send_order() {
-    let mesh = TestMesh::start().await;
+async fn messages_from_one_sender_arrive_in_send_order(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
     mesh.register("ministry", "central").await;
     mesh.register("registry", "east").await;
     mesh.register("town-hall", "east").await;
@@ -93,9 +91,8 @@ async fn messages_from_one_sender_arrive_in_send_order() {
     }
 }
 
-#[tokio::test]
-async fn a_restart_on_the_same_data_keeps_agencies_and_undelivered_messages() {
-    let mut mesh = TestMesh::start().await;
+async fn a_restart_on_the_same_data_keeps_agencies_and_undelivered_messages(backend: Backend) {
+    let mut mesh = TestMesh::start_with(backend).await;
     mesh.register("sender-a", "west").await;
     mesh.register("receiver-b", "central").await;
     let first = mesh
@@ -141,9 +138,8 @@ async fn a_restart_on_the_same_data_keeps_agencies_and_undelivered_messages() {
     assert_eq!(next.sequence, 3, "sequences continue after the restart");
 }
 
-#[tokio::test]
-async fn concurrent_senders_are_group_committed_exactly_once_in_their_order() {
-    let mesh = TestMesh::start().await;
+async fn concurrent_senders_are_group_committed_exactly_once_in_their_order(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
     mesh.register("reader", "west").await;
     let senders: Vec<String> = (0..16).map(|index| format!("sender-{index}")).collect();
     for (index, sender) in senders.iter().enumerate() {
@@ -187,9 +183,8 @@ async fn concurrent_senders_are_group_committed_exactly_once_in_their_order() {
     }
 }
 
-#[tokio::test]
-async fn gateways_keep_routing_from_their_last_topology_without_the_coordinator() {
-    let mut mesh = TestMesh::start().await;
+async fn gateways_keep_routing_from_their_last_topology_without_the_coordinator(backend: Backend) {
+    let mut mesh = TestMesh::start_with(backend).await;
     mesh.register("sender", "east").await;
     mesh.register("reader", "west").await;
     mesh.send("east", "sender", "reader", "with coordinator", None)
@@ -208,3 +203,11 @@ async fn gateways_keep_routing_from_their_last_topology_without_the_coordinator(
     let bodies: Vec<String> = inbox.drain().await.iter().map(body).collect();
     assert_eq!(bodies, ["with coordinator", "without coordinator"]);
 }
+
+fedmesh_tests::on_every_backend!(
+    an_east_to_west_message_arrives_exactly_once,
+    messages_from_one_sender_arrive_in_send_order,
+    a_restart_on_the_same_data_keeps_agencies_and_undelivered_messages,
+    concurrent_senders_are_group_committed_exactly_once_in_their_order,
+    gateways_keep_routing_from_their_last_topology_without_the_coordinator,
+);

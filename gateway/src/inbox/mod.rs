@@ -77,6 +77,15 @@ impl InboxHub {
         }
     }
 
+    /// Wakes every stream, to look for messages it may not have been told of.
+    pub fn wake_all(&self) {
+        for entry in self.entries().values() {
+            if let Some(sender) = &entry.stored {
+                sender.send_modify(|_| {});
+            }
+        }
+    }
+
     /// Number of inboxes being streamed.
     pub fn open_streams(&self) -> usize {
         self.entries()

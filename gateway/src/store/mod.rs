@@ -5,16 +5,40 @@
 //! transaction: storing a message writes `message.accepted`, acknowledging
 //! it writes `message.delivered`.
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::{INBOX_CHANNEL, PgMessageStore};
 pub use sqlite::SqliteMessageStore;
 
 use std::sync::Arc;
 
 use fedmesh_common::events::Outbox;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::error::StoreError;
+use crate::inbox::InboxHub;
 use crate::message::{InboxMessage, Message, Stored};
+
+/// Opens the shard at `url`: `postgres://...` or `sqlite://...`.
+pub async fn open_store(
+    url: &str,
+    region: &str,
+    max_connections: u32,
+) -> Result<Arc<dyn MessageStore>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            PgMessageStore::open(url, region, max_connections).await?,
+        ))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteMessageStore::open(url, region).await?))
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "shard URL {url:?} is neither postgres://... nor sqlite://..."
+        )))
+    }
+}
 
 /// One shard's message store.
 #[async_trait::async_trait]
@@ -40,6 +64,19 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// This shard's outbox, for the outbox relay.
     fn outbox(&self) -> Arc<dyn Outbox>;
+
+    /// How many batches may usefully commit at once: 1 for a store with a
+    /// single writer lock (SQLite).
+    fn max_concurrent_batches(&self) -> usize {
+        1
+    }
+
+    /// Starts waking `hub` when another process stores a message in this
+    /// shard. Stores only one process writes need nothing: the committer
+    /// wakes the hub itself.
+    fn spawn_wakeups(&self, hub: Arc<InboxHub>, tasks: &TaskTracker, shutdown: CancellationToken) {
+        let _ = (hub, tasks, shutdown);
+    }
 }
 
 #[cfg(test)]

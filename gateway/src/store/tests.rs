@@ -21,8 +21,8 @@ fn message(message_id: &str, recipient_id: &str, idempotency_key: Option<&str>) 
 }
 
 async fn event_kinds(store: &dyn MessageStore) -> Vec<String> {
-    let rows = store.outbox().fetch(1000).await.expect("outbox");
-    rows.into_iter().map(|(_, event)| event.kind).collect()
+    let events = fedmesh_common::testing::drain_outbox(store.outbox().as_ref()).await;
+    events.into_iter().map(|event| event.kind).collect()
 }
 
 macro_rules! message_store_suite {
@@ -133,3 +133,13 @@ async fn open_sqlite() -> (SqliteMessageStore, tempfile::TempDir) {
 }
 
 message_store_suite!(sqlite, open_sqlite());
+
+async fn open_postgres() -> (PgMessageStore, fedmesh_common::testing::TestDatabase) {
+    let database = fedmesh_common::testing::TestDatabase::create().await;
+    let store = PgMessageStore::open(&database.url, "east", 4)
+        .await
+        .expect("open");
+    (store, database)
+}
+
+message_store_suite!(postgres, open_postgres());

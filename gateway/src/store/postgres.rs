@@ -1,0 +1,526 @@
+//! A shard on PostgreSQL: the deployment store.
+//!
+//! A batch of messages is one transaction of a fixed number of statements,
+//! whatever its size: look up duplicates, reserve sequences per inbox,
+//! insert the messages, insert their events, notify. Array parameters
+//! (`UNNEST`) carry the batch. Other gateway replicas of the region learn of
+//! new messages through `NOTIFY` on [`INBOX_CHANNEL`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_common::events::{
+    BoxFuture, BusError, Event, EventPublisher, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox,
+};
+use fedmesh_common::time::now_micros;
+use sqlx::Row;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::MessageStore;
+use crate::error::StoreError;
+use crate::inbox::InboxHub;
+use crate::message::{InboxMessage, Message, Stored};
+
+/// The channel new messages are announced on: payload `<recipient> <sequence>`.
+pub const INBOX_CHANNEL: &str = "fedmesh_inbox";
+
+/// Advisory lock key of the outbox: one relay drains a shard at a time.
+const OUTBOX_LOCK: i64 = 0x6665_646d_6573_6801;
+
+/// How often a batch that lost a race (unique violation, deadlock) is retried.
+const MAX_ATTEMPTS: usize = 3;
+
+/// A shard on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgMessageStore {
+    pool: PgPool,
+    region: String,
+}
+
+impl PgMessageStore {
+    /// Connects with at most `max_connections` and applies migrations (under
+    /// PostgreSQL's advisory lock, so replicas may start together).
+    pub async fn open(url: &str, region: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(PgMessageStore {
+            pool,
+            region: region.to_string(),
+        })
+    }
+
+    async fn try_insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let stored_at_micros = now_micros();
+
+        // 1. What is stored already, by id or by (sender, idempotency key).
+        let (key_senders, keys): (Vec<String>, Vec<String>) = messages
+            .iter()
+            .filter_map(|message| {
+                let key = message.idempotency_key.clone()?;
+                Some((message.sender_id.clone(), key))
+            })
+            .unzip();
+        let ids: Vec<String> = messages
+            .iter()
+            .map(|message| message.message_id.clone())
+            .collect();
+        let existing = sqlx::query(
+            "SELECT message_id, sender_id, idempotency_key, sequence, stored_at FROM messages \
+             WHERE message_id = ANY($1) \
+                OR (idempotency_key IS NOT NULL \
+                    AND (sender_id, idempotency_key) IN (SELECT * FROM UNNEST($2::text[], $3::text[])))",
+        )
+        .bind(ids)
+        .bind(key_senders)
+        .bind(keys)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let mut by_id: HashMap<String, Stored> = HashMap::new();
+        let mut by_key: HashMap<(String, String), Stored> = HashMap::new();
+        for row in &existing {
+            let stored = Stored {
+                message_id: row.try_get("message_id")?,
+                sequence: to_sequence(row.try_get("sequence")?)?,
+                stored_at_micros: row.try_get("stored_at")?,
+                duplicate: true,
+            };
+            let key: Option<String> = row.try_get("idempotency_key")?;
+            if let Some(key) = key {
+                by_key.insert((row.try_get("sender_id")?, key), stored.clone());
+            }
+            by_id.insert(stored.message_id.clone(), stored);
+        }
+
+        // 2. Which messages are new; a repeat inside the batch points at the
+        //    first occurrence.
+        enum Slot {
+            Stored(Stored),
+            New(usize),
+            SameAs(usize),
+        }
+        let mut slots = Vec::with_capacity(messages.len());
+        let mut new_messages: Vec<&Message> = Vec::new();
+        let mut first_by_id: HashMap<&str, usize> = HashMap::new();
+        let mut first_by_key: HashMap<(&str, &str), usize> = HashMap::new();
+        for message in messages {
+            let key = message
+                .idempotency_key
+                .as_deref()
+                .map(|key| (message.sender_id.as_str(), key));
+            let earlier_key =
+                key.and_then(|key| by_key.get(&(key.0.to_string(), key.1.to_string())));
+            if let Some(stored) = by_id.get(&message.message_id).or(earlier_key) {
+                slots.push(Slot::Stored(stored.clone()));
+                continue;
+            }
+            let in_batch = first_by_id
+                .get(message.message_id.as_str())
+                .or_else(|| key.and_then(|key| first_by_key.get(&key)));
+            if let Some(&index) = in_batch {
+                slots.push(Slot::SameAs(index));
+                continue;
+            }
+            let index = new_messages.len();
+            first_by_id.insert(&message.message_id, index);
+            if let Some(key) = key {
+                first_by_key.insert(key, index);
+            }
+            new_messages.push(message);
+            slots.push(Slot::New(index));
+        }
+
+        let mut sequences = vec![0_i64; new_messages.len()];
+        if !new_messages.is_empty() {
+            // 3. Reserve sequences: one row per inbox, locked in recipient
+            //    order so that concurrent batches cannot deadlock on them.
+            let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+            for message in &new_messages {
+                *counts.entry(message.recipient_id.as_str()).or_default() += 1;
+            }
+            let recipients: Vec<String> = counts
+                .keys()
+                .map(|recipient| recipient.to_string())
+                .collect();
+            let increments: Vec<i64> = counts.values().copied().collect();
+            let reserved = sqlx::query(
+                "INSERT INTO inboxes (recipient_id, last_sequence) \
+                 SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
+                 ON CONFLICT (recipient_id) DO UPDATE \
+                 SET last_sequence = inboxes.last_sequence + EXCLUDED.last_sequence \
+                 RETURNING recipient_id, last_sequence",
+            )
+            .bind(recipients)
+            .bind(increments)
+            .fetch_all(&mut *transaction)
+            .await?;
+            let mut next: HashMap<String, i64> = HashMap::new();
+            for row in &reserved {
+                let recipient: String = row.try_get("recipient_id")?;
+                let last: i64 = row.try_get("last_sequence")?;
+                let count = counts.get(recipient.as_str()).copied().unwrap_or(0);
+                next.insert(recipient, last - count + 1);
+            }
+            for (index, message) in new_messages.iter().enumerate() {
+                let sequence = next.get_mut(&message.recipient_id).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "no sequence reserved for {}",
+                        message.recipient_id
+                    ))
+                })?;
+                sequences[index] = *sequence;
+                *sequence += 1;
+            }
+
+            // 4. The messages.
+            let mut headers = Vec::with_capacity(new_messages.len());
+            for message in &new_messages {
+                headers.push(
+                    serde_json::to_string(&message.headers)
+                        .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                );
+            }
+            sqlx::query(
+                "INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
+                 headers, idempotency_key, origin_region, accepted_at, stored_at) \
+                 SELECT *, $10 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
+                 $6::bytea[], $7::text[], $8::text[], $9::text[], $11::bigint[])",
+            )
+            .bind(column(&new_messages, |message| message.message_id.clone()))
+            .bind(column(&new_messages, |message| message.recipient_id.clone()))
+            .bind(sequences.clone())
+            .bind(column(&new_messages, |message| message.sender_id.clone()))
+            .bind(column(&new_messages, |message| message.kind.clone()))
+            .bind(column(&new_messages, |message| message.payload.clone()))
+            .bind(headers)
+            .bind(column(&new_messages, |message| message.idempotency_key.clone()))
+            .bind(column(&new_messages, |message| message.origin_region.clone()))
+            .bind(stored_at_micros)
+            .bind(column(&new_messages, |message| message.accepted_at_micros))
+            .execute(&mut *transaction)
+            .await?;
+
+            // 5. Their events, and 6. the wake-up of every replica.
+            let events: Vec<Event> = new_messages
+                .iter()
+                .zip(&sequences)
+                .map(|(message, sequence)| {
+                    Event::new(MESSAGE_ACCEPTED, &self.region, &message.recipient_id)
+                        .with_message(&message.message_id)
+                        .with_attribute("sender", &message.sender_id)
+                        .with_attribute("kind", &message.kind)
+                        .with_attribute("sequence", sequence)
+                })
+                .collect();
+            insert_events(&mut transaction, &events).await?;
+            let last_by_recipient: Vec<String> = next
+                .iter()
+                .map(|(recipient, next)| format!("{recipient} {}", next - 1))
+                .collect();
+            sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
+                .bind(INBOX_CHANNEL)
+                .bind(last_by_recipient)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+
+        let fresh = |index: usize| Stored {
+            message_id: new_messages[index].message_id.clone(),
+            sequence: u64::try_from(sequences[index]).unwrap_or_default(),
+            stored_at_micros,
+            duplicate: false,
+        };
+        Ok(slots
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Stored(stored) => stored,
+                Slot::New(index) => fresh(index),
+                Slot::SameAs(index) => Stored {
+                    duplicate: true,
+                    ..fresh(index)
+                },
+            })
+            .collect())
+    }
+}
+
+fn column<T>(messages: &[&Message], field: impl Fn(&Message) -> T) -> Vec<T> {
+    messages.iter().map(|message| field(message)).collect()
+}
+
+fn to_sequence(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative sequence {value}")))
+}
+
+/// Whether a failed batch lost a race with another writer and may be retried.
+fn lost_a_race(error: &StoreError) -> bool {
+    let StoreError::Database(sqlx::Error::Database(database)) = error else {
+        return false;
+    };
+    // unique_violation, deadlock_detected, serialization_failure
+    matches!(
+        database.code().as_deref(),
+        Some("23505" | "40P01" | "40001")
+    )
+}
+
+async fn insert_events(
+    connection: &mut sqlx::PgConnection,
+    events: &[Event],
+) -> Result<(), StoreError> {
+    let mut attributes = Vec::with_capacity(events.len());
+    for event in events {
+        attributes.push(
+            serde_json::to_string(&event.attributes)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+        );
+    }
+    sqlx::query(
+        "INSERT INTO outbox (event_id, kind, region, agency_id, message_id, occurred_at, attributes) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])",
+    )
+    .bind(events.iter().map(|event| event.event_id.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.kind.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.region.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.agency_id.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.message_id.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.occurred_at_micros).collect::<Vec<_>>())
+    .bind(attributes)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+fn inbox_message_from_row(row: &PgRow) -> Result<InboxMessage, StoreError> {
+    let headers: String = row.try_get("headers")?;
+    Ok(InboxMessage {
+        sequence: to_sequence(row.try_get("sequence")?)?,
+        message: Message {
+            message_id: row.try_get("message_id")?,
+            sender_id: row.try_get("sender_id")?,
+            recipient_id: row.try_get("recipient_id")?,
+            kind: row.try_get("kind")?,
+            payload: row.try_get("payload")?,
+            headers: serde_json::from_str(&headers)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            origin_region: row.try_get("origin_region")?,
+            accepted_at_micros: row.try_get("accepted_at")?,
+        },
+    })
+}
+
+#[async_trait::async_trait]
+impl MessageStore for PgMessageStore {
+    async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
+        let mut attempt = 1;
+        loop {
+            match self.try_insert_batch(messages).await {
+                Err(error) if attempt < MAX_ATTEMPTS && lost_a_race(&error) => {
+                    tracing::debug!(%error, attempt, "batch lost a race with another writer, retrying");
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn fetch_unacked(
+        &self,
+        recipient_id: &str,
+        after_sequence: u64,
+        limit: u32,
+    ) -> Result<Vec<InboxMessage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
+             idempotency_key, origin_region, accepted_at FROM messages \
+             WHERE recipient_id = $1 AND acked_at IS NULL AND sequence > $2 \
+             ORDER BY sequence LIMIT $3",
+        )
+        .bind(recipient_id.to_string())
+        .bind(i64::try_from(after_sequence).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(inbox_message_from_row).collect()
+    }
+
+    async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let sequences: Vec<i64> = sequences
+            .iter()
+            .map(|sequence| i64::try_from(*sequence).unwrap_or(i64::MAX))
+            .collect();
+        let rows = sqlx::query(
+            "UPDATE messages SET acked_at = $1 \
+             WHERE recipient_id = $2 AND sequence = ANY($3) AND acked_at IS NULL \
+             RETURNING sequence, message_id, sender_id, kind",
+        )
+        .bind(now_micros())
+        .bind(recipient_id.to_string())
+        .bind(sequences)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let mut acked = Vec::with_capacity(rows.len());
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let sequence = to_sequence(row.try_get("sequence")?)?;
+            let message_id: String = row.try_get("message_id")?;
+            let sender_id: String = row.try_get("sender_id")?;
+            let kind: String = row.try_get("kind")?;
+            events.push(
+                Event::new(MESSAGE_DELIVERED, &self.region, recipient_id)
+                    .with_message(&message_id)
+                    .with_attribute("sender", sender_id)
+                    .with_attribute("kind", kind)
+                    .with_attribute("sequence", sequence),
+            );
+            acked.push(sequence);
+        }
+        if !events.is_empty() {
+            insert_events(&mut transaction, &events).await?;
+        }
+        transaction.commit().await?;
+        acked.sort_unstable();
+        Ok(acked)
+    }
+
+    fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(PgOutbox {
+            pool: self.pool.clone(),
+        })
+    }
+
+    fn max_concurrent_batches(&self) -> usize {
+        usize::MAX
+    }
+
+    fn spawn_wakeups(&self, hub: Arc<InboxHub>, tasks: &TaskTracker, shutdown: CancellationToken) {
+        let pool = self.pool.clone();
+        tasks.spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let listened = listen(&pool, &hub, &shutdown).await;
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                if let Err(error) = listened {
+                    tracing::warn!(%error, retry_in = ?backoff, "inbox notifications lost, reconnecting");
+                }
+                // Notifications may have been missed: every stream looks again.
+                hub.wake_all();
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        });
+    }
+}
+
+async fn listen(
+    pool: &PgPool,
+    hub: &InboxHub,
+    shutdown: &CancellationToken,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(INBOX_CHANNEL).await?;
+    // Anything stored before LISTEN took effect is found by the streams'
+    // next read.
+    hub.wake_all();
+    loop {
+        let notification = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            notification = listener.try_recv() => notification?,
+        };
+        let Some(notification) = notification else {
+            return Err(sqlx::Error::Protocol("listener connection closed".into()));
+        };
+        let parsed = notification
+            .payload()
+            .rsplit_once(' ')
+            .and_then(|(recipient, sequence)| Some((recipient, sequence.parse::<u64>().ok()?)));
+        match parsed {
+            Some((recipient, sequence)) => hub.stored(recipient, sequence),
+            None => tracing::warn!(
+                payload = notification.payload(),
+                "malformed inbox notification"
+            ),
+        }
+    }
+}
+
+/// The outbox of a PostgreSQL shard.
+struct PgOutbox {
+    pool: PgPool,
+}
+
+fn outbox_error(error: impl std::fmt::Display) -> BusError {
+    BusError(format!("outbox: {error}"))
+}
+
+impl Outbox for PgOutbox {
+    fn relay_batch<'a>(
+        &'a self,
+        limit: u32,
+        publisher: &'a dyn EventPublisher,
+    ) -> BoxFuture<'a, Result<usize, BusError>> {
+        Box::pin(async move {
+            let mut transaction = self.pool.begin().await.map_err(outbox_error)?;
+            // One drainer at a time keeps the order; the others find the
+            // lock taken and come back later.
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(OUTBOX_LOCK)
+                .fetch_one(&mut *transaction)
+                .await
+                .map_err(outbox_error)?;
+            if !locked {
+                return Ok(0);
+            }
+            let rows = sqlx::query(
+                "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes \
+                 FROM outbox ORDER BY row_id LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .fetch_all(&mut *transaction)
+            .await
+            .map_err(outbox_error)?;
+            if rows.is_empty() {
+                return Ok(0);
+            }
+            let mut row_ids = Vec::with_capacity(rows.len());
+            let mut events = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let attributes: String = row.try_get("attributes").map_err(outbox_error)?;
+                row_ids.push(row.try_get::<i64, _>("row_id").map_err(outbox_error)?);
+                events.push(Event {
+                    event_id: row.try_get("event_id").map_err(outbox_error)?,
+                    kind: row.try_get("kind").map_err(outbox_error)?,
+                    region: row.try_get("region").map_err(outbox_error)?,
+                    agency_id: row.try_get("agency_id").map_err(outbox_error)?,
+                    message_id: row.try_get("message_id").map_err(outbox_error)?,
+                    occurred_at_micros: row.try_get("occurred_at").map_err(outbox_error)?,
+                    attributes: serde_json::from_str(&attributes).map_err(outbox_error)?,
+                });
+            }
+            let count = events.len();
+            publisher.publish(events).await?;
+            sqlx::query("DELETE FROM outbox WHERE row_id = ANY($1)")
+                .bind(row_ids)
+                .execute(&mut *transaction)
+                .await
+                .map_err(outbox_error)?;
+            transaction.commit().await.map_err(outbox_error)?;
+            Ok(count)
+        })
+    }
+}
