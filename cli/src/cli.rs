@@ -68,6 +68,9 @@ pub enum Command {
     Subscribe(SubscribeArgs),
     /// Regions, their shards and gateways, and agency counts.
     Status(JsonFlag),
+    /// Measure a running mesh (load generators; see README).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +221,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Inbox(args) => inbox(&endpoints, args, out).await,
         Command::Subscribe(args) => subscribe(&endpoints, args, out).await,
         Command::Status(output) => status(&endpoints, output.json, out).await,
+        Command::Bench(command) => crate::bench::run(&endpoints, command, out).await,
     }
 }
 

@@ -89,16 +89,21 @@ impl Endpoints {
         }
     }
 
+    /// The URL of `agency_id`'s home gateway (or the `--gateway` override).
+    pub async fn gateway_url_for(&self, agency_id: &str) -> anyhow::Result<String> {
+        match &self.gateway {
+            Some(url) => Ok(url.clone()),
+            None => self.home_gateway(agency_id).await,
+        }
+    }
+
     /// The Exchange of `agency_id`'s home gateway, acting as that agency.
     pub async fn exchange_for(
         &self,
         agency_id: &str,
     ) -> anyhow::Result<pb::exchange_client::ExchangeClient<Authenticated>> {
         let identity = Identity::Agency(agency_id.to_string());
-        let url = match &self.gateway {
-            Some(url) => url.clone(),
-            None => self.home_gateway(agency_id).await?,
-        };
+        let url = self.gateway_url_for(agency_id).await?;
         Ok(pb::exchange_client::ExchangeClient::with_interceptor(
             channel(&url)?,
             AttachIdentity::new(&identity),

@@ -3,6 +3,7 @@
 //! binary only parses arguments, sets up logging and calls [`cli::run`]; the
 //! end-to-end tests start the same [`dev::DevMesh`].
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod dev;

@@ -38,7 +38,7 @@ impl TestDatabase {
             ),
         };
         let name = format!("fedmesh_test_{}", uuid::Uuid::now_v7().simple());
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut connection)
             .await
             .unwrap_or_else(|error| panic!("cannot create test database {name}: {error}"));
@@ -68,10 +68,7 @@ impl Drop for TestDatabase {
                 .ok()?;
             runtime.block_on(async move {
                 let mut connection = sqlx::PgConnection::connect(&server_url).await.ok()?;
-                sqlx::query(sqlx::AssertSqlSafe(statement))
-                    .execute(&mut connection)
-                    .await
-                    .ok()
+                sqlx::query(&statement).execute(&mut connection).await.ok()
             })
         })
         .join();

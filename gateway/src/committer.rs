@@ -2,14 +2,18 @@
 //! each one transaction, and every caller is answered when its batch has
 //! committed.
 //!
-//! While a batch commits, new messages queue; the next batch takes all that
-//! queued (up to the configured maximum), so batches grow with load. An
-//! optional linger lets a batch wait briefly for more. Several batches of
-//! one shard may commit at once (`concurrency`): per-sender order still
-//! holds, because a sender's next message is sent only after the receipt of
-//! the previous one, that is after its batch committed.
+//! A shard has one or more commit lanes; a message goes to the lane of its
+//! recipient, so the batches of different lanes never contend for the same
+//! inbox row, and one busy inbox still gets large batches. Within a lane,
+//! while a batch commits, new messages queue and the next batch takes all
+//! that queued (up to the maximum), so batches grow with load; an optional
+//! linger lets a batch wait briefly for more. Per-sender order holds because
+//! a sender's next message is sent only after the receipt of the previous
+//! one, that is after its batch committed.
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -26,15 +30,16 @@ pub(crate) struct Batching {
     /// Most messages in one transaction.
     pub(crate) max_batch: usize,
     /// How long a batch that is not full waits for more messages.
-    pub(crate) linger: std::time::Duration,
-    /// How many batches may commit at once.
-    pub(crate) concurrency: usize,
+    pub(crate) linger: Duration,
+    /// How many lanes (batches committing at once) the shard has.
+    pub(crate) lanes: usize,
 }
 
-/// Hands messages to a shard's commit task.
+/// Hands messages to a shard's commit lanes.
 #[derive(Clone)]
 pub(crate) struct Committer {
-    sender: mpsc::Sender<(Message, Reply)>,
+    lanes: Vec<mpsc::Sender<(Message, Reply)>>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// The commit task could not take the message or failed to commit it.
@@ -49,8 +54,8 @@ pub(crate) enum CommitError {
 }
 
 impl Committer {
-    /// Starts the commit task of one shard. It ends when every [`Committer`]
-    /// clone is dropped, after committing what was queued.
+    /// Starts the commit lanes of one shard. They end when every
+    /// [`Committer`] clone is dropped, after committing what was queued.
     pub(crate) fn spawn(
         store: Arc<dyn MessageStore>,
         batching: Batching,
@@ -59,25 +64,32 @@ impl Committer {
         tasks: &tokio_util::task::TaskTracker,
     ) -> Committer {
         let max_batch = batching.max_batch.max(1);
-        let (sender, receiver) = mpsc::channel(max_batch * 4);
-        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
-        for _ in 0..batching.concurrency.max(1) {
-            tasks.spawn(commit_loop(
-                Arc::clone(&store),
-                Arc::clone(&receiver),
-                max_batch,
-                batching.linger,
-                Arc::clone(&hub),
-                Arc::clone(&outbox_wake),
-            ));
+        let lanes = (0..batching.lanes.max(1))
+            .map(|_| {
+                let (sender, receiver) = mpsc::channel(max_batch * 4);
+                tasks.spawn(commit_loop(
+                    Arc::clone(&store),
+                    receiver,
+                    max_batch,
+                    batching.linger,
+                    Arc::clone(&hub),
+                    Arc::clone(&outbox_wake),
+                ));
+                sender
+            })
+            .collect();
+        Committer {
+            lanes,
+            hasher: std::collections::hash_map::RandomState::new(),
         }
-        Committer { sender }
     }
 
     /// Stores `message` and answers once its batch has committed.
     pub(crate) async fn store(&self, message: Message) -> Result<Stored, CommitError> {
+        let hash = self.hasher.hash_one(&message.recipient_id);
+        let lane = usize::try_from(hash % self.lanes.len() as u64).unwrap_or(0);
         let (reply, answer) = oneshot::channel();
-        self.sender
+        self.lanes[lane]
             .send((message, reply))
             .await
             .map_err(|_| CommitError::Stopped)?;
@@ -91,12 +103,11 @@ impl Committer {
 /// Takes the next batch: waits for a first message, then for up to `linger`
 /// for more. Returns false once every sender is gone and nothing is queued.
 async fn next_batch(
-    receiver: &tokio::sync::Mutex<mpsc::Receiver<(Message, Reply)>>,
+    receiver: &mut mpsc::Receiver<(Message, Reply)>,
     queued: &mut Vec<(Message, Reply)>,
     max_batch: usize,
-    linger: std::time::Duration,
+    linger: Duration,
 ) -> bool {
-    let mut receiver = receiver.lock().await;
     if receiver.recv_many(queued, max_batch).await == 0 {
         return false;
     }
@@ -115,16 +126,19 @@ async fn next_batch(
 
 async fn commit_loop(
     store: Arc<dyn MessageStore>,
-    receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<(Message, Reply)>>>,
+    mut receiver: mpsc::Receiver<(Message, Reply)>,
     max_batch: usize,
-    linger: std::time::Duration,
+    linger: Duration,
     hub: Arc<InboxHub>,
     outbox_wake: Arc<Notify>,
 ) {
     let mut queued = Vec::with_capacity(max_batch);
-    while next_batch(&receiver, &mut queued, max_batch, linger).await {
+    while next_batch(&mut receiver, &mut queued, max_batch, linger).await {
         let (messages, replies): (Vec<Message>, Vec<Reply>) = queued.drain(..).unzip();
-        match store.insert_batch(&messages).await {
+        let started = Instant::now();
+        let outcome = store.insert_batch(&messages).await;
+        tracing::debug!(n_messages = messages.len(), elapsed = ?started.elapsed(), "batch committed");
+        match outcome {
             Ok(stored) => {
                 for (message, stored) in messages.iter().zip(&stored) {
                     if !stored.duplicate {

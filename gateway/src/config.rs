@@ -54,8 +54,9 @@ pub struct GatewayConfig {
     /// How long a batch that is not full waits for more messages before it
     /// commits. Default: 0 (batches still form while a commit is running).
     pub commit_linger: Duration,
-    /// How many batches of one shard may commit at once. Default: 4.
-    pub commit_concurrency: usize,
+    /// Commit lanes per shard: how many batches may commit at once. A
+    /// message takes the lane of its recipient. Default: 4 (SQLite: 1).
+    pub commit_lanes: usize,
     /// How long a relay to another region may take before the next gateway
     /// is tried. Default: 10 s.
     pub relay_timeout: Duration,
@@ -83,7 +84,7 @@ impl GatewayConfig {
             default_window: 128,
             max_batch: 256,
             commit_linger: Duration::ZERO,
-            commit_concurrency: 4,
+            commit_lanes: 4,
             relay_timeout: Duration::from_secs(10),
             outbox_poll_interval: Duration::from_secs(1),
         }

@@ -244,9 +244,7 @@ pub async fn start(
         let batching = committer::Batching {
             max_batch: config.max_batch,
             linger: config.commit_linger,
-            concurrency: config
-                .commit_concurrency
-                .min(store.max_concurrent_batches()),
+            lanes: config.commit_lanes.min(store.max_concurrent_batches()),
         };
         let committer = Committer::spawn(
             Arc::clone(&store),

@@ -16,6 +16,9 @@ use crate::Shared;
 use crate::error::GatewayError;
 use crate::routing::{Route, route};
 
+/// How often an idle stream looks for messages it was not woken for.
+const FALLBACK_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Most deliveries a client may leave unacknowledged on one stream.
 const MAX_WINDOW: u32 = 10_000;
 
@@ -200,6 +203,10 @@ async fn deliver(
                 return Err(GatewayError::TakenOver(recipient_id.to_string()).into());
             }
             () = sender.closed() => return Ok(()),
+            // A wake-up from another replica can be lost (a notification
+            // that failed after its commit); looking again now and then
+            // bounds the delay that causes.
+            () = tokio::time::sleep(FALLBACK_POLL) => {}
             changed = lease.stored.changed() => {
                 if changed.is_err() {
                     return Ok(());

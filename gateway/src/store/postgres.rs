@@ -2,7 +2,7 @@
 //!
 //! A batch of messages is one transaction of a fixed number of statements,
 //! whatever its size: look up duplicates, reserve sequences per inbox,
-//! insert the messages, insert their events, notify. Array parameters
+//! insert the messages, insert their events; after the commit, notify. Array parameters
 //! (`UNNEST`) carry the batch. Other gateway replicas of the region learn of
 //! new messages through `NOTIFY` on [`INBOX_CHANNEL`].
 
@@ -73,10 +73,14 @@ impl PgMessageStore {
             .map(|message| message.message_id.clone())
             .collect();
         let existing = sqlx::query(
+            // Two index lookups; an OR of both would scan the table.
             "SELECT message_id, sender_id, idempotency_key, sequence, stored_at FROM messages \
              WHERE message_id = ANY($1) \
-                OR (idempotency_key IS NOT NULL \
-                    AND (sender_id, idempotency_key) IN (SELECT * FROM UNNEST($2::text[], $3::text[])))",
+             UNION \
+             SELECT message_id, sender_id, idempotency_key, sequence, stored_at \
+             FROM messages JOIN UNNEST($2::text[], $3::text[]) AS wanted (sender, key) \
+               ON sender_id = wanted.sender AND idempotency_key = wanted.key \
+             WHERE idempotency_key IS NOT NULL",
         )
         .bind(ids)
         .bind(key_senders)
@@ -138,6 +142,7 @@ impl PgMessageStore {
         }
 
         let mut sequences = vec![0_i64; new_messages.len()];
+        let mut wake_up: Vec<String> = Vec::new();
         if !new_messages.is_empty() {
             // 3. Reserve sequences: one row per inbox, locked in recipient
             //    order so that concurrent batches cannot deadlock on them.
@@ -207,7 +212,7 @@ impl PgMessageStore {
             .execute(&mut *transaction)
             .await?;
 
-            // 5. Their events, and 6. the wake-up of every replica.
+            // 5. Their events.
             let events: Vec<Event> = new_messages
                 .iter()
                 .zip(&sequences)
@@ -220,17 +225,28 @@ impl PgMessageStore {
                 })
                 .collect();
             insert_events(&mut transaction, &events).await?;
-            let last_by_recipient: Vec<String> = next
+            wake_up = next
                 .iter()
                 .map(|(recipient, next)| format!("{recipient} {}", next - 1))
                 .collect();
-            sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
-                .bind(INBOX_CHANNEL)
-                .bind(last_by_recipient)
-                .execute(&mut *transaction)
-                .await?;
         }
         transaction.commit().await?;
+        // 6. Wake the other replicas. NOTIFY inside the transaction would
+        //    hold PostgreSQL's global notify lock across the commit's fsync
+        //    and serialise every commit of the cluster; sent afterwards it
+        //    costs one short statement. A lost wake-up is covered by the
+        //    streams' fallback poll.
+        if !wake_up.is_empty() {
+            let notified =
+                sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
+                    .bind(INBOX_CHANNEL)
+                    .bind(wake_up)
+                    .execute(&self.pool)
+                    .await;
+            if let Err(error) = notified {
+                tracing::warn!(%error, "inbox notification failed; other replicas will poll");
+            }
+        }
 
         let fresh = |index: usize| Stored {
             message_id: new_messages[index].message_id.clone(),

@@ -1,0 +1,404 @@
+//! `fedmesh bench`: load generators against a running mesh. They measure;
+//! they assert nothing. Latency is recorded per call in an HDR histogram.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use fedmesh_common::identity::{AttachIdentity, Identity};
+use fedmesh_proto::pb;
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use crate::client::{Endpoints, rpc_error};
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Durable sends through one gateway: throughput and latency of `Send`.
+    Send(BenchSendArgs),
+    /// Draining one inbox through `Receive` with acks: deliveries per second.
+    Receive(BenchReceiveArgs),
+}
+
+/// `fedmesh bench send`.
+#[derive(Debug, Args)]
+pub struct BenchSendArgs {
+    /// Home region of the sending and receiving agencies (registered if missing).
+    #[arg(long, default_value = "east")]
+    pub region: String,
+    /// Sending agency.
+    #[arg(long, default_value = "bench-sender")]
+    pub sender: String,
+    /// Receiving agency.
+    #[arg(long, default_value = "bench-recipient")]
+    pub recipient: String,
+    /// Home region of the recipient; another region than `--region` measures relays.
+    #[arg(long)]
+    pub recipient_region: Option<String>,
+    /// Sends in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the sends are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Stop after this many sends (instead of after --duration).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// How long to send, in seconds, when no --count is given.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Also write the result as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json_out: Option<PathBuf>,
+}
+
+/// `fedmesh bench receive`.
+#[derive(Debug, Args)]
+pub struct BenchReceiveArgs {
+    /// The agency whose inbox to drain (fill it first with `bench send`).
+    #[arg(long, default_value = "bench-recipient")]
+    pub agency: String,
+    /// Unacknowledged deliveries allowed in flight.
+    #[arg(long, default_value_t = 1000)]
+    pub window: u32,
+    /// Acknowledge cumulatively after this many deliveries.
+    #[arg(long, default_value_t = 100)]
+    pub ack_every: u32,
+    /// Stop after this many deliveries (default: when the inbox is drained).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Also write the result as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json_out: Option<PathBuf>,
+}
+
+/// Runs a benchmark.
+pub async fn run(
+    endpoints: &Endpoints,
+    command: BenchCommand,
+    out: &mut (dyn std::io::Write + Send),
+) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Send(args) => send(endpoints, args, out).await,
+        BenchCommand::Receive(args) => receive(endpoints, args, out).await,
+    }
+}
+
+async fn ensure_agency(endpoints: &Endpoints, agency_id: &str, region: &str) -> anyhow::Result<()> {
+    let registered = endpoints
+        .directory_as_operator()?
+        .register_agency(pb::RegisterAgencyRequest {
+            agency_id: agency_id.to_string(),
+            region: region.to_string(),
+            display_name: "benchmark".to_string(),
+        })
+        .await;
+    match registered {
+        Ok(_) => Ok(()),
+        Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
+        Err(status) => Err(rpc_error(status, &format!("cannot register {agency_id}"))),
+    }
+}
+
+fn progress(total: Option<u64>, duration: Duration) -> indicatif::ProgressBar {
+    let bar = match total {
+        Some(total) => indicatif::ProgressBar::new(total),
+        None => indicatif::ProgressBar::new(duration.as_secs()),
+    };
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {pos}/{len} {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn millis(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    histogram.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+async fn send(
+    endpoints: &Endpoints,
+    args: BenchSendArgs,
+    out: &mut (dyn std::io::Write + Send),
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.concurrency > 0 && args.connections > 0,
+        "--concurrency and --connections must be at least 1"
+    );
+    let recipient_region = args
+        .recipient_region
+        .clone()
+        .unwrap_or_else(|| args.region.clone());
+    ensure_agency(endpoints, &args.sender, &args.region).await?;
+    ensure_agency(endpoints, &args.recipient, &recipient_region).await?;
+    let url = endpoints.gateway_url_for(&args.sender).await?;
+    let identity = AttachIdentity::new(&Identity::Agency(args.sender.clone()));
+    let mut clients = Vec::new();
+    for _ in 0..args.connections {
+        let channel = fedmesh_common::server::lazy_channel(&url)?;
+        clients.push(pb::exchange_client::ExchangeClient::with_interceptor(
+            channel,
+            identity.clone(),
+        ));
+    }
+    let payload = vec![b'x'; args.size];
+    let duration = Duration::from_secs(args.duration);
+    let issued = Arc::new(AtomicU64::new(0));
+    let completed = Arc::new(AtomicU64::new(0));
+    let bar = progress(args.count, duration);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..args.concurrency {
+        let mut client = clients[worker % clients.len()].clone();
+        let request = pb::SendRequest {
+            sender_id: args.sender.clone(),
+            recipient_id: args.recipient.clone(),
+            kind: "bench.message".to_string(),
+            payload: payload.clone(),
+            headers: Default::default(),
+            idempotency_key: None,
+        };
+        let issued = Arc::clone(&issued);
+        let completed = Arc::clone(&completed);
+        let count = args.count;
+        workers.spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            let mut errors = 0_u64;
+            let mut first_error = None;
+            loop {
+                match count {
+                    Some(count) if issued.fetch_add(1, Ordering::Relaxed) >= count => break,
+                    None if Instant::now() >= deadline => break,
+                    _ => {}
+                }
+                let call_started = Instant::now();
+                match client.send(request.clone()).await {
+                    Ok(_) => {
+                        let micros =
+                            u64::try_from(call_started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        histogram.saturating_record(micros.max(1));
+                        completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(status) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| {
+                            format!("{:?}: {}", status.code(), status.message())
+                        });
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>((histogram, errors, first_error))
+        });
+    }
+    let ticker = {
+        let bar = bar.clone();
+        let completed = Arc::clone(&completed);
+        let counted = args.count.is_some();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let done = completed.load(Ordering::Relaxed);
+                if counted {
+                    bar.set_position(done);
+                } else {
+                    bar.set_position(started.elapsed().as_secs());
+                }
+                bar.set_message(format!("{done} sent"));
+            }
+        })
+    };
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let mut errors = 0;
+    let mut first_error = None;
+    while let Some(worker) = workers.join_next().await {
+        let (worker_histogram, worker_errors, worker_error) =
+            worker.context("a benchmark worker panicked")??;
+        histogram
+            .add(&worker_histogram)
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        errors += worker_errors;
+        if first_error.is_none() {
+            first_error = worker_error;
+        }
+    }
+    let elapsed = started.elapsed();
+    ticker.abort();
+    bar.finish_and_clear();
+
+    let sent = histogram.len();
+    let rate = sent as f64 / elapsed.as_secs_f64();
+    writeln!(
+        out,
+        "bench send: {sent} messages of {} bytes to {} ({}), concurrency {}, {} connections, {:.1} s",
+        args.size,
+        args.recipient,
+        recipient_region,
+        args.concurrency,
+        args.connections,
+        elapsed.as_secs_f64()
+    )?;
+    writeln!(out, "  throughput  {rate:.0} messages/s")?;
+    writeln!(
+        out,
+        "  latency     p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+        millis(&histogram, 0.5),
+        millis(&histogram, 0.99),
+        millis(&histogram, 0.999),
+        histogram.max() as f64 / 1000.0
+    )?;
+    if errors > 0 {
+        writeln!(
+            out,
+            "  errors      {errors} (first: {})",
+            first_error.unwrap_or_default()
+        )?;
+    }
+    if let Some(path) = &args.json_out {
+        let result = json!({
+            "benchmark": "send",
+            "gateway": url,
+            "messages": sent,
+            "errors": errors,
+            "payload_bytes": args.size,
+            "concurrency": args.concurrency,
+            "connections": args.connections,
+            "elapsed_seconds": elapsed.as_secs_f64(),
+            "messages_per_second": rate,
+            "latency_ms": {
+                "p50": millis(&histogram, 0.5),
+                "p99": millis(&histogram, 0.99),
+                "p999": millis(&histogram, 0.999),
+                "max": histogram.max() as f64 / 1000.0,
+            },
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn receive(
+    endpoints: &Endpoints,
+    args: BenchReceiveArgs,
+    out: &mut (dyn std::io::Write + Send),
+) -> anyhow::Result<()> {
+    let mut exchange = endpoints.exchange_for(&args.agency).await?;
+    let (requests, outbound) = tokio::sync::mpsc::channel(64);
+    let open = pb::ReceiveRequest {
+        request: Some(pb::receive_request::Request::Open(pb::OpenInbox {
+            agency_id: args.agency.clone(),
+            window: args.window,
+        })),
+    };
+    requests
+        .send(open)
+        .await
+        .context("cannot open the inbox stream")?;
+    let mut responses = exchange
+        .receive(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .map_err(|status| rpc_error(status, "cannot open the inbox"))?
+        .into_inner();
+    let bar = progress(args.count, Duration::ZERO);
+    let mut received = 0_u64;
+    let mut since_ack = 0_u32;
+    let mut started = None;
+    let mut last_sequence = 0;
+    while let Some(response) = responses
+        .message()
+        .await
+        .map_err(|status| rpc_error(status, "inbox stream failed"))?
+    {
+        match response.response {
+            Some(pb::receive_response::Response::Delivery(delivery)) => {
+                started.get_or_insert_with(Instant::now);
+                received += 1;
+                since_ack += 1;
+                last_sequence = delivery.sequence;
+                if since_ack >= args.ack_every.max(1) {
+                    let ack = pb::Ack {
+                        sequences: vec![],
+                        up_to: last_sequence,
+                    };
+                    requests
+                        .send(pb::ReceiveRequest {
+                            request: Some(pb::receive_request::Request::Ack(ack)),
+                        })
+                        .await
+                        .context("inbox stream closed")?;
+                    since_ack = 0;
+                }
+                if received.is_multiple_of(1000) {
+                    bar.set_position(received);
+                }
+                if args.count.is_some_and(|count| received >= count) {
+                    break;
+                }
+            }
+            // Idle with nothing unacknowledged: the inbox is drained.
+            Some(pb::receive_response::Response::Idle(idle)) if idle.unacknowledged == 0 => break,
+            Some(pb::receive_response::Response::Idle(_)) => {
+                let ack = pb::Ack {
+                    sequences: vec![],
+                    up_to: last_sequence,
+                };
+                requests
+                    .send(pb::ReceiveRequest {
+                        request: Some(pb::receive_request::Request::Ack(ack)),
+                    })
+                    .await
+                    .context("inbox stream closed")?;
+                since_ack = 0;
+            }
+            None => {}
+        }
+    }
+    let elapsed = started.map_or(Duration::ZERO, |started| started.elapsed());
+    bar.finish_and_clear();
+    let ack = pb::Ack {
+        sequences: vec![],
+        up_to: last_sequence,
+    };
+    let _ = requests
+        .send(pb::ReceiveRequest {
+            request: Some(pb::receive_request::Request::Ack(ack)),
+        })
+        .await;
+    drop(requests);
+    while let Ok(Some(_)) = responses.message().await {}
+    let rate = received as f64 / elapsed.as_secs_f64().max(f64::EPSILON);
+    writeln!(
+        out,
+        "bench receive: {received} deliveries to {} in {:.2} s, window {}, ack every {}",
+        args.agency,
+        elapsed.as_secs_f64(),
+        args.window,
+        args.ack_every
+    )?;
+    writeln!(out, "  throughput  {rate:.0} deliveries/s")?;
+    if let Some(path) = &args.json_out {
+        let result = json!({
+            "benchmark": "receive",
+            "agency": args.agency,
+            "deliveries": received,
+            "window": args.window,
+            "elapsed_seconds": elapsed.as_secs_f64(),
+            "deliveries_per_second": rate,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
