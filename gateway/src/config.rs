@@ -60,6 +60,11 @@ pub struct GatewayConfig {
     /// How long a relay to another region may take before the next gateway
     /// is tried. Default: 10 s.
     pub relay_timeout: Duration,
+    /// How long acknowledged messages are kept (and retried sends with their
+    /// idempotency key recognised) before they are deleted. Default: 7 days.
+    pub retention: Duration,
+    /// How often the gateway's retention task runs. Default: 60 s.
+    pub retention_interval: Duration,
     /// How often the outbox is polled even when no commit woke it.
     /// Default: 1 s.
     pub outbox_poll_interval: Duration,
@@ -86,6 +91,8 @@ impl GatewayConfig {
             commit_linger: Duration::ZERO,
             commit_lanes: 4,
             relay_timeout: Duration::from_secs(10),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            retention_interval: Duration::from_secs(60),
             outbox_poll_interval: Duration::from_secs(1),
         }
     }

@@ -232,6 +232,13 @@ pub async fn start(
                 source,
             })?;
         store.spawn_wakeups(Arc::clone(&hub), &tasks, shutdown.clone());
+        tasks.spawn(purge_acked(
+            shard.name.clone(),
+            Arc::clone(&store),
+            config.retention,
+            config.retention_interval,
+            shutdown.clone(),
+        ));
         let outbox_wake = Arc::new(Notify::new());
         tasks.spawn(run_outbox_relay(
             shard.name.clone(),
@@ -334,6 +341,44 @@ pub async fn start(
         advertise_url,
         stopped,
     })
+}
+
+/// Deletes acknowledged messages older than `retention`, in chunks, every
+/// `interval`, until `shutdown`.
+async fn purge_acked(
+    shard: String,
+    store: Arc<dyn MessageStore>,
+    retention: std::time::Duration,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    const CHUNK: u32 = 10_000;
+    let retention_micros = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let acked_before = fedmesh_common::time::now_micros().saturating_sub(retention_micros);
+        let mut n_purged = 0;
+        loop {
+            match store.purge_acked(acked_before, CHUNK).await {
+                Ok(n_deleted) => {
+                    n_purged += n_deleted;
+                    if n_deleted < u64::from(CHUNK) || shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%shard, %error, "retention purge failed, will retry");
+                    break;
+                }
+            }
+        }
+        if n_purged > 0 {
+            tracing::info!(%shard, n_purged, "acknowledged messages past retention deleted");
+        }
+    }
 }
 
 /// Runs a gateway until `shutdown` is cancelled; see [`start`].

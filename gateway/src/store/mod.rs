@@ -62,6 +62,11 @@ pub trait MessageStore: Send + Sync + 'static {
     /// sequences that were unacknowledged until now.
     async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError>;
 
+    /// Deletes up to `limit` messages acknowledged before `acked_before`
+    /// (microseconds since the epoch); returns how many. Unacknowledged
+    /// messages are never deleted.
+    async fn purge_acked(&self, acked_before: i64, limit: u32) -> Result<u64, StoreError>;
+
     /// This shard's outbox, for the outbox relay.
     fn outbox(&self) -> Arc<dyn Outbox>;
 

@@ -409,6 +409,19 @@ impl MessageStore for PgMessageStore {
         Ok(acked)
     }
 
+    async fn purge_acked(&self, acked_before: i64, limit: u32) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM messages WHERE message_id IN \
+             (SELECT message_id FROM messages WHERE acked_at IS NOT NULL AND acked_at < $1 \
+              LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(acked_before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
     fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(PgOutbox {
             pool: self.pool.clone(),

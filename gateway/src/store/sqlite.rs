@@ -182,6 +182,18 @@ impl MessageStore for SqliteMessageStore {
         Ok(acked)
     }
 
+    async fn purge_acked(&self, acked_before: i64, limit: u32) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM messages WHERE message_id IN \
+             (SELECT message_id FROM messages WHERE acked_at IS NOT NULL AND acked_at < ? LIMIT ?)",
+        )
+        .bind(acked_before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
     fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(SqliteOutbox::new(self.pool.clone()))
     }
