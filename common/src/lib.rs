@@ -8,6 +8,7 @@
 //!   in-process bus of the dev mesh.
 //! - [`topology`]: the directory as gateways see it, and how updates apply.
 //! - [`server`]: health, reflection and graceful serving for every role.
+//! - [`postgres`]: the outbox on PostgreSQL.
 //! - [`sqlite`]: durable SQLite pools and the outbox they share.
 //! - [`time`]: timestamps as stored and as sent.
 //!
@@ -16,6 +17,7 @@
 pub mod error;
 pub mod events;
 pub mod identity;
+pub mod postgres;
 pub mod server;
 pub mod sqlite;
 #[cfg(feature = "testing")]

@@ -18,9 +18,12 @@ pub struct RegionConfig {
 pub struct CoordinatorConfig {
     /// The regions of the mesh. Agencies can be registered only in these.
     pub regions: Vec<RegionConfig>,
-    /// Control database URL, e.g. `sqlite:///var/lib/fedmesh/control.sqlite`.
-    /// Created if missing; migrations are applied at start.
+    /// Control database URL: `postgres://user@host/db` or
+    /// `sqlite:///var/lib/fedmesh/control.sqlite` (created if missing).
+    /// Migrations are applied at start.
     pub database_url: String,
+    /// Most connections to the control database (PostgreSQL). Default: 8.
+    pub max_connections: u32,
     /// How callers are authenticated. Default: refuse everything.
     pub identity_mode: IdentityMode,
     /// How often gateways are asked to report. Default: 5 s.
@@ -40,6 +43,7 @@ impl CoordinatorConfig {
         CoordinatorConfig {
             regions,
             database_url: database_url.into(),
+            max_connections: 8,
             identity_mode: IdentityMode::Refuse,
             gateway_report_interval,
             gateway_expiry: gateway_report_interval * 3,

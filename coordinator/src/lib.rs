@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{CoordinatorConfig, RegionConfig};
-pub use store::{DirectoryStore, SqliteDirectoryStore};
+pub use store::{DirectoryStore, PgDirectoryStore, SqliteDirectoryStore};
 
 /// Why a coordinator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -56,15 +56,11 @@ pub async fn run(
             "every region needs at least one shard".into(),
         ));
     }
-    let store = SqliteDirectoryStore::open(&config.database_url).await?;
+    let store = store::open_store(&config.database_url, config.max_connections).await?;
     let outbox = store.outbox();
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
-    let directory = directory::Directory::load(
-        Arc::new(store),
-        config.regions.clone(),
-        Arc::clone(&outbox_wake),
-    )
-    .await?;
+    let directory =
+        directory::Directory::load(store, config.regions.clone(), Arc::clone(&outbox_wake)).await?;
     let directory = Arc::new(directory);
     let tasks = TaskTracker::new();
 

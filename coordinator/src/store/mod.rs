@@ -4,11 +4,33 @@
 //! Every change to the directory writes its event to the outbox in the same
 //! transaction.
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::PgDirectoryStore;
 pub use sqlite::SqliteDirectoryStore;
 
-use fedmesh_common::events::Event;
+use std::sync::Arc;
+
+use fedmesh_common::events::{Event, Outbox};
+
+/// Opens the control database at `url`: `postgres://...` or `sqlite://...`.
+pub async fn open_store(
+    url: &str,
+    max_connections: u32,
+) -> Result<Arc<dyn DirectoryStore>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            PgDirectoryStore::open(url, max_connections).await?,
+        ))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteDirectoryStore::open(url).await?))
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "control database URL {url:?} is neither postgres://... nor sqlite://..."
+        )))
+    }
+}
 
 use crate::directory::AgencyRecord;
 use crate::error::StoreError;
@@ -23,6 +45,9 @@ pub trait DirectoryStore: Send + Sync + 'static {
     async fn delete_agency(&self, agency_id: &str, event: Event) -> Result<bool, StoreError>;
     /// All agencies, for the topology.
     async fn all_agencies(&self) -> Result<Vec<AgencyRecord>, StoreError>;
+
+    /// This store's outbox, for the outbox relay.
+    fn outbox(&self) -> Arc<dyn Outbox>;
 }
 
 #[cfg(test)]

@@ -24,11 +24,6 @@ impl SqliteDirectoryStore {
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(SqliteDirectoryStore { pool })
     }
-
-    /// This store's outbox, for the outbox relay.
-    pub fn outbox(&self) -> Arc<dyn Outbox> {
-        Arc::new(SqliteOutbox::new(self.pool.clone()))
-    }
 }
 
 fn agency_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgencyRecord, StoreError> {
@@ -85,5 +80,9 @@ impl DirectoryStore for SqliteDirectoryStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(agency_from_row).collect()
+    }
+
+    fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(SqliteOutbox::new(self.pool.clone()))
     }
 }

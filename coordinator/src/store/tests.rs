@@ -62,3 +62,13 @@ async fn open_sqlite() -> (SqliteDirectoryStore, tempfile::TempDir) {
 }
 
 directory_store_suite!(sqlite, open_sqlite());
+
+async fn open_postgres() -> (PgDirectoryStore, fedmesh_common::testing::TestDatabase) {
+    let database = fedmesh_common::testing::TestDatabase::create().await;
+    let store = PgDirectoryStore::open(&database.url, 4)
+        .await
+        .expect("open");
+    (store, database)
+}
+
+directory_store_suite!(postgres, open_postgres());

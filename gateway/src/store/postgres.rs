@@ -10,9 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmesh_common::events::{
-    BoxFuture, BusError, Event, EventPublisher, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox,
-};
+use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox};
+use fedmesh_common::postgres::{PgOutbox, insert_events};
 use fedmesh_common::time::now_micros;
 use sqlx::Row;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
@@ -26,9 +25,6 @@ use crate::message::{InboxMessage, Message, Stored};
 
 /// The channel new messages are announced on: payload `<recipient> <sequence>`.
 pub const INBOX_CHANNEL: &str = "fedmesh_inbox";
-
-/// Advisory lock key of the outbox: one relay drains a shard at a time.
-const OUTBOX_LOCK: i64 = 0x6665_646d_6573_6801;
 
 /// How often a batch that lost a race (unique violation, deadlock) is retried.
 const MAX_ATTEMPTS: usize = 3;
@@ -288,33 +284,6 @@ fn lost_a_race(error: &StoreError) -> bool {
     )
 }
 
-async fn insert_events(
-    connection: &mut sqlx::PgConnection,
-    events: &[Event],
-) -> Result<(), StoreError> {
-    let mut attributes = Vec::with_capacity(events.len());
-    for event in events {
-        attributes.push(
-            serde_json::to_string(&event.attributes)
-                .map_err(|error| StoreError::Corrupt(error.to_string()))?,
-        );
-    }
-    sqlx::query(
-        "INSERT INTO outbox (event_id, kind, region, agency_id, message_id, occurred_at, attributes) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])",
-    )
-    .bind(events.iter().map(|event| event.event_id.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|event| event.kind.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|event| event.region.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|event| event.agency_id.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|event| event.message_id.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|event| event.occurred_at_micros).collect::<Vec<_>>())
-    .bind(attributes)
-    .execute(connection)
-    .await?;
-    Ok(())
-}
-
 fn inbox_message_from_row(row: &PgRow) -> Result<InboxMessage, StoreError> {
     let headers: String = row.try_get("headers")?;
     Ok(InboxMessage {
@@ -423,9 +392,7 @@ impl MessageStore for PgMessageStore {
     }
 
     fn outbox(&self) -> Arc<dyn Outbox> {
-        Arc::new(PgOutbox {
-            pool: self.pool.clone(),
-        })
+        Arc::new(PgOutbox::new(self.pool.clone()))
     }
 
     fn max_concurrent_batches(&self) -> usize {
@@ -485,71 +452,5 @@ async fn listen(
                 "malformed inbox notification"
             ),
         }
-    }
-}
-
-/// The outbox of a PostgreSQL shard.
-struct PgOutbox {
-    pool: PgPool,
-}
-
-fn outbox_error(error: impl std::fmt::Display) -> BusError {
-    BusError(format!("outbox: {error}"))
-}
-
-impl Outbox for PgOutbox {
-    fn relay_batch<'a>(
-        &'a self,
-        limit: u32,
-        publisher: &'a dyn EventPublisher,
-    ) -> BoxFuture<'a, Result<usize, BusError>> {
-        Box::pin(async move {
-            let mut transaction = self.pool.begin().await.map_err(outbox_error)?;
-            // One drainer at a time keeps the order; the others find the
-            // lock taken and come back later.
-            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-                .bind(OUTBOX_LOCK)
-                .fetch_one(&mut *transaction)
-                .await
-                .map_err(outbox_error)?;
-            if !locked {
-                return Ok(0);
-            }
-            let rows = sqlx::query(
-                "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes \
-                 FROM outbox ORDER BY row_id LIMIT $1",
-            )
-            .bind(i64::from(limit))
-            .fetch_all(&mut *transaction)
-            .await
-            .map_err(outbox_error)?;
-            if rows.is_empty() {
-                return Ok(0);
-            }
-            let mut row_ids = Vec::with_capacity(rows.len());
-            let mut events = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let attributes: String = row.try_get("attributes").map_err(outbox_error)?;
-                row_ids.push(row.try_get::<i64, _>("row_id").map_err(outbox_error)?);
-                events.push(Event {
-                    event_id: row.try_get("event_id").map_err(outbox_error)?,
-                    kind: row.try_get("kind").map_err(outbox_error)?,
-                    region: row.try_get("region").map_err(outbox_error)?,
-                    agency_id: row.try_get("agency_id").map_err(outbox_error)?,
-                    message_id: row.try_get("message_id").map_err(outbox_error)?,
-                    occurred_at_micros: row.try_get("occurred_at").map_err(outbox_error)?,
-                    attributes: serde_json::from_str(&attributes).map_err(outbox_error)?,
-                });
-            }
-            let count = events.len();
-            publisher.publish(events).await?;
-            sqlx::query("DELETE FROM outbox WHERE row_id = ANY($1)")
-                .bind(row_ids)
-                .execute(&mut *transaction)
-                .await
-                .map_err(outbox_error)?;
-            transaction.commit().await.map_err(outbox_error)?;
-            Ok(count)
-        })
     }
 }

@@ -1,0 +1,113 @@
+//! PostgreSQL plumbing shared by the roles' stores: the event outbox (table
+//! `outbox`, created by each role's migrations with the same columns) and
+//! how events are written to it.
+
+use sqlx::Row;
+use sqlx::postgres::PgPool;
+
+use crate::events::{BoxFuture, BusError, Event, EventPublisher, Outbox};
+
+/// Advisory lock key of an outbox: one relay drains a database at a time.
+const OUTBOX_LOCK: i64 = 0x6665_646d_6573_6801;
+
+/// Writes `events` to the outbox on `connection` (inside the caller's
+/// transaction), in one statement.
+pub async fn insert_events(
+    connection: &mut sqlx::PgConnection,
+    events: &[Event],
+) -> Result<(), sqlx::Error> {
+    let mut attributes = Vec::with_capacity(events.len());
+    for event in events {
+        attributes.push(
+            serde_json::to_string(&event.attributes)
+                .map_err(|error| sqlx::Error::Encode(Box::new(error)))?,
+        );
+    }
+    sqlx::query(
+        "INSERT INTO outbox (event_id, kind, region, agency_id, message_id, occurred_at, attributes) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])",
+    )
+    .bind(events.iter().map(|event| event.event_id.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.kind.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.region.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.agency_id.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.message_id.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|event| event.occurred_at_micros).collect::<Vec<_>>())
+    .bind(attributes)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// The outbox of a PostgreSQL shard.
+pub struct PgOutbox {
+    pool: PgPool,
+}
+
+impl PgOutbox {
+    /// The outbox in `pool`'s database.
+    pub fn new(pool: PgPool) -> Self {
+        PgOutbox { pool }
+    }
+}
+
+fn outbox_error(error: impl std::fmt::Display) -> BusError {
+    BusError(format!("outbox: {error}"))
+}
+
+impl Outbox for PgOutbox {
+    fn relay_batch<'a>(
+        &'a self,
+        limit: u32,
+        publisher: &'a dyn EventPublisher,
+    ) -> BoxFuture<'a, Result<usize, BusError>> {
+        Box::pin(async move {
+            let mut transaction = self.pool.begin().await.map_err(outbox_error)?;
+            // One drainer at a time keeps the order; the others find the
+            // lock taken and come back later.
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(OUTBOX_LOCK)
+                .fetch_one(&mut *transaction)
+                .await
+                .map_err(outbox_error)?;
+            if !locked {
+                return Ok(0);
+            }
+            let rows = sqlx::query(
+                "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes \
+                 FROM outbox ORDER BY row_id LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .fetch_all(&mut *transaction)
+            .await
+            .map_err(outbox_error)?;
+            if rows.is_empty() {
+                return Ok(0);
+            }
+            let mut row_ids = Vec::with_capacity(rows.len());
+            let mut events = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let attributes: String = row.try_get("attributes").map_err(outbox_error)?;
+                row_ids.push(row.try_get::<i64, _>("row_id").map_err(outbox_error)?);
+                events.push(Event {
+                    event_id: row.try_get("event_id").map_err(outbox_error)?,
+                    kind: row.try_get("kind").map_err(outbox_error)?,
+                    region: row.try_get("region").map_err(outbox_error)?,
+                    agency_id: row.try_get("agency_id").map_err(outbox_error)?,
+                    message_id: row.try_get("message_id").map_err(outbox_error)?,
+                    occurred_at_micros: row.try_get("occurred_at").map_err(outbox_error)?,
+                    attributes: serde_json::from_str(&attributes).map_err(outbox_error)?,
+                });
+            }
+            let count = events.len();
+            publisher.publish(events).await?;
+            sqlx::query("DELETE FROM outbox WHERE row_id = ANY($1)")
+                .bind(row_ids)
+                .execute(&mut *transaction)
+                .await
+                .map_err(outbox_error)?;
+            transaction.commit().await.map_err(outbox_error)?;
+            Ok(count)
+        })
+    }
+}

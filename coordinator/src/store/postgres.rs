@@ -1,0 +1,94 @@
+//! The directory store on PostgreSQL: the control database of deployments.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_common::events::{Event, Outbox};
+use fedmesh_common::postgres::{PgOutbox, insert_events};
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use super::DirectoryStore;
+use crate::directory::AgencyRecord;
+use crate::error::StoreError;
+
+/// The control database on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgDirectoryStore {
+    pool: PgPool,
+}
+
+impl PgDirectoryStore {
+    /// Connects with at most `max_connections` and applies migrations (under
+    /// PostgreSQL's advisory lock, so replicas may start together).
+    pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(PgDirectoryStore { pool })
+    }
+}
+
+#[async_trait::async_trait]
+impl DirectoryStore for PgDirectoryStore {
+    async fn insert_agency(&self, agency: &AgencyRecord, event: Event) -> Result<(), StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO agencies (agency_id, region, shard, display_name, registered_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (agency_id) DO NOTHING",
+        )
+        .bind(&agency.agency_id)
+        .bind(&agency.region)
+        .bind(&agency.shard)
+        .bind(&agency.display_name)
+        .bind(agency.registered_at_micros)
+        .execute(&mut *transaction)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        insert_events(&mut transaction, &[event]).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_agency(&self, agency_id: &str, event: Event) -> Result<bool, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM agencies WHERE agency_id = $1")
+            .bind(agency_id)
+            .execute(&mut *transaction)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_events(&mut transaction, &[event]).await?;
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    async fn all_agencies(&self) -> Result<Vec<AgencyRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT agency_id, region, shard, display_name, registered_at FROM agencies ORDER BY agency_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AgencyRecord {
+                    agency_id: row.try_get("agency_id")?,
+                    region: row.try_get("region")?,
+                    shard: row.try_get("shard")?,
+                    display_name: row.try_get("display_name")?,
+                    registered_at_micros: row.try_get("registered_at")?,
+                })
+            })
+            .collect()
+    }
+
+    fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(PgOutbox::new(self.pool.clone()))
+    }
+}
