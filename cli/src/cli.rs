@@ -57,6 +57,10 @@ pub enum Command {
     /// Run the whole mesh in this process: a coordinator, gateways for east,
     /// west and central, and a notifier, on consecutive loopback ports.
     Dev(DevArgs),
+    /// Run a coordinator (one role per process, as in a deployment).
+    Coordinator(crate::serve::CoordinatorArgs),
+    /// Run a gateway of one region on its shard databases.
+    Gateway(crate::serve::GatewayArgs),
     /// Register, list, show and deregister agencies.
     #[command(subcommand)]
     Agency(AgencyCommand),
@@ -216,6 +220,8 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Dev(args) => dev(args, out).await,
+        Command::Coordinator(args) => crate::serve::coordinator(args).await,
+        Command::Gateway(args) => crate::serve::gateway(args, endpoints.coordinator.clone()).await,
         Command::Agency(command) => agency(&endpoints, command, out).await,
         Command::Send(args) => send(&endpoints, args, out).await,
         Command::Inbox(args) => inbox(&endpoints, args, out).await,

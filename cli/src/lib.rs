@@ -7,3 +7,4 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod dev;
+pub mod serve;

@@ -9,7 +9,9 @@ async fn main() -> std::process::ExitCode {
     let cli = fedmesh::cli::Cli::parse();
     // The mesh logs what it does; client commands log only problems.
     let default_level = match cli.command {
-        fedmesh::cli::Command::Dev(_) => "info",
+        fedmesh::cli::Command::Dev(_)
+        | fedmesh::cli::Command::Coordinator(_)
+        | fedmesh::cli::Command::Gateway(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -177,17 +177,34 @@ pub async fn run_outbox_relay(
             }
         }
         .await;
-        match drained {
-            Ok(()) => backoff = poll_interval,
-            Err(error) => {
-                tracing::warn!(outbox = %name, %error, retry_in = ?backoff, "outbox relay failed, will retry");
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+        if let Err(error) = drained {
+            tracing::warn!(outbox = %name, %error, retry_in = ?backoff, "outbox relay failed, will retry");
+            // After a failure only the backoff wakes the relay, not commits.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
             }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            continue;
         }
+        backoff = poll_interval;
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = wake.notified() => {}
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(poll_interval) => {}
         }
+    }
+}
+
+/// The publisher of a component that has no event bus configured: it refuses
+/// every event, so they stay in the outbox until a bus is configured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoBus;
+
+impl EventPublisher for NoBus {
+    fn publish(&self, _events: Vec<Event>) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(std::future::ready(Err(BusError(
+            "no event bus is configured; events stay in the outbox".to_string(),
+        ))))
     }
 }
