@@ -152,13 +152,6 @@ impl Shared {
         })
     }
 
-    /// Wakes the outbox relay of `shard`.
-    pub(crate) fn outbox_wake(&self, shard: &str) {
-        if let Some(shard) = self.shards.get(shard) {
-            shard.outbox_wake.notify_one();
-        }
-    }
-
     /// Stores `message` in `shard` of this region and returns its receipt.
     pub(crate) async fn store_local(
         &self,

@@ -9,6 +9,7 @@ use fedmesh_common::identity::{Identity, caller};
 use fedmesh_proto::pb;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
@@ -142,10 +143,70 @@ async fn deliver(
     recipient_id: &str,
     shard: &str,
     window: u32,
-    mut inbound: Streaming<pb::ReceiveRequest>,
+    inbound: Streaming<pb::ReceiveRequest>,
     sender: &mpsc::Sender<Result<pb::ReceiveResponse, Status>>,
 ) -> Result<(), Status> {
-    let store = Arc::clone(&shared.shard(shard)?.store);
+    let shard_handle = shared.shard(shard)?;
+    let store = Arc::clone(&shard_handle.store);
+    // Acks are written by a task of their own, so that delivering goes on
+    // while they commit; several acks that queue up share one transaction.
+    let (acks, ack_queue) = mpsc::unbounded_channel();
+    let acks_failed = CancellationToken::new();
+    let ack_writer = tokio::spawn(write_acks(
+        Arc::clone(&store),
+        recipient_id.to_string(),
+        ack_queue,
+        Arc::clone(&shard_handle.outbox_wake),
+        acks_failed.clone(),
+    ));
+    let outcome = stream_inbox(
+        shared,
+        recipient_id,
+        window,
+        inbound,
+        sender,
+        (shard, &store),
+        &acks,
+        &acks_failed,
+    )
+    .await;
+    // Every ack received before the stream ended is stored before it ends.
+    drop(acks);
+    let _ = ack_writer.await;
+    outcome
+}
+
+/// Stores acknowledgements as they come, until the stream drops its end.
+async fn write_acks(
+    store: Arc<dyn crate::store::MessageStore>,
+    recipient_id: String,
+    mut queue: mpsc::UnboundedReceiver<Vec<u64>>,
+    outbox_wake: Arc<tokio::sync::Notify>,
+    failed: CancellationToken,
+) {
+    let mut queued = Vec::new();
+    while queue.recv_many(&mut queued, 256).await > 0 {
+        let sequences: Vec<u64> = queued.drain(..).flatten().collect();
+        if let Err(error) = store.ack(&recipient_id, &sequences).await {
+            tracing::error!(%recipient_id, %error, "acknowledgements could not be stored");
+            failed.cancel();
+            return;
+        }
+        outbox_wake.notify_one();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_inbox(
+    shared: &Shared,
+    recipient_id: &str,
+    window: u32,
+    mut inbound: Streaming<pb::ReceiveRequest>,
+    sender: &mpsc::Sender<Result<pb::ReceiveResponse, Status>>,
+    (shard, store): (&str, &Arc<dyn crate::store::MessageStore>),
+    acks: &mpsc::UnboundedSender<Vec<u64>>,
+    acks_failed: &CancellationToken,
+) -> Result<(), Status> {
     let mut lease = shared.hub.open(recipient_id);
     let mut in_flight = BTreeSet::new();
     let mut last_sent = 0_u64;
@@ -199,6 +260,11 @@ async fn deliver(
                     "gateway shutting down; reconnect to resume from the oldest unacknowledged message".into(),
                 ).into());
             }
+            () = acks_failed.cancelled() => {
+                return Err(GatewayError::Unavailable(
+                    "acknowledgements could not be stored; reconnect: what was not acknowledged is delivered again".into(),
+                ).into());
+            }
             () = lease.taken_over.cancelled() => {
                 return Err(GatewayError::TakenOver(recipient_id.to_string()).into());
             }
@@ -238,13 +304,11 @@ async fn deliver(
                 if sequences.is_empty() {
                     continue;
                 }
-                store
-                    .ack(recipient_id, &sequences)
-                    .await
-                    .map_err(|source| GatewayError::Store { shard: shard.to_string(), source })?;
-                shared.outbox_wake(shard);
                 for sequence in &sequences {
                     in_flight.remove(sequence);
+                }
+                if acks.send(sequences).is_err() {
+                    return Ok(());
                 }
                 idle_told = false;
             }
