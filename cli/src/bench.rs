@@ -365,7 +365,6 @@ async fn receive(
             None => {}
         }
     }
-    let elapsed = started.map_or(Duration::ZERO, |started| started.elapsed());
     bar.finish_and_clear();
     let ack = pb::Ack {
         sequences: vec![],
@@ -377,7 +376,10 @@ async fn receive(
         })
         .await;
     drop(requests);
+    // The gateway ends the stream once every ack is stored: that is part of
+    // the measured time.
     while let Ok(Some(_)) = responses.message().await {}
+    let elapsed = started.map_or(Duration::ZERO, |started| started.elapsed());
     let rate = received as f64 / elapsed.as_secs_f64().max(f64::EPSILON);
     writeln!(
         out,
