@@ -170,3 +170,69 @@ async fn open_postgres() -> (PgMessageStore, fedmesh_common::testing::TestDataba
 }
 
 message_store_suite!(postgres, open_postgres());
+
+/// A publisher that holds its first batch until told to go on.
+struct HeldPublisher {
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    published: std::sync::Mutex<Vec<String>>,
+}
+
+impl fedmesh_common::events::EventPublisher for HeldPublisher {
+    fn publish(
+        &self,
+        events: Vec<fedmesh_common::events::Event>,
+    ) -> fedmesh_common::events::BoxFuture<'_, Result<(), fedmesh_common::events::BusError>> {
+        Box::pin(async move {
+            self.entered.notify_one();
+            self.release.notified().await;
+            let mut published = self
+                .published
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            published.extend(events.into_iter().map(|event| event.event_id));
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn two_relays_of_one_postgres_outbox_never_publish_the_same_rows() {
+    let (store, _database) = open_postgres().await;
+    store
+        .insert_batch(&[message("m1", "alpha", None), message("m2", "beta", None)])
+        .await
+        .expect("insert");
+    let outbox = store.outbox();
+    let held = HeldPublisher {
+        entered: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+        published: std::sync::Mutex::new(Vec::new()),
+    };
+    let first = outbox.relay_batch(100, &held);
+    tokio::pin!(first);
+    // Run the first relay until it is inside publish, holding the outbox.
+    tokio::select! {
+        () = held.entered.notified() => {}
+        relayed = &mut first => panic!("the first relay finished early: {relayed:?}"),
+    }
+    // A second relay (another replica) finds the outbox taken.
+    let collecting = fedmesh_common::testing::CollectingPublisher::default();
+    let second = store
+        .outbox()
+        .relay_batch(100, &collecting)
+        .await
+        .expect("second relay");
+    assert_eq!(second, 0);
+    assert!(collecting.events().is_empty());
+
+    held.release.notify_one();
+    assert_eq!(first.await.expect("first relay"), 2);
+    assert_eq!(held.published.lock().expect("lock").len(), 2);
+    assert!(
+        fedmesh_common::testing::drain_outbox(outbox.as_ref())
+            .await
+            .is_empty(),
+        "published rows were deleted"
+    );
+}
