@@ -28,14 +28,10 @@ pub struct Cli {
 /// Where the mesh is.
 #[derive(Debug, Args)]
 pub struct EndpointArgs {
-    /// Coordinator URL; agencies' home gateways are found through it.
-    #[arg(
-        long,
-        global = true,
-        env = "FEDMESH_COORDINATOR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub coordinator: String,
+    /// Coordinator URL; agencies' home gateways are found through it
+    /// [default: http://127.0.0.1:50051].
+    #[arg(long, global = true, env = "FEDMESH_COORDINATOR")]
+    pub coordinator: Option<String>,
     /// Gateway URL to use instead of the agency's home gateway.
     #[arg(long, global = true, env = "FEDMESH_GATEWAY")]
     pub gateway: Option<String>,
@@ -212,8 +208,14 @@ pub struct SubscribeArgs {
 
 /// Runs `cli`, writing results to `out`.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    // A gateway's config file may name the coordinator; the flag's default
+    // must not hide it.
+    let coordinator_flag = cli.endpoints.coordinator.clone();
     let endpoints = Endpoints {
-        coordinator: cli.endpoints.coordinator,
+        coordinator: cli
+            .endpoints
+            .coordinator
+            .unwrap_or_else(|| "http://127.0.0.1:50051".to_string()),
         gateway: cli.endpoints.gateway,
         notifier: cli.endpoints.notifier,
         operator: cli.endpoints.operator,
@@ -221,7 +223,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args, out).await,
         Command::Coordinator(args) => crate::serve::coordinator(args).await,
-        Command::Gateway(args) => crate::serve::gateway(args, endpoints.coordinator.clone()).await,
+        Command::Gateway(args) => crate::serve::gateway(args, coordinator_flag).await,
         Command::Agency(command) => agency(&endpoints, command, out).await,
         Command::Send(args) => send(&endpoints, args, out).await,
         Command::Inbox(args) => inbox(&endpoints, args, out).await,
