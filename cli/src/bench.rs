@@ -289,6 +289,23 @@ async fn send(
     Ok(())
 }
 
+/// Acknowledges every delivery up to `sequence`.
+async fn ack_up_to(
+    requests: &tokio::sync::mpsc::Sender<pb::ReceiveRequest>,
+    sequence: u64,
+) -> anyhow::Result<()> {
+    let ack = pb::Ack {
+        sequences: vec![],
+        up_to: sequence,
+    };
+    requests
+        .send(pb::ReceiveRequest {
+            request: Some(pb::receive_request::Request::Ack(ack)),
+        })
+        .await
+        .context("inbox stream closed")
+}
+
 async fn receive(
     endpoints: &Endpoints,
     args: BenchReceiveArgs,
@@ -328,16 +345,7 @@ async fn receive(
                 since_ack += 1;
                 last_sequence = delivery.sequence;
                 if since_ack >= args.ack_every.max(1) {
-                    let ack = pb::Ack {
-                        sequences: vec![],
-                        up_to: last_sequence,
-                    };
-                    requests
-                        .send(pb::ReceiveRequest {
-                            request: Some(pb::receive_request::Request::Ack(ack)),
-                        })
-                        .await
-                        .context("inbox stream closed")?;
+                    ack_up_to(&requests, last_sequence).await?;
                     since_ack = 0;
                 }
                 if received.is_multiple_of(1000) {
@@ -350,31 +358,14 @@ async fn receive(
             // Idle with nothing unacknowledged: the inbox is drained.
             Some(pb::receive_response::Response::Idle(idle)) if idle.unacknowledged == 0 => break,
             Some(pb::receive_response::Response::Idle(_)) => {
-                let ack = pb::Ack {
-                    sequences: vec![],
-                    up_to: last_sequence,
-                };
-                requests
-                    .send(pb::ReceiveRequest {
-                        request: Some(pb::receive_request::Request::Ack(ack)),
-                    })
-                    .await
-                    .context("inbox stream closed")?;
+                ack_up_to(&requests, last_sequence).await?;
                 since_ack = 0;
             }
             None => {}
         }
     }
     bar.finish_and_clear();
-    let ack = pb::Ack {
-        sequences: vec![],
-        up_to: last_sequence,
-    };
-    let _ = requests
-        .send(pb::ReceiveRequest {
-            request: Some(pb::receive_request::Request::Ack(ack)),
-        })
-        .await;
+    let _ = ack_up_to(&requests, last_sequence).await;
     drop(requests);
     // The gateway ends the stream once every ack is stored: that is part of
     // the measured time.
