@@ -52,11 +52,21 @@ impl PgMessageStore {
         })
     }
 
-    async fn try_insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
+    /// One attempt at a batch; `look_up_every_id` also looks up the ids of
+    /// messages sent in this region (after a unique violation said one was
+    /// stored after all).
+    async fn try_insert_batch(
+        &self,
+        messages: &[Message],
+        look_up_every_id: bool,
+    ) -> Result<Vec<Stored>, StoreError> {
         let mut transaction = self.pool.begin().await?;
         let stored_at_micros = now_micros();
 
         // 1. What is stored already, by id or by (sender, idempotency key).
+        //    A message sent in this region without a key has an id its
+        //    gateway just made, so it cannot be stored yet: only relayed
+        //    messages and keyed ones are looked up.
         let (key_senders, keys): (Vec<String>, Vec<String>) = messages
             .iter()
             .filter_map(|message| {
@@ -66,23 +76,28 @@ impl PgMessageStore {
             .unzip();
         let ids: Vec<String> = messages
             .iter()
+            .filter(|message| look_up_every_id || message.origin_region != self.region)
             .map(|message| message.message_id.clone())
             .collect();
-        let existing = sqlx::query(
-            // Two index lookups; an OR of both would scan the table.
-            "SELECT message_id, sender_id, idempotency_key, sequence, stored_at FROM messages \
-             WHERE message_id = ANY($1) \
-             UNION \
-             SELECT message_id, sender_id, idempotency_key, sequence, stored_at \
-             FROM messages JOIN UNNEST($2::text[], $3::text[]) AS wanted (sender, key) \
-               ON sender_id = wanted.sender AND idempotency_key = wanted.key \
-             WHERE idempotency_key IS NOT NULL",
-        )
-        .bind(ids)
-        .bind(key_senders)
-        .bind(keys)
-        .fetch_all(&mut *transaction)
-        .await?;
+        let existing = if ids.is_empty() && keys.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query(
+                // Two index lookups; an OR of both would scan the table.
+                "SELECT message_id, sender_id, idempotency_key, sequence, stored_at FROM messages \
+                 WHERE message_id = ANY($1) \
+                 UNION \
+                 SELECT message_id, sender_id, idempotency_key, sequence, stored_at \
+                 FROM messages JOIN UNNEST($2::text[], $3::text[]) AS wanted (sender, key) \
+                   ON sender_id = wanted.sender AND idempotency_key = wanted.key \
+                 WHERE idempotency_key IS NOT NULL",
+            )
+            .bind(ids)
+            .bind(key_senders)
+            .bind(keys)
+            .fetch_all(&mut *transaction)
+            .await?
+        };
         let mut by_id: HashMap<String, Stored> = HashMap::new();
         let mut by_key: HashMap<(String, String), Stored> = HashMap::new();
         for row in &existing {
@@ -233,15 +248,19 @@ impl PgMessageStore {
         //    costs one short statement. A lost wake-up is covered by the
         //    streams' fallback poll.
         if !wake_up.is_empty() {
-            let notified =
-                sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
-                    .bind(INBOX_CHANNEL)
-                    .bind(wake_up)
-                    .execute(&self.pool)
-                    .await;
-            if let Err(error) = notified {
-                tracing::warn!(%error, "inbox notification failed; other replicas will poll");
-            }
+            // Not awaited: the next batch need not wait for the wake-up.
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                let notified =
+                    sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
+                        .bind(INBOX_CHANNEL)
+                        .bind(wake_up)
+                        .execute(&pool)
+                        .await;
+                if let Err(error) = notified {
+                    tracing::warn!(%error, "inbox notification failed; other replicas will poll");
+                }
+            });
         }
 
         let fresh = |index: usize| Stored {
@@ -308,7 +327,7 @@ impl MessageStore for PgMessageStore {
     async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
         let mut attempt = 1;
         loop {
-            match self.try_insert_batch(messages).await {
+            match self.try_insert_batch(messages, attempt > 1).await {
                 Err(error) if attempt < MAX_ATTEMPTS && lost_a_race(&error) => {
                     tracing::debug!(%error, attempt, "batch lost a race with another writer, retrying");
                     attempt += 1;

@@ -87,6 +87,29 @@ macro_rules! message_store_suite {
             }
 
             #[tokio::test]
+            async fn a_repeated_local_id_is_still_stored_once() {
+                let (store, _guard) = $open.await;
+                let first = store
+                    .insert_batch(&[message("m1", "alpha", None)])
+                    .await
+                    .expect("insert");
+                let again = store
+                    .insert_batch(&[message("m1", "alpha", None)])
+                    .await
+                    .expect("insert again");
+                assert!(again[0].duplicate);
+                assert_eq!(again[0].sequence, first[0].sequence);
+                assert_eq!(
+                    store
+                        .fetch_unacked("alpha", 0, 10)
+                        .await
+                        .expect("fetch")
+                        .len(),
+                    1
+                );
+            }
+
+            #[tokio::test]
             async fn acked_messages_leave_the_inbox_once() {
                 let (store, _guard) = $open.await;
                 store
