@@ -1,12 +1,13 @@
 //! A shard on PostgreSQL: the deployment store.
 //!
-//! A batch of messages is one transaction of a fixed number of statements,
-//! whatever its size: look up duplicates, reserve sequences per inbox,
-//! insert the messages, insert their events; after the commit, notify. Array parameters
+//! A batch of messages is at most two statements, whatever its size: look up
+//! duplicates (only when a message could be one), then reserve sequences,
+//! insert the messages and insert their events in one statement; after it,
+//! notify. Array parameters
 //! (`UNNEST`) carry the batch. Other gateway replicas of the region learn of
 //! new messages through `NOTIFY` on [`INBOX_CHANNEL`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,7 +61,6 @@ impl PgMessageStore {
         messages: &[Message],
         look_up_every_id: bool,
     ) -> Result<Vec<Stored>, StoreError> {
-        let mut transaction = self.pool.begin().await?;
         let stored_at_micros = now_micros();
 
         // 1. What is stored already, by id or by (sender, idempotency key).
@@ -95,7 +95,7 @@ impl PgMessageStore {
             .bind(ids)
             .bind(key_senders)
             .bind(keys)
-            .fetch_all(&mut *transaction)
+            .fetch_all(&self.pool)
             .await?
         };
         let mut by_id: HashMap<String, Stored> = HashMap::new();
@@ -152,50 +152,16 @@ impl PgMessageStore {
             slots.push(Slot::New(index));
         }
 
-        let mut sequences = vec![0_i64; new_messages.len()];
+        // 3. The new messages and their events in one statement, so one
+        //    round trip and one implicit transaction: reserve sequences per
+        //    inbox (rows locked in recipient order, so concurrent batches
+        //    cannot deadlock on them), number the messages in batch order,
+        //    insert them and their `message.accepted` events. A race with
+        //    another writer (unique violation) fails the statement whole
+        //    and the batch is tried again.
+        let mut sequence_of: HashMap<String, i64> = HashMap::with_capacity(new_messages.len());
         let mut wake_up: Vec<String> = Vec::new();
         if !new_messages.is_empty() {
-            // 3. Reserve sequences: one row per inbox, locked in recipient
-            //    order so that concurrent batches cannot deadlock on them.
-            let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-            for message in &new_messages {
-                *counts.entry(message.recipient_id.as_str()).or_default() += 1;
-            }
-            let recipients: Vec<String> = counts
-                .keys()
-                .map(|recipient| recipient.to_string())
-                .collect();
-            let increments: Vec<i64> = counts.values().copied().collect();
-            let reserved = sqlx::query(
-                "INSERT INTO inboxes (recipient_id, last_sequence) \
-                 SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
-                 ON CONFLICT (recipient_id) DO UPDATE \
-                 SET last_sequence = inboxes.last_sequence + EXCLUDED.last_sequence \
-                 RETURNING recipient_id, last_sequence",
-            )
-            .bind(recipients)
-            .bind(increments)
-            .fetch_all(&mut *transaction)
-            .await?;
-            let mut next: HashMap<String, i64> = HashMap::new();
-            for row in &reserved {
-                let recipient: String = row.try_get("recipient_id")?;
-                let last: i64 = row.try_get("last_sequence")?;
-                let count = counts.get(recipient.as_str()).copied().unwrap_or(0);
-                next.insert(recipient, last - count + 1);
-            }
-            for (index, message) in new_messages.iter().enumerate() {
-                let sequence = next.get_mut(&message.recipient_id).ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "no sequence reserved for {}",
-                        message.recipient_id
-                    ))
-                })?;
-                sequences[index] = *sequence;
-                *sequence += 1;
-            }
-
-            // 4. The messages.
             let mut headers = Vec::with_capacity(new_messages.len());
             for message in &new_messages {
                 headers.push(
@@ -203,46 +169,72 @@ impl PgMessageStore {
                         .map_err(|error| StoreError::Corrupt(error.to_string()))?,
                 );
             }
-            sqlx::query(
-                "INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
-                 headers, idempotency_key, origin_region, accepted_at, stored_at) \
-                 SELECT *, $10 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
-                 $6::bytea[], $7::text[], $8::text[], $9::text[], $11::bigint[])",
+            let event_ids: Vec<String> = new_messages
+                .iter()
+                .map(|_| uuid::Uuid::now_v7().to_string())
+                .collect();
+            let rows = sqlx::query(
+                "WITH input AS ( \
+                   SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], \
+                     $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[]) WITH ORDINALITY \
+                     AS t (message_id, recipient_id, sender_id, kind, payload, headers, idempotency_key, \
+                           origin_region, accepted_at, event_id, position) \
+                 ), counts AS ( \
+                   SELECT recipient_id, count(*) AS n FROM input GROUP BY recipient_id \
+                 ), reserved AS ( \
+                   INSERT INTO inboxes (recipient_id, last_sequence) \
+                   SELECT recipient_id, n FROM counts ORDER BY recipient_id \
+                   ON CONFLICT (recipient_id) DO UPDATE \
+                   SET last_sequence = inboxes.last_sequence + EXCLUDED.last_sequence \
+                   RETURNING recipient_id, last_sequence \
+                 ), numbered AS ( \
+                   SELECT input.*, reserved.last_sequence - counts.n \
+                     + row_number() OVER (PARTITION BY input.recipient_id ORDER BY input.position) AS sequence \
+                   FROM input JOIN counts USING (recipient_id) JOIN reserved USING (recipient_id) \
+                 ), stored AS ( \
+                   INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
+                     headers, idempotency_key, origin_region, accepted_at, stored_at) \
+                   SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
+                     idempotency_key, origin_region, accepted_at, $11 FROM numbered \
+                   RETURNING message_id, recipient_id, sequence \
+                 ), events AS ( \
+                   INSERT INTO outbox (event_id, kind, region, agency_id, message_id, occurred_at, attributes) \
+                   SELECT event_id, $12, $13, recipient_id, message_id, $11, \
+                     json_build_object('sender', sender_id, 'kind', kind, 'sequence', sequence::text)::text \
+                   FROM numbered \
+                 ) \
+                 SELECT message_id, recipient_id, sequence FROM stored",
             )
             .bind(column(&new_messages, |message| message.message_id.clone()))
             .bind(column(&new_messages, |message| message.recipient_id.clone()))
-            .bind(sequences.clone())
             .bind(column(&new_messages, |message| message.sender_id.clone()))
             .bind(column(&new_messages, |message| message.kind.clone()))
             .bind(column(&new_messages, |message| message.payload.clone()))
             .bind(headers)
             .bind(column(&new_messages, |message| message.idempotency_key.clone()))
             .bind(column(&new_messages, |message| message.origin_region.clone()))
-            .bind(stored_at_micros)
             .bind(column(&new_messages, |message| message.accepted_at_micros))
-            .execute(&mut *transaction)
+            .bind(event_ids)
+            .bind(stored_at_micros)
+            .bind(MESSAGE_ACCEPTED)
+            .bind(&self.region)
+            .fetch_all(&self.pool)
             .await?;
-
-            // 5. Their events.
-            let events: Vec<Event> = new_messages
+            let mut last_of: HashMap<String, i64> = HashMap::new();
+            for row in &rows {
+                let message_id: String = row.try_get("message_id")?;
+                let recipient_id: String = row.try_get("recipient_id")?;
+                let sequence: i64 = row.try_get("sequence")?;
+                let last = last_of.entry(recipient_id).or_insert(sequence);
+                *last = (*last).max(sequence);
+                sequence_of.insert(message_id, sequence);
+            }
+            wake_up = last_of
                 .iter()
-                .zip(&sequences)
-                .map(|(message, sequence)| {
-                    Event::new(MESSAGE_ACCEPTED, &self.region, &message.recipient_id)
-                        .with_message(&message.message_id)
-                        .with_attribute("sender", &message.sender_id)
-                        .with_attribute("kind", &message.kind)
-                        .with_attribute("sequence", sequence)
-                })
-                .collect();
-            insert_events(&mut transaction, &events).await?;
-            wake_up = next
-                .iter()
-                .map(|(recipient, next)| format!("{recipient} {}", next - 1))
+                .map(|(recipient, last)| format!("{recipient} {last}"))
                 .collect();
         }
-        transaction.commit().await?;
-        // 6. Wake the other replicas. NOTIFY inside the transaction would
+        // 4. Wake the other replicas. NOTIFY inside the transaction would
         //    hold PostgreSQL's global notify lock across the commit's fsync
         //    and serialise every commit of the cluster; sent afterwards it
         //    costs one short statement. A lost wake-up is covered by the
@@ -263,11 +255,15 @@ impl PgMessageStore {
             });
         }
 
-        let fresh = |index: usize| Stored {
-            message_id: new_messages[index].message_id.clone(),
-            sequence: u64::try_from(sequences[index]).unwrap_or_default(),
-            stored_at_micros,
-            duplicate: false,
+        let fresh = |index: usize| {
+            let message_id = new_messages[index].message_id.clone();
+            let sequence = sequence_of.get(&message_id).copied().unwrap_or_default();
+            Stored {
+                message_id,
+                sequence: u64::try_from(sequence).unwrap_or_default(),
+                stored_at_micros,
+                duplicate: false,
+            }
         };
         Ok(slots
             .into_iter()
