@@ -23,6 +23,7 @@ pub mod store;
 
 mod committer;
 mod grpc;
+mod relay;
 mod upstream;
 
 use std::collections::HashMap;

@@ -5,7 +5,8 @@
 //!   with backoff; while the coordinator is away the gateway serves from it;
 //! - the reporter announces this gateway and its load periodically;
 //! - lookups ask the coordinator for an agency the topology does not have yet;
-//! - relays forward a message to a gateway of the recipient's region.
+//! - relays forward a message to a gateway of the recipient's region
+//!   (batched per region, see `relay`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,13 +25,14 @@ use crate::error::GatewayError;
 
 type DirectoryClient =
     pb::directory_client::DirectoryClient<InterceptedService<Channel, AttachIdentity>>;
-type RelayClient = pb::relay_client::RelayClient<InterceptedService<Channel, AttachIdentity>>;
+
+use crate::relay::{RelayBatcher, RelayClients};
 
 /// Connections to the coordinator and to other gateways.
 pub(crate) struct Upstream {
-    identity: AttachIdentity,
     directory: DirectoryClient,
-    relays: Mutex<HashMap<String, RelayClient>>,
+    relays: Arc<RelayClients>,
+    batchers: Mutex<HashMap<String, RelayBatcher>>,
     relay_timeout: Duration,
 }
 
@@ -48,8 +50,8 @@ impl Upstream {
                 channel,
                 identity.clone(),
             ),
-            identity,
-            relays: Mutex::new(HashMap::new()),
+            relays: Arc::new(RelayClients::new(identity)),
+            batchers: Mutex::new(HashMap::new()),
             relay_timeout,
         })
     }
@@ -79,63 +81,39 @@ impl Upstream {
         }
     }
 
-    fn relay_client(&self, address: &str) -> Result<RelayClient, GatewayError> {
-        let mut relays = self
-            .relays
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(client) = relays.get(address) {
-            return Ok(client.clone());
-        }
-        let channel = fedmesh_common::server::lazy_channel(address).map_err(|error| {
-            GatewayError::Unavailable(format!("gateway address {address:?} is unusable: {error}"))
-        })?;
-        let client =
-            pb::relay_client::RelayClient::with_interceptor(channel, self.identity.clone());
-        relays.insert(address.to_string(), client.clone());
-        Ok(client)
-    }
-
-    /// Forwards `request` to the first of `gateways` that takes it. A status
-    /// other than "unreachable" from the home region is returned as it is.
+    /// Forwards `request` to a gateway of `region` (the first of `gateways`
+    /// that answers), batched with the other messages relayed to that region
+    /// meanwhile. A status other than "unreachable" from the home region is
+    /// returned as it is.
     pub(crate) async fn forward(
         &self,
         region: &str,
         gateways: &[String],
         request: pb::ForwardRequest,
     ) -> Result<pb::Receipt, tonic::Status> {
-        let mut last_failure = format!("no gateway of region {region} is known");
-        for address in gateways {
-            let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(self.relay_timeout);
-            let mut client = self.relay_client(address)?;
-            match client.forward(call).await {
-                Ok(response) => {
-                    return response.into_inner().receipt.ok_or_else(|| {
-                        tonic::Status::internal(format!(
-                            "gateway {address} answered without a receipt"
-                        ))
-                    });
-                }
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        Code::Unavailable
-                            | Code::DeadlineExceeded
-                            | Code::Cancelled
-                            | Code::Unknown
-                    ) =>
-                {
-                    tracing::warn!(%region, %address, error = %status.message(), "relay failed, trying next gateway");
-                    last_failure = format!("{address}: {}", status.message());
-                }
-                Err(status) => return Err(status),
-            }
+        if gateways.is_empty() {
+            return Err(GatewayError::Unavailable(format!(
+                "no gateway of region {region} is known; nothing was stored, retry with the same idempotency key"
+            ))
+            .into());
         }
-        Err(GatewayError::Unavailable(format!(
-            "region {region} cannot be reached ({last_failure}); nothing was stored, retry with the same idempotency key"
-        ))
-        .into())
+        let batcher = {
+            let mut batchers = self
+                .batchers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            batchers
+                .entry(region.to_string())
+                .or_insert_with(|| {
+                    RelayBatcher::spawn(
+                        region.to_string(),
+                        Arc::clone(&self.relays),
+                        self.relay_timeout,
+                    )
+                })
+                .clone()
+        };
+        batcher.forward(request, gateways.to_vec()).await
     }
 
     /// Follows the coordinator's topology stream into `topology` until

@@ -146,3 +146,71 @@ async fn bad_sends_are_refused_and_store_nothing() {
         .unwrap();
     assert_eq!(inbox.next_delivery().await.sequence, 1);
 }
+
+#[tokio::test]
+async fn a_relayed_batch_answers_each_message_on_its_own() {
+    let mesh = TestMesh::start().await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    let relay_as = |identity: Identity| {
+        let channel = fedmesh_common::server::lazy_channel(&mesh.gateway_url("west")).unwrap();
+        pb::relay_client::RelayClient::with_interceptor(
+            channel,
+            fedmesh_common::identity::AttachIdentity::new(&identity),
+        )
+    };
+    let forward = |message_id: &str, kind: &str| pb::ForwardRequest {
+        message: Some(pb::Message {
+            message_id: message_id.into(),
+            sender_id: "sender".into(),
+            recipient_id: "reader".into(),
+            kind: kind.into(),
+            payload: b"relayed".to_vec(),
+            origin_region: "east".into(),
+            ..Default::default()
+        }),
+        idempotency_key: None,
+    };
+    let good = "01a20000-0000-7000-8000-000000000001";
+    let batch = pb::ForwardBatchRequest {
+        messages: vec![
+            forward(good, "note"),
+            forward(good, "Bad Kind"),
+            forward(good, "note"),
+        ],
+    };
+
+    // Only gateways relay.
+    let refused = relay_as(Identity::Agency("sender".into()))
+        .forward_batch(batch.clone())
+        .await;
+    expect_code(refused, Code::PermissionDenied);
+
+    let results = relay_as(Identity::Gateway("east".into()))
+        .forward_batch(batch)
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let receipt = |index: usize| match &results[index].result {
+        Some(pb::forward_result::Result::Receipt(receipt)) => receipt.clone(),
+        other => panic!("message {index}: expected a receipt, got {other:?}"),
+    };
+    assert_eq!(receipt(0).message_id, good);
+    match &results[1].result {
+        Some(pb::forward_result::Result::Error(error)) => {
+            assert_eq!(error.code, Code::InvalidArgument as i32);
+            assert!(error.message.contains("kind"), "{}", error.message);
+        }
+        other => panic!("message 1: expected an error, got {other:?}"),
+    }
+    // The same id twice in one batch is stored once.
+    assert_eq!(receipt(2).message_id, good);
+    assert!(
+        receipt(0).duplicate != receipt(2).duplicate,
+        "exactly one of the two is the duplicate"
+    );
+
+    let mut inbox = mesh.open_inbox("west", "reader", 0).await.unwrap();
+    assert_eq!(inbox.drain().await.len(), 1);
+}

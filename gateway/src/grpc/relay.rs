@@ -15,22 +15,13 @@ pub(crate) struct RelayService {
     pub(crate) shared: Arc<Shared>,
 }
 
-#[tonic::async_trait]
-impl pb::relay_server::Relay for RelayService {
-    async fn forward(
-        &self,
-        request: Request<pb::ForwardRequest>,
-    ) -> Result<Response<pb::ForwardResponse>, Status> {
-        let identity = caller(&request)?;
-        if !matches!(identity, Identity::Gateway(_)) {
-            return Err(GatewayError::PermissionDenied(format!(
-                "{identity} may not relay messages; only gateways may"
-            ))
-            .into());
-        }
-        let message =
-            convert::message_from_forward(request.into_inner()).map_err(GatewayError::from)?;
-        let shared = &self.shared;
+impl RelayService {
+    /// Stores one relayed message in its home shard of this region.
+    async fn forward_one(
+        shared: &Shared,
+        request: pb::ForwardRequest,
+    ) -> Result<pb::Receipt, Status> {
+        let message = convert::message_from_forward(request).map_err(GatewayError::from)?;
         shared.check_payload(message.payload.len())?;
         let home = shared.home_of(&message.recipient_id).await?;
         if home.region != shared.config.region {
@@ -42,8 +33,72 @@ impl pb::relay_server::Relay for RelayService {
             .into());
         }
         let receipt = shared.store_local(&home.shard, message).await?;
+        Ok(convert::receipt_to_pb(receipt))
+    }
+}
+
+/// Most messages in one ForwardBatch.
+const MAX_FORWARD_BATCH: usize = 1000;
+
+fn require_gateway<T>(request: &Request<T>) -> Result<(), Status> {
+    let identity = caller(request)?;
+    if !matches!(identity, Identity::Gateway(_)) {
+        return Err(GatewayError::PermissionDenied(format!(
+            "{identity} may not relay messages; only gateways may"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl pb::relay_server::Relay for RelayService {
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        require_gateway(&request)?;
+        let receipt = Self::forward_one(&self.shared, request.into_inner()).await?;
         Ok(Response::new(pb::ForwardResponse {
-            receipt: Some(convert::receipt_to_pb(receipt)),
+            receipt: Some(receipt),
         }))
+    }
+
+    async fn forward_batch(
+        &self,
+        request: Request<pb::ForwardBatchRequest>,
+    ) -> Result<Response<pb::ForwardBatchResponse>, Status> {
+        require_gateway(&request)?;
+        let messages = request.into_inner().messages;
+        if messages.len() > MAX_FORWARD_BATCH {
+            return Err(GatewayError::from(fedmesh_common::error::InvalidField::new(
+                "messages",
+                format!(
+                    "{} messages given, at most {MAX_FORWARD_BATCH} per batch",
+                    messages.len()
+                ),
+            ))
+            .into());
+        }
+        // Concurrently, so that the shard's committer takes them together.
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, message) in messages.into_iter().enumerate() {
+            let shared = Arc::clone(&self.shared);
+            tasks.spawn(async move { (index, Self::forward_one(&shared, message).await) });
+        }
+        let mut results = vec![pb::ForwardResult::default(); tasks.len()];
+        while let Some(done) = tasks.join_next().await {
+            let (index, outcome) = done.map_err(|error| {
+                Status::internal(format!("relayed message task failed: {error}"))
+            })?;
+            results[index].result = Some(match outcome {
+                Ok(receipt) => pb::forward_result::Result::Receipt(receipt),
+                Err(status) => pb::forward_result::Result::Error(pb::ForwardError {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                }),
+            });
+        }
+        Ok(Response::new(pb::ForwardBatchResponse { results }))
     }
 }
