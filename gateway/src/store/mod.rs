@@ -8,7 +8,7 @@
 mod postgres;
 mod sqlite;
 
-pub use postgres::{INBOX_CHANNEL, PgMessageStore};
+pub use postgres::{INBOX_CHANNEL, PgMessageStore, REPLICA_CHANNEL};
 pub use sqlite::SqliteMessageStore;
 
 use std::sync::Arc;

@@ -259,3 +259,78 @@ async fn two_relays_of_one_postgres_outbox_never_publish_the_same_rows() {
         "published rows were deleted"
     );
 }
+
+#[tokio::test]
+async fn postgres_replicas_announce_new_messages_only_while_another_replica_listens() {
+    let (first, database) = open_postgres().await;
+    let first_tasks = TaskTracker::new();
+    let first_shutdown = CancellationToken::new();
+    first.spawn_wakeups(
+        Arc::new(InboxHub::default()),
+        &first_tasks,
+        first_shutdown.clone(),
+    );
+
+    // Alone on the shard, a replica announces nothing.
+    first
+        .insert_batch(&[message("m1", "alpha", None)])
+        .await
+        .expect("insert");
+    assert_eq!(first.announcements_sent(), 0);
+
+    // A second replica joins; each hears of the other.
+    let second = PgMessageStore::open(&database.url, "east", 4)
+        .await
+        .expect("open");
+    let second_hub = Arc::new(InboxHub::default());
+    let mut lease = second_hub.open("alpha");
+    let second_tasks = TaskTracker::new();
+    let second_shutdown = CancellationToken::new();
+    second.spawn_wakeups(
+        Arc::clone(&second_hub),
+        &second_tasks,
+        second_shutdown.clone(),
+    );
+    let mut first_knows = first.watch_other_replicas();
+    first_knows
+        .wait_for(|n| *n == 1)
+        .await
+        .expect("first hears");
+    let mut second_knows = second.watch_other_replicas();
+    second_knows
+        .wait_for(|n| *n == 1)
+        .await
+        .expect("second hears");
+    assert_eq!(first.other_replicas().len(), 1);
+
+    // Now a message stored by the first wakes the second's stream.
+    let stored = first
+        .insert_batch(&[message("m2", "alpha", None)])
+        .await
+        .expect("insert");
+    assert_eq!(first.announcements_sent(), 1);
+    let sequence = stored[0].sequence;
+    lease
+        .stored
+        .wait_for(|announced| *announced == sequence)
+        .await
+        .expect("the second replica was told");
+
+    // The second leaves; the first forgets it and announces nothing again.
+    second_shutdown.cancel();
+    second_tasks.close();
+    second_tasks.wait().await;
+    first_knows
+        .wait_for(|n| *n == 0)
+        .await
+        .expect("first forgets");
+    first
+        .insert_batch(&[message("m3", "alpha", None)])
+        .await
+        .expect("insert");
+    assert_eq!(first.announcements_sent(), 1);
+
+    first_shutdown.cancel();
+    first_tasks.close();
+    first_tasks.wait().await;
+}

@@ -3,9 +3,10 @@
 //! A batch of messages is at most two statements, whatever its size: look up
 //! duplicates (only when a message could be one), then reserve sequences,
 //! insert the messages and insert their events in one statement; after it,
-//! notify. Array parameters
-//! (`UNNEST`) carry the batch. Other gateway replicas of the region learn of
-//! new messages through `NOTIFY` on [`INBOX_CHANNEL`].
+//! announce the new messages to the other replicas (see [`wakeups`]). Array
+//! parameters (`UNNEST`) carry the batch.
+
+mod wakeups;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox}
 use fedmesh_common::postgres::{PgOutbox, insert_events};
 use fedmesh_common::time::now_micros;
 use sqlx::Row;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+
+use self::wakeups::Replicas;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,8 +27,7 @@ use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::message::{InboxMessage, Message, Stored};
 
-/// The channel new messages are announced on: payload `<recipient> <sequence>`.
-pub const INBOX_CHANNEL: &str = "fedmesh_inbox";
+pub use wakeups::{INBOX_CHANNEL, REPLICA_CHANNEL};
 
 /// How often a batch that lost a race (unique violation, deadlock) is retried.
 const MAX_ATTEMPTS: usize = 3;
@@ -35,6 +37,7 @@ const MAX_ATTEMPTS: usize = 3;
 pub struct PgMessageStore {
     pool: PgPool,
     region: String,
+    replicas: Arc<Replicas>,
 }
 
 impl PgMessageStore {
@@ -50,7 +53,24 @@ impl PgMessageStore {
         Ok(PgMessageStore {
             pool,
             region: region.to_string(),
+            replicas: Arc::new(Replicas::new()),
         })
+    }
+
+    /// The other gateway replicas this one has heard of on the shard (their
+    /// ids); announcements of new messages are sent only while there are any.
+    pub fn other_replicas(&self) -> Vec<String> {
+        self.replicas.known()
+    }
+
+    /// The number of other replicas heard of, as it changes.
+    pub fn watch_other_replicas(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.replicas.watch()
+    }
+
+    /// How many announcements of new messages this replica has sent.
+    pub fn announcements_sent(&self) -> u64 {
+        self.replicas.announcements()
     }
 
     /// One attempt at a batch; `look_up_every_id` also looks up the ids of
@@ -155,13 +175,29 @@ impl PgMessageStore {
         // 3. The new messages and their events in one statement, so one
         //    round trip and one implicit transaction: reserve sequences per
         //    inbox (rows locked in recipient order, so concurrent batches
-        //    cannot deadlock on them), number the messages in batch order,
-        //    insert them and their `message.accepted` events. A race with
-        //    another writer (unique violation) fails the statement whole
-        //    and the batch is tried again.
-        let mut sequence_of: HashMap<String, i64> = HashMap::with_capacity(new_messages.len());
+        //    cannot deadlock on them), insert the messages numbered in batch
+        //    order and their `message.accepted` events. The gateway numbers
+        //    each message within its inbox's share of the batch (`position`
+        //    of `count`), so the statement only adds the inbox's base and
+        //    returns one row per inbox. A race with another writer (unique
+        //    violation) fails the statement whole and the batch is tried
+        //    again.
+        let mut sequence_of: Vec<i64> = Vec::with_capacity(new_messages.len());
         let mut wake_up: Vec<String> = Vec::new();
         if !new_messages.is_empty() {
+            let mut count_of: HashMap<&str, i64> = HashMap::new();
+            let positions: Vec<i64> = new_messages
+                .iter()
+                .map(|message| {
+                    let count = count_of.entry(message.recipient_id.as_str()).or_default();
+                    *count += 1;
+                    *count
+                })
+                .collect();
+            let counts: Vec<i64> = new_messages
+                .iter()
+                .map(|message| count_of[message.recipient_id.as_str()])
+                .collect();
             let mut headers = Vec::with_capacity(new_messages.len());
             for message in &new_messages {
                 headers.push(
@@ -176,34 +212,31 @@ impl PgMessageStore {
             let rows = sqlx::query(
                 "WITH input AS ( \
                    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], \
-                     $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[]) WITH ORDINALITY \
+                     $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bigint[], \
+                     $12::bigint[]) \
                      AS t (message_id, recipient_id, sender_id, kind, payload, headers, idempotency_key, \
-                           origin_region, accepted_at, event_id, position) \
-                 ), counts AS ( \
-                   SELECT recipient_id, count(*) AS n FROM input GROUP BY recipient_id \
+                           origin_region, accepted_at, event_id, position, batch_count) \
                  ), reserved AS ( \
                    INSERT INTO inboxes (recipient_id, last_sequence) \
-                   SELECT recipient_id, n FROM counts ORDER BY recipient_id \
+                   SELECT DISTINCT recipient_id, batch_count FROM input ORDER BY recipient_id \
                    ON CONFLICT (recipient_id) DO UPDATE \
                    SET last_sequence = inboxes.last_sequence + EXCLUDED.last_sequence \
                    RETURNING recipient_id, last_sequence \
                  ), numbered AS ( \
-                   SELECT input.*, reserved.last_sequence - counts.n \
-                     + row_number() OVER (PARTITION BY input.recipient_id ORDER BY input.position) AS sequence \
-                   FROM input JOIN counts USING (recipient_id) JOIN reserved USING (recipient_id) \
+                   SELECT input.*, reserved.last_sequence - input.batch_count + input.position AS sequence \
+                   FROM input JOIN reserved USING (recipient_id) \
                  ), stored AS ( \
                    INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
                      headers, idempotency_key, origin_region, accepted_at, stored_at) \
                    SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-                     idempotency_key, origin_region, accepted_at, $11 FROM numbered \
-                   RETURNING message_id, recipient_id, sequence \
+                     idempotency_key, origin_region, accepted_at, $13 FROM numbered \
                  ), events AS ( \
                    INSERT INTO outbox (event_id, kind, region, agency_id, message_id, occurred_at, attributes) \
-                   SELECT event_id, $12, $13, recipient_id, message_id, $11, \
+                   SELECT event_id, $14, $15, recipient_id, message_id, $13, \
                      json_build_object('sender', sender_id, 'kind', kind, 'sequence', sequence::text)::text \
                    FROM numbered \
                  ) \
-                 SELECT message_id, recipient_id, sequence FROM stored",
+                 SELECT recipient_id, last_sequence FROM reserved",
             )
             .bind(column(&new_messages, |message| message.message_id.clone()))
             .bind(column(&new_messages, |message| message.recipient_id.clone()))
@@ -215,51 +248,41 @@ impl PgMessageStore {
             .bind(column(&new_messages, |message| message.origin_region.clone()))
             .bind(column(&new_messages, |message| message.accepted_at_micros))
             .bind(event_ids)
+            .bind(&positions)
+            .bind(&counts)
             .bind(stored_at_micros)
             .bind(MESSAGE_ACCEPTED)
             .bind(&self.region)
             .fetch_all(&self.pool)
             .await?;
-            let mut last_of: HashMap<String, i64> = HashMap::new();
+            let mut last_of: HashMap<String, i64> = HashMap::with_capacity(rows.len());
             for row in &rows {
-                let message_id: String = row.try_get("message_id")?;
-                let recipient_id: String = row.try_get("recipient_id")?;
-                let sequence: i64 = row.try_get("sequence")?;
-                let last = last_of.entry(recipient_id).or_insert(sequence);
-                *last = (*last).max(sequence);
-                sequence_of.insert(message_id, sequence);
+                last_of.insert(row.try_get("recipient_id")?, row.try_get("last_sequence")?);
+            }
+            for ((message, position), count) in new_messages.iter().zip(&positions).zip(&counts) {
+                let last = last_of.get(&message.recipient_id).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "no sequence reserved for inbox {}",
+                        message.recipient_id
+                    ))
+                })?;
+                sequence_of.push(last - count + position);
             }
             wake_up = last_of
                 .iter()
                 .map(|(recipient, last)| format!("{recipient} {last}"))
                 .collect();
         }
-        // 4. Wake the other replicas. NOTIFY inside the transaction would
-        //    hold PostgreSQL's global notify lock across the commit's fsync
-        //    and serialise every commit of the cluster; sent afterwards it
-        //    costs one short statement. A lost wake-up is covered by the
-        //    streams' fallback poll.
-        if !wake_up.is_empty() {
-            // Not awaited: the next batch need not wait for the wake-up.
-            let pool = self.pool.clone();
-            tokio::spawn(async move {
-                let notified =
-                    sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
-                        .bind(INBOX_CHANNEL)
-                        .bind(wake_up)
-                        .execute(&pool)
-                        .await;
-                if let Err(error) = notified {
-                    tracing::warn!(%error, "inbox notification failed; other replicas will poll");
-                }
-            });
-        }
+        // 4. Wake the other replicas, if there are any. NOTIFY inside the
+        //    transaction would hold PostgreSQL's global notify lock across
+        //    the commit's fsync and serialise every commit of the cluster;
+        //    sent afterwards (and not awaited) it costs one short statement.
+        wakeups::announce(&self.pool, &self.replicas, wake_up);
 
         let fresh = |index: usize| {
-            let message_id = new_messages[index].message_id.clone();
-            let sequence = sequence_of.get(&message_id).copied().unwrap_or_default();
+            let sequence = sequence_of.get(index).copied().unwrap_or_default();
             Stored {
-                message_id,
+                message_id: new_messages[index].message_id.clone(),
                 sequence: u64::try_from(sequence).unwrap_or_default(),
                 stored_at_micros,
                 duplicate: false,
@@ -415,57 +438,11 @@ impl MessageStore for PgMessageStore {
     }
 
     fn spawn_wakeups(&self, hub: Arc<InboxHub>, tasks: &TaskTracker, shutdown: CancellationToken) {
-        let pool = self.pool.clone();
-        tasks.spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let listened = listen(&pool, &hub, &shutdown).await;
-                if shutdown.is_cancelled() {
-                    return;
-                }
-                if let Err(error) = listened {
-                    tracing::warn!(%error, retry_in = ?backoff, "inbox notifications lost, reconnecting");
-                }
-                // Notifications may have been missed: every stream looks again.
-                hub.wake_all();
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        });
-    }
-}
-
-async fn listen(
-    pool: &PgPool,
-    hub: &InboxHub,
-    shutdown: &CancellationToken,
-) -> Result<(), sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(INBOX_CHANNEL).await?;
-    // Anything stored before LISTEN took effect is found by the streams'
-    // next read.
-    hub.wake_all();
-    loop {
-        let notification = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            notification = listener.try_recv() => notification?,
-        };
-        let Some(notification) = notification else {
-            return Err(sqlx::Error::Protocol("listener connection closed".into()));
-        };
-        let parsed = notification
-            .payload()
-            .rsplit_once(' ')
-            .and_then(|(recipient, sequence)| Some((recipient, sequence.parse::<u64>().ok()?)));
-        match parsed {
-            Some((recipient, sequence)) => hub.stored(recipient, sequence),
-            None => tracing::warn!(
-                payload = notification.payload(),
-                "malformed inbox notification"
-            ),
-        }
+        tasks.spawn(wakeups::run(
+            self.pool.clone(),
+            Arc::clone(&self.replicas),
+            hub,
+            shutdown,
+        ));
     }
 }
