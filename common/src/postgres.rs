@@ -2,13 +2,26 @@
 //! `outbox`, created by each role's migrations with the same columns) and
 //! how events are written to it.
 
+use std::time::Duration;
+
 use sqlx::Row;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::events::{BoxFuture, BusError, Event, EventPublisher, Outbox};
 
 /// Advisory lock key of an outbox: one relay drains a database at a time.
 const OUTBOX_LOCK: i64 = 0x6665_646d_6573_6801;
+
+/// How the roles connect: at most `max_connections`, waiting up to 10 s for
+/// one. A connection is not pinged before each use (that would be a round
+/// trip per statement): a connection found broken is closed by the pool, and
+/// the stores retry what it failed.
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+}
 
 /// Writes `events` to the outbox on `connection` (inside the caller's
 /// transaction), in one statement.

@@ -1,12 +1,11 @@
 //! The directory store on PostgreSQL: the control database of deployments.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use fedmesh_common::events::{Event, Outbox};
-use fedmesh_common::postgres::{PgOutbox, insert_events};
+use fedmesh_common::postgres::{PgOutbox, insert_events, pool_options};
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 
 use super::DirectoryStore;
 use crate::directory::AgencyRecord;
@@ -22,9 +21,10 @@ impl PgDirectoryStore {
     /// Connects with at most `max_connections` and applies migrations (under
     /// PostgreSQL's advisory lock, so replicas may start together).
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+        // The control database is not on the hot path: a connection is
+        // checked before each use rather than each store retrying.
+        let pool = pool_options(max_connections)
+            .test_before_acquire(true)
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;

@@ -334,3 +334,50 @@ async fn postgres_replicas_announce_new_messages_only_while_another_replica_list
     first_tasks.close();
     first_tasks.wait().await;
 }
+
+#[tokio::test]
+async fn a_postgres_shard_store_outlives_the_loss_of_its_connections() {
+    let (store, database) = open_postgres().await;
+    // Fill the pool with connections, then have the server end them all.
+    let batches: Vec<Vec<Message>> = (0..4)
+        .map(|index| vec![message(&format!("w{index}"), "alpha", None)])
+        .collect();
+    let filled = tokio::join!(
+        store.insert_batch(&batches[0]),
+        store.insert_batch(&batches[1]),
+        store.insert_batch(&batches[2]),
+        store.insert_batch(&batches[3]),
+    );
+    for stored in [filled.0, filled.1, filled.2, filled.3] {
+        stored.expect("insert");
+    }
+    let admin = sqlx::PgPool::connect(&database.url).await.expect("connect");
+    let end_connections = || async {
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&admin)
+        .await
+        .expect("terminate");
+        assert!(!ended.is_empty());
+    };
+    end_connections().await;
+
+    // The next batch finds dead connections, retries on fresh ones, and
+    // reports its messages as new, stored once.
+    let stored = store
+        .insert_batch(&[message("after", "alpha", None)])
+        .await
+        .expect("insert after the connections were lost");
+    assert!(!stored[0].duplicate);
+
+    // Reads and acks are retried on fresh connections too.
+    end_connections().await;
+    let inbox = store.fetch_unacked("alpha", 0, 10).await.expect("fetch");
+    assert_eq!(inbox.len(), 5);
+    end_connections().await;
+    let acked = store.ack("alpha", &[1, 2]).await.expect("ack");
+    assert_eq!(acked, vec![1, 2]);
+    admin.close().await;
+}

@@ -10,18 +10,16 @@ mod wakeups;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox};
-use fedmesh_common::postgres::{PgOutbox, insert_events};
+use fedmesh_common::postgres::{PgOutbox, insert_events, pool_options};
 use fedmesh_common::time::now_micros;
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-
-use self::wakeups::Replicas;
+use sqlx::postgres::{PgPool, PgRow};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::wakeups::Replicas;
 use super::MessageStore;
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
@@ -29,7 +27,7 @@ use crate::message::{InboxMessage, Message, Stored};
 
 pub use wakeups::{INBOX_CHANNEL, REPLICA_CHANNEL};
 
-/// How often a batch that lost a race (unique violation, deadlock) is retried.
+/// How often a batch that lost a race (unique violation, deadlock) is tried.
 const MAX_ATTEMPTS: usize = 3;
 
 /// A shard on PostgreSQL.
@@ -38,22 +36,26 @@ pub struct PgMessageStore {
     pool: PgPool,
     region: String,
     replicas: Arc<Replicas>,
+    /// Attempts per batch: enough to get past every pooled connection
+    /// having been lost at once.
+    max_attempts: usize,
 }
 
 impl PgMessageStore {
     /// Connects with at most `max_connections` and applies migrations (under
     /// PostgreSQL's advisory lock, so replicas may start together).
     pub async fn open(url: &str, region: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
-            .await?;
+        let pool = pool_options(max_connections).connect(url).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(PgMessageStore {
             pool,
             region: region.to_string(),
             replicas: Arc::new(Replicas::new()),
+            max_attempts: MAX_ATTEMPTS.max(
+                usize::try_from(max_connections)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(2),
+            ),
         })
     }
 
@@ -71,6 +73,92 @@ impl PgMessageStore {
     /// How many announcements of new messages this replica has sent.
     pub fn announcements_sent(&self) -> u64 {
         self.replicas.announcements()
+    }
+
+    /// Runs `operation`, again on another connection if its connection was
+    /// lost; for operations that may be repeated.
+    async fn on_live_connection<T, Operation, Attempt>(
+        &self,
+        mut operation: Operation,
+    ) -> Result<T, StoreError>
+    where
+        Operation: FnMut() -> Attempt,
+        Attempt: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match operation().await {
+                Err(error) if attempt < self.max_attempts && is_connection_loss(&error) => {
+                    tracing::debug!(%error, attempt, "connection lost, retrying");
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn fetch_unacked_once(
+        &self,
+        recipient_id: &str,
+        after_sequence: u64,
+        limit: u32,
+    ) -> Result<Vec<InboxMessage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
+             idempotency_key, origin_region, accepted_at FROM messages \
+             WHERE recipient_id = $1 AND acked_at IS NULL AND sequence > $2 \
+             ORDER BY sequence LIMIT $3",
+        )
+        .bind(recipient_id.to_string())
+        .bind(i64::try_from(after_sequence).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(inbox_message_from_row).collect()
+    }
+
+    async fn ack_once(
+        &self,
+        recipient_id: &str,
+        sequences: &[u64],
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let sequences: Vec<i64> = sequences
+            .iter()
+            .map(|sequence| i64::try_from(*sequence).unwrap_or(i64::MAX))
+            .collect();
+        let rows = sqlx::query(
+            "UPDATE messages SET acked_at = $1 \
+             WHERE recipient_id = $2 AND sequence = ANY($3) AND acked_at IS NULL \
+             RETURNING sequence, message_id, sender_id, kind",
+        )
+        .bind(now_micros())
+        .bind(recipient_id.to_string())
+        .bind(sequences)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let mut acked = Vec::with_capacity(rows.len());
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let sequence = to_sequence(row.try_get("sequence")?)?;
+            let message_id: String = row.try_get("message_id")?;
+            let sender_id: String = row.try_get("sender_id")?;
+            let kind: String = row.try_get("kind")?;
+            events.push(
+                Event::new(MESSAGE_DELIVERED, &self.region, recipient_id)
+                    .with_message(&message_id)
+                    .with_attribute("sender", sender_id)
+                    .with_attribute("kind", kind)
+                    .with_attribute("sequence", sequence),
+            );
+            acked.push(sequence);
+        }
+        if !events.is_empty() {
+            insert_events(&mut transaction, &events).await?;
+        }
+        transaction.commit().await?;
+        acked.sort_unstable();
+        Ok(acked)
     }
 
     /// One attempt at a batch; `look_up_every_id` also looks up the ids of
@@ -310,16 +398,30 @@ fn to_sequence(value: i64) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative sequence {value}")))
 }
 
-/// Whether a failed batch lost a race with another writer and may be retried.
-fn lost_a_race(error: &StoreError) -> bool {
+/// Whether a failed batch may be tried again: it lost a race with another
+/// writer, or its connection was lost. The next attempt looks up every id,
+/// so what the failed one committed is not stored twice.
+fn worth_retrying(error: &StoreError) -> bool {
     let StoreError::Database(sqlx::Error::Database(database)) = error else {
-        return false;
+        return is_connection_loss(error);
     };
     // unique_violation, deadlock_detected, serialization_failure
     matches!(
         database.code().as_deref(),
         Some("23505" | "40P01" | "40001")
-    )
+    ) || is_connection_loss(error)
+}
+
+/// Whether the connection failed under the statement: closed, or ended by
+/// the server (shutdown, restart, terminated backend).
+fn is_connection_loss(error: &StoreError) -> bool {
+    match error {
+        StoreError::Database(sqlx::Error::Io(_)) => true,
+        StoreError::Database(sqlx::Error::Database(database)) => database
+            .code()
+            .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")),
+        _ => false,
+    }
 }
 
 fn inbox_message_from_row(row: &PgRow) -> Result<InboxMessage, StoreError> {
@@ -345,11 +447,27 @@ fn inbox_message_from_row(row: &PgRow) -> Result<InboxMessage, StoreError> {
 impl MessageStore for PgMessageStore {
     async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
         let mut attempt = 1;
+        let mut connection_lost = false;
         loop {
             match self.try_insert_batch(messages, attempt > 1).await {
-                Err(error) if attempt < MAX_ATTEMPTS && lost_a_race(&error) => {
-                    tracing::debug!(%error, attempt, "batch lost a race with another writer, retrying");
+                Err(error) if attempt < self.max_attempts && worth_retrying(&error) => {
+                    tracing::debug!(%error, attempt, "batch failed, retrying");
+                    connection_lost |= is_connection_loss(&error);
                     attempt += 1;
+                }
+                Ok(mut stored) if connection_lost => {
+                    // The attempt that lost its connection may have
+                    // committed. Ids of messages sent in this region are
+                    // fresh, so one found stored was stored by that attempt,
+                    // not by an earlier send.
+                    for (message, stored) in messages.iter().zip(&mut stored) {
+                        if message.origin_region == self.region
+                            && stored.message_id == message.message_id
+                        {
+                            stored.duplicate = false;
+                        }
+                    }
+                    return Ok(stored);
                 }
                 outcome => return outcome,
             }
@@ -362,58 +480,14 @@ impl MessageStore for PgMessageStore {
         after_sequence: u64,
         limit: u32,
     ) -> Result<Vec<InboxMessage>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-             idempotency_key, origin_region, accepted_at FROM messages \
-             WHERE recipient_id = $1 AND acked_at IS NULL AND sequence > $2 \
-             ORDER BY sequence LIMIT $3",
-        )
-        .bind(recipient_id.to_string())
-        .bind(i64::try_from(after_sequence).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(inbox_message_from_row).collect()
+        self.on_live_connection(|| self.fetch_unacked_once(recipient_id, after_sequence, limit))
+            .await
     }
 
     async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError> {
-        let mut transaction = self.pool.begin().await?;
-        let sequences: Vec<i64> = sequences
-            .iter()
-            .map(|sequence| i64::try_from(*sequence).unwrap_or(i64::MAX))
-            .collect();
-        let rows = sqlx::query(
-            "UPDATE messages SET acked_at = $1 \
-             WHERE recipient_id = $2 AND sequence = ANY($3) AND acked_at IS NULL \
-             RETURNING sequence, message_id, sender_id, kind",
-        )
-        .bind(now_micros())
-        .bind(recipient_id.to_string())
-        .bind(sequences)
-        .fetch_all(&mut *transaction)
-        .await?;
-        let mut acked = Vec::with_capacity(rows.len());
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let sequence = to_sequence(row.try_get("sequence")?)?;
-            let message_id: String = row.try_get("message_id")?;
-            let sender_id: String = row.try_get("sender_id")?;
-            let kind: String = row.try_get("kind")?;
-            events.push(
-                Event::new(MESSAGE_DELIVERED, &self.region, recipient_id)
-                    .with_message(&message_id)
-                    .with_attribute("sender", sender_id)
-                    .with_attribute("kind", kind)
-                    .with_attribute("sequence", sequence),
-            );
-            acked.push(sequence);
-        }
-        if !events.is_empty() {
-            insert_events(&mut transaction, &events).await?;
-        }
-        transaction.commit().await?;
-        acked.sort_unstable();
-        Ok(acked)
+        // Acking again what a lost attempt acked finds nothing left to ack.
+        self.on_live_connection(|| self.ack_once(recipient_id, sequences))
+            .await
     }
 
     async fn purge_acked(&self, acked_before: i64, limit: u32) -> Result<u64, StoreError> {
