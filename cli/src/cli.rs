@@ -681,12 +681,20 @@ async fn status(
                     .iter()
                     .filter(|gateway| gateway.region == region.name)
                     .map(|gateway| {
-                        let load = gateway.load.unwrap_or_default();
+                        let load = gateway.load.clone().unwrap_or_default();
+                        let pools: Vec<_> = load
+                            .shard_pools
+                            .iter()
+                            .map(|pool| {
+                                json!({ "shard": pool.shard, "open": pool.open, "idle": pool.idle, "max": pool.max })
+                            })
+                            .collect();
                         json!({
                             "gateway_id": gateway.gateway_id,
                             "address": gateway.address,
                             "open_streams": load.open_streams,
                             "in_flight": load.in_flight,
+                            "shard_pools": pools,
                             "last_seen": gateway.last_seen.map(|time| time.to_string()),
                         })
                     })
@@ -715,10 +723,24 @@ async fn status(
             .iter()
             .filter(|gateway| gateway.region == region.name)
             .map(|gateway| {
-                let load = gateway.load.unwrap_or_default();
+                let load = gateway.load.clone().unwrap_or_default();
+                let pools: Vec<String> = load
+                    .shard_pools
+                    .iter()
+                    .map(|pool| {
+                        format!(
+                            ", {} pool {}/{} open, {} idle",
+                            pool.shard, pool.open, pool.max, pool.idle
+                        )
+                    })
+                    .collect();
                 format!(
-                    "{} {} (streams {}, in flight {})",
-                    gateway.gateway_id, gateway.address, load.open_streams, load.in_flight
+                    "{} {} (streams {}, in flight {}{})",
+                    gateway.gateway_id,
+                    gateway.address,
+                    load.open_streams,
+                    load.in_flight,
+                    pools.concat()
                 )
             })
             .collect();

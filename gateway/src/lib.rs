@@ -169,7 +169,7 @@ impl Shared {
                     GatewayError::Unavailable("gateway shutting down; retry on another gateway".into())
                 }
                 committer::CommitError::Store(source) => GatewayError::Unavailable(format!(
-                    "shard {shard} could not commit ({source}); nothing was stored, retry with the same idempotency key"
+                    "shard {shard} could not commit ({source}); retry with the same idempotency key (a retry is never stored twice)"
                 )),
             })?;
         Ok(Receipt {
@@ -178,6 +178,25 @@ impl Shared {
             stored_at_micros: stored.stored_at_micros,
             duplicate: stored.duplicate,
         })
+    }
+
+    /// The connection pool of each shard, sorted by shard.
+    pub(crate) fn shard_pools(&self) -> Vec<pb::ShardPool> {
+        let mut pools: Vec<pb::ShardPool> = self
+            .shards
+            .iter()
+            .map(|(name, shard)| {
+                let (open, idle, max) = shard.store.pool_usage();
+                pb::ShardPool {
+                    shard: name.clone(),
+                    open,
+                    idle,
+                    max,
+                }
+            })
+            .collect();
+        pools.sort_by(|a, b| a.shard.cmp(&b.shard));
+        pools
     }
 
     /// Counts a send until the guard drops.
@@ -297,6 +316,7 @@ pub async fn start(
         let load = || pb::GatewayLoad {
             open_streams: u32::try_from(reporter.hub.open_streams()).unwrap_or(u32::MAX),
             in_flight: reporter.in_flight.load(Ordering::Relaxed),
+            shard_pools: reporter.shard_pools(),
         };
         reporter
             .upstream

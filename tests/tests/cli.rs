@@ -81,7 +81,15 @@ async fn the_walkthrough_works_from_the_command_line() {
     let status = fedmesh(&mesh, &["status"]).await.unwrap();
     for region in ["east", "west", "central"] {
         assert!(status.contains(&format!("{region}-0 http://")), "{status}");
+        // Each gateway reports the connection pool of its shard.
+        assert!(status.contains(&format!("{region}-1 pool ")), "{status}");
     }
+    let status = fedmesh(&mesh, &["status", "--json"]).await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let east = &status["regions"][0]["gateways"][0]["shard_pools"][0];
+    assert_eq!(east["shard"], "east-1", "{status}");
+    assert!(east["max"].as_u64().unwrap() >= 1, "{status}");
+    assert!(east["open"].as_u64().unwrap() <= east["max"].as_u64().unwrap());
 }
 
 #[tokio::test]

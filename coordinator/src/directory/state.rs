@@ -24,6 +24,8 @@ pub struct GatewayRecord {
     pub open_streams: u32,
     /// Sends in flight it reported.
     pub in_flight: u32,
+    /// Its connection pools to the shards, as it reported them.
+    pub shard_pools: Vec<pb::ShardPool>,
     /// When it last reported, microseconds since the epoch (for display).
     pub last_seen_micros: i64,
     /// When it last reported, for expiry.
@@ -247,6 +249,7 @@ fn gateway_to_pb(gateway: &GatewayRecord) -> pb::Gateway {
         load: Some(pb::GatewayLoad {
             open_streams: gateway.open_streams,
             in_flight: gateway.in_flight,
+            shard_pools: gateway.shard_pools.clone(),
         }),
         last_seen: Some(timestamp_from_micros(gateway.last_seen_micros)),
     }
@@ -271,6 +274,7 @@ mod tests {
             address: "http://127.0.0.1:1".into(),
             open_streams: 0,
             in_flight: 0,
+            shard_pools: Vec::new(),
             last_seen_micros: 0,
             last_seen,
         }

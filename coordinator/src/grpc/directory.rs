@@ -205,6 +205,7 @@ impl pb::directory_server::Directory for DirectoryService {
             address: gateway.address,
             open_streams: load.open_streams,
             in_flight: load.in_flight,
+            shard_pools: load.shard_pools,
             last_seen_micros: now_micros(),
             last_seen: tokio::time::Instant::now(),
         });

@@ -70,6 +70,9 @@ pub trait MessageStore: Send + Sync + 'static {
     /// This shard's outbox, for the outbox relay.
     fn outbox(&self) -> Arc<dyn Outbox>;
 
+    /// The store's connection pool: (open, idle, max) connections.
+    fn pool_usage(&self) -> (u32, u32, u32);
+
     /// How many batches may usefully commit at once: 1 for a store with a
     /// single writer lock (SQLite).
     fn max_concurrent_batches(&self) -> usize {

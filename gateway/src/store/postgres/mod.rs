@@ -503,6 +503,15 @@ impl MessageStore for PgMessageStore {
         Ok(deleted.rows_affected())
     }
 
+    fn pool_usage(&self) -> (u32, u32, u32) {
+        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
+        (
+            self.pool.size(),
+            idle,
+            self.pool.options().get_max_connections(),
+        )
+    }
+
     fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(PgOutbox::new(self.pool.clone()))
     }
