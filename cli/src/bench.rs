@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
+use fedmesh_common::events::BoxFuture;
 use fedmesh_common::identity::{AttachIdentity, Identity};
 use fedmesh_proto::pb;
 use hdrhistogram::Histogram;
@@ -22,6 +23,33 @@ pub enum BenchCommand {
     Send(BenchSendArgs),
     /// Draining one inbox through `Receive` with acks: deliveries per second.
     Receive(BenchReceiveArgs),
+    /// The plain gRPC ceiling: `grpc.health.v1.Health/Check` calls, which do
+    /// no work, with the same client and load as `bench send`.
+    Health(BenchHealthArgs),
+}
+
+/// `fedmesh bench health`.
+#[derive(Debug, Args)]
+pub struct BenchHealthArgs {
+    /// Agency whose home gateway to call, found through the coordinator
+    /// (`--gateway` names a gateway directly).
+    #[arg(long, default_value = "bench-sender")]
+    pub agency: String,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the calls are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Stop after this many calls (instead of after --duration).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// How long to call, in seconds, when no --count is given.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Also write the result as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json_out: Option<PathBuf>,
 }
 
 /// `fedmesh bench send`.
@@ -88,6 +116,7 @@ pub async fn run(
     match command {
         BenchCommand::Send(args) => send(endpoints, args, out).await,
         BenchCommand::Receive(args) => receive(endpoints, args, out).await,
+        BenchCommand::Health(args) => health(endpoints, args, out).await,
     }
 }
 
@@ -125,52 +154,76 @@ fn millis(histogram: &Histogram<u64>, quantile: f64) -> f64 {
     histogram.value_at_quantile(quantile) as f64 / 1000.0
 }
 
-async fn send(
-    endpoints: &Endpoints,
-    args: BenchSendArgs,
-    out: &mut (dyn std::io::Write + Send),
-) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.concurrency > 0 && args.connections > 0,
-        "--concurrency and --connections must be at least 1"
-    );
-    let recipient_region = args
-        .recipient_region
-        .clone()
-        .unwrap_or_else(|| args.region.clone());
-    ensure_agency(endpoints, &args.sender, &args.region).await?;
-    ensure_agency(endpoints, &args.recipient, &recipient_region).await?;
-    let url = endpoints.gateway_url_for(&args.sender).await?;
-    let identity = AttachIdentity::new(&Identity::Agency(args.sender.clone()));
-    let mut clients = Vec::new();
-    for _ in 0..args.connections {
-        let channel = fedmesh_common::server::lazy_channel(&url)?;
-        clients.push(pb::exchange_client::ExchangeClient::with_interceptor(
-            channel,
-            identity.clone(),
-        ));
+/// How a closed-loop benchmark loads its target: `concurrency` calls in
+/// flight, each worker issuing its next call when the previous one answered.
+struct Load {
+    concurrency: usize,
+    count: Option<u64>,
+    duration: Duration,
+}
+
+/// One call of a benchmark, issued again and again by a worker.
+type Call = Box<dyn FnMut() -> BoxFuture<'static, Result<(), tonic::Status>> + Send>;
+
+/// What a closed-loop run measured.
+struct Measured {
+    histogram: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.histogram.len() as f64 / self.elapsed.as_secs_f64()
     }
-    let payload = vec![b'x'; args.size];
-    let duration = Duration::from_secs(args.duration);
+
+    fn latency_line(&self) -> String {
+        format!(
+            "  latency     p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+            millis(&self.histogram, 0.5),
+            millis(&self.histogram, 0.99),
+            millis(&self.histogram, 0.999),
+            self.histogram.max() as f64 / 1000.0
+        )
+    }
+
+    fn latency_json(&self) -> serde_json::Value {
+        json!({
+            "p50": millis(&self.histogram, 0.5),
+            "p99": millis(&self.histogram, 0.99),
+            "p999": millis(&self.histogram, 0.999),
+            "max": self.histogram.max() as f64 / 1000.0,
+        })
+    }
+
+    fn write_errors(&self, out: &mut (dyn std::io::Write + Send)) -> std::io::Result<()> {
+        if self.errors > 0 {
+            writeln!(
+                out,
+                "  errors      {} (first: {})",
+                self.errors,
+                self.first_error.as_deref().unwrap_or_default()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `load` with one [`Call`] per worker from `call_for(worker)`, with a
+/// progress bar; latency is recorded per answered call.
+async fn drive(load: &Load, mut call_for: impl FnMut(usize) -> Call) -> anyhow::Result<Measured> {
     let issued = Arc::new(AtomicU64::new(0));
     let completed = Arc::new(AtomicU64::new(0));
-    let bar = progress(args.count, duration);
+    let bar = progress(load.count, load.duration);
     let started = Instant::now();
-    let deadline = started + duration;
+    let deadline = started + load.duration;
     let mut workers = tokio::task::JoinSet::new();
-    for worker in 0..args.concurrency {
-        let mut client = clients[worker % clients.len()].clone();
-        let request = pb::SendRequest {
-            sender_id: args.sender.clone(),
-            recipient_id: args.recipient.clone(),
-            kind: "bench.message".to_string(),
-            payload: payload.clone(),
-            headers: Default::default(),
-            idempotency_key: None,
-        };
+    for worker in 0..load.concurrency {
+        let mut call = call_for(worker);
         let issued = Arc::clone(&issued);
         let completed = Arc::clone(&completed);
-        let count = args.count;
+        let count = load.count;
         workers.spawn(async move {
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .map_err(|error| anyhow::anyhow!("{error}"))?;
@@ -183,8 +236,8 @@ async fn send(
                     _ => {}
                 }
                 let call_started = Instant::now();
-                match client.send(request.clone()).await {
-                    Ok(_) => {
+                match call().await {
+                    Ok(()) => {
                         let micros =
                             u64::try_from(call_started.elapsed().as_micros()).unwrap_or(u64::MAX);
                         histogram.saturating_record(micros.max(1));
@@ -204,7 +257,7 @@ async fn send(
     let ticker = {
         let bar = bar.clone();
         let completed = Arc::clone(&completed);
-        let counted = args.count.is_some();
+        let counted = load.count.is_some();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -214,7 +267,7 @@ async fn send(
                 } else {
                     bar.set_position(started.elapsed().as_secs());
                 }
-                bar.set_message(format!("{done} sent"));
+                bar.set_message(format!("{done} answered"));
             }
         })
     };
@@ -236,9 +289,75 @@ async fn send(
     let elapsed = started.elapsed();
     ticker.abort();
     bar.finish_and_clear();
+    Ok(Measured {
+        histogram,
+        errors,
+        first_error,
+        elapsed,
+    })
+}
 
-    let sent = histogram.len();
-    let rate = sent as f64 / elapsed.as_secs_f64();
+fn check_load(concurrency: usize, connections: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        concurrency > 0 && connections > 0,
+        "--concurrency and --connections must be at least 1"
+    );
+    Ok(())
+}
+
+fn write_json(path: &std::path::Path, result: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(result)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+async fn send(
+    endpoints: &Endpoints,
+    args: BenchSendArgs,
+    out: &mut (dyn std::io::Write + Send),
+) -> anyhow::Result<()> {
+    check_load(args.concurrency, args.connections)?;
+    let recipient_region = args
+        .recipient_region
+        .clone()
+        .unwrap_or_else(|| args.region.clone());
+    ensure_agency(endpoints, &args.sender, &args.region).await?;
+    ensure_agency(endpoints, &args.recipient, &recipient_region).await?;
+    let url = endpoints.gateway_url_for(&args.sender).await?;
+    let identity = AttachIdentity::new(&Identity::Agency(args.sender.clone()));
+    let mut clients = Vec::new();
+    for _ in 0..args.connections {
+        let channel = fedmesh_common::server::lazy_channel(&url)?;
+        clients.push(pb::exchange_client::ExchangeClient::with_interceptor(
+            channel,
+            identity.clone(),
+        ));
+    }
+    let request = pb::SendRequest {
+        sender_id: args.sender.clone(),
+        recipient_id: args.recipient.clone(),
+        kind: "bench.message".to_string(),
+        payload: vec![b'x'; args.size],
+        headers: Default::default(),
+        idempotency_key: None,
+    };
+    let load = Load {
+        concurrency: args.concurrency,
+        count: args.count,
+        duration: Duration::from_secs(args.duration),
+    };
+    let measured = drive(&load, |worker| {
+        let client = clients[worker % clients.len()].clone();
+        let request = request.clone();
+        Box::new(move || {
+            let mut client = client.clone();
+            let request = request.clone();
+            Box::pin(async move { client.send(request).await.map(|_| ()) })
+        })
+    })
+    .await?;
+
+    let sent = measured.histogram.len();
+    let rate = measured.rate();
     writeln!(
         out,
         "bench send: {sent} messages of {} bytes to {} ({}), concurrency {}, {} connections, {:.1} s",
@@ -247,44 +366,88 @@ async fn send(
         recipient_region,
         args.concurrency,
         args.connections,
-        elapsed.as_secs_f64()
+        measured.elapsed.as_secs_f64()
     )?;
     writeln!(out, "  throughput  {rate:.0} messages/s")?;
-    writeln!(
-        out,
-        "  latency     p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
-        millis(&histogram, 0.5),
-        millis(&histogram, 0.99),
-        millis(&histogram, 0.999),
-        histogram.max() as f64 / 1000.0
-    )?;
-    if errors > 0 {
-        writeln!(
-            out,
-            "  errors      {errors} (first: {})",
-            first_error.unwrap_or_default()
+    writeln!(out, "{}", measured.latency_line())?;
+    measured.write_errors(out)?;
+    if let Some(path) = &args.json_out {
+        write_json(
+            path,
+            &json!({
+                "benchmark": "send",
+                "gateway": url,
+                "messages": sent,
+                "errors": measured.errors,
+                "payload_bytes": args.size,
+                "concurrency": args.concurrency,
+                "connections": args.connections,
+                "elapsed_seconds": measured.elapsed.as_secs_f64(),
+                "messages_per_second": rate,
+                "latency_ms": measured.latency_json(),
+            }),
         )?;
     }
+    Ok(())
+}
+
+async fn health(
+    endpoints: &Endpoints,
+    args: BenchHealthArgs,
+    out: &mut (dyn std::io::Write + Send),
+) -> anyhow::Result<()> {
+    check_load(args.concurrency, args.connections)?;
+    let url = endpoints.gateway_url_for(&args.agency).await?;
+    let mut clients = Vec::new();
+    for _ in 0..args.connections {
+        let channel = fedmesh_common::server::lazy_channel(&url)?;
+        clients.push(tonic_health::pb::health_client::HealthClient::new(channel));
+    }
+    let load = Load {
+        concurrency: args.concurrency,
+        count: args.count,
+        duration: Duration::from_secs(args.duration),
+    };
+    let measured = drive(&load, |worker| {
+        let client = clients[worker % clients.len()].clone();
+        Box::new(move || {
+            let mut client = client.clone();
+            Box::pin(async move {
+                client
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .map(|_| ())
+            })
+        })
+    })
+    .await?;
+    let calls = measured.histogram.len();
+    let rate = measured.rate();
+    writeln!(
+        out,
+        "bench health: {calls} health checks of {url}, concurrency {}, {} connections, {:.1} s",
+        args.concurrency,
+        args.connections,
+        measured.elapsed.as_secs_f64()
+    )?;
+    writeln!(out, "  throughput  {rate:.0} calls/s")?;
+    writeln!(out, "{}", measured.latency_line())?;
+    measured.write_errors(out)?;
     if let Some(path) = &args.json_out {
-        let result = json!({
-            "benchmark": "send",
-            "gateway": url,
-            "messages": sent,
-            "errors": errors,
-            "payload_bytes": args.size,
-            "concurrency": args.concurrency,
-            "connections": args.connections,
-            "elapsed_seconds": elapsed.as_secs_f64(),
-            "messages_per_second": rate,
-            "latency_ms": {
-                "p50": millis(&histogram, 0.5),
-                "p99": millis(&histogram, 0.99),
-                "p999": millis(&histogram, 0.999),
-                "max": histogram.max() as f64 / 1000.0,
-            },
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&result)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json(
+            path,
+            &json!({
+                "benchmark": "health",
+                "target": url,
+                "calls": calls,
+                "errors": measured.errors,
+                "concurrency": args.concurrency,
+                "connections": args.connections,
+                "elapsed_seconds": measured.elapsed.as_secs_f64(),
+                "calls_per_second": rate,
+                "latency_ms": measured.latency_json(),
+            }),
+        )?;
     }
     Ok(())
 }

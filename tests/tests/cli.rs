@@ -119,3 +119,31 @@ async fn command_line_errors_are_one_clear_line() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn the_benchmarks_run_against_a_mesh() {
+    let mesh = TestMesh::start().await;
+    let sent = fedmesh(
+        &mesh,
+        &["bench", "send", "--count", "40", "--concurrency", "4"],
+    )
+    .await
+    .unwrap();
+    assert!(sent.starts_with("bench send: 40 messages"), "{sent}");
+    assert!(!sent.contains("errors"), "{sent}");
+
+    let received = fedmesh(&mesh, &["bench", "receive"]).await.unwrap();
+    assert!(
+        received.starts_with("bench receive: 40 deliveries to bench-recipient"),
+        "{received}"
+    );
+
+    let checked = fedmesh(
+        &mesh,
+        &["bench", "health", "--count", "40", "--concurrency", "4"],
+    )
+    .await
+    .unwrap();
+    assert!(checked.starts_with("bench health: 40 health checks"), "{checked}");
+    assert!(!checked.contains("errors"), "{checked}");
+}
