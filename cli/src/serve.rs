@@ -88,7 +88,8 @@ pub struct GatewayArgs {
         value_delimiter = ';'
     )]
     pub shards: Vec<String>,
-    /// Most connections to each shard database [default: 16].
+    /// Most connections to each shard database for reads, acks and
+    /// background work [default: 16]; each commit lane has one more.
     #[arg(long, env = "FEDMESH_SHARD_POOL_SIZE")]
     pub pool_size: Option<u32>,
     /// URL other gateways reach this one at [default: http:// and --listen].
@@ -100,7 +101,8 @@ pub struct GatewayArgs {
     /// Most messages committed in one transaction [default: 256].
     #[arg(long, env = "FEDMESH_MAX_BATCH")]
     pub max_batch: Option<usize>,
-    /// Commit lanes per shard (batches committing at once) [default: 4].
+    /// Commit lanes per shard (batches committing at once, each with its own
+    /// database connection) [default: 4].
     #[arg(long, env = "FEDMESH_COMMIT_LANES")]
     pub commit_lanes: Option<usize>,
     /// How long a batch that is not full waits for more, in microseconds

@@ -2,6 +2,7 @@
 //! each one transaction, and every caller is answered when its batch has
 //! committed.
 //!
+//! The lanes run on a thread of their own ([`CommitThread`]).
 //! A shard has one or more commit lanes; a message goes to the lane of its
 //! recipient, so the batches of different lanes never contend for the same
 //! inbox row, and one busy inbox still gets large batches. Within a lane,
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::commit_thread::CommitThread;
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::message::{Message, Stored};
@@ -61,13 +63,13 @@ impl Committer {
         batching: Batching,
         hub: Arc<InboxHub>,
         outbox_wake: Arc<Notify>,
-        tasks: &tokio_util::task::TaskTracker,
+        thread: &CommitThread,
     ) -> Committer {
         let max_batch = batching.max_batch.max(1);
         let lanes = (0..batching.lanes.max(1))
             .map(|_| {
                 let (sender, receiver) = mpsc::channel(max_batch * 4);
-                tasks.spawn(commit_loop(
+                thread.spawn(commit_loop(
                     Arc::clone(&store),
                     receiver,
                     max_batch,

@@ -21,6 +21,7 @@ pub mod message;
 pub mod routing;
 pub mod store;
 
+mod commit_thread;
 mod committer;
 mod grpc;
 mod relay;
@@ -44,6 +45,7 @@ use tonic::service::interceptor::InterceptedService;
 pub use config::{GatewayConfig, ShardConfig};
 pub use store::{MessageStore, SqliteMessageStore};
 
+use commit_thread::CommitThread;
 use committer::Committer;
 use error::GatewayError;
 use inbox::InboxHub;
@@ -236,14 +238,21 @@ pub async fn start(
     };
     let tasks = TaskTracker::new();
     let hub = Arc::new(InboxHub::default());
+    let commit_thread = CommitThread::start()
+        .map_err(|error| RunError::Config(format!("cannot start the commit thread: {error}")))?;
     let mut shards = HashMap::new();
     for shard in &config.shards {
-        let store = store::open_store(&shard.database_url, &config.region, shard.max_connections)
-            .await
-            .map_err(|source| RunError::Store {
-                shard: shard.name.clone(),
-                source,
-            })?;
+        let store = store::open_store(
+            &shard.database_url,
+            &config.region,
+            shard.max_connections,
+            u32::try_from(config.commit_lanes.max(1)).unwrap_or(u32::MAX),
+        )
+        .await
+        .map_err(|source| RunError::Store {
+            shard: shard.name.clone(),
+            source,
+        })?;
         store.spawn_wakeups(Arc::clone(&hub), &tasks, shutdown.clone());
         tasks.spawn(purge_acked(
             shard.name.clone(),
@@ -271,7 +280,7 @@ pub async fn start(
             batching,
             Arc::clone(&hub),
             Arc::clone(&outbox_wake),
-            &tasks,
+            &commit_thread,
         );
         shards.insert(
             shard.name.clone(),
@@ -282,6 +291,10 @@ pub async fn start(
             },
         );
     }
+
+    // The lanes end once their committers are dropped (after the server
+    // stopped); the gateway's tasks include waiting for them.
+    tasks.spawn(commit_thread.finished());
 
     let identity = Identity::Gateway(config.region.clone());
     let upstream = Upstream::new(&config.coordinator_url, &identity, config.relay_timeout)?;

@@ -144,6 +144,9 @@ async fn the_benchmarks_run_against_a_mesh() {
     )
     .await
     .unwrap();
-    assert!(checked.starts_with("bench health: 40 health checks"), "{checked}");
+    assert!(
+        checked.starts_with("bench health: 40 health checks"),
+        "{checked}"
+    );
     assert!(!checked.contains("errors"), "{checked}");
 }

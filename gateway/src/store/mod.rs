@@ -21,15 +21,18 @@ use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::message::{InboxMessage, Message, Stored};
 
-/// Opens the shard at `url`: `postgres://...` or `sqlite://...`.
+/// Opens the shard at `url`: `postgres://...` or `sqlite://...`, with at most
+/// `max_connections` for reads, acks and background work, and on PostgreSQL
+/// `writers` more for the commit lanes.
 pub async fn open_store(
     url: &str,
     region: &str,
     max_connections: u32,
+    writers: u32,
 ) -> Result<Arc<dyn MessageStore>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(
-            PgMessageStore::open(url, region, max_connections).await?,
+            PgMessageStore::open_with_writers(url, region, max_connections, writers).await?,
         ))
     } else if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteMessageStore::open(url, region).await?))
@@ -70,7 +73,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// This shard's outbox, for the outbox relay.
     fn outbox(&self) -> Arc<dyn Outbox>;
 
-    /// The store's connection pool: (open, idle, max) connections.
+    /// The store's connections: (open, idle, max), all its pools together.
     fn pool_usage(&self) -> (u32, u32, u32);
 
     /// How many batches may usefully commit at once: 1 for a store with a

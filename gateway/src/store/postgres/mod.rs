@@ -34,6 +34,9 @@ const MAX_ATTEMPTS: usize = 3;
 #[derive(Debug, Clone)]
 pub struct PgMessageStore {
     pool: PgPool,
+    /// Connections of the commit lanes, opened lazily by the lanes
+    /// themselves so that their commit thread drives them.
+    write_pool: PgPool,
     region: String,
     replicas: Arc<Replicas>,
     /// Attempts per batch: enough to get past every pooled connection
@@ -42,17 +45,31 @@ pub struct PgMessageStore {
 }
 
 impl PgMessageStore {
-    /// Connects with at most `max_connections` and applies migrations (under
-    /// PostgreSQL's advisory lock, so replicas may start together).
+    /// Connects with at most `max_connections` (and as many for batches) and
+    /// applies migrations (under PostgreSQL's advisory lock, so replicas may
+    /// start together).
     pub async fn open(url: &str, region: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::open_with_writers(url, region, max_connections, max_connections).await
+    }
+
+    /// Like [`PgMessageStore::open`], with `writers` connections for batches
+    /// besides the `max_connections` for the rest.
+    pub async fn open_with_writers(
+        url: &str,
+        region: &str,
+        max_connections: u32,
+        writers: u32,
+    ) -> Result<Self, StoreError> {
         let pool = pool_options(max_connections).connect(url).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let write_pool = pool_options(writers.max(1)).connect_lazy(url)?;
         Ok(PgMessageStore {
+            write_pool,
             pool,
             region: region.to_string(),
             replicas: Arc::new(Replicas::new()),
             max_attempts: MAX_ATTEMPTS.max(
-                usize::try_from(max_connections)
+                usize::try_from(max_connections.max(writers))
                     .unwrap_or(usize::MAX)
                     .saturating_add(2),
             ),
@@ -203,7 +220,7 @@ impl PgMessageStore {
             .bind(ids)
             .bind(key_senders)
             .bind(keys)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.write_pool)
             .await?
         };
         let mut by_id: HashMap<String, Stored> = HashMap::new();
@@ -341,7 +358,7 @@ impl PgMessageStore {
             .bind(stored_at_micros)
             .bind(MESSAGE_ACCEPTED)
             .bind(&self.region)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.write_pool)
             .await?;
             let mut last_of: HashMap<String, i64> = HashMap::with_capacity(rows.len());
             for row in &rows {
@@ -504,11 +521,19 @@ impl MessageStore for PgMessageStore {
     }
 
     fn pool_usage(&self) -> (u32, u32, u32) {
-        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
+        let usage = |pool: &PgPool| {
+            (
+                pool.size(),
+                u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+                pool.options().get_max_connections(),
+            )
+        };
+        let (open, idle, max) = usage(&self.pool);
+        let (writers_open, writers_idle, writers_max) = usage(&self.write_pool);
         (
-            self.pool.size(),
-            idle,
-            self.pool.options().get_max_connections(),
+            open.saturating_add(writers_open),
+            idle.saturating_add(writers_idle),
+            max.saturating_add(writers_max),
         )
     }
 
