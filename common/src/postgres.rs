@@ -1,6 +1,13 @@
 //! PostgreSQL plumbing shared by the roles' stores: the event outbox (table
 //! `outbox`, created by each role's migrations with the same columns) and
 //! how events are written to it.
+//!
+//! Queries that find rows by a predicate an index or a scan could serve
+//! (`= ANY($1)`, `ORDER BY ... LIMIT`) are not kept as prepared statements
+//! (`persistent(false)`): PostgreSQL plans them at each execution for the
+//! table as it is then. A kept statement's generic plan, made while the table
+//! was small, would keep scanning it whole as it grows, until the next
+//! `ANALYZE`. Statements that only insert keep their plans.
 
 use std::time::Duration;
 
@@ -90,6 +97,7 @@ impl Outbox for PgOutbox {
                 "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes \
                  FROM outbox ORDER BY row_id LIMIT $1",
             )
+            .persistent(false)
             .bind(i64::from(limit))
             .fetch_all(&mut *transaction)
             .await
@@ -115,6 +123,7 @@ impl Outbox for PgOutbox {
             let count = events.len();
             publisher.publish(events).await?;
             sqlx::query("DELETE FROM outbox WHERE row_id = ANY($1)")
+                .persistent(false)
                 .bind(row_ids)
                 .execute(&mut *transaction)
                 .await

@@ -4,7 +4,9 @@
 //! duplicates (only when a message could be one), then reserve sequences,
 //! insert the messages and insert their events in one statement; after it,
 //! announce the new messages to the other replicas (see [`wakeups`]). Array
-//! parameters (`UNNEST`) carry the batch.
+//! parameters (`UNNEST`) carry the batch. Reads, acks, the duplicate lookup
+//! and the retention purge are planned at each execution, for the table as it
+//! is then (see [`fedmesh_common::postgres`]).
 
 mod wakeups;
 
@@ -126,6 +128,7 @@ impl PgMessageStore {
              WHERE recipient_id = $1 AND acked_at IS NULL AND sequence > $2 \
              ORDER BY sequence LIMIT $3",
         )
+        .persistent(false)
         .bind(recipient_id.to_string())
         .bind(i64::try_from(after_sequence).unwrap_or(i64::MAX))
         .bind(i64::from(limit))
@@ -149,6 +152,7 @@ impl PgMessageStore {
              WHERE recipient_id = $2 AND sequence = ANY($3) AND acked_at IS NULL \
              RETURNING sequence, message_id, sender_id, kind",
         )
+        .persistent(false)
         .bind(now_micros())
         .bind(recipient_id.to_string())
         .bind(sequences)
@@ -217,6 +221,7 @@ impl PgMessageStore {
                    ON sender_id = wanted.sender AND idempotency_key = wanted.key \
                  WHERE idempotency_key IS NOT NULL",
             )
+            .persistent(false)
             .bind(ids)
             .bind(key_senders)
             .bind(keys)
@@ -513,6 +518,7 @@ impl MessageStore for PgMessageStore {
              (SELECT message_id FROM messages WHERE acked_at IS NOT NULL AND acked_at < $1 \
               LIMIT $2 FOR UPDATE SKIP LOCKED)",
         )
+        .persistent(false)
         .bind(acked_before)
         .bind(i64::from(limit))
         .execute(&self.pool)
