@@ -104,7 +104,7 @@ impl RelayClients {
             }
         }
         Err(GatewayError::Unavailable(format!(
-            "region {region} cannot be reached ({last_failure}); nothing was stored, retry with the same idempotency key"
+            "region {region} cannot be reached ({last_failure}); retry with the same idempotency key (a retry is never stored twice)"
         ))
         .into())
     }
