@@ -49,3 +49,11 @@ impl CommitThread {
         async move { tasks.wait().await }
     }
 }
+
+impl Drop for CommitThread {
+    /// A gateway that failed to start never calls [`CommitThread::finished`]:
+    /// the thread still ends once the lanes spawned so far have ended.
+    fn drop(&mut self) {
+        self.tasks.close();
+    }
+}
