@@ -94,21 +94,25 @@ impl PgMessageStore {
         self.replicas.announcements()
     }
 
-    /// Runs `operation`, again on another connection if its connection was
-    /// lost; for operations that may be repeated.
-    async fn on_live_connection<T, Operation, Attempt>(
+    /// Runs `operation` until it succeeds, fails with an error `retriable`
+    /// does not accept, or has been tried `max_attempts` times. Each attempt
+    /// is told the error of the one before it, if any.
+    async fn with_retries<T, Operation, Attempt>(
         &self,
+        retriable: fn(&StoreError) -> bool,
         mut operation: Operation,
     ) -> Result<T, StoreError>
     where
-        Operation: FnMut() -> Attempt,
+        Operation: FnMut(Option<&StoreError>) -> Attempt,
         Attempt: std::future::Future<Output = Result<T, StoreError>>,
     {
         let mut attempt = 1;
+        let mut previous = None;
         loop {
-            match operation().await {
-                Err(error) if attempt < self.max_attempts && is_connection_loss(&error) => {
-                    tracing::debug!(%error, attempt, "connection lost, retrying");
+            match operation(previous.as_ref()).await {
+                Err(error) if attempt < self.max_attempts && retriable(&error) => {
+                    tracing::debug!(%error, attempt, "retrying");
+                    previous = Some(error);
                     attempt += 1;
                 }
                 outcome => return outcome,
@@ -468,32 +472,24 @@ fn inbox_message_from_row(row: &PgRow) -> Result<InboxMessage, StoreError> {
 #[async_trait::async_trait]
 impl MessageStore for PgMessageStore {
     async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
-        let mut attempt = 1;
         let mut connection_lost = false;
-        loop {
-            match self.try_insert_batch(messages, attempt > 1).await {
-                Err(error) if attempt < self.max_attempts && worth_retrying(&error) => {
-                    tracing::debug!(%error, attempt, "batch failed, retrying");
-                    connection_lost |= is_connection_loss(&error);
-                    attempt += 1;
+        let mut stored = self
+            .with_retries(worth_retrying, |previous| {
+                connection_lost |= previous.is_some_and(is_connection_loss);
+                self.try_insert_batch(messages, previous.is_some())
+            })
+            .await?;
+        if connection_lost {
+            // The attempt that lost its connection may have committed. Ids of
+            // messages sent in this region are fresh, so one found stored was
+            // stored by that attempt, not by an earlier send.
+            for (message, stored) in messages.iter().zip(&mut stored) {
+                if message.origin_region == self.region && stored.message_id == message.message_id {
+                    stored.duplicate = false;
                 }
-                Ok(mut stored) if connection_lost => {
-                    // The attempt that lost its connection may have
-                    // committed. Ids of messages sent in this region are
-                    // fresh, so one found stored was stored by that attempt,
-                    // not by an earlier send.
-                    for (message, stored) in messages.iter().zip(&mut stored) {
-                        if message.origin_region == self.region
-                            && stored.message_id == message.message_id
-                        {
-                            stored.duplicate = false;
-                        }
-                    }
-                    return Ok(stored);
-                }
-                outcome => return outcome,
             }
         }
+        Ok(stored)
     }
 
     async fn fetch_unacked(
@@ -502,14 +498,18 @@ impl MessageStore for PgMessageStore {
         after_sequence: u64,
         limit: u32,
     ) -> Result<Vec<InboxMessage>, StoreError> {
-        self.on_live_connection(|| self.fetch_unacked_once(recipient_id, after_sequence, limit))
-            .await
+        self.with_retries(is_connection_loss, |_| {
+            self.fetch_unacked_once(recipient_id, after_sequence, limit)
+        })
+        .await
     }
 
     async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError> {
         // Acking again what a lost attempt acked finds nothing left to ack.
-        self.on_live_connection(|| self.ack_once(recipient_id, sequences))
-            .await
+        self.with_retries(is_connection_loss, |_| {
+            self.ack_once(recipient_id, sequences)
+        })
+        .await
     }
 
     async fn purge_acked(&self, acked_before: i64, limit: u32) -> Result<u64, StoreError> {
