@@ -188,12 +188,12 @@ impl Shared {
             .shards
             .iter()
             .map(|(name, shard)| {
-                let (open, idle, max) = shard.store.pool_usage();
+                let usage = shard.store.pool_usage();
                 pb::ShardPool {
                     shard: name.clone(),
-                    open,
-                    idle,
-                    max,
+                    open: usage.open,
+                    idle: usage.idle,
+                    max: usage.max,
                 }
             })
             .collect();

@@ -43,6 +43,40 @@ pub async fn open_store(
     }
 }
 
+/// Connections of a store to its database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Connections open now.
+    pub open: u32,
+    /// Open connections not in use.
+    pub idle: u32,
+    /// Most connections the store opens.
+    pub max: u32,
+}
+
+impl PoolUsage {
+    /// The connections of `pool`.
+    pub fn of<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> Self {
+        PoolUsage {
+            open: pool.size(),
+            idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+            max: pool.options().get_max_connections(),
+        }
+    }
+}
+
+impl std::ops::Add for PoolUsage {
+    type Output = PoolUsage;
+
+    fn add(self, other: PoolUsage) -> PoolUsage {
+        PoolUsage {
+            open: self.open.saturating_add(other.open),
+            idle: self.idle.saturating_add(other.idle),
+            max: self.max.saturating_add(other.max),
+        }
+    }
+}
+
 /// One shard's message store.
 #[async_trait::async_trait]
 pub trait MessageStore: Send + Sync + 'static {
@@ -73,8 +107,8 @@ pub trait MessageStore: Send + Sync + 'static {
     /// This shard's outbox, for the outbox relay.
     fn outbox(&self) -> Arc<dyn Outbox>;
 
-    /// The store's connections: (open, idle, max), all its pools together.
-    fn pool_usage(&self) -> (u32, u32, u32);
+    /// The store's connections, all its pools together.
+    fn pool_usage(&self) -> PoolUsage;
 
     /// How many batches may usefully commit at once: 1 for a store with a
     /// single writer lock (SQLite).

@@ -9,7 +9,7 @@ use fedmesh_common::time::now_micros;
 use sqlx::Row;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 
-use super::MessageStore;
+use super::{MessageStore, PoolUsage};
 use crate::error::StoreError;
 use crate::message::{InboxMessage, Message, Stored};
 
@@ -194,13 +194,8 @@ impl MessageStore for SqliteMessageStore {
         Ok(deleted.rows_affected())
     }
 
-    fn pool_usage(&self) -> (u32, u32, u32) {
-        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
-        (
-            self.pool.size(),
-            idle,
-            self.pool.options().get_max_connections(),
-        )
+    fn pool_usage(&self) -> PoolUsage {
+        PoolUsage::of(&self.pool)
     }
 
     fn outbox(&self) -> Arc<dyn Outbox> {

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::wakeups::Replicas;
-use super::MessageStore;
+use super::{MessageStore, PoolUsage};
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::message::{InboxMessage, Message, Stored};
@@ -526,21 +526,8 @@ impl MessageStore for PgMessageStore {
         Ok(deleted.rows_affected())
     }
 
-    fn pool_usage(&self) -> (u32, u32, u32) {
-        let usage = |pool: &PgPool| {
-            (
-                pool.size(),
-                u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
-                pool.options().get_max_connections(),
-            )
-        };
-        let (open, idle, max) = usage(&self.pool);
-        let (writers_open, writers_idle, writers_max) = usage(&self.write_pool);
-        (
-            open.saturating_add(writers_open),
-            idle.saturating_add(writers_idle),
-            max.saturating_add(writers_max),
-        )
+    fn pool_usage(&self) -> PoolUsage {
+        PoolUsage::of(&self.pool) + PoolUsage::of(&self.write_pool)
     }
 
     fn outbox(&self) -> Arc<dyn Outbox> {
