@@ -28,13 +28,10 @@ pub enum BenchCommand {
     Health(BenchHealthArgs),
 }
 
-/// `fedmesh bench health`.
+/// How a closed-loop benchmark loads its target: `concurrency` calls in
+/// flight, each worker issuing its next call when the previous one answered.
 #[derive(Debug, Args)]
-pub struct BenchHealthArgs {
-    /// Agency whose home gateway to call, found through the coordinator
-    /// (`--gateway` names a gateway directly).
-    #[arg(long, default_value = "bench-sender")]
-    pub agency: String,
+pub struct LoadArgs {
     /// Calls in flight at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -52,6 +49,27 @@ pub struct BenchHealthArgs {
     pub json_out: Option<PathBuf>,
 }
 
+impl LoadArgs {
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.concurrency > 0 && self.connections > 0,
+            "--concurrency and --connections must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+/// `fedmesh bench health`.
+#[derive(Debug, Args)]
+pub struct BenchHealthArgs {
+    /// Agency whose home gateway to call, found through the coordinator
+    /// (`--gateway` names a gateway directly).
+    #[arg(long, default_value = "bench-sender")]
+    pub agency: String,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
 /// `fedmesh bench send`.
 #[derive(Debug, Args)]
 pub struct BenchSendArgs {
@@ -67,24 +85,11 @@ pub struct BenchSendArgs {
     /// Home region of the recipient; another region than `--region` measures relays.
     #[arg(long)]
     pub recipient_region: Option<String>,
-    /// Sends in flight at once.
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
-    /// HTTP/2 connections the sends are spread over.
-    #[arg(long, default_value_t = 4)]
-    pub connections: usize,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 256)]
     pub size: usize,
-    /// Stop after this many sends (instead of after --duration).
-    #[arg(long)]
-    pub count: Option<u64>,
-    /// How long to send, in seconds, when no --count is given.
-    #[arg(long, default_value_t = 10)]
-    pub duration: u64,
-    /// Also write the result as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub json_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 /// `fedmesh bench receive`.
@@ -154,14 +159,6 @@ fn millis(histogram: &Histogram<u64>, quantile: f64) -> f64 {
     histogram.value_at_quantile(quantile) as f64 / 1000.0
 }
 
-/// How a closed-loop benchmark loads its target: `concurrency` calls in
-/// flight, each worker issuing its next call when the previous one answered.
-struct Load {
-    concurrency: usize,
-    count: Option<u64>,
-    duration: Duration,
-}
-
 /// One call of a benchmark, issued again and again by a worker.
 type Call = Box<dyn FnMut() -> BoxFuture<'static, Result<(), tonic::Status>> + Send>;
 
@@ -212,12 +209,16 @@ impl Measured {
 
 /// Runs `load` with one [`Call`] per worker from `call_for(worker)`, with a
 /// progress bar; latency is recorded per answered call.
-async fn drive(load: &Load, mut call_for: impl FnMut(usize) -> Call) -> anyhow::Result<Measured> {
+async fn drive(
+    load: &LoadArgs,
+    mut call_for: impl FnMut(usize) -> Call,
+) -> anyhow::Result<Measured> {
+    let duration = Duration::from_secs(load.duration);
     let issued = Arc::new(AtomicU64::new(0));
     let completed = Arc::new(AtomicU64::new(0));
-    let bar = progress(load.count, load.duration);
+    let bar = progress(load.count, duration);
     let started = Instant::now();
-    let deadline = started + load.duration;
+    let deadline = started + duration;
     let mut workers = tokio::task::JoinSet::new();
     for worker in 0..load.concurrency {
         let mut call = call_for(worker);
@@ -297,12 +298,11 @@ async fn drive(load: &Load, mut call_for: impl FnMut(usize) -> Call) -> anyhow::
     })
 }
 
-fn check_load(concurrency: usize, connections: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        concurrency > 0 && connections > 0,
-        "--concurrency and --connections must be at least 1"
-    );
-    Ok(())
+/// One lazily connected channel per connection of `load`.
+fn channels(url: &str, load: &LoadArgs) -> anyhow::Result<Vec<tonic::transport::Channel>> {
+    (0..load.connections)
+        .map(|_| Ok(fedmesh_common::server::lazy_channel(url)?))
+        .collect()
 }
 
 fn write_json(path: &std::path::Path, result: &serde_json::Value) -> anyhow::Result<()> {
@@ -315,7 +315,7 @@ async fn send(
     args: BenchSendArgs,
     out: &mut (dyn std::io::Write + Send),
 ) -> anyhow::Result<()> {
-    check_load(args.concurrency, args.connections)?;
+    args.load.check()?;
     let recipient_region = args
         .recipient_region
         .clone()
@@ -324,14 +324,12 @@ async fn send(
     ensure_agency(endpoints, &args.recipient, &recipient_region).await?;
     let url = endpoints.gateway_url_for(&args.sender).await?;
     let identity = AttachIdentity::new(&Identity::Agency(args.sender.clone()));
-    let mut clients = Vec::new();
-    for _ in 0..args.connections {
-        let channel = fedmesh_common::server::lazy_channel(&url)?;
-        clients.push(pb::exchange_client::ExchangeClient::with_interceptor(
-            channel,
-            identity.clone(),
-        ));
-    }
+    let clients: Vec<_> = channels(&url, &args.load)?
+        .into_iter()
+        .map(|channel| {
+            pb::exchange_client::ExchangeClient::with_interceptor(channel, identity.clone())
+        })
+        .collect();
     let request = pb::SendRequest {
         sender_id: args.sender.clone(),
         recipient_id: args.recipient.clone(),
@@ -340,12 +338,7 @@ async fn send(
         headers: Default::default(),
         idempotency_key: None,
     };
-    let load = Load {
-        concurrency: args.concurrency,
-        count: args.count,
-        duration: Duration::from_secs(args.duration),
-    };
-    let measured = drive(&load, |worker| {
+    let measured = drive(&args.load, |worker| {
         let client = clients[worker % clients.len()].clone();
         let request = request.clone();
         Box::new(move || {
@@ -364,14 +357,14 @@ async fn send(
         args.size,
         args.recipient,
         recipient_region,
-        args.concurrency,
-        args.connections,
+        args.load.concurrency,
+        args.load.connections,
         measured.elapsed.as_secs_f64()
     )?;
     writeln!(out, "  throughput  {rate:.0} messages/s")?;
     writeln!(out, "{}", measured.latency_line())?;
     measured.write_errors(out)?;
-    if let Some(path) = &args.json_out {
+    if let Some(path) = &args.load.json_out {
         write_json(
             path,
             &json!({
@@ -380,8 +373,8 @@ async fn send(
                 "messages": sent,
                 "errors": measured.errors,
                 "payload_bytes": args.size,
-                "concurrency": args.concurrency,
-                "connections": args.connections,
+                "concurrency": args.load.concurrency,
+                "connections": args.load.connections,
                 "elapsed_seconds": measured.elapsed.as_secs_f64(),
                 "messages_per_second": rate,
                 "latency_ms": measured.latency_json(),
@@ -396,19 +389,13 @@ async fn health(
     args: BenchHealthArgs,
     out: &mut (dyn std::io::Write + Send),
 ) -> anyhow::Result<()> {
-    check_load(args.concurrency, args.connections)?;
+    args.load.check()?;
     let url = endpoints.gateway_url_for(&args.agency).await?;
-    let mut clients = Vec::new();
-    for _ in 0..args.connections {
-        let channel = fedmesh_common::server::lazy_channel(&url)?;
-        clients.push(tonic_health::pb::health_client::HealthClient::new(channel));
-    }
-    let load = Load {
-        concurrency: args.concurrency,
-        count: args.count,
-        duration: Duration::from_secs(args.duration),
-    };
-    let measured = drive(&load, |worker| {
+    let clients: Vec<_> = channels(&url, &args.load)?
+        .into_iter()
+        .map(tonic_health::pb::health_client::HealthClient::new)
+        .collect();
+    let measured = drive(&args.load, |worker| {
         let client = clients[worker % clients.len()].clone();
         Box::new(move || {
             let mut client = client.clone();
@@ -426,14 +413,14 @@ async fn health(
     writeln!(
         out,
         "bench health: {calls} health checks of {url}, concurrency {}, {} connections, {:.1} s",
-        args.concurrency,
-        args.connections,
+        args.load.concurrency,
+        args.load.connections,
         measured.elapsed.as_secs_f64()
     )?;
     writeln!(out, "  throughput  {rate:.0} calls/s")?;
     writeln!(out, "{}", measured.latency_line())?;
     measured.write_errors(out)?;
-    if let Some(path) = &args.json_out {
+    if let Some(path) = &args.load.json_out {
         write_json(
             path,
             &json!({
@@ -441,8 +428,8 @@ async fn health(
                 "target": url,
                 "calls": calls,
                 "errors": measured.errors,
-                "concurrency": args.concurrency,
-                "connections": args.connections,
+                "concurrency": args.load.concurrency,
+                "connections": args.load.connections,
                 "elapsed_seconds": measured.elapsed.as_secs_f64(),
                 "calls_per_second": rate,
                 "latency_ms": measured.latency_json(),
