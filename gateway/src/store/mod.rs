@@ -43,6 +43,40 @@ pub async fn open_store(
     }
 }
 
+/// A stored sequence, which is never negative.
+fn to_sequence(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative sequence {value}")))
+}
+
+/// A `messages` row (with its `headers` as a JSON object) as an inbox
+/// message, on either backend.
+fn inbox_message_from_row<R>(row: &R) -> Result<InboxMessage, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let headers: String = row.try_get("headers")?;
+    Ok(InboxMessage {
+        sequence: to_sequence(row.try_get("sequence")?)?,
+        message: Message {
+            message_id: row.try_get("message_id")?,
+            sender_id: row.try_get("sender_id")?,
+            recipient_id: row.try_get("recipient_id")?,
+            kind: row.try_get("kind")?,
+            payload: row.try_get("payload")?,
+            headers: serde_json::from_str(&headers)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            origin_region: row.try_get("origin_region")?,
+            accepted_at_micros: row.try_get("accepted_at")?,
+        },
+    })
+}
+
 /// Connections of a store to its database.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolUsage {

@@ -1,15 +1,14 @@
 //! A shard on SQLite (WAL, synchronous=FULL): the dev mesh's store.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox};
 use fedmesh_common::sqlite::{SqliteOutbox, begin_write, insert_event, open_pool};
 use fedmesh_common::time::now_micros;
 use sqlx::Row;
-use sqlx::sqlite::{SqlitePool, SqliteRow};
+use sqlx::sqlite::SqlitePool;
 
-use super::{MessageStore, PoolUsage};
+use super::{MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
 use crate::error::StoreError;
 use crate::message::{InboxMessage, Message, Stored};
 
@@ -33,32 +32,8 @@ impl SqliteMessageStore {
     }
 }
 
-fn to_sequence(value: i64) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative sequence {value}")))
-}
-
 fn to_sql_sequence(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn inbox_message_from_row(row: &SqliteRow) -> Result<InboxMessage, StoreError> {
-    let headers: String = row.try_get("headers")?;
-    let headers: BTreeMap<String, String> =
-        serde_json::from_str(&headers).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-    Ok(InboxMessage {
-        sequence: to_sequence(row.try_get("sequence")?)?,
-        message: Message {
-            message_id: row.try_get("message_id")?,
-            sender_id: row.try_get("sender_id")?,
-            recipient_id: row.try_get("recipient_id")?,
-            kind: row.try_get("kind")?,
-            payload: row.try_get("payload")?,
-            headers,
-            idempotency_key: row.try_get("idempotency_key")?,
-            origin_region: row.try_get("origin_region")?,
-            accepted_at_micros: row.try_get("accepted_at")?,
-        },
-    })
 }
 
 #[async_trait::async_trait]

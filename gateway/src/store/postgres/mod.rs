@@ -17,12 +17,12 @@ use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox}
 use fedmesh_common::postgres::{PgOutbox, insert_events, pool_options};
 use fedmesh_common::time::now_micros;
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::wakeups::Replicas;
-use super::{MessageStore, PoolUsage};
+use super::{MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::message::{InboxMessage, Message, Stored};
@@ -420,10 +420,6 @@ fn column<T>(messages: &[&Message], field: impl Fn(&Message) -> T) -> Vec<T> {
     messages.iter().map(|message| field(message)).collect()
 }
 
-fn to_sequence(value: i64) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative sequence {value}")))
-}
-
 /// Whether a failed batch may be tried again: it lost a race with another
 /// writer, or its connection was lost. The next attempt looks up every id,
 /// so what the failed one committed is not stored twice.
@@ -448,25 +444,6 @@ fn is_connection_loss(error: &StoreError) -> bool {
             .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")),
         _ => false,
     }
-}
-
-fn inbox_message_from_row(row: &PgRow) -> Result<InboxMessage, StoreError> {
-    let headers: String = row.try_get("headers")?;
-    Ok(InboxMessage {
-        sequence: to_sequence(row.try_get("sequence")?)?,
-        message: Message {
-            message_id: row.try_get("message_id")?,
-            sender_id: row.try_get("sender_id")?,
-            recipient_id: row.try_get("recipient_id")?,
-            kind: row.try_get("kind")?,
-            payload: row.try_get("payload")?,
-            headers: serde_json::from_str(&headers)
-                .map_err(|error| StoreError::Corrupt(error.to_string()))?,
-            idempotency_key: row.try_get("idempotency_key")?,
-            origin_region: row.try_get("origin_region")?,
-            accepted_at_micros: row.try_get("accepted_at")?,
-        },
-    })
 }
 
 #[async_trait::async_trait]
