@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::client::{Endpoints, rpc_error};
 use crate::dev::{DEFAULT_BASE_PORT, DevMesh, DevOptions};
+use crate::signal::wait_for_signal;
 
 /// fedmesh: durable, exactly-once messaging between agencies across regions.
 ///
@@ -245,6 +246,7 @@ async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> 
         data_dir: args.data_dir.clone(),
         base_port: Some(args.base_port),
         shard_urls,
+        tune_gateway: None,
     })
     .await?;
     writeln!(
@@ -266,29 +268,6 @@ async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> 
         shutdown.cancel();
     });
     mesh.wait().await
-}
-
-/// Resolves on Ctrl-C or, on Unix, SIGTERM.
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 fn agency_json(agency: &pb::Agency) -> serde_json::Value {

@@ -28,7 +28,7 @@ pub const DEV_REGIONS: [&str; 3] = ["east", "west", "central"];
 pub const DEFAULT_BASE_PORT: u16 = 50051;
 
 /// How to start a dev mesh.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DevOptions {
     /// Folder of the SQLite files; created if missing.
     pub data_dir: PathBuf,
@@ -39,6 +39,23 @@ pub struct DevOptions {
     /// Database URLs of shards (`east-1`, `west-1`, `central-1`) that are
     /// not to be SQLite files in `data_dir`, e.g. PostgreSQL databases.
     pub shard_urls: std::collections::HashMap<String, String>,
+    /// Changes to every gateway's settings (tests tune limits with it).
+    pub tune_gateway: Option<TuneGateway>,
+}
+
+/// A change to a gateway's settings before it starts.
+pub type TuneGateway = Arc<dyn Fn(&mut GatewayConfig) + Send + Sync>;
+
+impl std::fmt::Debug for DevOptions {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("DevOptions")
+            .field("data_dir", &self.data_dir)
+            .field("base_port", &self.base_port)
+            .field("shard_urls", &self.shard_urls)
+            .field("tune_gateway", &self.tune_gateway.is_some())
+            .finish()
+    }
 }
 
 /// A running dev mesh.
@@ -52,8 +69,10 @@ pub struct DevMesh {
     shutdown: CancellationToken,
     coordinator_shutdown: CancellationToken,
     topologies: Vec<watch::Receiver<Arc<Topology>>>,
+    open_streams: Vec<watch::Receiver<usize>>,
     components: JoinSet<(String, anyhow::Result<()>)>,
     bus: InProcessBus,
+    tune_gateway: Option<TuneGateway>,
 }
 
 /// What one gateway of the dev mesh is started with.
@@ -62,17 +81,18 @@ struct GatewayStart {
     region: String,
     shard: ShardConfig,
     coordinator_url: String,
+    tune: Option<TuneGateway>,
 }
 
 /// Starts a gateway in dev mode and adds it to `components`; returns its
-/// topology.
+/// topology and its count of open streams.
 async fn spawn_gateway(
     gateway: GatewayStart,
     listener: TcpListener,
     bus: &InProcessBus,
     shutdown: &CancellationToken,
     components: &mut JoinSet<(String, anyhow::Result<()>)>,
-) -> anyhow::Result<watch::Receiver<Arc<Topology>>> {
+) -> anyhow::Result<(watch::Receiver<Arc<Topology>>, watch::Receiver<usize>)> {
     let mut config = GatewayConfig::new(
         gateway.gateway_id.clone(),
         gateway.region,
@@ -80,10 +100,14 @@ async fn spawn_gateway(
         gateway.coordinator_url,
     );
     config.identity_mode = IdentityMode::DevHeader;
+    if let Some(tune) = &gateway.tune {
+        tune(&mut config);
+    }
     let running = fedmesh_gateway::start(config, listener, Arc::new(bus.clone()), shutdown.clone())
         .await
         .with_context(|| format!("cannot start gateway {}", gateway.gateway_id))?;
     let topology = running.topology.clone();
+    let open_streams = running.open_streams.clone();
     let name = format!("gateway {}", gateway.gateway_id);
     components.spawn(async move {
         let outcome = match running.stopped.await {
@@ -92,7 +116,7 @@ async fn spawn_gateway(
         };
         (name, outcome)
     });
-    Ok(topology)
+    Ok((topology, open_streams))
 }
 
 async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
@@ -176,6 +200,7 @@ impl DevMesh {
 
         let mut gateway_urls = Vec::new();
         let mut topologies: Vec<watch::Receiver<Arc<Topology>>> = Vec::new();
+        let mut open_streams = Vec::new();
         for (region, listener) in gateway_listeners {
             let shard = format!("{region}-1");
             let shard_url = options
@@ -188,11 +213,13 @@ impl DevMesh {
                 region: region.to_string(),
                 shard: ShardConfig::new(shard, shard_url),
                 coordinator_url: coordinator_url.clone(),
+                tune: options.tune_gateway.clone(),
             };
             gateway_urls.push((region.to_string(), url_of(&listener)?));
-            let topology =
+            let (topology, streams) =
                 spawn_gateway(gateway, listener, &bus, &shutdown, &mut components).await?;
             topologies.push(topology);
+            open_streams.push(streams);
         }
 
         let notifier_url = url_of(&notifier_listener)?;
@@ -201,6 +228,7 @@ impl DevMesh {
         let notifier_shutdown = shutdown.clone();
         let notifier_config = NotifierConfig {
             identity_mode: IdentityMode::DevHeader,
+            ..NotifierConfig::default()
         };
         components.spawn(async move {
             let outcome = fedmesh_notifier::run(
@@ -221,8 +249,10 @@ impl DevMesh {
             shutdown,
             coordinator_shutdown: coordinator_stop,
             topologies: topologies.clone(),
+            open_streams,
             components,
             bus,
+            tune_gateway: options.tune_gateway.clone(),
         };
         if let Err(error) = mesh.wait_ready(topologies).await {
             mesh.shutdown.cancel();
@@ -279,8 +309,9 @@ impl DevMesh {
             region: region.to_string(),
             shard,
             coordinator_url: self.coordinator_url.clone(),
+            tune: self.tune_gateway.clone(),
         };
-        let mut topology = spawn_gateway(
+        let (mut topology, _) = spawn_gateway(
             gateway,
             listener,
             &self.bus,
@@ -306,6 +337,15 @@ impl DevMesh {
             .iter()
             .position(|(name, _)| name == region)?;
         self.topologies.get(index).cloned()
+    }
+
+    /// The number of inboxes the gateway of `region` streams, as it changes.
+    pub fn gateway_open_streams(&self, region: &str) -> Option<watch::Receiver<usize>> {
+        let index = self
+            .gateway_urls
+            .iter()
+            .position(|(name, _)| name == region)?;
+        self.open_streams.get(index).cloned()
     }
 
     /// Stops only the coordinator, as when it becomes unreachable; the

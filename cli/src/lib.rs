@@ -8,3 +8,4 @@ pub mod cli;
 pub mod client;
 pub mod dev;
 pub mod serve;
+pub mod signal;

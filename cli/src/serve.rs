@@ -15,9 +15,8 @@ use fedmesh_common::identity::IdentityMode;
 use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};
 use fedmesh_gateway::{GatewayConfig, ShardConfig};
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
-use crate::cli::wait_for_signal;
+use crate::signal::stop_on_signal;
 
 /// `fedmesh coordinator`.
 #[derive(Debug, Args)]
@@ -173,17 +172,6 @@ async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))
-}
-
-fn stop_on_signal() -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("stopping: closing streams and finishing writes");
-        trigger.cancel();
-    });
-    shutdown
 }
 
 /// The coordinator configuration and listen address `args` and its file give.

@@ -1,9 +1,14 @@
 //! Error kinds and the mapping to gRPC statuses.
 //!
 //! Every service error enum implements [`ServiceError`]; [`to_status`] is the
-//! only function in fedmesh that turns such an error into a `tonic::Status`.
-//! Internal errors never leak their text to the caller: they are logged with
-//! an error id and the caller gets the id.
+//! only function in fedmesh that builds a `tonic::Status` (clippy's
+//! `disallowed-methods` in `clippy.toml` refuses the constructors elsewhere).
+//! What a caller reads is the error's `Display` text, which names what to
+//! fix. Internal errors, and the underlying cause of any error (its
+//! `source()`: a database or I/O failure), never reach the caller: they are
+//! logged with an error id, and the caller gets the id.
+
+use std::time::Duration;
 
 use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
@@ -19,12 +24,17 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The caller may not do this.
     PermissionDenied,
-    /// A limit was hit (size, rate, window).
+    /// The caller could not be identified.
+    Unauthenticated,
+    /// A limit was hit (size, rate, streams).
     ResourceExhausted,
-    /// The system is not in a state where this can be done (wrong region...).
+    /// The system is not in a state where this can be done (wrong region,
+    /// an idempotency key that names another message...).
     FailedPrecondition,
     /// The call was cut short by a newer one (inbox stream takeover).
     Aborted,
+    /// The caller's deadline passed before the work was done.
+    DeadlineExceeded,
     /// Temporarily impossible; retrying later may work.
     Unavailable,
     /// A bug or an unexpected failure of a dependency.
@@ -39,22 +49,74 @@ impl ErrorKind {
             ErrorKind::NotFound => Code::NotFound,
             ErrorKind::AlreadyExists => Code::AlreadyExists,
             ErrorKind::PermissionDenied => Code::PermissionDenied,
+            ErrorKind::Unauthenticated => Code::Unauthenticated,
             ErrorKind::ResourceExhausted => Code::ResourceExhausted,
             ErrorKind::FailedPrecondition => Code::FailedPrecondition,
             ErrorKind::Aborted => Code::Aborted,
+            ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
             ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::Internal => Code::Internal,
         }
     }
+
+    /// The kind of a status another component answered with, to pass its
+    /// meaning on (a relayed message's result).
+    pub fn of_code(code: Code) -> ErrorKind {
+        match code {
+            Code::InvalidArgument | Code::OutOfRange => ErrorKind::InvalidArgument,
+            Code::NotFound => ErrorKind::NotFound,
+            Code::AlreadyExists => ErrorKind::AlreadyExists,
+            Code::PermissionDenied => ErrorKind::PermissionDenied,
+            Code::Unauthenticated => ErrorKind::Unauthenticated,
+            Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+            Code::FailedPrecondition | Code::Unimplemented => ErrorKind::FailedPrecondition,
+            Code::Aborted => ErrorKind::Aborted,
+            Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            Code::Unavailable | Code::Cancelled | Code::Unknown => ErrorKind::Unavailable,
+            Code::Ok | Code::Internal | Code::DataLoss => ErrorKind::Internal,
+        }
+    }
+}
+
+/// The name gRPC gives `code`, as callers see it spelled everywhere in
+/// fedmesh: `INVALID_ARGUMENT`, `NOT_FOUND`...
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 /// Implemented by each role's error enum.
+///
+/// The `Display` text is what the caller reads: it says what went wrong
+/// and what to do, and never embeds the `source()`, which is logged only.
 pub trait ServiceError: std::error::Error {
     /// The kind of this error.
     fn kind(&self) -> ErrorKind;
 
     /// For invalid arguments: the request field at fault.
     fn field(&self) -> Option<&str> {
+        None
+    }
+
+    /// For limits and temporary failures: when a retry may succeed.
+    fn retry_after(&self) -> Option<Duration> {
         None
     }
 }
@@ -89,26 +151,53 @@ impl ServiceError for InvalidField {
     }
 }
 
+/// The causes of `error`, outermost first, joined for a log line.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
 /// Builds the status a caller sees for `error`.
 ///
-/// Invalid arguments carry a `BadRequest` field violation; internal errors
-/// are logged with an id that the caller receives instead of the text.
+/// Invalid arguments carry a `BadRequest` field violation and limits a
+/// `RetryInfo`; internal errors and the causes of others are logged with an
+/// id that the caller receives instead of their text.
+#[allow(clippy::disallowed_methods)]
 pub fn to_status(error: &dyn ServiceError) -> tonic::Status {
     let kind = error.kind();
-    match kind {
-        ErrorKind::Internal => {
+    let message = match (kind, error.source()) {
+        (ErrorKind::Internal, _) => {
             let error_id = uuid::Uuid::now_v7();
-            tracing::error!(%error_id, error = %error, "internal error");
-            tonic::Status::internal(format!("internal error, id {error_id}"))
+            tracing::error!(%error_id, error = %error, cause = error.source().map(causes), "internal error");
+            format!("internal error, id {error_id}")
         }
-        ErrorKind::InvalidArgument => match error.field() {
-            Some(field) => {
-                let details = ErrorDetails::with_bad_request_violation(field, error.to_string());
-                tonic::Status::with_error_details(kind.grpc_code(), error.to_string(), details)
-            }
-            None => tonic::Status::invalid_argument(error.to_string()),
-        },
-        _ => tonic::Status::new(kind.grpc_code(), error.to_string()),
+        (_, Some(cause)) => {
+            let error_id = uuid::Uuid::now_v7();
+            tracing::warn!(%error_id, error = %error, cause = %causes(cause), "request failed");
+            format!("{error} (error id {error_id})")
+        }
+        (_, None) => error.to_string(),
+    };
+    let mut details = ErrorDetails::new();
+    let mut has_details = false;
+    if let (ErrorKind::InvalidArgument, Some(field)) = (kind, error.field()) {
+        details.add_bad_request_violation(field, error.to_string());
+        has_details = true;
+    }
+    if let Some(delay) = error.retry_after() {
+        details.set_retry_info(Some(delay));
+        has_details = true;
+    }
+    if has_details {
+        tonic::Status::with_error_details(kind.grpc_code(), message, details)
+    } else {
+        tonic::Status::new(kind.grpc_code(), message)
     }
 }
 
@@ -126,6 +215,23 @@ mod tests {
         }
     }
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("shard east-1 could not commit; retry")]
+    struct Unavailable {
+        #[source]
+        cause: std::io::Error,
+    }
+
+    impl ServiceError for Unavailable {
+        fn kind(&self) -> ErrorKind {
+            ErrorKind::Unavailable
+        }
+
+        fn retry_after(&self) -> Option<Duration> {
+            Some(Duration::from_secs(2))
+        }
+    }
+
     #[test]
     fn internal_errors_do_not_leak_their_text() {
         let status = to_status(&Boom);
@@ -135,11 +241,46 @@ mod tests {
     }
 
     #[test]
+    fn causes_are_logged_not_sent() {
+        let error = Unavailable {
+            cause: std::io::Error::other("connection to 10.0.0.7:5432 reset"),
+        };
+        let status = to_status(&error);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status
+                .message()
+                .starts_with("shard east-1 could not commit; retry (error id "),
+            "{}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains("10.0.0.7"),
+            "{}",
+            status.message()
+        );
+        let retry = status.get_error_details().retry_info().cloned();
+        assert_eq!(
+            retry.and_then(|info| info.retry_delay),
+            Some(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
     fn invalid_fields_carry_a_bad_request_violation() {
         let status = to_status(&InvalidField::new("kind", "must not be empty"));
         assert_eq!(status.code(), Code::InvalidArgument);
         let details = status.get_error_details();
         let bad_request = details.bad_request().expect("bad request details");
         assert_eq!(bad_request.field_violations[0].field, "kind");
+    }
+
+    #[test]
+    fn codes_are_spelled_as_grpc_names_them() {
+        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(Code::Unauthenticated), "UNAUTHENTICATED");
+        for kind in [ErrorKind::NotFound, ErrorKind::Aborted, ErrorKind::Internal] {
+            assert_eq!(ErrorKind::of_code(kind.grpc_code()), kind);
+        }
     }
 }

@@ -94,55 +94,84 @@ impl IdentityInterceptor {
     }
 }
 
-impl tonic::service::Interceptor for IdentityInterceptor {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
+/// Why a caller could not be identified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The component has no means of authentication configured.
+    #[error("this component has no authentication configured")]
+    NotConfigured,
+    /// Dev identity headers come only from loopback.
+    #[error("identity headers are accepted only from loopback in dev mode")]
+    NotLoopback,
+    /// The header is missing.
+    #[error("missing {IDENTITY_HEADER} header (e.g. agency/<id> or operator/<name>)")]
+    Missing,
+    /// The header is not an identity.
+    #[error(
+        "{IDENTITY_HEADER} {0:?} is not agency/<id>, gateway/<region>, coordinator, notifier or operator/<name>"
+    )]
+    Malformed(String),
+    /// The request passed no identity check (a server without the interceptor).
+    #[error("caller identity unknown")]
+    Unknown,
+}
+
+impl crate::error::ServiceError for IdentityError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Unauthenticated
+    }
+}
+
+impl From<IdentityError> for tonic::Status {
+    fn from(error: IdentityError) -> Self {
+        crate::error::to_status(&error)
+    }
+}
+
+impl IdentityInterceptor {
+    fn identify<T>(&self, request: &tonic::Request<T>) -> Result<Identity, IdentityError> {
         match self.mode {
-            IdentityMode::Refuse => Err(tonic::Status::unauthenticated(
-                "this component has no authentication configured",
-            )),
+            IdentityMode::Refuse => Err(IdentityError::NotConfigured),
             IdentityMode::DevHeader => {
                 let from_loopback = request
                     .remote_addr()
                     .is_some_and(|address| address.ip().is_loopback());
                 if !from_loopback {
-                    return Err(tonic::Status::unauthenticated(
-                        "identity headers are accepted only from loopback in dev mode",
-                    ));
+                    return Err(IdentityError::NotLoopback);
                 }
                 let header = request
                     .metadata()
                     .get(IDENTITY_HEADER)
-                    .ok_or_else(|| {
-                        tonic::Status::unauthenticated(format!(
-                            "missing {IDENTITY_HEADER} header (e.g. agency/<id> or operator/<name>)"
-                        ))
-                    })?
-                    .to_str()
-                    .map_err(|_| {
-                        tonic::Status::unauthenticated(format!("{IDENTITY_HEADER} is not ASCII"))
-                    })?;
-                let identity = Identity::parse(header).ok_or_else(|| {
-                    tonic::Status::unauthenticated(format!(
-                        "{IDENTITY_HEADER} {header:?} is not agency/<id>, gateway/<region>, coordinator, notifier or operator/<name>"
-                    ))
+                    .ok_or(IdentityError::Missing)?;
+                let text = header.to_str().map_err(|_| {
+                    IdentityError::Malformed(
+                        String::from_utf8_lossy(header.as_bytes()).into_owned(),
+                    )
                 })?;
-                request.extensions_mut().insert(identity);
-                Ok(request)
+                Identity::parse(text).ok_or_else(|| IdentityError::Malformed(text.to_string()))
             }
         }
     }
 }
 
+impl tonic::service::Interceptor for IdentityInterceptor {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let identity = self.identify(&request)?;
+        request.extensions_mut().insert(identity);
+        Ok(request)
+    }
+}
+
 /// The identity [`IdentityInterceptor`] stored for this request.
-pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, tonic::Status> {
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, IdentityError> {
     request
         .extensions()
         .get::<Identity>()
         .cloned()
-        .ok_or_else(|| tonic::Status::unauthenticated("caller identity unknown"))
+        .ok_or(IdentityError::Unknown)
 }
 
 /// Client side: attaches an identity to every outgoing call (dev mode).

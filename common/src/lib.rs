@@ -10,6 +10,7 @@
 //! - [`server`]: health, reflection and graceful serving for every role.
 //! - [`postgres`]: the outbox on PostgreSQL.
 //! - [`sqlite`]: durable SQLite pools and the outbox they share.
+//! - [`store`]: the error every store fails with; which backend a URL names.
 //! - [`time`]: timestamps as stored and as sent.
 //!
 //! Architecture Invariant: this crate depends on no role crate.
@@ -20,6 +21,7 @@ pub mod identity;
 pub mod postgres;
 pub mod server;
 pub mod sqlite;
+pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;

@@ -1,16 +1,135 @@
 //! Serving a role's gRPC services: every server also answers
-//! `grpc.health.v1` and server reflection, and stops gracefully when its
-//! shutdown token is cancelled (streams are ended by their handlers, unary
-//! calls in flight finish).
+//! `grpc.health.v1` and server reflection, bounds what one connection and
+//! one request may hold, notices clients that vanished (HTTP/2 and TCP
+//! keepalive), and stops gracefully when its shutdown token is cancelled
+//! (streams are ended by their handlers, unary calls in flight finish).
+//!
+//! A request message over the server's size limit is refused before it is
+//! read, with the status the role builds for it (naming the limit that
+//! applies), instead of the codec's "message length too large".
 
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body as _, Frame};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
 use tonic::service::Routes;
+
+/// Builds the status for a request message of the given size over the limit.
+pub type RefuseOversized = Arc<dyn Fn(usize) -> tonic::Status + Send + Sync>;
+
+/// How a server bounds and watches its connections.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Largest request message read; larger ones get `refuse_oversized`.
+    pub max_request_bytes: usize,
+    /// The status of a request over `max_request_bytes`.
+    pub refuse_oversized: RefuseOversized,
+    /// Most concurrent calls (HTTP/2 streams) per connection.
+    pub max_concurrent_streams: u32,
+    /// How often an idle connection is pinged (HTTP/2 PING).
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// Idle time before TCP keepalive probes start.
+    pub tcp_keepalive: Duration,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ServeOptions")
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_concurrent_streams", &self.max_concurrent_streams)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("tcp_keepalive", &self.tcp_keepalive)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a server treats its connections, as a role's settings give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// Most concurrent calls (HTTP/2 streams) per connection. Default: 256.
+    pub max_concurrent_streams: u32,
+    /// How often a connection is pinged (HTTP/2 PING). Default: 30 s.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed
+    /// and its calls end. Default: 20 s.
+    pub keepalive_timeout: Duration,
+    /// Idle time before TCP keepalive probes start. Default: 60 s.
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            max_concurrent_streams: 256,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            tcp_keepalive: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A request message over a server's size limit.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("request message is {size} bytes, this server reads at most {limit} bytes")]
+pub struct RequestTooLarge {
+    /// The message's size.
+    pub size: usize,
+    /// The limit.
+    pub limit: usize,
+}
+
+impl crate::error::ServiceError for RequestTooLarge {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::ResourceExhausted
+    }
+}
+
+impl ServeOptions {
+    /// Options from `connections` that refuse requests over `max_request_bytes`
+    /// with [`RequestTooLarge`].
+    pub fn new(connections: ConnectionSettings, max_request_bytes: usize) -> Self {
+        ServeOptions::refusing(connections, max_request_bytes, move |size| {
+            crate::error::to_status(&RequestTooLarge {
+                size,
+                limit: max_request_bytes,
+            })
+        })
+    }
+
+    /// Options from `connections` that refuse requests over
+    /// `max_request_bytes` with the status `refuse` builds.
+    pub fn refusing(
+        connections: ConnectionSettings,
+        max_request_bytes: usize,
+        refuse: impl Fn(usize) -> tonic::Status + Send + Sync + 'static,
+    ) -> Self {
+        ServeOptions {
+            max_request_bytes,
+            refuse_oversized: Arc::new(refuse),
+            max_concurrent_streams: connections.max_concurrent_streams,
+            keepalive_interval: connections.keepalive_interval,
+            keepalive_timeout: connections.keepalive_timeout,
+            tcp_keepalive: connections.tcp_keepalive,
+        }
+    }
+}
 
 /// Serves `routes` plus health and reflection on `listener` until `shutdown`.
 pub async fn serve(
     routes: Routes,
     listener: TcpListener,
+    options: ServeOptions,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (_health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -25,8 +144,19 @@ pub async fn serve(
             routes
         }
     };
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // TCP keepalive is set on the incoming stream: the server's own setting
+    // is ignored with `serve_with_incoming_shutdown`.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(options.tcp_keepalive));
     tonic::transport::Server::builder()
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .http2_keepalive_interval(Some(options.keepalive_interval))
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .layer(RequestSizeLayer {
+            max_bytes: options.max_request_bytes,
+            refuse: options.refuse_oversized,
+        })
         .add_routes(routes.add_service(health_service))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
@@ -37,7 +167,124 @@ pub fn lazy_channel(address: &str) -> Result<tonic::transport::Channel, tonic::t
     Ok(
         tonic::transport::Endpoint::from_shared(address.to_string())?
             .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(5))
             .connect_lazy(),
     )
+}
+
+/// Refuses requests whose first message is over a size, from the length
+/// prefix of the gRPC frame, before the message is read.
+#[derive(Clone)]
+struct RequestSizeLayer {
+    max_bytes: usize,
+    refuse: RefuseOversized,
+}
+
+impl<S> tower::Layer<S> for RequestSizeLayer {
+    type Service = RequestSize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestSize {
+            inner,
+            max_bytes: self.max_bytes,
+            refuse: Arc::clone(&self.refuse),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct RequestSize<S> {
+    inner: S,
+    max_bytes: usize,
+    refuse: RefuseOversized,
+}
+
+/// The 5 bytes before each gRPC message: a compression flag and the length.
+const FRAME_PREFIX: usize = 5;
+
+impl<S> tower::Service<http::Request<Body>> for RequestSize<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // The service that was polled ready serves this call; a clone takes
+        // its place for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let max_bytes = self.max_bytes;
+        let refuse = Arc::clone(&self.refuse);
+        Box::pin(async move {
+            let (parts, mut body) = request.into_parts();
+            let mut read = VecDeque::new();
+            let mut prefix = BytesMut::new();
+            while prefix.len() < FRAME_PREFIX {
+                let Some(frame) =
+                    std::future::poll_fn(|context| Pin::new(&mut body).poll_frame(context)).await
+                else {
+                    break;
+                };
+                let Ok(frame) = frame else {
+                    // A broken body: let the service see it break.
+                    read.push_back(frame);
+                    break;
+                };
+                if let Some(data) = frame.data_ref() {
+                    let wanted = (FRAME_PREFIX - prefix.len()).min(data.len());
+                    prefix.extend_from_slice(&data[..wanted]);
+                }
+                let end = frame.is_trailers();
+                read.push_back(Ok(frame));
+                if end {
+                    break;
+                }
+            }
+            if prefix.len() == FRAME_PREFIX {
+                let mut length = &prefix[1..];
+                let size = usize::try_from(length.get_u32()).unwrap_or(usize::MAX);
+                if size > max_bytes {
+                    return Ok(refuse(size).into_http());
+                }
+            }
+            let body = Body::new(Replay { read, rest: body });
+            inner.call(http::Request::from_parts(parts, body)).await
+        })
+    }
+}
+
+/// A request body whose first frames were read already.
+struct Replay {
+    read: VecDeque<Result<Frame<Bytes>, tonic::Status>>,
+    rest: Body,
+}
+
+impl http_body::Body for Replay {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if let Some(frame) = self.read.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
+        Pin::new(&mut self.rest).poll_frame(context)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_empty() && self.rest.is_end_stream()
+    }
 }

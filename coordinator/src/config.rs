@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use fedmesh_common::identity::IdentityMode;
+use fedmesh_common::server::ConnectionSettings;
 
 /// A region of the mesh and its shards.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +35,9 @@ pub struct CoordinatorConfig {
     /// How often the outbox is polled even when no commit woke it.
     /// Default: 1 s.
     pub outbox_poll_interval: Duration,
+    /// How the server treats connections (streams per connection,
+    /// keepalive). Default: see [`ConnectionSettings`].
+    pub connections: ConnectionSettings,
 }
 
 impl CoordinatorConfig {
@@ -48,6 +52,7 @@ impl CoordinatorConfig {
             gateway_report_interval,
             gateway_expiry: gateway_report_interval * 3,
             outbox_poll_interval: Duration::from_secs(1),
+            connections: ConnectionSettings::default(),
         }
     }
 }

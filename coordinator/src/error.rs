@@ -1,6 +1,7 @@
 //! Errors of the coordinator's services and how callers see them.
 
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError};
+pub use fedmesh_common::store::StoreError;
 
 /// Everything a Directory call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -25,26 +26,12 @@ pub enum DirectoryError {
     /// The caller may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The coordinator is stopping.
+    #[error("coordinator shutting down; reconnect (to another coordinator, if there is one)")]
+    ShuttingDown,
     /// The control database failed.
     #[error("control database: {0}")]
     Store(#[from] StoreError),
-}
-
-/// A failure of the directory store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The row exists already.
-    #[error("already exists")]
-    Conflict,
-    /// The database failed.
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    /// Migrations could not be applied.
-    #[error(transparent)]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    /// A stored value could not be read back.
-    #[error("corrupt stored value: {0}")]
-    Corrupt(String),
 }
 
 impl ServiceError for DirectoryError {
@@ -56,6 +43,7 @@ impl ServiceError for DirectoryError {
             }
             DirectoryError::AgencyExists(_) => ErrorKind::AlreadyExists,
             DirectoryError::PermissionDenied(_) => ErrorKind::PermissionDenied,
+            DirectoryError::ShuttingDown => ErrorKind::Unavailable,
             DirectoryError::Store(_) => ErrorKind::Internal,
         }
     }

@@ -2,6 +2,7 @@
 //! gateways) and publishes it to gateways as a versioned topology stream.
 //!
 //! - `config`: [`CoordinatorConfig`].
+//! - `agency` (DOMAIN): [`agency::AgencyRecord`], what the directory and the store share.
 //! - `directory` (DOMAIN): the directory and the in-memory topology.
 //! - `store` (STORAGE): the control database behind [`DirectoryStore`].
 //! - `grpc` (TRANSPORT): the `Directory` service.
@@ -10,6 +11,7 @@
 //! published to watchers, so a gateway never sees an agency that a crash
 //! could forget.
 
+pub mod agency;
 pub mod config;
 pub mod directory;
 pub mod error;
@@ -28,6 +30,10 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{CoordinatorConfig, RegionConfig};
 pub use store::{DirectoryStore, PgDirectoryStore, SqliteDirectoryStore};
+
+/// Largest request the coordinator reads: its requests carry names and
+/// addresses, never payloads.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// Why a coordinator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +96,8 @@ pub async fn run(
         ));
     let local_address = listener.local_addr().ok();
     tracing::info!(address = ?local_address, "coordinator serving");
-    let served = fedmesh_common::server::serve(routes, listener, shutdown.clone()).await;
+    let options = fedmesh_common::server::ServeOptions::new(config.connections, MAX_REQUEST_BYTES);
+    let served = fedmesh_common::server::serve(routes, listener, options, shutdown.clone()).await;
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use fedmesh_common::identity::IdentityMode;
+use fedmesh_common::server::ConnectionSettings;
 
 /// One shard database this gateway writes and reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,14 @@ pub struct GatewayConfig {
     /// Unacknowledged deliveries per inbox stream when the client asks for
     /// none. Default: 128.
     pub default_window: u32,
+    /// Most payload bytes one read of an inbox returns, so that a stream
+    /// holds about this much in memory whatever its window (a page always
+    /// holds one message). Default: 1 MiB.
+    pub receive_page_bytes: u64,
+    /// Most Receive streams of one agency open on this gateway at once,
+    /// counting older streams still ending after a newer one took over.
+    /// Default: 4; with 1, a new stream is refused while the old one lives.
+    pub max_streams_per_agency: usize,
     /// Most messages committed in one transaction. Default: 256.
     pub max_batch: usize,
     /// How long a batch that is not full waits for more messages before it
@@ -68,9 +77,22 @@ pub struct GatewayConfig {
     /// How often the outbox is polled even when no commit woke it.
     /// Default: 1 s.
     pub outbox_poll_interval: Duration,
+    /// How the server treats connections (streams per connection,
+    /// keepalive). Default: see [`ConnectionSettings`].
+    pub connections: ConnectionSettings,
 }
 
+/// Room above the payload limit for the rest of a message on the wire: its
+/// ids, kind and up to 64 headers of 4 KiB.
+pub const ENVELOPE_BYTES: usize = 512 * 1024;
+
 impl GatewayConfig {
+    /// The largest gRPC message this gateway sends or receives: one
+    /// message of the largest payload with its envelope.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_payload_bytes.saturating_add(ENVELOPE_BYTES)
+    }
+
     /// A configuration with the defaults above.
     pub fn new(
         gateway_id: impl Into<String>,
@@ -87,6 +109,8 @@ impl GatewayConfig {
             identity_mode: IdentityMode::Refuse,
             max_payload_bytes: 1024 * 1024,
             default_window: 128,
+            receive_page_bytes: 1024 * 1024,
+            max_streams_per_agency: 4,
             max_batch: 256,
             commit_linger: Duration::ZERO,
             commit_lanes: 4,
@@ -94,6 +118,7 @@ impl GatewayConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             retention_interval: Duration::from_secs(60),
             outbox_poll_interval: Duration::from_secs(1),
+            connections: ConnectionSettings::default(),
         }
     }
 }

@@ -1,9 +1,16 @@
 //! Errors of the gateway's services and how callers see them.
+//!
+//! The text of each variant is what the caller reads; causes (database and
+//! transport failures) are kept as `source` and only logged, with an error
+//! id the caller receives (see `fedmesh_common::error::to_status`).
+
+use std::sync::Arc;
 
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError};
+pub use fedmesh_common::store::StoreError;
 
 /// Everything an Exchange or Relay call can fail with.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     /// A request field is malformed.
     #[error(transparent)]
@@ -14,6 +21,16 @@ pub enum GatewayError {
         /// Payload size.
         size: usize,
         /// The gateway's limit.
+        limit: usize,
+    },
+    /// A request message is over what the gateway reads.
+    #[error(
+        "request message is {size} bytes; this gateway accepts payloads of at most {limit} bytes (with up to 64 headers)"
+    )]
+    MessageTooLarge {
+        /// The message's size on the wire.
+        size: usize,
+        /// The gateway's payload limit.
         limit: usize,
     },
     /// The caller acts as someone else.
@@ -37,44 +54,134 @@ pub enum GatewayError {
     /// A newer inbox stream took over.
     #[error("a newer Receive stream for {0:?} took over this one")]
     TakenOver(String),
-    /// Temporarily impossible; the text says what to retry.
+    /// The agency has as many Receive streams open here as it may.
+    #[error(
+        "agency {agency_id:?} has {open} Receive streams open on this gateway, at most {max} are allowed; close one (or let the older ones end) and retry"
+    )]
+    TooManyStreams {
+        /// The agency.
+        agency_id: String,
+        /// Its open streams.
+        open: usize,
+        /// The gateway's cap.
+        max: usize,
+    },
+    /// The caller's deadline passed before its message was committed.
+    #[error(
+        "the deadline passed before the message was committed; nothing was stored, retry with the same idempotency key"
+    )]
+    DeadlineExceeded,
+    /// The gateway is stopping.
+    #[error("gateway shutting down; {0}")]
+    ShuttingDown(&'static str),
+    /// The agency's shard is not in this gateway's configuration.
+    #[error(
+        "shard {shard} is not served by gateway {gateway_id}; its configuration lacks the shard"
+    )]
+    ShardNotServed {
+        /// The shard.
+        shard: String,
+        /// This gateway.
+        gateway_id: String,
+    },
+    /// A shard could not be written or read for now.
+    #[error("shard {shard} is unavailable; {advice}")]
+    ShardUnavailable {
+        /// The shard.
+        shard: String,
+        /// What the caller may do.
+        advice: &'static str,
+        /// What failed.
+        #[source]
+        source: Arc<StoreError>,
+    },
+    /// No gateway of the recipient's region could take the message.
+    #[error(
+        "region {region} cannot be reached; retry with the same idempotency key (a retry is never stored twice)"
+    )]
+    RegionUnreachable {
+        /// The recipient's home region.
+        region: String,
+        /// The last failure, if a gateway was tried.
+        #[source]
+        source: Option<Arc<tonic::Status>>,
+    },
+    /// The coordinator could not be asked where an agency lives.
+    #[error(
+        "agency {agency_id:?} is not in this gateway's topology yet and the coordinator cannot be asked; retry shortly"
+    )]
+    CoordinatorUnavailable {
+        /// The agency looked up.
+        agency_id: String,
+        /// Why the coordinator did not answer.
+        #[source]
+        source: Arc<tonic::Status>,
+    },
+    /// The recipient's home region refused the message: its answer, passed on.
+    #[error("{message}")]
+    Relayed {
+        /// The kind of the home region's answer.
+        kind: ErrorKind,
+        /// Its text.
+        message: String,
+    },
+    /// Another gateway answered something that cannot be right.
+    #[error("invalid answer from gateway {address}: {problem}")]
+    InvalidAnswer {
+        /// The gateway.
+        address: String,
+        /// What is wrong with the answer.
+        problem: String,
+    },
+    /// Something that cannot happen did (a task panicked...).
     #[error("{0}")]
-    Unavailable(String),
-    /// A shard database failed.
+    Internal(String),
+    /// A shard database failed unexpectedly.
     #[error("shard {shard}: {source}")]
     Store {
         /// The shard.
         shard: String,
         /// What failed.
-        source: StoreError,
+        source: Arc<StoreError>,
     },
 }
 
-/// A failure of a shard store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database failed.
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    /// Migrations could not be applied.
-    #[error(transparent)]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    /// A stored value could not be read back.
-    #[error("corrupt stored value: {0}")]
-    Corrupt(String),
+impl GatewayError {
+    /// A store failure of `shard` that a retry may get past.
+    pub(crate) fn shard_unavailable(
+        shard: &str,
+        advice: &'static str,
+        source: impl Into<Arc<StoreError>>,
+    ) -> Self {
+        GatewayError::ShardUnavailable {
+            shard: shard.to_string(),
+            advice,
+            source: source.into(),
+        }
+    }
 }
 
 impl ServiceError for GatewayError {
     fn kind(&self) -> ErrorKind {
         match self {
             GatewayError::InvalidField(_) => ErrorKind::InvalidArgument,
-            GatewayError::PayloadTooLarge { .. } => ErrorKind::ResourceExhausted,
+            GatewayError::PayloadTooLarge { .. }
+            | GatewayError::MessageTooLarge { .. }
+            | GatewayError::TooManyStreams { .. } => ErrorKind::ResourceExhausted,
             GatewayError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             GatewayError::AgencyNotFound(_) => ErrorKind::NotFound,
             GatewayError::WrongRegion { .. } => ErrorKind::FailedPrecondition,
             GatewayError::TakenOver(_) => ErrorKind::Aborted,
-            GatewayError::Unavailable(_) => ErrorKind::Unavailable,
-            GatewayError::Store { .. } => ErrorKind::Internal,
+            GatewayError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            GatewayError::ShuttingDown(_)
+            | GatewayError::ShardNotServed { .. }
+            | GatewayError::ShardUnavailable { .. }
+            | GatewayError::RegionUnreachable { .. }
+            | GatewayError::CoordinatorUnavailable { .. } => ErrorKind::Unavailable,
+            GatewayError::Relayed { kind, .. } => *kind,
+            GatewayError::InvalidAnswer { .. }
+            | GatewayError::Internal(_)
+            | GatewayError::Store { .. } => ErrorKind::Internal,
         }
     }
 

@@ -24,16 +24,18 @@ pub mod store;
 mod commit_thread;
 mod committer;
 mod grpc;
+mod receive;
 mod relay;
+mod retention;
+mod shared;
 mod upstream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use fedmesh_common::events::{EventPublisher, run_outbox_relay};
 use fedmesh_common::identity::{Identity, IdentityInterceptor};
-use fedmesh_common::topology::{AgencyHome, Topology};
+use fedmesh_common::topology::Topology;
 use fedmesh_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -48,8 +50,10 @@ pub use store::{MessageStore, SqliteMessageStore};
 use commit_thread::CommitThread;
 use committer::Committer;
 use error::GatewayError;
+use fedmesh_common::server::ServeOptions;
 use inbox::InboxHub;
-use message::{Message, Receipt};
+use relay::RelayLimits;
+use shared::{Shard, Shared};
 use upstream::Upstream;
 
 /// Why a gateway could not start or stopped with an error.
@@ -75,142 +79,12 @@ pub enum RunError {
 pub struct RunningGateway {
     /// The topology the gateway currently routes by.
     pub topology: watch::Receiver<Arc<Topology>>,
+    /// The number of inboxes streamed, as it changes.
+    pub open_streams: watch::Receiver<usize>,
     /// The address other components reach it at.
     pub advertise_url: String,
     /// Resolves when the gateway has stopped.
     pub stopped: JoinHandle<Result<(), RunError>>,
-}
-
-/// One shard as the gateway uses it.
-pub(crate) struct Shard {
-    pub(crate) store: Arc<dyn MessageStore>,
-    pub(crate) committer: Committer,
-    pub(crate) outbox_wake: Arc<Notify>,
-}
-
-/// What every handler and task of one gateway shares.
-pub(crate) struct Shared {
-    pub(crate) config: GatewayConfig,
-    pub(crate) topology: watch::Receiver<Arc<Topology>>,
-    pub(crate) shards: HashMap<String, Shard>,
-    pub(crate) hub: Arc<InboxHub>,
-    pub(crate) upstream: Upstream,
-    pub(crate) shutdown: CancellationToken,
-    in_flight: AtomicU32,
-    spread: AtomicUsize,
-}
-
-/// Counts a send in flight while alive.
-pub(crate) struct InFlight<'a>(&'a AtomicU32);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Shared {
-    /// Refuses payloads over the limit.
-    pub(crate) fn check_payload(&self, size: usize) -> Result<(), GatewayError> {
-        let limit = self.config.max_payload_bytes;
-        if size > limit {
-            return Err(GatewayError::PayloadTooLarge { size, limit });
-        }
-        Ok(())
-    }
-
-    /// Where `agency_id` lives: from the topology, or from the coordinator
-    /// for an agency registered after the last topology update.
-    pub(crate) async fn home_of(&self, agency_id: &str) -> Result<AgencyHome, GatewayError> {
-        let known = self.topology.borrow().agencies.get(agency_id).cloned();
-        match known {
-            Some(home) => Ok(home),
-            None => self.upstream.lookup(agency_id).await,
-        }
-    }
-
-    /// The home of `agency_id`, which must be this gateway's region.
-    pub(crate) async fn require_homed_here(
-        &self,
-        agency_id: &str,
-    ) -> Result<AgencyHome, GatewayError> {
-        let home = self.home_of(agency_id).await?;
-        if home.region != self.config.region {
-            return Err(GatewayError::WrongRegion {
-                agency_id: agency_id.to_string(),
-                home_region: home.region,
-                region: self.config.region.clone(),
-            });
-        }
-        Ok(home)
-    }
-
-    /// The shard named `name`, if this gateway serves it.
-    pub(crate) fn shard(&self, name: &str) -> Result<&Shard, GatewayError> {
-        self.shards.get(name).ok_or_else(|| {
-            GatewayError::Unavailable(format!(
-                "shard {name} is not served by gateway {}; its configuration lacks the shard",
-                self.config.gateway_id
-            ))
-        })
-    }
-
-    /// Stores `message` in `shard` of this region and returns its receipt.
-    pub(crate) async fn store_local(
-        &self,
-        shard: &str,
-        message: Message,
-    ) -> Result<Receipt, GatewayError> {
-        let stored = self
-            .shard(shard)?
-            .committer
-            .store(message)
-            .await
-            .map_err(|error| match error {
-                committer::CommitError::Stopped => {
-                    GatewayError::Unavailable("gateway shutting down; retry on another gateway".into())
-                }
-                committer::CommitError::Store(source) => GatewayError::Unavailable(format!(
-                    "shard {shard} could not commit ({source}); retry with the same idempotency key (a retry is never stored twice)"
-                )),
-            })?;
-        Ok(Receipt {
-            message_id: stored.message_id,
-            home_region: self.config.region.clone(),
-            stored_at_micros: stored.stored_at_micros,
-            duplicate: stored.duplicate,
-        })
-    }
-
-    /// The connection pool of each shard, sorted by shard.
-    pub(crate) fn shard_pools(&self) -> Vec<pb::ShardPool> {
-        let mut pools: Vec<pb::ShardPool> = self
-            .shards
-            .iter()
-            .map(|(name, shard)| {
-                let usage = shard.store.pool_usage();
-                pb::ShardPool {
-                    shard: name.clone(),
-                    open: usage.open,
-                    idle: usage.idle,
-                    max: usage.max,
-                }
-            })
-            .collect();
-        pools.sort_by(|a, b| a.shard.cmp(&b.shard));
-        pools
-    }
-
-    /// Counts a send until the guard drops.
-    pub(crate) fn in_flight(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(&self.in_flight)
-    }
-
-    /// A number that rotates relay targets between calls.
-    pub(crate) fn spread(&self) -> usize {
-        self.spread.fetch_add(1, Ordering::Relaxed)
-    }
 }
 
 /// Opens the shards, starts the background tasks and serves on `listener`
@@ -254,7 +128,7 @@ pub async fn start(
             source,
         })?;
         store.spawn_wakeups(Arc::clone(&hub), &tasks, shutdown.clone());
-        tasks.spawn(purge_acked(
+        tasks.spawn(retention::purge_acked(
             shard.name.clone(),
             Arc::clone(&store),
             config.retention,
@@ -297,18 +171,21 @@ pub async fn start(
     tasks.spawn(commit_thread.finished());
 
     let identity = Identity::Gateway(config.region.clone());
-    let upstream = Upstream::new(&config.coordinator_url, &identity, config.relay_timeout)?;
+    let relay_limits = RelayLimits {
+        max_batch_bytes: config.max_message_bytes(),
+        timeout: config.relay_timeout,
+    };
+    let upstream = Upstream::new(&config.coordinator_url, &identity, relay_limits)?;
     let (topology_sender, topology) = watch::channel(Arc::new(Topology::default()));
-    let shared = Arc::new(Shared {
-        config: config.clone(),
-        topology: topology.clone(),
+    let open_streams = hub.watch_open_streams();
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        topology.clone(),
         shards,
         hub,
         upstream,
-        shutdown: shutdown.clone(),
-        in_flight: AtomicU32::new(0),
-        spread: AtomicUsize::new(0),
-    });
+        shutdown.clone(),
+    ));
 
     let watcher = Arc::clone(&shared);
     tasks.spawn(async move {
@@ -328,7 +205,7 @@ pub async fn start(
     tasks.spawn(async move {
         let load = || pb::GatewayLoad {
             open_streams: u32::try_from(reporter.hub.open_streams()).unwrap_or(u32::MAX),
-            in_flight: reporter.in_flight.load(Ordering::Relaxed),
+            in_flight: reporter.sends_in_flight(),
             shard_pools: reporter.shard_pools(),
         };
         reporter
@@ -338,22 +215,30 @@ pub async fn start(
     });
 
     let interceptor = IdentityInterceptor::new(config.identity_mode);
-    // Room for headers and framing above the payload limit, so that an
-    // oversized payload is refused with a precise message, not by the codec.
-    let max_message = config.max_payload_bytes + 512 * 1024;
+    // One message of the largest payload with its envelope, both ways; a
+    // larger request is refused by the server with a status naming the
+    // payload limit before it is read (see `ServeOptions`).
+    let max_message = config.max_message_bytes();
     let exchange = pb::exchange_server::ExchangeServer::new(grpc::ExchangeService {
         shared: Arc::clone(&shared),
     })
-    .max_decoding_message_size(max_message);
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     let relay = pb::relay_server::RelayServer::new(grpc::RelayService {
         shared: Arc::clone(&shared),
     })
-    .max_decoding_message_size(max_message);
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+    let limit = config.max_payload_bytes;
+    let options = ServeOptions::refusing(config.connections, max_message, move |size| {
+        GatewayError::MessageTooLarge { size, limit }.into()
+    });
     let routes = tonic::service::Routes::new(InterceptedService::new(exchange, interceptor))
         .add_service(InterceptedService::new(relay, interceptor));
     tracing::info!(gateway_id = %config.gateway_id, region = %config.region, address = %advertise_url, "gateway serving");
     let stopped = tokio::spawn(async move {
-        let served = fedmesh_common::server::serve(routes, listener, shutdown.clone()).await;
+        let served =
+            fedmesh_common::server::serve(routes, listener, options, shutdown.clone()).await;
         shutdown.cancel();
         // The commit tasks end once the last handle to the shards is gone,
         // after committing what was queued.
@@ -365,47 +250,10 @@ pub async fn start(
     });
     Ok(RunningGateway {
         topology,
+        open_streams,
         advertise_url,
         stopped,
     })
-}
-
-/// Deletes acknowledged messages older than `retention`, in chunks, every
-/// `interval`, until `shutdown`.
-async fn purge_acked(
-    shard: String,
-    store: Arc<dyn MessageStore>,
-    retention: std::time::Duration,
-    interval: std::time::Duration,
-    shutdown: CancellationToken,
-) {
-    const CHUNK: u32 = 10_000;
-    let retention_micros = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        let acked_before = fedmesh_common::time::now_micros().saturating_sub(retention_micros);
-        let mut n_purged = 0;
-        loop {
-            match store.purge_acked(acked_before, CHUNK).await {
-                Ok(n_deleted) => {
-                    n_purged += n_deleted;
-                    if n_deleted < u64::from(CHUNK) || shutdown.is_cancelled() {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%shard, %error, "retention purge failed, will retry");
-                    break;
-                }
-            }
-        }
-        if n_purged > 0 {
-            tracing::info!(%shard, n_purged, "acknowledged messages past retention deleted");
-        }
-    }
 }
 
 /// Runs a gateway until `shutdown` is cancelled; see [`start`].

@@ -2,18 +2,23 @@
 //!
 //! Messages for one region are gathered into `ForwardBatch` calls, the way
 //! the committer gathers stores into transactions: while some batches are
-//! on their way, new messages queue and the next batch takes them all. Each
-//! sender still gets its own receipt or status. Per-sender order holds
-//! because a sender's next message is relayed only after the receipt of the
-//! previous one.
+//! on their way, new messages queue and the next batch takes them, up to
+//! [`MAX_BATCH`] messages and the byte size the receiving gateway decodes
+//! (its payload limit and room for the envelope: the same limit every
+//! gateway of a mesh is configured with). Each sender still gets its own
+//! receipt or status. Per-sender order holds because a sender's next
+//! message is relayed only after the receipt of the previous one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fedmesh_common::error::ErrorKind;
 use fedmesh_common::identity::AttachIdentity;
 use fedmesh_proto::pb;
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -21,29 +26,44 @@ use tonic::transport::Channel;
 use crate::error::GatewayError;
 
 type RelayClient = pb::relay_client::RelayClient<InterceptedService<Channel, AttachIdentity>>;
-type Reply = oneshot::Sender<Result<pb::Receipt, tonic::Status>>;
+type Reply = oneshot::Sender<Result<pb::Receipt, GatewayError>>;
 
 /// Most messages in one relayed batch.
 const MAX_BATCH: usize = 256;
 /// Batches on their way to one region at once.
 const MAX_IN_FLIGHT: usize = 4;
+/// What a message adds to a `ForwardBatchRequest` besides its own encoding:
+/// the field's tag and length prefix.
+const FIELD_OVERHEAD: usize = 6;
+
+/// How relayed batches are bounded and timed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RelayLimits {
+    /// Most bytes of one `ForwardBatchRequest`: what a receiving gateway
+    /// decodes.
+    pub(crate) max_batch_bytes: usize,
+    /// How long a batch may take at one gateway before the next is tried.
+    pub(crate) timeout: Duration,
+}
 
 /// One lazily opened client per gateway address.
 pub(crate) struct RelayClients {
     identity: AttachIdentity,
+    limits: RelayLimits,
     clients: Mutex<HashMap<String, RelayClient>>,
 }
 
 impl RelayClients {
     /// Clients that present `identity`.
-    pub(crate) fn new(identity: AttachIdentity) -> Self {
+    pub(crate) fn new(identity: AttachIdentity, limits: RelayLimits) -> Self {
         RelayClients {
             identity,
+            limits,
             clients: Mutex::new(HashMap::new()),
         }
     }
 
-    fn client(&self, address: &str) -> Result<RelayClient, GatewayError> {
+    fn client(&self, address: &str) -> Result<RelayClient, tonic::transport::Error> {
         let mut clients = self
             .clients
             .lock()
@@ -51,13 +71,10 @@ impl RelayClients {
         if let Some(client) = clients.get(address) {
             return Ok(client.clone());
         }
-        let channel = fedmesh_common::server::lazy_channel(address).map_err(|error| {
-            GatewayError::Unavailable(format!("gateway address {address:?} is unusable: {error}"))
-        })?;
+        let channel = fedmesh_common::server::lazy_channel(address)?;
         let client =
             pb::relay_client::RelayClient::with_interceptor(channel, self.identity.clone())
-                .max_decoding_message_size(64 * 1024 * 1024)
-                .max_encoding_message_size(usize::MAX);
+                .max_encoding_message_size(self.limits.max_batch_bytes);
         clients.insert(address.to_string(), client.clone());
         Ok(client)
     }
@@ -68,23 +85,28 @@ impl RelayClients {
         region: &str,
         gateways: &[String],
         messages: Vec<pb::ForwardRequest>,
-        timeout: Duration,
-    ) -> Result<Vec<pb::ForwardResult>, tonic::Status> {
+    ) -> Result<Vec<pb::ForwardResult>, GatewayError> {
         let expected = messages.len();
         let request = pb::ForwardBatchRequest { messages };
-        let mut last_failure = format!("no gateway of region {region} is known");
+        let mut last_failure = None;
         for address in gateways {
+            let mut client = match self.client(address) {
+                Ok(client) => client,
+                Err(error) => {
+                    tracing::warn!(%region, %address, %error, "unusable gateway address");
+                    continue;
+                }
+            };
             let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(timeout);
-            let mut client = self.client(address)?;
+            call.set_timeout(self.limits.timeout);
             match client.forward_batch(call).await {
                 Ok(response) => {
                     let results = response.into_inner().results;
                     if results.len() != expected {
-                        return Err(tonic::Status::internal(format!(
-                            "gateway {address} answered {} results for {expected} messages",
-                            results.len()
-                        )));
+                        return Err(GatewayError::InvalidAnswer {
+                            address: address.clone(),
+                            problem: format!("{} results for {expected} messages", results.len()),
+                        });
                     }
                     return Ok(results);
                 }
@@ -98,69 +120,131 @@ impl RelayClients {
                     ) =>
                 {
                     tracing::warn!(%region, %address, error = %status.message(), "relay failed, trying next gateway");
-                    last_failure = format!("{address}: {}", status.message());
+                    last_failure = Some(Arc::new(status));
                 }
-                Err(status) => return Err(status),
+                Err(status) => {
+                    return Err(GatewayError::Relayed {
+                        kind: ErrorKind::of_code(status.code()),
+                        message: status.message().to_string(),
+                    });
+                }
             }
         }
-        Err(GatewayError::Unavailable(format!(
-            "region {region} cannot be reached ({last_failure}); retry with the same idempotency key (a retry is never stored twice)"
-        ))
-        .into())
+        Err(GatewayError::RegionUnreachable {
+            region: region.to_string(),
+            source: last_failure,
+        })
     }
+}
+
+/// A message waiting for its batch.
+struct Queued {
+    request: pb::ForwardRequest,
+    gateways: Vec<String>,
+    reply: Reply,
+    size: usize,
+    deadline: Option<Instant>,
 }
 
 /// The queue of messages relayed to one region.
 #[derive(Clone)]
 pub(crate) struct RelayBatcher {
-    sender: mpsc::Sender<(pb::ForwardRequest, Vec<String>, Reply)>,
+    sender: mpsc::Sender<Queued>,
 }
 
 impl RelayBatcher {
     /// Starts relaying to `region`; the task ends when the last clone of
     /// the batcher is dropped, after sending what was queued.
-    pub(crate) fn spawn(region: String, clients: Arc<RelayClients>, timeout: Duration) -> Self {
+    pub(crate) fn spawn(region: String, clients: Arc<RelayClients>) -> Self {
         let (sender, receiver) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(relay_loop(region, clients, timeout, receiver));
+        tokio::spawn(relay_loop(region, clients, receiver));
         RelayBatcher { sender }
     }
 
-    /// Relays `request` to one of `gateways` and returns its receipt.
+    /// Relays `request` to one of `gateways` and returns its receipt. A
+    /// message whose `deadline` passed before its batch was taken is not
+    /// sent.
     pub(crate) async fn forward(
         &self,
         request: pb::ForwardRequest,
         gateways: Vec<String>,
-    ) -> Result<pb::Receipt, tonic::Status> {
+        deadline: Option<Instant>,
+    ) -> Result<pb::Receipt, GatewayError> {
         let (reply, answer) = oneshot::channel();
         let stopped =
-            || tonic::Status::unavailable("gateway shutting down; retry on another gateway");
-        self.sender
-            .send((request, gateways, reply))
-            .await
-            .map_err(|_| stopped())?;
+            || GatewayError::ShuttingDown("retry on another gateway with the same idempotency key");
+        let queued = Queued {
+            size: request.encoded_len() + FIELD_OVERHEAD,
+            request,
+            gateways,
+            reply,
+            deadline,
+        };
+        self.sender.send(queued).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// Takes the next batch: waits for a first message, then takes what queued
+/// meanwhile while it fits `max_bytes` and [`MAX_BATCH`]; a message that
+/// does not fit waits in `carried` for the next batch. Messages whose
+/// deadline passed are answered at once and left out. Returns an empty
+/// batch once every sender is gone and nothing is queued.
+async fn next_batch(
+    receiver: &mut mpsc::Receiver<Queued>,
+    carried: &mut Option<Queued>,
+    max_bytes: usize,
+) -> Vec<Queued> {
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    loop {
+        let next = match carried.take() {
+            Some(queued) => Some(queued),
+            None if batch.is_empty() => receiver.recv().await,
+            None => receiver.try_recv().ok(),
+        };
+        let Some(queued) = next else {
+            return batch;
+        };
+        if queued
+            .deadline
+            .is_some_and(|deadline| deadline <= Instant::now())
+        {
+            let _ = queued.reply.send(Err(GatewayError::DeadlineExceeded));
+            continue;
+        }
+        if !batch.is_empty() && (bytes + queued.size > max_bytes || batch.len() >= MAX_BATCH) {
+            *carried = Some(queued);
+            return batch;
+        }
+        bytes += queued.size;
+        batch.push(queued);
     }
 }
 
 async fn relay_loop(
     region: String,
     clients: Arc<RelayClients>,
-    timeout: Duration,
-    mut receiver: mpsc::Receiver<(pb::ForwardRequest, Vec<String>, Reply)>,
+    mut receiver: mpsc::Receiver<Queued>,
 ) {
-    let mut queued = Vec::with_capacity(MAX_BATCH);
+    let mut carried = None;
     let mut in_flight = tokio::task::JoinSet::new();
-    while receiver.recv_many(&mut queued, MAX_BATCH).await > 0 {
+    let max_bytes = clients.limits.max_batch_bytes;
+    loop {
+        let batch = next_batch(&mut receiver, &mut carried, max_bytes).await;
+        if batch.is_empty() {
+            break;
+        }
         // The newest message carries the newest view of the region's gateways.
-        let gateways = queued
+        let gateways = batch
             .last()
-            .map(|(_, gateways, _)| gateways.clone())
+            .map(|queued| queued.gateways.clone())
             .unwrap_or_default();
-        let mut messages = Vec::with_capacity(queued.len());
-        let mut replies = Vec::with_capacity(queued.len());
-        for (message, _, reply) in queued.drain(..) {
-            messages.push(message);
-            replies.push(reply);
+        let mut messages = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for queued in batch {
+            messages.push(queued.request);
+            replies.push(queued.reply);
         }
         while in_flight.len() >= MAX_IN_FLIGHT {
             in_flight.join_next().await;
@@ -168,29 +252,34 @@ async fn relay_loop(
         let clients = Arc::clone(&clients);
         let region = region.clone();
         in_flight.spawn(async move {
-            match clients
-                .forward_batch(&region, &gateways, messages, timeout)
-                .await
-            {
+            match clients.forward_batch(&region, &gateways, messages).await {
                 Ok(results) => {
                     for (reply, result) in replies.into_iter().zip(results) {
-                        let outcome = match result.result {
-                            Some(pb::forward_result::Result::Receipt(receipt)) => Ok(receipt),
-                            Some(pb::forward_result::Result::Error(error)) => Err(
-                                tonic::Status::new(Code::from_i32(error.code), error.message),
-                            ),
-                            None => Err(tonic::Status::internal("relayed message got no result")),
-                        };
-                        let _ = reply.send(outcome);
+                        let _ = reply.send(result_from_pb(result));
                     }
                 }
-                Err(status) => {
+                Err(error) => {
                     for reply in replies {
-                        let _ = reply.send(Err(status.clone()));
+                        let _ = reply.send(Err(error.clone()));
                     }
                 }
             }
         });
     }
     while in_flight.join_next().await.is_some() {}
+}
+
+/// One message's result of a `ForwardBatch`.
+fn result_from_pb(result: pb::ForwardResult) -> Result<pb::Receipt, GatewayError> {
+    match result.result {
+        Some(pb::forward_result::Result::Receipt(receipt)) => Ok(receipt),
+        Some(pb::forward_result::Result::Error(error)) => Err(GatewayError::Relayed {
+            kind: ErrorKind::of_code(Code::from_i32(error.code)),
+            message: error.message,
+        }),
+        None => Err(GatewayError::Relayed {
+            kind: ErrorKind::Internal,
+            message: "the home region answered no result for the message".into(),
+        }),
+    }
 }

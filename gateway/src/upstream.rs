@@ -26,14 +26,17 @@ use crate::error::GatewayError;
 type DirectoryClient =
     pb::directory_client::DirectoryClient<InterceptedService<Channel, AttachIdentity>>;
 
-use crate::relay::{RelayBatcher, RelayClients};
+use crate::relay::{RelayBatcher, RelayClients, RelayLimits};
+
+/// Most bytes of a topology snapshot the gateway decodes: the directory of
+/// a large mesh, far above the 4 MiB tonic allows by default.
+const MAX_TOPOLOGY_BYTES: usize = 256 * 1024 * 1024;
 
 /// Connections to the coordinator and to other gateways.
 pub(crate) struct Upstream {
     directory: DirectoryClient,
     relays: Arc<RelayClients>,
     batchers: Mutex<HashMap<String, RelayBatcher>>,
-    relay_timeout: Duration,
 }
 
 impl Upstream {
@@ -41,7 +44,7 @@ impl Upstream {
     pub(crate) fn new(
         coordinator_url: &str,
         identity: &Identity,
-        relay_timeout: Duration,
+        relay_limits: RelayLimits,
     ) -> Result<Self, tonic::transport::Error> {
         let identity = AttachIdentity::new(identity);
         let channel = fedmesh_common::server::lazy_channel(coordinator_url)?;
@@ -49,10 +52,10 @@ impl Upstream {
             directory: pb::directory_client::DirectoryClient::with_interceptor(
                 channel,
                 identity.clone(),
-            ),
-            relays: Arc::new(RelayClients::new(identity)),
+            )
+            .max_decoding_message_size(MAX_TOPOLOGY_BYTES),
+            relays: Arc::new(RelayClients::new(identity, relay_limits)),
             batchers: Mutex::new(HashMap::new()),
-            relay_timeout,
         })
     }
 
@@ -73,11 +76,10 @@ impl Upstream {
             Err(status) if status.code() == Code::NotFound => {
                 Err(GatewayError::AgencyNotFound(agency_id.to_string()))
             }
-            Err(status) => Err(GatewayError::Unavailable(format!(
-                "agency {agency_id:?} is not in this gateway's topology yet and the coordinator \
-                 cannot be asked ({}); retry shortly",
-                status.message()
-            ))),
+            Err(status) => Err(GatewayError::CoordinatorUnavailable {
+                agency_id: agency_id.to_string(),
+                source: Arc::new(status),
+            }),
         }
     }
 
@@ -90,12 +92,13 @@ impl Upstream {
         region: &str,
         gateways: &[String],
         request: pb::ForwardRequest,
-    ) -> Result<pb::Receipt, tonic::Status> {
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<pb::Receipt, GatewayError> {
         if gateways.is_empty() {
-            return Err(GatewayError::Unavailable(format!(
-                "no gateway of region {region} is known; nothing was stored, retry with the same idempotency key"
-            ))
-            .into());
+            return Err(GatewayError::RegionUnreachable {
+                region: region.to_string(),
+                source: None,
+            });
         }
         let batcher = {
             let mut batchers = self
@@ -105,15 +108,11 @@ impl Upstream {
             batchers
                 .entry(region.to_string())
                 .or_insert_with(|| {
-                    RelayBatcher::spawn(
-                        region.to_string(),
-                        Arc::clone(&self.relays),
-                        self.relay_timeout,
-                    )
+                    RelayBatcher::spawn(region.to_string(), Arc::clone(&self.relays))
                 })
                 .clone()
         };
-        batcher.forward(request, gateways.to_vec()).await
+        batcher.forward(request, gateways.to_vec(), deadline).await
     }
 
     /// Follows the coordinator's topology stream into `topology` until
@@ -130,9 +129,7 @@ impl Upstream {
                 () = shutdown.cancelled() => return,
                 outcome = self.follow_topology(&topology, &mut backoff) => outcome,
             };
-            if let Err(status) = outcome {
-                tracing::warn!(error = %status.message(), retry_in = ?backoff, "topology stream lost, serving from the last topology");
-            }
+            tracing::warn!(error = %outcome, retry_in = ?backoff, "topology stream lost, serving from the last topology");
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
@@ -141,18 +138,28 @@ impl Upstream {
         }
     }
 
+    /// Applies the topology stream to `topology` until it ends; returns why
+    /// it ended.
     async fn follow_topology(
         &self,
         topology: &watch::Sender<Arc<Topology>>,
         backoff: &mut Duration,
-    ) -> Result<(), tonic::Status> {
-        let mut stream = self
+    ) -> String {
+        let mut stream = match self
             .directory
             .clone()
             .watch_topology(pb::WatchTopologyRequest {})
-            .await?
-            .into_inner();
-        while let Some(update) = stream.message().await? {
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => return status.message().to_string(),
+        };
+        loop {
+            let update = match stream.message().await {
+                Ok(Some(update)) => update,
+                Ok(None) => return "coordinator closed the topology stream".to_string(),
+                Err(status) => return status.message().to_string(),
+            };
             *backoff = Duration::from_millis(100);
             let snapshot = matches!(
                 update.update,
@@ -169,9 +176,6 @@ impl Upstream {
                 );
             }
         }
-        Err(tonic::Status::unavailable(
-            "coordinator closed the topology stream",
-        ))
     }
 
     /// Reports `gateway` (with the load `load` gives) every interval the

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError, to_status};
 use fedmesh_common::events::{Event, EventSource};
 use fedmesh_common::identity::{Identity, IdentityInterceptor, IdentityMode, caller};
+use fedmesh_common::server::ConnectionSettings;
 use fedmesh_common::validate;
 use fedmesh_proto::pb;
 use tokio::net::TcpListener;
@@ -22,17 +23,23 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+/// Largest request a notifier reads: subscription filters.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
 /// Everything a notifier needs to run.
 #[derive(Debug, Clone)]
 pub struct NotifierConfig {
     /// How callers are authenticated. Default: refuse everything.
     pub identity_mode: IdentityMode,
+    /// How the server treats connections. Default: see [`ConnectionSettings`].
+    pub connections: ConnectionSettings,
 }
 
 impl Default for NotifierConfig {
     fn default() -> Self {
         NotifierConfig {
             identity_mode: IdentityMode::Refuse,
+            connections: ConnectionSettings::default(),
         }
     }
 }
@@ -203,7 +210,8 @@ pub async fn run(
         ),
     );
     tracing::info!(address = ?listener.local_addr().ok(), "notifier serving");
-    let served = fedmesh_common::server::serve(routes, listener, shutdown).await;
+    let options = fedmesh_common::server::ServeOptions::new(config.connections, MAX_REQUEST_BYTES);
+    let served = fedmesh_common::server::serve(routes, listener, options, shutdown).await;
     tracing::info!("notifier stopped");
     served
 }

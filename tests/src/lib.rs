@@ -7,12 +7,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod proxy;
+
+pub use proxy::TcpProxy;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
 use fedmesh::client::Authenticated;
-use fedmesh::dev::{DevMesh, DevOptions};
+use fedmesh::dev::{DevMesh, DevOptions, TuneGateway};
 use fedmesh_common::identity::{AttachIdentity, Identity};
 use fedmesh_common::testing::TestDatabase;
 use fedmesh_proto::pb;
@@ -43,6 +47,7 @@ pub enum Backend {
 pub struct TestMesh {
     mesh: Option<DevMesh>,
     shard_urls: HashMap<String, String>,
+    tune_gateway: Option<TuneGateway>,
     /// Kept until the mesh is gone: dropping them drops the databases.
     databases: Vec<TestDatabase>,
     data_dir: tempfile::TempDir,
@@ -60,6 +65,12 @@ impl TestMesh {
 
     /// Starts a mesh whose shards live in `backend`.
     pub async fn start_with(backend: Backend) -> TestMesh {
+        Self::start_tuned(backend, None).await
+    }
+
+    /// Starts a mesh whose shards live in `backend`, every gateway's
+    /// settings changed by `tune`.
+    pub async fn start_tuned(backend: Backend, tune: Option<TuneGateway>) -> TestMesh {
         let data_dir = tempfile::tempdir().unwrap();
         let mut databases = Vec::new();
         let mut shard_urls = HashMap::new();
@@ -70,10 +81,11 @@ impl TestMesh {
                 databases.push(database);
             }
         }
-        let mesh = Self::start_on(data_dir.path(), &shard_urls).await;
+        let mesh = Self::start_on(data_dir.path(), &shard_urls, &tune).await;
         TestMesh {
             mesh: Some(mesh),
             shard_urls,
+            tune_gateway: tune,
             databases,
             data_dir,
         }
@@ -111,13 +123,20 @@ impl TestMesh {
             channel(url),
             AttachIdentity::new(&Identity::Agency(agency_id.into())),
         )
+        .max_encoding_message_size(16 * 1024 * 1024)
+        .max_decoding_message_size(16 * 1024 * 1024)
     }
 
-    async fn start_on(path: &std::path::Path, shard_urls: &HashMap<String, String>) -> DevMesh {
+    async fn start_on(
+        path: &std::path::Path,
+        shard_urls: &HashMap<String, String>,
+        tune: &Option<TuneGateway>,
+    ) -> DevMesh {
         let options = DevOptions {
             data_dir: path.to_path_buf(),
             base_port: None,
             shard_urls: shard_urls.clone(),
+            tune_gateway: tune.clone(),
         };
         within("the dev mesh to start", DevMesh::start(options))
             .await
@@ -133,7 +152,8 @@ impl TestMesh {
         within("the dev mesh to stop", self.mesh.take().unwrap().stop())
             .await
             .unwrap();
-        self.mesh = Some(Self::start_on(self.data_dir.path(), &self.shard_urls).await);
+        self.mesh =
+            Some(Self::start_on(self.data_dir.path(), &self.shard_urls, &self.tune_gateway).await);
     }
 
     /// Waits until the gateway of `region` routes with a topology that
@@ -147,6 +167,17 @@ impl TestMesh {
                     .iter()
                     .all(|id| topology.agencies.contains_key(*id))
             }),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Waits until the gateway of `region` streams exactly `count` inboxes.
+    pub async fn open_streams_become(&self, region: &str, count: usize) {
+        let mut open_streams = self.mesh().gateway_open_streams(region).unwrap();
+        within(
+            &format!("{count} open streams on the {region} gateway"),
+            open_streams.wait_for(|open| *open == count),
         )
         .await
         .unwrap();
@@ -204,11 +235,7 @@ impl TestMesh {
         region: &str,
         agency_id: &str,
     ) -> pb::exchange_client::ExchangeClient<Authenticated> {
-        pb::exchange_client::ExchangeClient::with_interceptor(
-            channel(&self.gateway_url(region)),
-            AttachIdentity::new(&Identity::Agency(agency_id.into())),
-        )
-        .max_encoding_message_size(16 * 1024 * 1024)
+        self.exchange_at(&self.gateway_url(region), agency_id)
     }
 
     /// The notifier, as an operator.
@@ -390,6 +417,19 @@ impl Inbox {
             })
             .await
             .unwrap();
+    }
+
+    /// Reads until the stream ends, skipping deliveries and idle markers;
+    /// returns how many deliveries came first and the ending status.
+    pub async fn until_end(&mut self) -> (usize, Option<Status>) {
+        let mut n_deliveries = 0;
+        loop {
+            match self.next().await {
+                Next::Delivery(_) => n_deliveries += 1,
+                Next::Idle => {}
+                Next::Ended(status) => return (n_deliveries, status),
+            }
+        }
     }
 
     /// Closes the client side and waits for the gateway to end the stream,

@@ -7,6 +7,7 @@ mod bad_input;
 mod cli;
 mod events;
 mod inbox;
+mod limits;
 mod messaging;
 mod scale;
 mod serving;

@@ -16,24 +16,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fedmesh_common::events::{AGENCY_DEREGISTERED, AGENCY_REGISTERED, Event};
 use fedmesh_common::validate;
 
+use crate::agency::AgencyRecord;
 use crate::config::RegionConfig;
 use crate::error::{DirectoryError, StoreError};
 use crate::store::DirectoryStore;
-
-/// An agency as the directory keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgencyRecord {
-    /// Agency id.
-    pub agency_id: String,
-    /// Home region.
-    pub region: String,
-    /// Shard of the home region holding its inbox.
-    pub shard: String,
-    /// Free-form display name.
-    pub display_name: String,
-    /// When it was registered, microseconds since the epoch.
-    pub registered_at_micros: i64,
-}
 
 /// The directory: store plus published topology.
 pub struct Directory {

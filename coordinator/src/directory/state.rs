@@ -8,7 +8,7 @@ use fedmesh_proto::pb;
 use tokio::sync::broadcast;
 use tokio::time::{Duration, Instant};
 
-use super::AgencyRecord;
+use crate::agency::AgencyRecord;
 use crate::config::RegionConfig;
 
 /// A gateway as last reported.

@@ -136,7 +136,7 @@ impl pb::directory_server::Directory for DirectoryService {
             loop {
                 let update = tokio::select! {
                     () = shutdown.cancelled() => {
-                        let _ = sender.send(Err(Status::unavailable("coordinator shutting down, reconnect"))).await;
+                        let _ = sender.send(Err(DirectoryError::ShuttingDown.into())).await;
                         return;
                     }
                     () = sender.closed() => return,

@@ -13,27 +13,21 @@ pub use sqlite::SqliteDirectoryStore;
 use std::sync::Arc;
 
 use fedmesh_common::events::{Event, Outbox};
+use fedmesh_common::store::Backend;
+
+use crate::agency::AgencyRecord;
+use crate::error::StoreError;
 
 /// Opens the control database at `url`: `postgres://...` or `sqlite://...`.
 pub async fn open_store(
     url: &str,
     max_connections: u32,
 ) -> Result<Arc<dyn DirectoryStore>, StoreError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(
-            PgDirectoryStore::open(url, max_connections).await?,
-        ))
-    } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteDirectoryStore::open(url).await?))
-    } else {
-        Err(StoreError::Corrupt(format!(
-            "control database URL {url:?} is neither postgres://... nor sqlite://..."
-        )))
-    }
+    Ok(match Backend::of_url(url)? {
+        Backend::Postgres => Arc::new(PgDirectoryStore::open(url, max_connections).await?),
+        Backend::Sqlite => Arc::new(SqliteDirectoryStore::open(url).await?),
+    })
 }
-
-use crate::directory::AgencyRecord;
-use crate::error::StoreError;
 
 /// The control database.
 #[async_trait::async_trait]

@@ -8,7 +8,7 @@ use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
 use super::DirectoryStore;
-use crate::directory::AgencyRecord;
+use crate::agency::AgencyRecord;
 use crate::error::StoreError;
 
 /// The control database on SQLite.

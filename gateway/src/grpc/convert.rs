@@ -8,6 +8,7 @@ use fedmesh_common::time::{micros_from_timestamp, now_micros, timestamp_from_mic
 use fedmesh_common::validate;
 use fedmesh_proto::pb;
 
+use crate::inbox::stream::Ack;
 use crate::message::{Message, Receipt};
 
 fn checked_headers(
@@ -97,6 +98,14 @@ pub(crate) fn forward_request(message: Message) -> pb::ForwardRequest {
     pb::ForwardRequest {
         idempotency_key: message.idempotency_key.clone(),
         message: Some(message_to_pb(message)),
+    }
+}
+
+/// An ack from the wire.
+pub(crate) fn ack_from_pb(ack: pb::Ack) -> Ack {
+    Ack {
+        sequences: ack.sequences,
+        up_to: ack.up_to,
     }
 }
 

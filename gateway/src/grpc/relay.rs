@@ -7,8 +7,8 @@ use fedmesh_proto::pb;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use crate::Shared;
 use crate::error::GatewayError;
+use crate::shared::Shared;
 
 /// The Relay service of one gateway.
 pub(crate) struct RelayService {
@@ -20,8 +20,8 @@ impl RelayService {
     async fn forward_one(
         shared: &Shared,
         request: pb::ForwardRequest,
-    ) -> Result<pb::Receipt, Status> {
-        let message = convert::message_from_forward(request).map_err(GatewayError::from)?;
+    ) -> Result<pb::Receipt, GatewayError> {
+        let message = convert::message_from_forward(request)?;
         shared.check_payload(message.payload.len())?;
         let home = shared.home_of(&message.recipient_id).await?;
         if home.region != shared.config.region {
@@ -29,8 +29,7 @@ impl RelayService {
                 agency_id: message.recipient_id,
                 home_region: home.region,
                 region: shared.config.region.clone(),
-            }
-            .into());
+            });
         }
         let receipt = shared.store_local(&home.shard, message).await?;
         Ok(convert::receipt_to_pb(receipt))
@@ -49,6 +48,23 @@ fn require_gateway<T>(request: &Request<T>) -> Result<(), Status> {
         .into());
     }
     Ok(())
+}
+
+/// One message's result, as the origin gateway reads it.
+fn result_to_pb(outcome: Result<pb::Receipt, GatewayError>) -> pb::ForwardResult {
+    let result = match outcome {
+        Ok(receipt) => pb::forward_result::Result::Receipt(receipt),
+        Err(error) => {
+            let status = Status::from(error);
+            pb::forward_result::Result::Error(pb::ForwardError {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+            })
+        }
+    };
+    pb::ForwardResult {
+        result: Some(result),
+    }
 }
 
 #[tonic::async_trait]
@@ -86,19 +102,22 @@ impl pb::relay_server::Relay for RelayService {
             let shared = Arc::clone(&self.shared);
             tasks.spawn(async move { (index, Self::forward_one(&shared, message).await) });
         }
-        let mut results = vec![pb::ForwardResult::default(); tasks.len()];
+        let mut outcomes: Vec<Option<Result<pb::Receipt, GatewayError>>> =
+            (0..tasks.len()).map(|_| None).collect();
         while let Some(done) = tasks.join_next().await {
-            let (index, outcome) = done.map_err(|error| {
-                Status::internal(format!("relayed message task failed: {error}"))
-            })?;
-            results[index].result = Some(match outcome {
-                Ok(receipt) => pb::forward_result::Result::Receipt(receipt),
-                Err(status) => pb::forward_result::Result::Error(pb::ForwardError {
-                    code: status.code() as i32,
-                    message: status.message().to_string(),
-                }),
-            });
+            match done {
+                Ok((index, outcome)) => outcomes[index] = Some(outcome),
+                Err(error) => tracing::error!(%error, "relayed message task failed"),
+            }
         }
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| {
+                result_to_pb(outcome.unwrap_or_else(|| {
+                    Err(GatewayError::Internal("relayed message task failed".into()))
+                }))
+            })
+            .collect();
         Ok(Response::new(pb::ForwardBatchResponse { results }))
     }
 }

@@ -8,17 +8,19 @@
 mod postgres;
 mod sqlite;
 
-pub use postgres::{INBOX_CHANNEL, PgMessageStore, REPLICA_CHANNEL};
+pub use postgres::{INBOX_CHANNEL, PgMessageStore, REPLICA_CHANNEL, STREAM_CHANNEL};
 pub use sqlite::SqliteMessageStore;
 
 use std::sync::Arc;
 
 use fedmesh_common::events::Outbox;
+use fedmesh_common::store::Backend;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
+use crate::inbox::stream::Page;
 use crate::message::{InboxMessage, Message, Stored};
 
 /// Opens the shard at `url`: `postgres://...` or `sqlite://...`, with at most
@@ -30,17 +32,12 @@ pub async fn open_store(
     max_connections: u32,
     writers: u32,
 ) -> Result<Arc<dyn MessageStore>, StoreError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(
+    Ok(match Backend::of_url(url)? {
+        Backend::Postgres => Arc::new(
             PgMessageStore::open_with_writers(url, region, max_connections, writers).await?,
-        ))
-    } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteMessageStore::open(url, region).await?))
-    } else {
-        Err(StoreError::Corrupt(format!(
-            "shard URL {url:?} is neither postgres://... nor sqlite://..."
-        )))
-    }
+        ),
+        Backend::Sqlite => Arc::new(SqliteMessageStore::open(url, region).await?),
+    })
 }
 
 /// A stored sequence, which is never negative.
@@ -120,14 +117,23 @@ pub trait MessageStore: Send + Sync + 'static {
     /// names the original with `duplicate` set.
     async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError>;
 
-    /// Up to `limit` unacknowledged messages of `recipient_id` with a
-    /// sequence above `after_sequence`, in sequence order.
+    /// The unacknowledged messages of `recipient_id` that `page` asks for,
+    /// in sequence order: after its sequence, at most its row limit, and
+    /// stopping before the first message that would take the payloads past
+    /// its byte limit (the first message is always returned).
     async fn fetch_unacked(
         &self,
         recipient_id: &str,
-        after_sequence: u64,
-        limit: u32,
+        page: Page,
     ) -> Result<Vec<InboxMessage>, StoreError>;
+
+    /// Records that a new Receive stream of `recipient_id` opens and returns
+    /// its epoch: higher than that of every earlier stream of the inbox on
+    /// this shard. Other replicas hear of it and end their older streams.
+    async fn claim_inbox(&self, recipient_id: &str) -> Result<u64, StoreError>;
+
+    /// The epoch of the newest stream of `recipient_id` (0 before any).
+    async fn inbox_epoch(&self, recipient_id: &str) -> Result<u64, StoreError>;
 
     /// Marks the given sequences of `recipient_id` acknowledged; returns the
     /// sequences that were unacknowledged until now.
@@ -150,9 +156,9 @@ pub trait MessageStore: Send + Sync + 'static {
         1
     }
 
-    /// Starts waking `hub` when another process stores a message in this
-    /// shard. Stores only one process writes need nothing: the committer
-    /// wakes the hub itself.
+    /// Starts telling `hub` what other processes do on this shard: messages
+    /// they store, streams they open. Stores only one process writes need
+    /// nothing: the committer and the streams tell the hub themselves.
     fn spawn_wakeups(&self, hub: Arc<InboxHub>, tasks: &TaskTracker, shutdown: CancellationToken) {
         let _ = (hub, tasks, shutdown);
     }

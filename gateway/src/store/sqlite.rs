@@ -10,6 +10,7 @@ use sqlx::sqlite::SqlitePool;
 
 use super::{MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
 use crate::error::StoreError;
+use crate::inbox::stream::Page;
 use crate::message::{InboxMessage, Message, Stored};
 
 /// A shard on SQLite.
@@ -109,21 +110,45 @@ impl MessageStore for SqliteMessageStore {
     async fn fetch_unacked(
         &self,
         recipient_id: &str,
-        after_sequence: u64,
-        limit: u32,
+        page: Page,
     ) -> Result<Vec<InboxMessage>, StoreError> {
         let rows = sqlx::query(
             "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-             idempotency_key, origin_region, accepted_at FROM messages \
-             WHERE recipient_id = ? AND acked_at IS NULL AND sequence > ? \
-             ORDER BY sequence LIMIT ?",
+             idempotency_key, origin_region, accepted_at FROM ( \
+               SELECT *, sum(length(payload)) OVER (ORDER BY sequence) - length(payload) AS bytes_before \
+               FROM messages WHERE recipient_id = ? AND acked_at IS NULL AND sequence > ? \
+               ORDER BY sequence LIMIT ?) \
+             WHERE bytes_before < ? ORDER BY sequence",
         )
         .bind(recipient_id)
-        .bind(to_sql_sequence(after_sequence))
-        .bind(i64::from(limit))
+        .bind(to_sql_sequence(page.after_sequence))
+        .bind(i64::from(page.limit))
+        .bind(to_sql_sequence(page.max_bytes))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(inbox_message_from_row).collect()
+    }
+
+    async fn claim_inbox(&self, recipient_id: &str) -> Result<u64, StoreError> {
+        let mut transaction = begin_write(&self.pool).await?;
+        let epoch: i64 = sqlx::query_scalar(
+            "INSERT INTO inbox_streams (recipient_id, epoch) VALUES (?, 1) \
+             ON CONFLICT (recipient_id) DO UPDATE SET epoch = epoch + 1 RETURNING epoch",
+        )
+        .bind(recipient_id)
+        .fetch_one(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        to_sequence(epoch)
+    }
+
+    async fn inbox_epoch(&self, recipient_id: &str) -> Result<u64, StoreError> {
+        let epoch: Option<i64> =
+            sqlx::query_scalar("SELECT epoch FROM inbox_streams WHERE recipient_id = ?")
+                .bind(recipient_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        to_sequence(epoch.unwrap_or(0))
     }
 
     async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError> {

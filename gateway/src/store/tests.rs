@@ -20,6 +20,15 @@ fn message(message_id: &str, recipient_id: &str, idempotency_key: Option<&str>) 
     }
 }
 
+/// Up to `limit` messages after `after_sequence`, whatever their size.
+fn page(after_sequence: u64, limit: u32) -> Page {
+    Page {
+        after_sequence,
+        limit,
+        max_bytes: u64::MAX,
+    }
+}
+
 async fn event_kinds(store: &dyn MessageStore) -> Vec<String> {
     let events = fedmesh_common::testing::drain_outbox(store.outbox().as_ref()).await;
     events.into_iter().map(|event| event.kind).collect()
@@ -43,7 +52,10 @@ macro_rules! message_store_suite {
                     .expect("insert");
                 let sequences: Vec<u64> = stored.iter().map(|stored| stored.sequence).collect();
                 assert_eq!(sequences, vec![1, 1, 2]);
-                let inbox = store.fetch_unacked("alpha", 0, 10).await.expect("fetch");
+                let inbox = store
+                    .fetch_unacked("alpha", page(0, 10))
+                    .await
+                    .expect("fetch");
                 assert_eq!(inbox.len(), 2);
                 assert_eq!(inbox[1].message, message("m3", "alpha", None));
             }
@@ -74,7 +86,7 @@ macro_rules! message_store_suite {
                 assert_eq!(again[3].message_id, "m2");
                 assert_eq!(
                     store
-                        .fetch_unacked("alpha", 0, 10)
+                        .fetch_unacked("alpha", page(0, 10))
                         .await
                         .expect("fetch")
                         .len(),
@@ -101,7 +113,7 @@ macro_rules! message_store_suite {
                 assert_eq!(again[0].sequence, first[0].sequence);
                 assert_eq!(
                     store
-                        .fetch_unacked("alpha", 0, 10)
+                        .fetch_unacked("alpha", page(0, 10))
                         .await
                         .expect("fetch")
                         .len(),
@@ -121,14 +133,17 @@ macro_rules! message_store_suite {
                     store.ack("alpha", &[1]).await.expect("ack again"),
                     Vec::<u64>::new()
                 );
-                let inbox = store.fetch_unacked("alpha", 0, 10).await.expect("fetch");
+                let inbox = store
+                    .fetch_unacked("alpha", page(0, 10))
+                    .await
+                    .expect("fetch");
                 assert_eq!(
                     inbox.iter().map(|entry| entry.sequence).collect::<Vec<_>>(),
                     vec![2]
                 );
                 assert!(
                     store
-                        .fetch_unacked("alpha", 2, 10)
+                        .fetch_unacked("alpha", page(2, 10))
                         .await
                         .expect("fetch after")
                         .is_empty()
@@ -141,6 +156,60 @@ macro_rules! message_store_suite {
                         .count(),
                     1
                 );
+            }
+
+            #[tokio::test]
+            async fn pages_stop_at_their_byte_limit_but_hold_one_message() {
+                let (store, _guard) = $open.await;
+                let mut messages = Vec::new();
+                for index in 0..5 {
+                    let mut big = message(&format!("m{index}"), "alpha", None);
+                    big.payload = vec![b'x'; 1000];
+                    messages.push(big);
+                }
+                store.insert_batch(&messages).await.expect("insert");
+                let bounded = |after_sequence, max_bytes| Page {
+                    after_sequence,
+                    limit: 10,
+                    max_bytes,
+                };
+                let sequences = |page: Vec<InboxMessage>| -> Vec<u64> {
+                    page.iter().map(|entry| entry.sequence).collect()
+                };
+                let two = store
+                    .fetch_unacked("alpha", bounded(0, 2000))
+                    .await
+                    .expect("fetch");
+                assert_eq!(
+                    sequences(two),
+                    vec![1, 2],
+                    "2000 bytes hold two messages of 1000"
+                );
+                let partly = store
+                    .fetch_unacked("alpha", bounded(0, 2500))
+                    .await
+                    .expect("fetch");
+                assert_eq!(
+                    sequences(partly),
+                    vec![1, 2, 3],
+                    "the page stops after the message that crosses the limit"
+                );
+                let one = store
+                    .fetch_unacked("alpha", bounded(3, 1))
+                    .await
+                    .expect("fetch");
+                assert_eq!(sequences(one), vec![4], "a page always holds one message");
+            }
+
+            #[tokio::test]
+            async fn every_stream_claims_a_newer_epoch() {
+                let (store, _guard) = $open.await;
+                assert_eq!(store.inbox_epoch("alpha").await.expect("epoch"), 0);
+                let first = store.claim_inbox("alpha").await.expect("claim");
+                let second = store.claim_inbox("alpha").await.expect("claim");
+                assert!(second > first);
+                assert_eq!(store.inbox_epoch("alpha").await.expect("epoch"), second);
+                assert_eq!(store.inbox_epoch("beta").await.expect("epoch"), 0);
             }
 
             #[tokio::test]
@@ -157,7 +226,10 @@ macro_rules! message_store_suite {
                 // A cutoff in the past keeps everything.
                 assert_eq!(store.purge_acked(0, 100).await.expect("purge"), 0);
                 assert_eq!(store.purge_acked(i64::MAX, 100).await.expect("purge"), 1);
-                let inbox = store.fetch_unacked("alpha", 0, 10).await.expect("fetch");
+                let inbox = store
+                    .fetch_unacked("alpha", page(0, 10))
+                    .await
+                    .expect("fetch");
                 assert_eq!(
                     inbox.iter().map(|entry| entry.sequence).collect::<Vec<_>>(),
                     vec![2]
@@ -283,7 +355,8 @@ async fn postgres_replicas_announce_new_messages_only_while_another_replica_list
         .await
         .expect("open");
     let second_hub = Arc::new(InboxHub::default());
-    let mut lease = second_hub.open("alpha");
+    let mut lease = second_hub.admit("alpha", 4).expect("admitted");
+    lease.activate(1);
     let second_tasks = TaskTracker::new();
     let second_shutdown = CancellationToken::new();
     second.spawn_wakeups(
@@ -374,7 +447,10 @@ async fn a_postgres_shard_store_outlives_the_loss_of_its_connections() {
 
     // Reads and acks are retried on fresh connections too.
     end_connections().await;
-    let inbox = store.fetch_unacked("alpha", 0, 10).await.expect("fetch");
+    let inbox = store
+        .fetch_unacked("alpha", page(0, 10))
+        .await
+        .expect("fetch");
     assert_eq!(inbox.len(), 5);
     end_connections().await;
     let acked = store.ack("alpha", &[1, 2]).await.expect("ack");

@@ -25,9 +25,10 @@ use self::wakeups::Replicas;
 use super::{MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
+use crate::inbox::stream::Page;
 use crate::message::{InboxMessage, Message, Stored};
 
-pub use wakeups::{INBOX_CHANNEL, REPLICA_CHANNEL};
+pub use wakeups::{INBOX_CHANNEL, REPLICA_CHANNEL, STREAM_CHANNEL};
 
 /// How often a batch that lost a race (unique violation, deadlock) is tried.
 const MAX_ATTEMPTS: usize = 3;
@@ -123,19 +124,22 @@ impl PgMessageStore {
     async fn fetch_unacked_once(
         &self,
         recipient_id: &str,
-        after_sequence: u64,
-        limit: u32,
+        page: Page,
     ) -> Result<Vec<InboxMessage>, StoreError> {
         let rows = sqlx::query(
             "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-             idempotency_key, origin_region, accepted_at FROM messages \
-             WHERE recipient_id = $1 AND acked_at IS NULL AND sequence > $2 \
-             ORDER BY sequence LIMIT $3",
+             idempotency_key, origin_region, accepted_at FROM ( \
+               SELECT *, sum(octet_length(payload)) OVER (ORDER BY sequence) \
+                 - octet_length(payload) AS bytes_before \
+               FROM messages WHERE recipient_id = $1 AND acked_at IS NULL AND sequence > $2 \
+               ORDER BY sequence LIMIT $3) AS page \
+             WHERE bytes_before < $4 ORDER BY sequence",
         )
         .persistent(false)
         .bind(recipient_id.to_string())
-        .bind(i64::try_from(after_sequence).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
+        .bind(to_sql(page.after_sequence))
+        .bind(i64::from(page.limit))
+        .bind(to_sql(page.max_bytes))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(inbox_message_from_row).collect()
@@ -416,6 +420,11 @@ impl PgMessageStore {
     }
 }
 
+/// A sequence or size as PostgreSQL's BIGINT.
+fn to_sql(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 fn column<T>(messages: &[&Message], field: impl Fn(&Message) -> T) -> Vec<T> {
     messages.iter().map(|message| field(message)).collect()
 }
@@ -425,25 +434,13 @@ fn column<T>(messages: &[&Message], field: impl Fn(&Message) -> T) -> Vec<T> {
 /// so what the failed one committed is not stored twice.
 fn worth_retrying(error: &StoreError) -> bool {
     let StoreError::Database(sqlx::Error::Database(database)) = error else {
-        return is_connection_loss(error);
+        return error.is_connection_loss();
     };
     // unique_violation, deadlock_detected, serialization_failure
     matches!(
         database.code().as_deref(),
         Some("23505" | "40P01" | "40001")
-    ) || is_connection_loss(error)
-}
-
-/// Whether the connection failed under the statement: closed, or ended by
-/// the server (shutdown, restart, terminated backend).
-fn is_connection_loss(error: &StoreError) -> bool {
-    match error {
-        StoreError::Database(sqlx::Error::Io(_)) => true,
-        StoreError::Database(sqlx::Error::Database(database)) => database
-            .code()
-            .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")),
-        _ => false,
-    }
+    ) || error.is_connection_loss()
 }
 
 #[async_trait::async_trait]
@@ -452,7 +449,7 @@ impl MessageStore for PgMessageStore {
         let mut connection_lost = false;
         let mut stored = self
             .with_retries(worth_retrying, |previous| {
-                connection_lost |= previous.is_some_and(is_connection_loss);
+                connection_lost |= previous.is_some_and(StoreError::is_connection_loss);
                 self.try_insert_batch(messages, previous.is_some())
             })
             .await?;
@@ -472,18 +469,52 @@ impl MessageStore for PgMessageStore {
     async fn fetch_unacked(
         &self,
         recipient_id: &str,
-        after_sequence: u64,
-        limit: u32,
+        page: Page,
     ) -> Result<Vec<InboxMessage>, StoreError> {
-        self.with_retries(is_connection_loss, |_| {
-            self.fetch_unacked_once(recipient_id, after_sequence, limit)
+        self.with_retries(StoreError::is_connection_loss, |_| {
+            self.fetch_unacked_once(recipient_id, page)
+        })
+        .await
+    }
+
+    async fn claim_inbox(&self, recipient_id: &str) -> Result<u64, StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            // The announcement is sent at commit, with the epoch stored.
+            let mut transaction = self.pool.begin().await?;
+            let epoch: i64 = sqlx::query_scalar(
+                "INSERT INTO inbox_streams (recipient_id, epoch) VALUES ($1, 1) \
+                 ON CONFLICT (recipient_id) DO UPDATE SET epoch = inbox_streams.epoch + 1 \
+                 RETURNING epoch",
+            )
+            .bind(recipient_id)
+            .fetch_one(&mut *transaction)
+            .await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(STREAM_CHANNEL)
+                .bind(format!("{recipient_id} {epoch}"))
+                .execute(&mut *transaction)
+                .await?;
+            transaction.commit().await?;
+            to_sequence(epoch)
+        })
+        .await
+    }
+
+    async fn inbox_epoch(&self, recipient_id: &str) -> Result<u64, StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            let epoch: Option<i64> =
+                sqlx::query_scalar("SELECT epoch FROM inbox_streams WHERE recipient_id = $1")
+                    .bind(recipient_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            to_sequence(epoch.unwrap_or(0))
         })
         .await
     }
 
     async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError> {
         // Acking again what a lost attempt acked finds nothing left to ack.
-        self.with_retries(is_connection_loss, |_| {
+        self.with_retries(StoreError::is_connection_loss, |_| {
             self.ack_once(recipient_id, sequences)
         })
         .await

@@ -13,6 +13,10 @@
 //!   [`HEARTBEAT`], and `bye <id>` when it stops;
 //! - a replica forgets another after [`FORGET_AFTER`] without hearing it.
 //!
+//! A replica that opens a Receive stream announces its epoch on
+//! [`STREAM_CHANNEL`] (always: streams open rarely), so that an older
+//! stream of the inbox on another replica ends at once.
+//!
 //! No wake-up is lost in the hand-over: when B starts, A stores messages
 //! without announcing them only until it hears B's `hello`; it answers after
 //! that, and B, on hearing of A for the first time, has every stream read
@@ -31,6 +35,11 @@ use crate::inbox::InboxHub;
 
 /// The channel new messages are announced on: payload `<recipient> <sequence>`.
 pub const INBOX_CHANNEL: &str = "fedmesh_inbox";
+
+/// The channel new Receive streams are announced on: payload
+/// `<recipient> <epoch>`. A replica streaming that inbox with an older epoch
+/// ends its stream.
+pub const STREAM_CHANNEL: &str = "fedmesh_streams";
 
 /// The channel replicas of a shard announce themselves on: payload
 /// `hello|here|bye <replica id>`.
@@ -184,7 +193,7 @@ async fn listen(
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener
-        .listen_all([INBOX_CHANNEL, REPLICA_CHANNEL])
+        .listen_all([INBOX_CHANNEL, REPLICA_CHANNEL, STREAM_CHANNEL])
         .await?;
     say(pool, "hello", &replicas.id).await?;
     // Anything stored before LISTEN took effect is found by the streams'
@@ -235,8 +244,11 @@ async fn listen(
         }
         let parsed = payload
             .rsplit_once(' ')
-            .and_then(|(recipient, sequence)| Some((recipient, sequence.parse::<u64>().ok()?)));
+            .and_then(|(recipient, number)| Some((recipient, number.parse::<u64>().ok()?)));
         match parsed {
+            Some((recipient, epoch)) if notification.channel() == STREAM_CHANNEL => {
+                hub.claimed(recipient, epoch);
+            }
             Some((recipient, sequence)) => hub.stored(recipient, sequence),
             None => tracing::warn!(payload, "malformed inbox notification"),
         }

@@ -1,0 +1,17 @@
+//! DOMAIN: an agency as the coordinator keeps it. The directory and the
+//! control database both speak of it; neither owns it.
+
+/// An agency as the directory keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgencyRecord {
+    /// Agency id.
+    pub agency_id: String,
+    /// Home region.
+    pub region: String,
+    /// Shard of the home region holding its inbox.
+    pub shard: String,
+    /// Free-form display name.
+    pub display_name: String,
+    /// When it was registered, microseconds since the epoch.
+    pub registered_at_micros: i64,
+}

@@ -1,0 +1,196 @@
+//! What every handler and task of one gateway shares: its configuration,
+//! topology, shards and upstream connections, and the steps of the send path
+//! that several services take (where an agency lives, storing locally).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use fedmesh_common::identity::Identity;
+use fedmesh_common::topology::{AgencyHome, Topology};
+use fedmesh_proto::pb;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::committer::{self, Committer};
+use crate::config::GatewayConfig;
+use crate::error::GatewayError;
+use crate::inbox::InboxHub;
+use crate::message::{Message, Receipt};
+use crate::store::MessageStore;
+use crate::upstream::Upstream;
+
+/// One shard as the gateway uses it.
+pub(crate) struct Shard {
+    pub(crate) store: Arc<dyn MessageStore>,
+    pub(crate) committer: Committer,
+    pub(crate) outbox_wake: Arc<Notify>,
+}
+
+/// What every handler and task of one gateway shares.
+pub(crate) struct Shared {
+    pub(crate) config: GatewayConfig,
+    pub(crate) topology: watch::Receiver<Arc<Topology>>,
+    pub(crate) shards: HashMap<String, Shard>,
+    pub(crate) hub: Arc<InboxHub>,
+    pub(crate) upstream: Upstream,
+    pub(crate) shutdown: CancellationToken,
+    in_flight: AtomicU32,
+    spread: AtomicUsize,
+}
+
+/// Counts a send in flight while alive.
+pub(crate) struct InFlight<'a>(&'a AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    /// The state of a gateway about to serve.
+    pub(crate) fn new(
+        config: GatewayConfig,
+        topology: watch::Receiver<Arc<Topology>>,
+        shards: HashMap<String, Shard>,
+        hub: Arc<InboxHub>,
+        upstream: Upstream,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Shared {
+            config,
+            topology,
+            shards,
+            hub,
+            upstream,
+            shutdown,
+            in_flight: AtomicU32::new(0),
+            spread: AtomicUsize::new(0),
+        }
+    }
+
+    /// Sends being processed now.
+    pub(crate) fn sends_in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Refuses payloads over the limit.
+    pub(crate) fn check_payload(&self, size: usize) -> Result<(), GatewayError> {
+        let limit = self.config.max_payload_bytes;
+        if size > limit {
+            return Err(GatewayError::PayloadTooLarge { size, limit });
+        }
+        Ok(())
+    }
+
+    /// Where `agency_id` lives: from the topology, or from the coordinator
+    /// for an agency registered after the last topology update.
+    pub(crate) async fn home_of(&self, agency_id: &str) -> Result<AgencyHome, GatewayError> {
+        let known = self.topology.borrow().agencies.get(agency_id).cloned();
+        match known {
+            Some(home) => Ok(home),
+            None => self.upstream.lookup(agency_id).await,
+        }
+    }
+
+    /// The home of `agency_id`, which must be this gateway's region.
+    pub(crate) async fn require_homed_here(
+        &self,
+        agency_id: &str,
+    ) -> Result<AgencyHome, GatewayError> {
+        let home = self.home_of(agency_id).await?;
+        if home.region != self.config.region {
+            return Err(GatewayError::WrongRegion {
+                agency_id: agency_id.to_string(),
+                home_region: home.region,
+                region: self.config.region.clone(),
+            });
+        }
+        Ok(home)
+    }
+
+    /// The shard named `name`, if this gateway serves it.
+    pub(crate) fn shard(&self, name: &str) -> Result<&Shard, GatewayError> {
+        self.shards
+            .get(name)
+            .ok_or_else(|| GatewayError::ShardNotServed {
+                shard: name.to_string(),
+                gateway_id: self.config.gateway_id.clone(),
+            })
+    }
+
+    /// Stores `message` in `shard` of this region and returns its receipt.
+    pub(crate) async fn store_local(
+        &self,
+        shard: &str,
+        message: Message,
+    ) -> Result<Receipt, GatewayError> {
+        let stored = self
+            .shard(shard)?
+            .committer
+            .store(message)
+            .await
+            .map_err(|error| match error {
+                committer::CommitError::Stopped => {
+                    GatewayError::ShuttingDown("retry on another gateway with the same idempotency key")
+                }
+                committer::CommitError::Store(source) => GatewayError::shard_unavailable(
+                    shard,
+                    "nothing was promised: retry with the same idempotency key (a retry is never stored twice)",
+                    source,
+                ),
+            })?;
+        Ok(Receipt {
+            message_id: stored.message_id,
+            home_region: self.config.region.clone(),
+            stored_at_micros: stored.stored_at_micros,
+            duplicate: stored.duplicate,
+        })
+    }
+
+    /// The connection pool of each shard, sorted by shard.
+    pub(crate) fn shard_pools(&self) -> Vec<pb::ShardPool> {
+        let mut pools: Vec<pb::ShardPool> = self
+            .shards
+            .iter()
+            .map(|(name, shard)| {
+                let usage = shard.store.pool_usage();
+                pb::ShardPool {
+                    shard: name.clone(),
+                    open: usage.open,
+                    idle: usage.idle,
+                    max: usage.max,
+                }
+            })
+            .collect();
+        pools.sort_by(|a, b| a.shard.cmp(&b.shard));
+        pools
+    }
+
+    /// Counts a send until the guard drops.
+    pub(crate) fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
+    /// A number that rotates relay targets between calls.
+    pub(crate) fn spread(&self) -> usize {
+        self.spread.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Refuses `identity` acting as another agency than `agency_id`.
+pub(crate) fn require_agency(
+    identity: &Identity,
+    agency_id: &str,
+    action: &str,
+) -> Result<(), GatewayError> {
+    if identity.is_agency(agency_id) {
+        Ok(())
+    } else {
+        Err(GatewayError::PermissionDenied(format!(
+            "{identity} may not {action} agency {agency_id:?}; an agency acts only as itself"
+        )))
+    }
+}

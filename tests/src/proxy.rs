@@ -1,0 +1,195 @@
+//! A TCP proxy between a client and a component, to make the network fail
+//! on cue: [`TcpProxy::freeze`] stops every byte both ways while keeping the
+//! connections open (a client that vanished without closing), and
+//! [`TcpProxy::cut_after_response_headers`] drops the connection as the
+//! server's first response to a call starts (a call whose answer is lost).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A proxy listening on loopback, forwarding to one address.
+pub struct TcpProxy {
+    /// `http://` URL of the proxy.
+    pub url: String,
+    frozen: watch::Sender<bool>,
+    cut_next_response: Arc<AtomicBool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding connections to `target` (an `http://host:port` URL).
+    pub async fn start(target: &str) -> TcpProxy {
+        let target: SocketAddr = target
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap_or_else(|error| panic!("proxy target {target:?}: {error}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let frozen = watch::channel(false).0;
+        let cut_next_response = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let frozen = frozen.clone();
+            let cut = Arc::clone(&cut_next_response);
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        continue;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::spawn(pump(client_read, server_write, frozen.subscribe(), None));
+                    tokio::spawn(pump(
+                        server_read,
+                        client_write,
+                        frozen.subscribe(),
+                        Some(Arc::clone(&cut)),
+                    ));
+                }
+            })
+        };
+        TcpProxy {
+            url,
+            frozen,
+            cut_next_response,
+            accept,
+        }
+    }
+
+    /// Stops forwarding anything, both ways, on every connection; the
+    /// sockets stay open, as with a peer that vanished.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// The next time a server starts answering a call (an HTTP/2 HEADERS
+    /// frame on a stream), the connection is dropped instead: the call was
+    /// served, its answer is lost.
+    pub fn cut_after_response_headers(&self) {
+        self.cut_next_response.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// The length of an HTTP/2 frame header.
+const FRAME_HEADER: usize = 9;
+/// The HTTP/2 HEADERS frame type.
+const HEADERS: u8 = 1;
+
+/// Copies `from` to `to` until either ends; holds everything once frozen.
+/// With `cut`, parses the HTTP/2 frames going through and drops the
+/// connection at the first HEADERS frame of a stream once `cut` is set.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+    cut: Option<Arc<AtomicBool>>,
+) {
+    let mut buffer = vec![0_u8; 64 * 1024];
+    let mut frames = FrameCursor::default();
+    loop {
+        if *frozen.borrow_and_update() {
+            // Hold the sockets open and silent until the test ends.
+            std::future::pending::<()>().await;
+        }
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            _ = frozen.changed() => continue,
+        };
+        let Ok(n_read) = read else { return };
+        if n_read == 0 || *frozen.borrow() {
+            if n_read == 0 {
+                let _ = to.shutdown().await;
+                return;
+            }
+            continue;
+        }
+        let chunk = &buffer[..n_read];
+        if let Some(cut) = &cut
+            && cut.load(Ordering::SeqCst)
+            && let Some(offset) = frames.find_stream_headers(chunk)
+        {
+            cut.store(false, Ordering::SeqCst);
+            // Forward what came before the answer, then hang up.
+            let _ = to.write_all(&chunk[..offset]).await;
+            return;
+        }
+        if cut.is_some() {
+            frames.advance(chunk);
+        }
+        if to.write_all(chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Follows HTTP/2 frame boundaries in a byte stream from a server (which,
+/// unlike a client, sends no preface: its first bytes are a frame).
+#[derive(Default)]
+struct FrameCursor {
+    /// Bytes to skip before the next frame header starts.
+    skip: usize,
+    /// A frame header split across reads.
+    partial: Vec<u8>,
+}
+
+impl FrameCursor {
+    /// The offset in `chunk` of a frame header that starts a HEADERS frame
+    /// on a stream (not the connection), if one starts in `chunk`; does not
+    /// advance.
+    fn find_stream_headers(&self, chunk: &[u8]) -> Option<usize> {
+        let mut probe = FrameCursor {
+            skip: self.skip,
+            partial: self.partial.clone(),
+        };
+        probe.walk(chunk)
+    }
+
+    /// Moves past `chunk`.
+    fn advance(&mut self, chunk: &[u8]) {
+        let _ = self.walk(chunk);
+    }
+
+    fn walk(&mut self, chunk: &[u8]) -> Option<usize> {
+        let mut offset = 0;
+        while offset < chunk.len() {
+            if self.skip > 0 {
+                let skipped = self.skip.min(chunk.len() - offset);
+                self.skip -= skipped;
+                offset += skipped;
+                continue;
+            }
+            let wanted = FRAME_HEADER - self.partial.len();
+            let taken = wanted.min(chunk.len() - offset);
+            self.partial
+                .extend_from_slice(&chunk[offset..offset + taken]);
+            offset += taken;
+            if self.partial.len() < FRAME_HEADER {
+                return None;
+            }
+            let header = std::mem::take(&mut self.partial);
+            let length =
+                usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let stream_id =
+                u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+            if header[3] == HEADERS && stream_id != 0 {
+                // A header split across reads started in an earlier chunk:
+                // then cut at the start of this one.
+                return Some(offset.saturating_sub(FRAME_HEADER));
+            }
+            self.skip = length;
+        }
+        None
+    }
+}
