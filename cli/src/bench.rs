@@ -20,11 +20,20 @@ use crate::client::{Endpoints, rpc_error};
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Durable sends through one gateway: throughput and latency of `Send`.
+    #[command(
+        after_help = "Examples:\n  fedmesh bench send --concurrency 64 --size 256 --duration 10\n  fedmesh bench send --recipient-region west --count 100000 --json-out send.json"
+    )]
     Send(BenchSendArgs),
     /// Draining one inbox through `Receive` with acks: deliveries per second.
+    #[command(
+        after_help = "Examples:\n  fedmesh bench receive\n  fedmesh bench receive --window 1000 --ack-every 100 --json-out receive.json"
+    )]
     Receive(BenchReceiveArgs),
     /// The plain gRPC ceiling: `grpc.health.v1.Health/Check` calls, which do
     /// no work, with the same client and load as `bench send`.
+    #[command(
+        after_help = "Examples:\n  fedmesh bench health --duration 5\n  fedmesh bench health --concurrency 64 --connections 4 --count 200000"
+    )]
     Health(BenchHealthArgs),
 }
 

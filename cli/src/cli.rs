@@ -1,83 +1,135 @@
-//! The `fedmesh` commands: arguments (clap) and what each does.
+//! The `fedmesh` commands: their arguments (clap) and where each goes.
+//!
+//! Roles (`dev`, `coordinator`, `gateway`, `notifier`) take their settings;
+//! client commands (`agency`, `send`, `inbox`, `subscribe`, `status`,
+//! `bench`) take where the mesh is: the coordinator, through which they find
+//! everything else.
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
-use fedmesh_common::identity::Identity;
-use fedmesh_proto::pb;
-use serde_json::json;
+use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand};
 
-use crate::client::{Endpoints, rpc_error};
-use crate::dev::{DEFAULT_BASE_PORT, DevMesh, DevOptions};
-use crate::signal::wait_for_signal;
+use crate::client::Endpoints;
+use crate::dev::DEFAULT_BASE_PORT;
 
 /// fedmesh: durable, exactly-once messaging between agencies across regions.
 ///
-/// Every command but `dev` talks to a running mesh; with no address flags it
-/// reaches the dev mesh at its default ports.
+/// `dev` runs a whole mesh in one process; `coordinator`, `gateway` and
+/// `notifier` run one role each. The other commands talk to a running mesh:
+/// they need only the coordinator's address (`--coordinator`, default the
+/// dev mesh's).
 #[derive(Debug, Parser)]
-#[command(name = "fedmesh", version, propagate_version = true)]
+#[command(
+    name = "fedmesh",
+    version,
+    propagate_version = true,
+    disable_help_subcommand = true,
+    after_help = "Examples:\n  fedmesh dev\n  fedmesh send --as tax-office --to land-registry --kind tax.return.filed --body 'return 2026 filed'"
+)]
 pub struct Cli {
-    #[command(flatten)]
-    pub endpoints: EndpointArgs,
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Where the mesh is.
-#[derive(Debug, Args)]
-pub struct EndpointArgs {
-    /// Coordinator URL; agencies' home gateways are found through it
-    /// [default: http://127.0.0.1:50051].
-    #[arg(long, global = true, env = "FEDMESH_COORDINATOR")]
-    pub coordinator: Option<String>,
-    /// Gateway URL to use instead of the agency's home gateway.
-    #[arg(long, global = true, env = "FEDMESH_GATEWAY")]
-    pub gateway: Option<String>,
-    /// Notifier URL, for `subscribe`.
-    #[arg(
-        long,
-        global = true,
-        env = "FEDMESH_NOTIFIER",
-        default_value = "http://127.0.0.1:50055"
-    )]
-    pub notifier: String,
-    /// Operator name the CLI acts as for directory changes and status.
-    #[arg(long, global = true, env = "FEDMESH_OPERATOR", default_value = "cli")]
-    pub operator: String,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole mesh in this process: a coordinator, gateways for east,
     /// west and central, and a notifier, on consecutive loopback ports.
+    #[command(
+        after_help = "Examples:\n  fedmesh dev\n  fedmesh dev --base-port 0 --data-dir /tmp/mesh   # free ports; prints the export line to use"
+    )]
     Dev(DevArgs),
     /// Run a coordinator (one role per process, as in a deployment).
+    #[command(
+        after_help = "Examples:\n  fedmesh coordinator --dev-identity --db sqlite:///var/lib/fedmesh/control.sqlite --region east=east-1 --region west=west-1\n  fedmesh coordinator --config coordinator.toml --check-config"
+    )]
     Coordinator(crate::serve::CoordinatorArgs),
     /// Run a gateway of one region on its shard databases.
+    #[command(
+        after_help = "Examples:\n  fedmesh gateway --dev-identity --region east --shard east-1=postgres://postgres@127.0.0.1/fedmesh_east_1\n  fedmesh gateway --config gateway.toml --check-config"
+    )]
     Gateway(crate::serve::GatewayArgs),
+    /// Run a notifier: serves subscriptions to the mesh's events.
+    #[command(
+        after_help = "Examples:\n  fedmesh notifier --dev-identity --listen 127.0.0.1:50055\n  fedmesh notifier --config notifier.toml --check-config"
+    )]
+    Notifier(crate::serve::NotifierArgs),
     /// Register, list, show and deregister agencies.
-    #[command(subcommand)]
-    Agency(AgencyCommand),
+    #[command(
+        after_help = "Examples:\n  fedmesh agency register tax-office --region east --name 'Tax Office'\n  fedmesh agency list --region east"
+    )]
+    Agency(AgencyArgs),
     /// Send a message as an agency; prints its receipt.
+    #[command(
+        after_help = "Examples:\n  fedmesh send --as tax-office --to land-registry --kind tax.return.filed --body 'return 2026 filed'\n  fedmesh send --as tax-office --to land-registry --kind deed.scan --body-file deed.pdf --header format=pdf --json"
+    )]
     Send(SendArgs),
     /// Read an agency's inbox.
+    #[command(
+        after_help = "Examples:\n  fedmesh inbox --as land-registry --ack\n  fedmesh inbox --as land-registry --follow --json"
+    )]
     Inbox(InboxArgs),
     /// Print mesh events as they happen.
+    #[command(
+        after_help = "Examples:\n  fedmesh subscribe --agency land-registry\n  fedmesh subscribe --kind message.delivered --region west --limit 10 --json"
+    )]
     Subscribe(SubscribeArgs),
-    /// Regions, their shards and gateways, and agency counts.
-    Status(JsonFlag),
+    /// Regions, their shards, gateways and notifiers, and agency counts.
+    #[command(after_help = "Examples:\n  fedmesh status\n  fedmesh status --json")]
+    Status(StatusArgs),
     /// Measure a running mesh (load generators; see README).
-    #[command(subcommand)]
-    Bench(crate::bench::BenchCommand),
+    #[command(
+        after_help = "Examples:\n  fedmesh bench send --concurrency 64 --size 256 --duration 10\n  fedmesh bench receive"
+    )]
+    Bench(BenchArgs),
+    /// Print the help of fedmesh or of one of its commands.
+    #[command(after_help = "Examples:\n  fedmesh help\n  fedmesh help agency register")]
+    Help(HelpArgs),
+}
+
+/// Where the mesh is, for client commands.
+#[derive(Debug, Args)]
+pub struct MeshArgs {
+    /// Coordinator URL; agencies' home gateways and the notifiers are found
+    /// through it.
+    #[arg(
+        long,
+        global = true,
+        env = "FEDMESH_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    /// Operator name the CLI acts as for directory changes and status.
+    #[arg(long, global = true, env = "FEDMESH_OPERATOR", default_value = "cli")]
+    pub operator: String,
+}
+
+/// A gateway to use instead of the one the coordinator names.
+#[derive(Debug, Args)]
+pub struct GatewayOverride {
+    /// Gateway URL to use instead of the agency's home gateway.
+    #[arg(long, global = true, env = "FEDMESH_GATEWAY")]
+    pub gateway: Option<String>,
+}
+
+impl MeshArgs {
+    /// The endpoints these flags give, with optional overrides.
+    pub fn endpoints(&self, gateway: Option<&str>, notifier: Option<&str>) -> Endpoints {
+        Endpoints {
+            coordinator: self.coordinator.clone(),
+            operator: self.operator.clone(),
+            gateway: gateway.map(str::to_string),
+            notifier: notifier.map(str::to_string),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
     /// Port of the coordinator; the east, west and central gateways take the
-    /// next three ports and the notifier the one after.
+    /// next three ports and the notifier the one after. 0 takes free ports
+    /// (the mesh prints the coordinator's URL to export).
     #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
     pub base_port: u16,
     /// Folder for the SQLite files; agencies and undelivered messages
@@ -88,7 +140,7 @@ pub struct DevArgs {
     /// `--shard west-1=postgres://postgres@127.0.0.1/fedmesh_west_1`;
     /// repeatable. Shards are east-1, west-1 and central-1.
     #[arg(long = "shard", value_name = "NAME=URL")]
-    pub shards: Vec<String>,
+    pub shards: Vec<fedmesh_gateway::ShardConfig>,
 }
 
 #[derive(Debug, Args)]
@@ -98,9 +150,20 @@ pub struct JsonFlag {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct AgencyArgs {
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    #[command(subcommand)]
+    pub command: AgencyCommand,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AgencyCommand {
-    /// Register an agency in its home region.
+    /// Register an agency in its home region; the coordinator picks its shard.
+    #[command(
+        after_help = "Examples:\n  fedmesh agency register tax-office --region east --name 'Tax Office'\n  fedmesh agency register land-registry --region west --json"
+    )]
     Register {
         /// Agency id: 2-63 characters of a-z, 0-9 and '-', starting with a
         /// letter and not ending with '-'.
@@ -111,28 +174,47 @@ pub enum AgencyCommand {
         /// Display name.
         #[arg(long, default_value = "")]
         name: String,
-        #[command(flatten)]
-        output: JsonFlag,
+        /// Print the registered agency as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// List agencies.
+    #[command(
+        after_help = "Examples:\n  fedmesh agency list\n  fedmesh agency list --region west --json"
+    )]
     List {
         /// Only agencies homed in this region.
         #[arg(long)]
         region: Option<String>,
-        #[command(flatten)]
-        output: JsonFlag,
+        /// Print a JSON array of agencies.
+        #[arg(long)]
+        json: bool,
     },
     /// Show one agency.
+    #[command(
+        after_help = "Examples:\n  fedmesh agency show tax-office\n  fedmesh agency show tax-office --json"
+    )]
     Show {
         /// Agency id.
         id: String,
-        #[command(flatten)]
-        output: JsonFlag,
+        /// Print the agency as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
-    /// Remove an agency from the directory.
+    /// Remove an agency from the directory. Refused while its inbox holds
+    /// unacknowledged messages, unless --force.
+    #[command(
+        after_help = "Examples:\n  fedmesh agency deregister old-office\n  fedmesh agency deregister old-office --force   # abandons its unread messages"
+    )]
     Deregister {
         /// Agency id.
         id: String,
+        /// Deregister even though its inbox holds unacknowledged messages
+        /// (they are abandoned) or cannot be checked.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        gateway: GatewayOverride,
     },
 }
 
@@ -158,11 +240,19 @@ pub struct SendArgs {
     /// Header as NAME=VALUE; repeatable.
     #[arg(long = "header", value_name = "NAME=VALUE")]
     pub headers: Vec<String>,
-    /// Idempotency key: a retry with the same key stores nothing new.
+    /// Idempotency key: the same key with the same message stores nothing
+    /// new, with another message is refused. Without one the CLI makes one,
+    /// so that its own retries (after UNAVAILABLE) never store twice.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Print the receipt as one JSON object: message_id, status,
+    /// home_region, stored_at, duplicate.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
-    pub output: JsonFlag,
+    pub mesh: MeshArgs,
+    #[command(flatten)]
+    pub gateway: GatewayOverride,
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +272,10 @@ pub struct InboxArgs {
     /// Print one JSON object per message.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    #[command(flatten)]
+    pub gateway: GatewayOverride,
 }
 
 #[derive(Debug, Args)]
@@ -205,537 +299,80 @@ pub struct SubscribeArgs {
     /// Print one JSON object per event.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    /// Notifier URL to use instead of one the coordinator names.
+    #[arg(long, env = "FEDMESH_NOTIFIER")]
+    pub notifier: Option<String>,
 }
 
-/// Runs `cli`, writing results to `out`.
-pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
-    // A gateway's config file may name the coordinator; the flag's default
-    // must not hide it.
-    let coordinator_flag = cli.endpoints.coordinator.clone();
-    let endpoints = Endpoints {
-        coordinator: cli
-            .endpoints
-            .coordinator
-            .unwrap_or_else(|| "http://127.0.0.1:50051".to_string()),
-        gateway: cli.endpoints.gateway,
-        notifier: cli.endpoints.notifier,
-        operator: cli.endpoints.operator,
-    };
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub output: JsonFlag,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    #[command(flatten)]
+    pub gateway: GatewayOverride,
+    #[command(subcommand)]
+    pub command: crate::bench::BenchCommand,
+}
+
+#[derive(Debug, Args)]
+pub struct HelpArgs {
+    /// The command, and its subcommand, to explain.
+    pub command: Vec<String>,
+}
+
+/// Runs `cli` (parsed from `matches`), writing results to `out`.
+pub async fn run(
+    cli: Cli,
+    matches: &ArgMatches,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let role_matches = |name: &str| matches.subcommand_matches(name).unwrap_or(matches);
     match cli.command {
-        Command::Dev(args) => dev(args, out).await,
-        Command::Coordinator(args) => crate::serve::coordinator(args).await,
-        Command::Gateway(args) => crate::serve::gateway(args, coordinator_flag).await,
-        Command::Agency(command) => agency(&endpoints, command, out).await,
-        Command::Send(args) => send(&endpoints, args, out).await,
-        Command::Inbox(args) => inbox(&endpoints, args, out).await,
-        Command::Subscribe(args) => subscribe(&endpoints, args, out).await,
-        Command::Status(output) => status(&endpoints, output.json, out).await,
-        Command::Bench(command) => crate::bench::run(&endpoints, command, out).await,
-    }
-}
-
-async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
-    let mut shard_urls = std::collections::HashMap::new();
-    for shard in &args.shards {
-        let (name, url) = shard
-            .split_once('=')
-            .with_context(|| format!("--shard {shard:?} is not NAME=URL"))?;
-        shard_urls.insert(name.to_string(), url.to_string());
-    }
-    let mesh = DevMesh::start(DevOptions {
-        data_dir: args.data_dir.clone(),
-        base_port: Some(args.base_port),
-        shard_urls,
-        tune_gateway: None,
-    })
-    .await?;
-    writeln!(
-        out,
-        "fedmesh dev mesh is up (data in {})",
-        args.data_dir.display()
-    )?;
-    writeln!(out, "  coordinator      {}", mesh.coordinator_url)?;
-    for (region, url) in &mesh.gateway_urls {
-        writeln!(out, "  gateway {region:<8} {url}")?;
-    }
-    writeln!(out, "  notifier         {}", mesh.notifier_url)?;
-    writeln!(out, "press Ctrl-C to stop")?;
-    out.flush()?;
-    let shutdown = mesh.shutdown_token();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("stopping: closing streams and finishing writes");
-        shutdown.cancel();
-    });
-    mesh.wait().await
-}
-
-fn agency_json(agency: &pb::Agency) -> serde_json::Value {
-    json!({
-        "agency_id": agency.agency_id,
-        "region": agency.region,
-        "shard": agency.shard,
-        "display_name": agency.display_name,
-        "registered_at": agency.registered_at.map(|time| time.to_string()),
-    })
-}
-
-fn print_agencies(
-    agencies: &[pb::Agency],
-    json_output: bool,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<()> {
-    if json_output {
-        let list: Vec<_> = agencies.iter().map(agency_json).collect();
-        writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "{:<24} {:<10} {:<12} NAME",
-        "AGENCY", "REGION", "SHARD"
-    )?;
-    for agency in agencies {
-        writeln!(
-            out,
-            "{:<24} {:<10} {:<12} {}",
-            agency.agency_id, agency.region, agency.shard, agency.display_name
-        )?;
-    }
-    Ok(())
-}
-
-async fn agency(
-    endpoints: &Endpoints,
-    command: AgencyCommand,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<()> {
-    let mut directory = endpoints.directory_as_operator()?;
-    match command {
-        AgencyCommand::Register {
-            id,
-            region,
-            name,
-            output,
-        } => {
-            let agency = directory
-                .register_agency(pb::RegisterAgencyRequest {
-                    agency_id: id.clone(),
-                    region,
-                    display_name: name,
-                })
-                .await
-                .map_err(|status| rpc_error(status, &format!("cannot register {id:?}")))?
-                .into_inner()
-                .agency
-                .context("the coordinator answered without the agency")?;
-            if output.json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&agency_json(&agency))?
-                )?;
-            } else {
-                writeln!(
-                    out,
-                    "registered {} in {} (shard {})",
-                    agency.agency_id, agency.region, agency.shard
-                )?;
-            }
+        Command::Dev(args) => crate::serve::dev(args, out).await,
+        Command::Coordinator(args) => {
+            crate::serve::coordinator(args, role_matches("coordinator"), out).await
         }
-        AgencyCommand::List { region, output } => {
-            let mut agencies = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = directory
-                    .list_agencies(pb::ListAgenciesRequest {
-                        page_size: 1000,
-                        page_token,
-                        region: region.clone().unwrap_or_default(),
-                    })
-                    .await
-                    .map_err(|status| rpc_error(status, "cannot list agencies"))?
-                    .into_inner();
-                agencies.extend(page.agencies);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
-            print_agencies(&agencies, output.json, out)?;
+        Command::Gateway(args) => crate::serve::gateway(args, role_matches("gateway"), out).await,
+        Command::Notifier(args) => {
+            crate::serve::notifier(args, role_matches("notifier"), out).await
         }
-        AgencyCommand::Show { id, output } => {
-            let agency = directory
-                .get_agency(pb::GetAgencyRequest {
-                    agency_id: id.clone(),
-                })
-                .await
-                .map_err(|status| rpc_error(status, &format!("cannot show {id:?}")))?
-                .into_inner()
-                .agency
-                .context("the coordinator answered without the agency")?;
-            print_agencies(&[agency], output.json, out)?;
+        Command::Agency(args) => crate::commands::agency(args, out).await,
+        Command::Send(args) => crate::commands::send(args, out).await,
+        Command::Inbox(args) => crate::commands::inbox(args, out).await,
+        Command::Subscribe(args) => crate::commands::subscribe(args, out).await,
+        Command::Status(args) => crate::commands::status(args, out).await,
+        Command::Bench(args) => {
+            let endpoints = args.mesh.endpoints(args.gateway.gateway.as_deref(), None);
+            crate::bench::run(&endpoints, args.command, out).await
         }
-        AgencyCommand::Deregister { id } => {
-            directory
-                .deregister_agency(pb::DeregisterAgencyRequest {
-                    agency_id: id.clone(),
-                })
-                .await
-                .map_err(|status| rpc_error(status, &format!("cannot deregister {id:?}")))?;
-            writeln!(out, "deregistered {id}")?;
-        }
-    }
-    Ok(())
-}
-
-fn read_body(args: &SendArgs) -> anyhow::Result<Vec<u8>> {
-    match (&args.body, &args.body_file) {
-        (Some(body), _) => Ok(body.clone().into_bytes()),
-        (None, Some(path)) if path.as_os_str() == "-" => {
-            let mut body = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
-                .context("cannot read the body from standard input")?;
-            Ok(body)
-        }
-        (None, Some(path)) => std::fs::read(path)
-            .with_context(|| format!("cannot read the body file {}", path.display())),
-        (None, None) => anyhow::bail!("give the body with --body TEXT or --body-file PATH"),
+        Command::Help(args) => help(&args.command, out),
     }
 }
 
-async fn send(
-    endpoints: &Endpoints,
-    args: SendArgs,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<()> {
-    let payload = read_body(&args)?;
-    let mut headers = std::collections::HashMap::new();
-    for header in &args.headers {
-        let (name, value) = header
-            .split_once('=')
-            .with_context(|| format!("header {header:?} is not NAME=VALUE"))?;
-        headers.insert(name.to_string(), value.to_string());
+/// Prints the long help of the command named by `path` (fedmesh itself
+/// when empty).
+fn help(path: &[String], out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    let mut command = Cli::command();
+    command.build();
+    let mut current = &mut command;
+    for name in path {
+        current = current.find_subcommand_mut(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no command `{}`; `fedmesh --help` lists them",
+                path.join(" ")
+            )
+        })?;
     }
-    let mut exchange = endpoints.exchange_for(&args.sender).await?;
-    let receipt = exchange
-        .send(pb::SendRequest {
-            sender_id: args.sender.clone(),
-            recipient_id: args.recipient.clone(),
-            kind: args.kind.clone(),
-            payload,
-            headers,
-            idempotency_key: args.idempotency_key.clone(),
-        })
-        .await
-        .map_err(|status| rpc_error(status, "send failed"))?
-        .into_inner()
-        .receipt
-        .context("the gateway answered without a receipt")?;
-    let status = match receipt.status() {
-        pb::ReceiptStatus::Stored => "STORED",
-        pb::ReceiptStatus::Spooled => "SPOOLED",
-        pb::ReceiptStatus::Unspecified => "UNSPECIFIED",
-    };
-    let stored_at = receipt
-        .stored_at
-        .map(|time| time.to_string())
-        .unwrap_or_default();
-    if args.output.json {
-        let value = json!({
-            "message_id": receipt.message_id,
-            "status": status,
-            "home_region": receipt.home_region,
-            "stored_at": stored_at,
-            "duplicate": receipt.duplicate,
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
-    } else {
-        let retry = if receipt.duplicate {
-            " (retry: already stored, nothing new stored)"
-        } else {
-            ""
-        };
-        writeln!(
-            out,
-            "{status} {} in {} at {stored_at}{retry}",
-            receipt.message_id, receipt.home_region
-        )?;
-    }
-    Ok(())
-}
-
-fn print_delivery(
-    delivery: &pb::Delivery,
-    json_output: bool,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<()> {
-    let message = delivery.message.clone().unwrap_or_default();
-    let body = String::from_utf8_lossy(&message.payload);
-    if json_output {
-        let value = json!({
-            "sequence": delivery.sequence,
-            "message_id": message.message_id,
-            "sender_id": message.sender_id,
-            "recipient_id": message.recipient_id,
-            "kind": message.kind,
-            "headers": message.headers,
-            "body": body,
-            "accepted_at": message.accepted_at.map(|time| time.to_string()),
-            "origin_region": message.origin_region,
-        });
-        writeln!(out, "{value}")?;
-    } else {
-        writeln!(
-            out,
-            "#{} from {} ({}) kind {} id {}",
-            delivery.sequence,
-            message.sender_id,
-            message.origin_region,
-            message.kind,
-            message.message_id
-        )?;
-        writeln!(out, "  {body}")?;
-    }
-    out.flush()?;
-    Ok(())
-}
-
-async fn inbox(
-    endpoints: &Endpoints,
-    args: InboxArgs,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<()> {
-    if args.limit == Some(0) {
-        anyhow::bail!("--limit must be at least 1");
-    }
-    let mut exchange = endpoints.exchange_for(&args.agency).await?;
-    let (requests, outbound) = tokio::sync::mpsc::channel(64);
-    requests
-        .send(pb::ReceiveRequest {
-            request: Some(pb::receive_request::Request::Open(pb::OpenInbox {
-                agency_id: args.agency.clone(),
-                window: args.limit.map_or(0, |limit| limit.min(10_000)),
-            })),
-        })
-        .await
-        .context("cannot open the inbox stream")?;
-    let mut responses = exchange
-        .receive(tokio_stream::wrappers::ReceiverStream::new(outbound))
-        .await
-        .map_err(|status| rpc_error(status, "cannot open the inbox"))?
-        .into_inner();
-    let mut n_received = 0_u32;
-    let interrupted = wait_for_signal();
-    tokio::pin!(interrupted);
-    loop {
-        let response = tokio::select! {
-            () = &mut interrupted => break,
-            response = responses.message() => response.map_err(|status| rpc_error(status, "inbox stream failed"))?,
-        };
-        match response.and_then(|response| response.response) {
-            None => break,
-            Some(pb::receive_response::Response::Idle(_)) if !args.follow => break,
-            Some(pb::receive_response::Response::Idle(_)) => {}
-            Some(pb::receive_response::Response::Delivery(delivery)) => {
-                print_delivery(&delivery, args.json, out)?;
-                n_received += 1;
-                if args.ack {
-                    let ack = pb::ReceiveRequest {
-                        request: Some(pb::receive_request::Request::Ack(pb::Ack {
-                            sequences: vec![delivery.sequence],
-                            up_to: 0,
-                        })),
-                    };
-                    requests.send(ack).await.context("inbox stream closed")?;
-                }
-                if args.limit.is_some_and(|limit| n_received >= limit) {
-                    break;
-                }
-            }
-        }
-    }
-    // Closing our side lets the gateway apply the acks sent so far and end
-    // the stream; wait for that so no ack is lost.
-    drop(requests);
-    while let Ok(Some(_)) = responses.message().await {}
-    if n_received == 0 && !args.json {
-        writeln!(out, "inbox of {} is empty", args.agency)?;
-    }
-    Ok(())
-}
-
-async fn subscribe(
-    endpoints: &Endpoints,
-    args: SubscribeArgs,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<()> {
-    let identity = match &args.agency {
-        Some(agency) => Identity::Agency(agency.clone()),
-        None => Identity::Operator(endpoints.operator.clone()),
-    };
-    let mut events = endpoints
-        .notifications(&identity)?
-        .subscribe(pb::SubscribeRequest {
-            regions: args.regions,
-            agencies: args.agencies,
-            kinds: args.kinds,
-        })
-        .await
-        .map_err(|status| rpc_error(status, "cannot subscribe"))?
-        .into_inner();
-    if !args.json {
-        writeln!(out, "subscribed; waiting for events (Ctrl-C to stop)")?;
-        out.flush()?;
-    }
-    let mut n_events = 0_u64;
-    let interrupted = wait_for_signal();
-    tokio::pin!(interrupted);
-    loop {
-        let event = tokio::select! {
-            () = &mut interrupted => return Ok(()),
-            event = events.message() => event.map_err(|status| rpc_error(status, "event stream failed"))?,
-        };
-        let Some(event) = event else { return Ok(()) };
-        let occurred_at = event
-            .occurred_at
-            .map(|time| time.to_string())
-            .unwrap_or_default();
-        if args.json {
-            let value = json!({
-                "event_id": event.event_id,
-                "kind": event.kind,
-                "region": event.region,
-                "agency_id": event.agency_id,
-                "message_id": event.message_id,
-                "occurred_at": occurred_at,
-                "attributes": event.attributes,
-            });
-            writeln!(out, "{value}")?;
-        } else {
-            let mut attributes: Vec<String> = event
-                .attributes
-                .iter()
-                .map(|(key, value)| format!("{key}={value}"))
-                .collect();
-            attributes.sort();
-            writeln!(
-                out,
-                "{occurred_at} {:<18} {:<8} {:<20} {} {}",
-                event.kind,
-                event.region,
-                event.agency_id,
-                event.message_id,
-                attributes.join(" ")
-            )?;
-        }
-        out.flush()?;
-        n_events += 1;
-        if args.limit.is_some_and(|limit| n_events >= limit) {
-            return Ok(());
-        }
-    }
-}
-
-async fn status(
-    endpoints: &Endpoints,
-    json_output: bool,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<()> {
-    let topology = endpoints.topology().await?;
-    let count = |region: &str| {
-        topology
-            .agencies
-            .iter()
-            .filter(|agency| agency.region == region)
-            .count()
-    };
-    if json_output {
-        let regions: Vec<_> = topology
-            .regions
-            .iter()
-            .map(|region| {
-                let gateways: Vec<_> = topology
-                    .gateways
-                    .iter()
-                    .filter(|gateway| gateway.region == region.name)
-                    .map(|gateway| {
-                        let load = gateway.load.clone().unwrap_or_default();
-                        let pools: Vec<_> = load
-                            .shard_pools
-                            .iter()
-                            .map(|pool| {
-                                json!({ "shard": pool.shard, "open": pool.open, "idle": pool.idle, "max": pool.max })
-                            })
-                            .collect();
-                        json!({
-                            "gateway_id": gateway.gateway_id,
-                            "address": gateway.address,
-                            "open_streams": load.open_streams,
-                            "in_flight": load.in_flight,
-                            "shard_pools": pools,
-                            "last_seen": gateway.last_seen.map(|time| time.to_string()),
-                        })
-                    })
-                    .collect();
-                json!({ "region": region.name, "shards": region.shards, "agencies": count(&region.name), "gateways": gateways })
-            })
-            .collect();
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({ "coordinator": endpoints.coordinator, "regions": regions })
-            )?
-        )?;
-        return Ok(());
-    }
-    writeln!(out, "coordinator {}", endpoints.coordinator)?;
-    writeln!(
-        out,
-        "{:<10} {:<16} {:>8}  GATEWAYS",
-        "REGION", "SHARDS", "AGENCIES"
-    )?;
-    for region in &topology.regions {
-        let gateways: Vec<String> = topology
-            .gateways
-            .iter()
-            .filter(|gateway| gateway.region == region.name)
-            .map(|gateway| {
-                let load = gateway.load.clone().unwrap_or_default();
-                let pools: Vec<String> = load
-                    .shard_pools
-                    .iter()
-                    .map(|pool| {
-                        format!(
-                            ", {} pool {}/{} open, {} idle",
-                            pool.shard, pool.open, pool.max, pool.idle
-                        )
-                    })
-                    .collect();
-                format!(
-                    "{} {} (streams {}, in flight {}{})",
-                    gateway.gateway_id,
-                    gateway.address,
-                    load.open_streams,
-                    load.in_flight,
-                    pools.concat()
-                )
-            })
-            .collect();
-        let gateways = if gateways.is_empty() {
-            "none".to_string()
-        } else {
-            gateways.join(", ")
-        };
-        writeln!(
-            out,
-            "{:<10} {:<16} {:>8}  {}",
-            region.name,
-            region.shards.join(","),
-            count(&region.name),
-            gateways
-        )?;
-    }
+    write!(out, "{}", current.render_long_help())?;
     Ok(())
 }

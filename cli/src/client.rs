@@ -1,7 +1,11 @@
-//! Reaching a mesh from the command line: the coordinator, an agency's home
-//! gateway (found through the coordinator), and the notifier.
+//! Reaching a mesh from the command line: the coordinator, and through it an
+//! agency's home gateway and the notifiers; retrying what may be retried.
+
+use std::future::Future;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use fedmesh_common::error::code_name;
 use fedmesh_common::identity::{AttachIdentity, Identity};
 use fedmesh_proto::pb;
 use tonic::service::interceptor::InterceptedService;
@@ -10,27 +14,72 @@ use tonic::transport::Channel;
 /// A client channel that presents an identity.
 pub type Authenticated = InterceptedService<Channel, AttachIdentity>;
 
+/// Largest message the CLI decodes: a delivery of a gateway configured with
+/// a payload limit far above the default.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Where the mesh is and who the CLI is.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     /// Coordinator URL.
     pub coordinator: String,
+    /// Operator name for directory changes and status.
+    pub operator: String,
     /// Gateway URL overriding discovery, if given.
     pub gateway: Option<String>,
-    /// Notifier URL.
-    pub notifier: String,
-    /// Operator name for directory changes.
-    pub operator: String,
+    /// Notifier URL overriding discovery, if given.
+    pub notifier: Option<String>,
 }
 
-/// Turns a failed call into one line that says what went wrong.
+/// Turns a failed call into one line that says what went wrong, with the
+/// status code spelled as gRPC names it.
 pub fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
-    let code = format!("{:?}", status.code());
+    let code = code_name(status.code());
     let mut text = format!("{what}: {} ({code})", status.message());
-    if status.code() == tonic::Code::Unavailable && status.message().contains("connect") {
+    if is_transport_failure(&status) && status.message().contains("connect") {
         text.push_str("; is the mesh running? start it with `fedmesh dev`");
     }
     anyhow::anyhow!(text)
+}
+
+/// Whether the call failed in the network rather than in a server's answer
+/// (tonic keeps the transport error as the status's source).
+fn is_transport_failure(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some() || status.code() == tonic::Code::Unavailable
+}
+
+/// Whether a call that failed with `status` may be made again: the server
+/// said UNAVAILABLE, or the answer was lost on the way.
+pub fn worth_retrying(status: &tonic::Status) -> bool {
+    is_transport_failure(status)
+}
+
+/// Makes `call` up to `attempts` times while it fails in a way
+/// [`worth_retrying`] accepts, waiting 200 ms and then twice as long each
+/// time; `on_retry` hears of each retry. Only calls that are safe to repeat
+/// may be retried: a send carries an idempotency key.
+pub async fn with_retries<T, Call, Attempt>(
+    attempts: u32,
+    mut call: Call,
+    mut on_retry: impl FnMut(&tonic::Status, u32),
+) -> Result<T, tonic::Status>
+where
+    Call: FnMut() -> Attempt,
+    Attempt: Future<Output = Result<T, tonic::Status>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(status) if attempt < attempts && worth_retrying(&status) => {
+                on_retry(&status, attempt + 1);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 fn channel(url: &str) -> anyhow::Result<Channel> {
@@ -47,7 +96,8 @@ impl Endpoints {
         Ok(pb::directory_client::DirectoryClient::with_interceptor(
             channel(&self.coordinator)?,
             AttachIdentity::new(identity),
-        ))
+        )
+        .max_decoding_message_size(MAX_MESSAGE_BYTES))
     }
 
     /// The directory, as this operator.
@@ -57,14 +107,26 @@ impl Endpoints {
         self.directory(&Identity::Operator(self.operator.clone()))
     }
 
-    /// The notifier, as `identity`.
-    pub fn notifications(
+    /// A notifier, as `identity`: `--notifier`, or one the coordinator
+    /// knows.
+    pub async fn notifications(
         &self,
         identity: &Identity,
     ) -> anyhow::Result<pb::notifications_client::NotificationsClient<Authenticated>> {
+        let url = match &self.notifier {
+            Some(url) => url.clone(),
+            None => self
+                .topology()
+                .await?
+                .notifiers
+                .into_iter()
+                .min_by(|a, b| a.notifier_id.cmp(&b.notifier_id))
+                .map(|notifier| notifier.address)
+                .context("no notifier is running: the coordinator knows none")?,
+        };
         Ok(
             pb::notifications_client::NotificationsClient::with_interceptor(
-                channel(&self.notifier)?,
+                channel(&url)?,
                 AttachIdentity::new(identity),
             ),
         )
@@ -97,19 +159,28 @@ impl Endpoints {
         }
     }
 
+    /// The Exchange of `agency_id`'s home gateway, acting as `identity`.
+    pub async fn exchange_as(
+        &self,
+        agency_id: &str,
+        identity: &Identity,
+    ) -> anyhow::Result<pb::exchange_client::ExchangeClient<Authenticated>> {
+        let url = self.gateway_url_for(agency_id).await?;
+        Ok(pb::exchange_client::ExchangeClient::with_interceptor(
+            channel(&url)?,
+            AttachIdentity::new(identity),
+        )
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
     /// The Exchange of `agency_id`'s home gateway, acting as that agency.
     pub async fn exchange_for(
         &self,
         agency_id: &str,
     ) -> anyhow::Result<pb::exchange_client::ExchangeClient<Authenticated>> {
-        let identity = Identity::Agency(agency_id.to_string());
-        let url = self.gateway_url_for(agency_id).await?;
-        Ok(pb::exchange_client::ExchangeClient::with_interceptor(
-            channel(&url)?,
-            AttachIdentity::new(&identity),
-        )
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .max_encoding_message_size(64 * 1024 * 1024))
+        self.exchange_as(agency_id, &Identity::Agency(agency_id.to_string()))
+            .await
     }
 
     async fn home_gateway(&self, agency_id: &str) -> anyhow::Result<String> {

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use fedmesh_common::events::InProcessBus;
-use fedmesh_common::identity::IdentityMode;
 use fedmesh_common::topology::Topology;
 use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};
 use fedmesh_gateway::{GatewayConfig, ShardConfig};
@@ -99,7 +98,7 @@ async fn spawn_gateway(
         vec![gateway.shard],
         gateway.coordinator_url,
     );
-    config.identity_mode = IdentityMode::DevHeader;
+    config.dev_identity = true;
     if let Some(tune) = &gateway.tune {
         tune(&mut config);
     }
@@ -139,7 +138,7 @@ fn sqlite_url(data_dir: &Path, name: &str) -> String {
 
 impl DevMesh {
     /// Starts every component and returns once each gateway knows the
-    /// gateways of every region.
+    /// gateways of every region and the notifier.
     pub async fn start(options: DevOptions) -> anyhow::Result<DevMesh> {
         std::fs::create_dir_all(&options.data_dir)
             .with_context(|| format!("cannot create data folder {}", options.data_dir.display()))?;
@@ -176,10 +175,10 @@ impl DevMesh {
             .collect();
         let mut coordinator =
             CoordinatorConfig::new(regions, sqlite_url(&options.data_dir, "control"));
-        coordinator.identity_mode = IdentityMode::DevHeader;
+        coordinator.dev_identity = true;
         // Small intervals keep the dev mesh's view fresh after restarts.
-        coordinator.gateway_report_interval = Duration::from_secs(2);
-        coordinator.gateway_expiry = Duration::from_secs(6);
+        coordinator.report_interval_ms = 2_000;
+        coordinator.expiry_ms = 6_000;
         // The control database is opened before anything else needs it.
         let coordinator_bus = Arc::new(bus.clone());
         let coordinator_shutdown = shutdown.child_token();
@@ -227,7 +226,9 @@ impl DevMesh {
         let notifier_bus = bus;
         let notifier_shutdown = shutdown.clone();
         let notifier_config = NotifierConfig {
-            identity_mode: IdentityMode::DevHeader,
+            dev_identity: true,
+            coordinator: coordinator_url.clone(),
+            advertise: Some(notifier_url.clone()),
             ..NotifierConfig::default()
         };
         components.spawn(async move {
@@ -275,7 +276,9 @@ impl DevMesh {
                     .values()
                     .map(|gateway| &gateway.address)
                     .collect();
-                known.len() == n_gateways && expected.iter().all(|url| known.contains(url))
+                known.len() == n_gateways
+                    && expected.iter().all(|url| known.contains(url))
+                    && !topology.notifiers.is_empty()
             });
             tokio::select! {
                 ready = tokio::time::timeout(Duration::from_secs(60), ready) => {

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod commands;
 pub mod dev;
 pub mod serve;
 pub mod signal;

@@ -1,17 +1,23 @@
 //! `fedmesh`: parse, set up logging, run, and turn an error into one line
 //! and a non-zero exit.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = fedmesh::cli::Cli::parse();
+    // The matches are kept: role settings tell flags given from defaults.
+    let matches = fedmesh::cli::Cli::command().get_matches();
+    let cli = match fedmesh::cli::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     // The mesh logs what it does; client commands log only problems.
     let default_level = match cli.command {
         fedmesh::cli::Command::Dev(_)
         | fedmesh::cli::Command::Coordinator(_)
-        | fedmesh::cli::Command::Gateway(_) => "info",
+        | fedmesh::cli::Command::Gateway(_)
+        | fedmesh::cli::Command::Notifier(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -23,7 +29,7 @@ async fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut stdout = std::io::stdout();
-    match fedmesh::cli::run(cli, &mut stdout).await {
+    match fedmesh::cli::run(cli, &matches, &mut stdout).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

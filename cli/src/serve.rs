@@ -1,171 +1,90 @@
-//! `fedmesh coordinator` and `fedmesh gateway`: one role per process, as in
-//! a deployment. Each setting comes from, in order: its flag, its
-//! environment variable (named in `--help`), the TOML file given with
-//! `--config`, its default.
+//! Running the mesh: `fedmesh dev` (every role in one process) and
+//! `fedmesh coordinator`, `gateway`, `notifier` (one role per process, as in
+//! a deployment). A role's settings are its library's config struct (see
+//! `fedmesh_common::config`): each comes from its flag, else its environment
+//! variable, else the `--config` file, else its default. `--check-config`
+//! validates them and prints them as they take effect, without starting.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Args;
-use fedmesh_common::events::NoBus;
-use fedmesh_common::identity::IdentityMode;
-use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};
-use fedmesh_gateway::{GatewayConfig, ShardConfig};
-use serde::Deserialize;
+use clap::{ArgMatches, Args};
+use fedmesh_common::config::{ConfigError, load, to_toml};
+use fedmesh_common::events::{InProcessBus, NoBus};
+use fedmesh_coordinator::CoordinatorConfig;
+use fedmesh_gateway::GatewayConfig;
+use fedmesh_notifier::NotifierConfig;
+use serde::Serialize;
 
+use crate::cli::DevArgs;
+use crate::dev::{DEFAULT_BASE_PORT, DevMesh, DevOptions};
 use crate::signal::stop_on_signal;
+
+/// The file and mode flags every role command has besides its settings.
+#[derive(Debug, Args)]
+pub struct RoleFlags {
+    /// TOML file with the settings below: keys as the flags with `_` for
+    /// `-`, e.g. `max_batch = 64`; `[connections]` for the connection
+    /// settings. Flags and environment variables win over it; unknown keys
+    /// are errors.
+    #[arg(long, env = "FEDMESH_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Check the settings and print them as they take effect (passwords
+    /// hidden), then exit without starting.
+    #[arg(long)]
+    pub check_config: bool,
+}
 
 /// `fedmesh coordinator`.
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
-    /// TOML file with the settings below (keys as the flags, with `_` for
-    /// `-`; regions as a table `[regions] east = ["east-1"]`).
-    #[arg(long, env = "FEDMESH_CONFIG", value_name = "PATH")]
-    pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:50051].
-    #[arg(long, env = "FEDMESH_LISTEN")]
-    pub listen: Option<String>,
-    /// Control database: postgres://user@host/db or sqlite:///path/control.sqlite.
-    #[arg(long, env = "FEDMESH_DB")]
-    pub db: Option<String>,
-    /// A region and its shards, as NAME=SHARD[,SHARD...]; repeatable
-    /// (environment: separated by ';').
-    #[arg(
-        long = "region",
-        value_name = "NAME=SHARDS",
-        env = "FEDMESH_REGIONS",
-        value_delimiter = ';'
-    )]
-    pub regions: Vec<String>,
-    /// Most connections to the control database [default: 8].
-    #[arg(long, env = "FEDMESH_DB_POOL_SIZE")]
-    pub pool_size: Option<u32>,
-    /// Trust the x-fedmesh-identity header from loopback peers. Without it
-    /// every call is refused until mutual TLS is configured.
-    #[arg(long, env = "FEDMESH_DEV_IDENTITY")]
-    pub dev_identity: bool,
-}
-
-/// The `--config` file of a coordinator.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CoordinatorFile {
-    listen: Option<String>,
-    db: Option<String>,
-    #[serde(default)]
-    regions: BTreeMap<String, Vec<String>>,
-    pool_size: Option<u32>,
-    #[serde(default)]
-    dev_identity: bool,
+    #[command(flatten)]
+    pub flags: RoleFlags,
+    #[command(flatten)]
+    pub settings: CoordinatorConfig,
 }
 
 /// `fedmesh gateway`.
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
-    /// TOML file with the settings below (keys as the flags, with `_` for
-    /// `-`; shards as a table `[shards] west-1 = "postgres://..."`).
-    #[arg(long, env = "FEDMESH_CONFIG", value_name = "PATH")]
-    pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:50052].
-    #[arg(long, env = "FEDMESH_LISTEN")]
-    pub listen: Option<String>,
-    /// The region this gateway serves.
-    #[arg(long, env = "FEDMESH_REGION")]
-    pub region: Option<String>,
-    /// Stable id of this replica [default: REGION-0].
-    #[arg(long, env = "FEDMESH_GATEWAY_ID")]
-    pub id: Option<String>,
-    /// A shard of the region as NAME=URL (postgres://... or sqlite://...);
-    /// repeatable (environment: separated by ';').
-    #[arg(
-        long = "shard",
-        value_name = "NAME=URL",
-        env = "FEDMESH_SHARDS",
-        value_delimiter = ';'
-    )]
-    pub shards: Vec<String>,
-    /// Most connections to each shard database for reads, acks and
-    /// background work [default: 16]; each commit lane has one more.
-    #[arg(long, env = "FEDMESH_SHARD_POOL_SIZE")]
-    pub pool_size: Option<u32>,
-    /// URL other gateways reach this one at [default: http:// and --listen].
-    #[arg(long, env = "FEDMESH_ADVERTISE")]
-    pub advertise: Option<String>,
-    /// Largest payload accepted, in bytes [default: 1048576].
-    #[arg(long, env = "FEDMESH_MAX_PAYLOAD_BYTES")]
-    pub max_payload_bytes: Option<usize>,
-    /// Most messages committed in one transaction [default: 256].
-    #[arg(long, env = "FEDMESH_MAX_BATCH")]
-    pub max_batch: Option<usize>,
-    /// Commit lanes per shard (batches committing at once, each with its own
-    /// database connection) [default: 4].
-    #[arg(long, env = "FEDMESH_COMMIT_LANES")]
-    pub commit_lanes: Option<usize>,
-    /// How long a batch that is not full waits for more, in microseconds
-    /// [default: 0].
-    #[arg(long, env = "FEDMESH_COMMIT_LINGER_US")]
-    pub commit_linger_us: Option<u64>,
-    /// Days acknowledged messages are kept [default: 7].
-    #[arg(long, env = "FEDMESH_RETENTION_DAYS")]
-    pub retention_days: Option<u64>,
-    /// Trust the x-fedmesh-identity header from loopback peers. Without it
-    /// every call is refused until mutual TLS is configured.
-    #[arg(long, env = "FEDMESH_DEV_IDENTITY")]
-    pub dev_identity: bool,
+    #[command(flatten)]
+    pub flags: RoleFlags,
+    #[command(flatten)]
+    pub settings: GatewayConfig,
 }
 
-/// The `--config` file of a gateway.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GatewayFile {
-    listen: Option<String>,
-    region: Option<String>,
-    id: Option<String>,
-    coordinator: Option<String>,
-    #[serde(default)]
-    shards: BTreeMap<String, String>,
-    pool_size: Option<u32>,
-    advertise: Option<String>,
-    max_payload_bytes: Option<usize>,
-    max_batch: Option<usize>,
-    commit_lanes: Option<usize>,
-    commit_linger_us: Option<u64>,
-    retention_days: Option<u64>,
-    #[serde(default)]
-    dev_identity: bool,
+/// `fedmesh notifier`.
+#[derive(Debug, Args)]
+pub struct NotifierArgs {
+    #[command(flatten)]
+    pub flags: RoleFlags,
+    #[command(flatten)]
+    pub settings: NotifierConfig,
 }
 
-fn read_file<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
-    let Some(path) = path else {
-        return Ok(T::default());
-    };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    toml::from_str(&text)
-        .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.to_string().trim()))
-}
-
-fn identity_mode(dev_identity: bool) -> IdentityMode {
-    if dev_identity {
-        tracing::warn!(
-            "dev identity: the caller identity is read from the x-fedmesh-identity header, from loopback peers only; no TLS"
-        );
-        IdentityMode::DevHeader
-    } else {
-        tracing::warn!(
-            "no authentication is configured yet (mutual TLS is not available): every call will be refused; use --dev-identity on a development machine"
-        );
-        IdentityMode::Refuse
+/// The settings a role command runs with, merged and validated; with
+/// `--check-config` they are printed, and None says not to start.
+fn settings<T>(
+    flags: &RoleFlags,
+    parsed: &T,
+    matches: &ArgMatches,
+    validate: impl Fn(&T) -> Result<(), ConfigError>,
+    redacted: impl Fn(&T) -> T,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<Option<T>>
+where
+    T: Serialize + serde::de::DeserializeOwned,
+{
+    let settings = load(matches, parsed, flags.config.as_deref())?;
+    validate(&settings)?;
+    if flags.check_config {
+        writeln!(out, "# the settings are valid; as they take effect:")?;
+        write!(out, "{}", to_toml(&redacted(&settings))?)?;
+        return Ok(None);
     }
-}
-
-fn split_pair<'a>(text: &'a str, flag: &str, shape: &str) -> anyhow::Result<(&'a str, &'a str)> {
-    text.split_once('=')
-        .filter(|(name, value)| !name.is_empty() && !value.is_empty())
-        .with_context(|| format!("{flag} {text:?} is not {shape}"))
+    Ok(Some(settings))
 }
 
 async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -174,138 +93,167 @@ async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {listen}"))
 }
 
-/// The coordinator configuration and listen address `args` and its file give.
-fn coordinator_config(args: CoordinatorArgs) -> anyhow::Result<(CoordinatorConfig, String)> {
-    let file: CoordinatorFile = read_file(args.config.as_deref())?;
-    let mut regions = Vec::new();
-    if args.regions.is_empty() {
-        for (name, shards) in file.regions {
-            regions.push(RegionConfig { name, shards });
-        }
+fn warn_about_identity(dev_identity: bool) {
+    if dev_identity {
+        tracing::warn!(
+            "dev identity: the caller identity is read from the x-fedmesh-identity header, from loopback peers only; no TLS"
+        );
     } else {
-        for region in &args.regions {
-            let (name, shards) = split_pair(region, "--region", "NAME=SHARD[,SHARD...]")?;
-            regions.push(RegionConfig {
-                name: name.to_string(),
-                shards: shards.split(',').map(str::to_string).collect(),
-            });
-        }
+        tracing::warn!(
+            "no authentication is configured yet (mutual TLS is not available): every call will be refused; use --dev-identity on a development machine"
+        );
     }
-    anyhow::ensure!(
-        !regions.is_empty(),
-        "no region given: use --region NAME=SHARD[,SHARD...] or [regions] in --config"
-    );
-    let db = args
-        .db
-        .or(file.db)
-        .context("no control database given: use --db URL or db in --config")?;
-    let mut config = CoordinatorConfig::new(regions, db);
-    config.max_connections = args
-        .pool_size
-        .or(file.pool_size)
-        .unwrap_or(config.max_connections);
-    config.identity_mode = identity_mode(args.dev_identity || file.dev_identity);
-    let listen = args
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| "127.0.0.1:50051".to_string());
-    Ok((config, listen))
 }
 
 /// Runs a coordinator until Ctrl-C or SIGTERM.
-pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let (config, listen) = coordinator_config(args)?;
-    let listener = bind(&listen).await?;
+pub async fn coordinator(
+    args: CoordinatorArgs,
+    matches: &ArgMatches,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let Some(config) = settings(
+        &args.flags,
+        &args.settings,
+        matches,
+        CoordinatorConfig::validate,
+        CoordinatorConfig::redacted,
+        out,
+    )?
+    else {
+        return Ok(());
+    };
+    warn_about_identity(config.dev_identity);
+    let listener = bind(&config.listen).await?;
     fedmesh_coordinator::run(config, listener, Arc::new(NoBus), stop_on_signal()).await?;
     Ok(())
 }
 
-/// The gateway configuration and listen address `args` and its file give;
-/// `coordinator_url` is the `--coordinator` flag, if given.
-fn gateway_config(
-    args: GatewayArgs,
-    coordinator_url: Option<String>,
-) -> anyhow::Result<(GatewayConfig, String)> {
-    let file: GatewayFile = read_file(args.config.as_deref())?;
-    let mut shards: Vec<(String, String)> = Vec::new();
-    if args.shards.is_empty() {
-        shards.extend(file.shards);
-    } else {
-        for shard in &args.shards {
-            let (name, url) = split_pair(shard, "--shard", "NAME=URL")?;
-            shards.push((name.to_string(), url.to_string()));
-        }
-    }
-    anyhow::ensure!(
-        !shards.is_empty(),
-        "no shard given: use --shard NAME=URL or [shards] in --config"
-    );
-    let pool_size = args.pool_size.or(file.pool_size);
-    let shards = shards
-        .into_iter()
-        .map(|(name, url)| {
-            let mut shard = ShardConfig::new(name, url);
-            shard.max_connections = pool_size.unwrap_or(shard.max_connections);
-            shard
-        })
-        .collect();
-    let region = args
-        .region
-        .or(file.region)
-        .context("no region given: use --region NAME or region in --config")?;
-    let gateway_id = args.id.or(file.id).unwrap_or_else(|| format!("{region}-0"));
-    let coordinator_url = coordinator_url
-        .or(file.coordinator)
-        .unwrap_or_else(|| "http://127.0.0.1:50051".to_string());
-    let listen = args
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| "127.0.0.1:50052".to_string());
-    let mut config = GatewayConfig::new(gateway_id, region, shards, coordinator_url);
-    config.advertise_url = Some(
-        args.advertise
-            .or(file.advertise)
-            .unwrap_or_else(|| format!("http://{listen}")),
-    );
-    config.identity_mode = identity_mode(args.dev_identity || file.dev_identity);
-    config.max_payload_bytes = args
-        .max_payload_bytes
-        .or(file.max_payload_bytes)
-        .unwrap_or(config.max_payload_bytes);
-    config.max_batch = args
-        .max_batch
-        .or(file.max_batch)
-        .unwrap_or(config.max_batch);
-    config.commit_lanes = args
-        .commit_lanes
-        .or(file.commit_lanes)
-        .unwrap_or(config.commit_lanes);
-    if let Some(linger) = args.commit_linger_us.or(file.commit_linger_us) {
-        config.commit_linger = Duration::from_micros(linger);
-    }
-    if let Some(days) = args.retention_days.or(file.retention_days) {
-        config.retention = Duration::from_secs(days * 24 * 3600);
-    }
-    Ok((config, listen))
-}
-
 /// Runs a gateway until Ctrl-C or SIGTERM.
-pub async fn gateway(args: GatewayArgs, coordinator_url: Option<String>) -> anyhow::Result<()> {
-    let (config, listen) = gateway_config(args, coordinator_url)?;
-    let listener = bind(&listen).await?;
+pub async fn gateway(
+    args: GatewayArgs,
+    matches: &ArgMatches,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let Some(mut config) = settings(
+        &args.flags,
+        &args.settings,
+        matches,
+        GatewayConfig::validate,
+        GatewayConfig::redacted,
+        out,
+    )?
+    else {
+        return Ok(());
+    };
+    warn_about_identity(config.dev_identity);
+    if config.advertise.is_none() {
+        config.advertise = Some(format!("http://{}", config.listen));
+    }
+    let listener = bind(&config.listen).await?;
     fedmesh_gateway::run(config, listener, Arc::new(NoBus), stop_on_signal()).await?;
     Ok(())
+}
+
+/// Runs a notifier until Ctrl-C or SIGTERM.
+pub async fn notifier(
+    args: NotifierArgs,
+    matches: &ArgMatches,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let Some(mut config) = settings(
+        &args.flags,
+        &args.settings,
+        matches,
+        NotifierConfig::validate,
+        Clone::clone,
+        out,
+    )?
+    else {
+        return Ok(());
+    };
+    warn_about_identity(config.dev_identity);
+    tracing::warn!(
+        "no event bus is configured: a stand-alone notifier has no events to deliver until the RabbitMQ bus lands; the dev mesh carries events in process"
+    );
+    if config.advertise.is_none() {
+        config.advertise = Some(format!("http://{}", config.listen));
+    }
+    let listener = bind(&config.listen).await?;
+    fedmesh_notifier::run(
+        config,
+        listener,
+        Arc::new(InProcessBus::default()),
+        stop_on_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Runs the one-process dev mesh until Ctrl-C or SIGTERM.
+pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    let shard_urls = args
+        .shards
+        .iter()
+        .map(|shard| (shard.name.clone(), shard.database_url.clone()))
+        .collect();
+    let mesh = DevMesh::start(DevOptions {
+        data_dir: args.data_dir.clone(),
+        base_port: (args.base_port != 0).then_some(args.base_port),
+        shard_urls,
+        tune_gateway: None,
+    })
+    .await?;
+    writeln!(
+        out,
+        "fedmesh dev mesh is up (data in {})",
+        args.data_dir.display()
+    )?;
+    writeln!(out, "  coordinator      {}", mesh.coordinator_url)?;
+    for (region, url) in &mesh.gateway_urls {
+        writeln!(out, "  gateway {region:<8} {url}")?;
+    }
+    writeln!(out, "  notifier         {}", mesh.notifier_url)?;
+    if args.base_port != DEFAULT_BASE_PORT {
+        writeln!(
+            out,
+            "client commands reach this mesh after, in their shell:\n  export FEDMESH_COORDINATOR={}",
+            mesh.coordinator_url
+        )?;
+    }
+    writeln!(out, "press Ctrl-C to stop")?;
+    out.flush()?;
+    let stop = stop_on_signal();
+    let shutdown = mesh.shutdown_token();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        shutdown.cancel();
+    });
+    mesh.wait().await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::{CommandFactory, FromArgMatches, Parser};
 
     #[derive(Debug, Parser)]
     struct Gateway {
         #[command(flatten)]
         args: GatewayArgs,
+    }
+
+    fn gateway_settings(argv: &[&str]) -> anyhow::Result<Option<GatewayConfig>> {
+        let matches = Gateway::command().try_get_matches_from(argv)?;
+        let args = Gateway::from_arg_matches(&matches)?.args;
+        let mut out = Vec::new();
+        settings(
+            &args.flags,
+            &args.settings,
+            &matches,
+            GatewayConfig::validate,
+            Clone::clone,
+            &mut out,
+        )
     }
 
     #[test]
@@ -314,20 +262,20 @@ mod tests {
         let path = dir.path().join("gateway.toml");
         std::fs::write(
             &path,
-            "region = \"west\"\nmax_batch = 64\ncoordinator = \"http://10.0.0.1:50051\"\n[shards]\nwest-1 = \"postgres://db/west_1\"\n",
+            "region = \"west\"\nmax_batch = 64\ncoordinator = \"http://10.0.0.1:50051\"\n[shards]\nwest-1 = \"postgres://db/west_1\"\n[connections]\nkeepalive_interval_ms = 5000\n",
         )
         .expect("write");
         let config_flag = path.display().to_string();
-        let parsed =
-            Gateway::try_parse_from(["gateway", "--config", &config_flag, "--max-batch", "32"])
-                .expect("parse");
-        let (config, listen) = gateway_config(parsed.args, None).expect("config");
-        assert_eq!(config.region, "west");
-        assert_eq!(config.gateway_id, "west-0");
+        let config = gateway_settings(&["gateway", "--config", &config_flag, "--max-batch", "32"])
+            .expect("valid")
+            .expect("not a check");
+        assert_eq!(config.region(), "west");
+        assert_eq!(config.gateway_id(), "west-0");
         assert_eq!(config.max_batch, 32, "the flag wins over the file");
-        assert_eq!(config.coordinator_url, "http://10.0.0.1:50051");
+        assert_eq!(config.coordinator, "http://10.0.0.1:50051");
         assert_eq!(config.shards[0].database_url, "postgres://db/west_1");
-        assert_eq!(listen, "127.0.0.1:50052");
+        assert_eq!(config.connections.keepalive_interval_ms, 5000);
+        assert_eq!(config.listen, "127.0.0.1:50052");
     }
 
     #[test]
@@ -336,12 +284,56 @@ mod tests {
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, "regoin = \"west\"\n").expect("write");
         let config_flag = path.display().to_string();
-        let parsed = Gateway::try_parse_from(["gateway", "--config", &config_flag]).expect("parse");
-        let error = gateway_config(parsed.args, None).expect_err("typo");
+        let error = gateway_settings(&["gateway", "--config", &config_flag]).expect_err("typo");
         assert!(format!("{error:#}").contains("regoin"), "{error:#}");
 
-        let parsed = Gateway::try_parse_from(["gateway", "--region", "west"]).expect("parse");
-        let error = gateway_config(parsed.args, None).expect_err("no shard");
+        let error = gateway_settings(&["gateway", "--region", "west"]).expect_err("no shard");
         assert!(format!("{error:#}").contains("--shard"), "{error:#}");
+
+        let error = gateway_settings(&[
+            "gateway",
+            "--region",
+            "west",
+            "--shard",
+            "west-1=sqlite:///tmp/w.sqlite",
+            "--retention-days",
+            "99999999999",
+        ])
+        .expect_err("overflow");
+        assert!(format!("{error:#}").contains("retention_days"), "{error:#}");
+    }
+
+    #[test]
+    fn check_config_prints_the_effective_settings_with_passwords_hidden() {
+        let matches = Gateway::command()
+            .try_get_matches_from([
+                "gateway",
+                "--check-config",
+                "--region",
+                "east",
+                "--shard",
+                "east-1=postgres://fedmesh:hunter2@db/east_1",
+            ])
+            .expect("parse");
+        let args = Gateway::from_arg_matches(&matches).expect("parse").args;
+        let mut out = Vec::new();
+        let started = settings(
+            &args.flags,
+            &args.settings,
+            &matches,
+            GatewayConfig::validate,
+            GatewayConfig::redacted,
+            &mut out,
+        )
+        .expect("valid");
+        assert!(started.is_none(), "--check-config does not start");
+        let printed = String::from_utf8(out).expect("utf-8");
+        assert!(printed.contains("region = \"east\""), "{printed}");
+        assert!(printed.contains("max_batch = 256"), "{printed}");
+        assert!(
+            printed.contains("east-1 = \"postgres://fedmesh:***@db/east_1\""),
+            "{printed}"
+        );
+        assert!(!printed.contains("hunter2"), "{printed}");
     }
 }

@@ -81,6 +81,17 @@ pub enum IdentityMode {
     Refuse,
 }
 
+impl IdentityMode {
+    /// The mode a role's `dev_identity` setting asks for.
+    pub fn from_dev_identity(dev_identity: bool) -> Self {
+        if dev_identity {
+            IdentityMode::DevHeader
+        } else {
+            IdentityMode::Refuse
+        }
+    }
+}
+
 /// Reads the caller's identity and stores it in the request extensions.
 #[derive(Debug, Clone, Copy)]
 pub struct IdentityInterceptor {

@@ -1,5 +1,7 @@
 //! What every fedmesh role shares.
 //!
+//! - [`config`]: settings declared once, merged from defaults, file,
+//!   environment and flags.
 //! - [`error`]: the small set of error kinds, their gRPC codes, and the one
 //!   place a `tonic::Status` is built from a service error.
 //! - [`identity`]: who the caller is, read in one interceptor.
@@ -15,6 +17,7 @@
 //!
 //! Architecture Invariant: this crate depends on no role crate.
 
+pub mod config;
 pub mod error;
 pub mod events;
 pub mod identity;

@@ -16,10 +16,13 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body as _, Frame};
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::service::Routes;
+
+use crate::config::{ConfigError, check_range};
 
 /// Builds the status for a request message of the given size over the limit.
 pub type RefuseOversized = Arc<dyn Fn(usize) -> tonic::Status + Send + Sync>;
@@ -54,28 +57,53 @@ impl std::fmt::Debug for ServeOptions {
     }
 }
 
-/// How a server treats its connections, as a role's settings give it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a server treats its connections: settings every role has, under
+/// `[connections]` in its config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConnectionSettings {
-    /// Most concurrent calls (HTTP/2 streams) per connection. Default: 256.
+    /// Most concurrent calls (HTTP/2 streams) on one client connection.
+    #[arg(long, env = "FEDMESH_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
-    /// How often a connection is pinged (HTTP/2 PING). Default: 30 s.
-    pub keepalive_interval: Duration,
-    /// How long a ping may go unanswered before the connection is closed
-    /// and its calls end. Default: 20 s.
-    pub keepalive_timeout: Duration,
-    /// Idle time before TCP keepalive probes start. Default: 60 s.
-    pub tcp_keepalive: Duration,
+    /// How often each connection is pinged (HTTP/2 PING), in milliseconds;
+    /// a client that vanished is noticed by its missing answer.
+    #[arg(long, env = "FEDMESH_KEEPALIVE_INTERVAL_MS", default_value_t = 30_000)]
+    pub keepalive_interval_ms: u64,
+    /// How long a ping may go unanswered, in milliseconds, before the
+    /// connection is closed and its calls end.
+    #[arg(long, env = "FEDMESH_KEEPALIVE_TIMEOUT_MS", default_value_t = 20_000)]
+    pub keepalive_timeout_ms: u64,
+    /// Idle seconds before TCP keepalive probes start on a connection.
+    #[arg(long, env = "FEDMESH_TCP_KEEPALIVE_SECS", default_value_t = 60)]
+    pub tcp_keepalive_secs: u64,
 }
 
 impl Default for ConnectionSettings {
     fn default() -> Self {
-        ConnectionSettings {
-            max_concurrent_streams: 256,
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(20),
-            tcp_keepalive: Duration::from_secs(60),
-        }
+        crate::config::defaults()
+    }
+}
+
+impl ConnectionSettings {
+    /// Refuses values a server cannot use.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_range(
+            "max_concurrent_streams",
+            self.max_concurrent_streams,
+            1..=100_000,
+        )?;
+        check_range(
+            "keepalive_interval_ms",
+            self.keepalive_interval_ms,
+            10..=86_400_000,
+        )?;
+        check_range(
+            "keepalive_timeout_ms",
+            self.keepalive_timeout_ms,
+            10..=86_400_000,
+        )?;
+        check_range("tcp_keepalive_secs", self.tcp_keepalive_secs, 1..=86_400)?;
+        Ok(())
     }
 }
 
@@ -118,9 +146,9 @@ impl ServeOptions {
             max_request_bytes,
             refuse_oversized: Arc::new(refuse),
             max_concurrent_streams: connections.max_concurrent_streams,
-            keepalive_interval: connections.keepalive_interval,
-            keepalive_timeout: connections.keepalive_timeout,
-            tcp_keepalive: connections.tcp_keepalive,
+            keepalive_interval: Duration::from_millis(connections.keepalive_interval_ms),
+            keepalive_timeout: Duration::from_millis(connections.keepalive_timeout_ms),
+            tcp_keepalive: Duration::from_secs(connections.tcp_keepalive_secs),
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct Topology {
     pub agencies: HashMap<String, AgencyHome>,
     /// Gateway id to its entry.
     pub gateways: BTreeMap<String, GatewayEntry>,
+    /// Notifier id to the URL subscribers reach it at.
+    pub notifiers: BTreeMap<String, String>,
 }
 
 impl Topology {
@@ -71,6 +73,11 @@ impl Topology {
         for gateway in snapshot.gateways {
             topology.upsert_gateway(gateway);
         }
+        for notifier in snapshot.notifiers {
+            topology
+                .notifiers
+                .insert(notifier.notifier_id, notifier.address);
+        }
         topology
     }
 
@@ -84,6 +91,13 @@ impl Topology {
             Some(Change::GatewayUpserted(gateway)) => self.upsert_gateway(gateway),
             Some(Change::GatewayRemoved(gateway_id)) => {
                 self.gateways.remove(&gateway_id);
+            }
+            Some(Change::NotifierUpserted(notifier)) => {
+                self.notifiers
+                    .insert(notifier.notifier_id, notifier.address);
+            }
+            Some(Change::NotifierRemoved(notifier_id)) => {
+                self.notifiers.remove(&notifier_id);
             }
             None => {}
         }
@@ -117,6 +131,34 @@ impl Topology {
             .filter(|gateway| gateway.region == region)
             .map(|gateway| gateway.address.clone())
             .collect()
+    }
+}
+
+/// Reports an instance (a gateway, a notifier) to the coordinator until
+/// `shutdown`: `report` makes one call and answers the interval the
+/// coordinator asks for, in milliseconds (0 keeps the last one). A failed
+/// report is logged and tried again after the interval.
+pub async fn report_periodically<Report, Call>(
+    what: &'static str,
+    mut report: Report,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    Report: FnMut() -> Call,
+    Call: std::future::Future<Output = Result<u64, tonic::Status>>,
+{
+    let mut interval = std::time::Duration::from_secs(5);
+    loop {
+        match report().await {
+            Ok(0) => {}
+            Ok(asked) => interval = std::time::Duration::from_millis(asked),
+            Err(status) => {
+                tracing::warn!(what, error = %status.message(), "report to the coordinator failed")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
     }
 }
 
@@ -156,6 +198,7 @@ mod tests {
                     }],
                     agencies: vec![agency("alpha", "east")],
                     gateways: vec![],
+                    notifiers: vec![],
                 },
             )),
         });

@@ -44,9 +44,9 @@ pub enum RunError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
-    /// The configuration is unusable.
-    #[error("configuration: {0}")]
-    Config(String),
+    /// A setting is out of range or missing.
+    #[error(transparent)]
+    Setting(#[from] fedmesh_common::config::ConfigError),
 }
 
 /// Runs a coordinator on `listener` until `shutdown` is cancelled; events go
@@ -57,12 +57,8 @@ pub async fn run(
     publisher: Arc<dyn EventPublisher>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    if config.regions.is_empty() || config.regions.iter().any(|region| region.shards.is_empty()) {
-        return Err(RunError::Config(
-            "every region needs at least one shard".into(),
-        ));
-    }
-    let store = store::open_store(&config.database_url, config.max_connections).await?;
+    config.validate()?;
+    let store = store::open_store(config.database_url(), config.pool_size).await?;
     let outbox = store.outbox();
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     let directory =
@@ -75,10 +71,10 @@ pub async fn run(
         outbox,
         publisher,
         outbox_wake,
-        config.outbox_poll_interval,
+        config.outbox_poll_interval(),
         shutdown.clone(),
     ));
-    tasks.spawn(expire_gateways(
+    tasks.spawn(expire_instances(
         Arc::clone(&directory),
         config.clone(),
         shutdown.clone(),
@@ -86,13 +82,13 @@ pub async fn run(
 
     let service = grpc::DirectoryService {
         directory,
-        report_interval: config.gateway_report_interval,
+        report_interval: config.report_interval(),
         shutdown: shutdown.clone(),
     };
     let routes =
         tonic::service::Routes::new(pb::directory_server::DirectoryServer::with_interceptor(
             service,
-            IdentityInterceptor::new(config.identity_mode),
+            IdentityInterceptor::new(config.identity_mode()),
         ));
     let local_address = listener.local_addr().ok();
     tracing::info!(address = ?local_address, "coordinator serving");
@@ -105,17 +101,17 @@ pub async fn run(
     Ok(served?)
 }
 
-async fn expire_gateways(
+async fn expire_instances(
     directory: Arc<directory::Directory>,
     config: CoordinatorConfig,
     shutdown: CancellationToken,
 ) {
-    let mut interval = tokio::time::interval(config.gateway_report_interval);
+    let mut interval = tokio::time::interval(config.report_interval());
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = interval.tick() => {
-                directory.state().expire_gateways(tokio::time::Instant::now(), config.gateway_expiry);
+                directory.state().expire(tokio::time::Instant::now(), config.expiry());
             }
         }
     }

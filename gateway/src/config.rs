@@ -1,9 +1,15 @@
-//! Gateway configuration.
+//! Gateway settings, each declared once: its flag, environment variable,
+//! default and help on the field (clap), its config-file key the field's
+//! name (serde). `fedmesh gateway` merges them from defaults, the `--config`
+//! file, the environment and flags (see `fedmesh_common::config`); the dev
+//! mesh and tests start from [`GatewayConfig::new`].
 
 use std::time::Duration;
 
+use fedmesh_common::config::{ConfigError, check_range};
 use fedmesh_common::identity::IdentityMode;
 use fedmesh_common::server::ConnectionSettings;
+use serde::{Deserialize, Serialize};
 
 /// One shard database this gateway writes and reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,87 +19,168 @@ pub struct ShardConfig {
     /// Database URL: `postgres://user@host/db` or
     /// `sqlite:///var/lib/fedmesh/west-1.sqlite`.
     pub database_url: String,
-    /// Most connections to this shard (PostgreSQL). Default: 16.
-    pub max_connections: u32,
 }
 
 impl ShardConfig {
-    /// A shard with the default pool size.
+    /// The shard `name` in the database at `database_url`.
     pub fn new(name: impl Into<String>, database_url: impl Into<String>) -> Self {
         ShardConfig {
             name: name.into(),
             database_url: database_url.into(),
-            max_connections: 16,
         }
     }
 }
 
-/// Everything a gateway needs to run.
-#[derive(Debug, Clone)]
-pub struct GatewayConfig {
-    /// Stable id of this gateway instance, e.g. `east-0`.
-    pub gateway_id: String,
-    /// The region this gateway serves.
-    pub region: String,
-    /// The shards of the region. Every shard of the region must be listed
-    /// for the gateway to reach every agency homed in it.
-    pub shards: Vec<ShardConfig>,
-    /// URL of the coordinator, e.g. `http://127.0.0.1:50051`.
-    pub coordinator_url: String,
-    /// URL other gateways reach this one at. Default: `http://` plus the
-    /// listener's local address.
-    pub advertise_url: Option<String>,
-    /// How callers are authenticated. Default: refuse everything.
-    pub identity_mode: IdentityMode,
-    /// Largest payload accepted, in bytes. Default: 1 MiB.
-    pub max_payload_bytes: usize,
-    /// Unacknowledged deliveries per inbox stream when the client asks for
-    /// none. Default: 128.
-    pub default_window: u32,
-    /// Most payload bytes one read of an inbox returns, so that a stream
-    /// holds about this much in memory whatever its window (a page always
-    /// holds one message). Default: 1 MiB.
-    pub receive_page_bytes: u64,
-    /// Most Receive streams of one agency open on this gateway at once,
-    /// counting older streams still ending after a newer one took over.
-    /// Default: 4; with 1, a new stream is refused while the old one lives.
-    pub max_streams_per_agency: usize,
-    /// Most messages committed in one transaction. Default: 256.
-    pub max_batch: usize,
-    /// How long a batch that is not full waits for more messages before it
-    /// commits. Default: 0 (batches still form while a commit is running).
-    pub commit_linger: Duration,
-    /// Commit lanes per shard: how many batches may commit at once. A
-    /// message takes the lane of its recipient. Default: 4 (SQLite: 1).
-    pub commit_lanes: usize,
-    /// How long a relay to another region may take before the next gateway
-    /// is tried. Default: 10 s.
-    pub relay_timeout: Duration,
-    /// How long acknowledged messages are kept (and retried sends with their
-    /// idempotency key recognised) before they are deleted. Default: 7 days.
-    pub retention: Duration,
-    /// How often the gateway's retention task runs. Default: 60 s.
-    pub retention_interval: Duration,
-    /// How often the outbox is polled even when no commit woke it.
-    /// Default: 1 s.
-    pub outbox_poll_interval: Duration,
-    /// How the server treats connections (streams per connection,
-    /// keepalive). Default: see [`ConnectionSettings`].
-    pub connections: ConnectionSettings,
+impl std::str::FromStr for ShardConfig {
+    type Err = String;
+
+    /// `NAME=URL`, as `--shard` takes it.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.split_once('=') {
+            Some((name, url)) if !name.is_empty() && !url.is_empty() => {
+                Ok(ShardConfig::new(name, url))
+            }
+            _ => Err(format!(
+                "{text:?} is not NAME=URL, e.g. east-1=postgres://fedmesh@db/east_1"
+            )),
+        }
+    }
+}
+
+/// The shards as a config file lists them: a table of name = URL.
+mod shard_table {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::ShardConfig;
+
+    pub(super) fn serialize<S: Serializer>(
+        shards: &[ShardConfig],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        shards
+            .iter()
+            .map(|shard| (shard.name.as_str(), shard.database_url.as_str()))
+            .collect::<BTreeMap<_, _>>()
+            .serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<ShardConfig>, D::Error> {
+        let table = BTreeMap::<String, String>::deserialize(deserializer)?;
+        Ok(table
+            .into_iter()
+            .map(|(name, url)| ShardConfig::new(name, url))
+            .collect())
+    }
 }
 
 /// Room above the payload limit for the rest of a message on the wire: its
 /// ids, kind and up to 64 headers of 4 KiB.
 pub const ENVELOPE_BYTES: usize = 512 * 1024;
 
-impl GatewayConfig {
-    /// The largest gRPC message this gateway sends or receives: one
-    /// message of the largest payload with its envelope.
-    pub fn max_message_bytes(&self) -> usize {
-        self.max_payload_bytes.saturating_add(ENVELOPE_BYTES)
-    }
+/// Everything a gateway needs to run.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address to listen on (`fedmesh gateway`; a gateway started in code
+    /// serves on the listener it is given).
+    #[arg(long, env = "FEDMESH_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: String,
+    /// The region this gateway serves (required).
+    #[arg(long, env = "FEDMESH_REGION")]
+    pub region: Option<String>,
+    /// Stable id of this replica [default: REGION-0].
+    #[arg(long, env = "FEDMESH_GATEWAY_ID")]
+    pub id: Option<String>,
+    /// A shard of the region as NAME=URL (postgres://... or sqlite://...);
+    /// repeatable, every shard of the region (environment: separated by
+    /// `;`; config file: a table `[shards] east-1 = "postgres://..."`).
+    #[arg(
+        long = "shard",
+        value_name = "NAME=URL",
+        env = "FEDMESH_SHARDS",
+        value_delimiter = ';'
+    )]
+    #[serde(default, with = "shard_table")]
+    pub shards: Vec<ShardConfig>,
+    /// URL of the coordinator.
+    #[arg(
+        long,
+        env = "FEDMESH_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    /// URL other gateways reach this one at [default: http:// and the
+    /// listening address].
+    #[arg(long, env = "FEDMESH_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Trust the x-fedmesh-identity header from loopback peers (development
+    /// only). Without it every call is refused until mutual TLS is
+    /// configured.
+    #[arg(long, env = "FEDMESH_DEV_IDENTITY")]
+    #[serde(default)]
+    pub dev_identity: bool,
+    /// Most connections to each shard database for reads, acks and
+    /// background work; each commit lane has one more.
+    #[arg(long, env = "FEDMESH_SHARD_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: u32,
+    /// Largest payload accepted, in bytes. Every gateway of a mesh must
+    /// have the same: relayed batches are sized by it.
+    #[arg(long, env = "FEDMESH_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Unacknowledged deliveries per inbox stream when the client asks for
+    /// none (0).
+    #[arg(long, env = "FEDMESH_DEFAULT_WINDOW", default_value_t = 128)]
+    pub default_window: u32,
+    /// Most payload bytes one read of an inbox returns, so that a stream
+    /// holds about this much in memory whatever its window (a read always
+    /// returns at least one message).
+    #[arg(long, env = "FEDMESH_RECEIVE_PAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub receive_page_bytes: u64,
+    /// Most Receive streams of one agency open on this gateway at once,
+    /// counting older streams still ending after a newer one took over;
+    /// with 1, a new stream is refused while the old one lives.
+    #[arg(long, env = "FEDMESH_MAX_STREAMS_PER_AGENCY", default_value_t = 4)]
+    pub max_streams_per_agency: usize,
+    /// Most messages committed in one transaction.
+    #[arg(long, env = "FEDMESH_MAX_BATCH", default_value_t = 256)]
+    pub max_batch: usize,
+    /// Commit lanes per shard: batches committing at once, each with its
+    /// own database connection (SQLite: always 1). A message takes the lane
+    /// of its recipient.
+    #[arg(long, env = "FEDMESH_COMMIT_LANES", default_value_t = 4)]
+    pub commit_lanes: usize,
+    /// How long a batch that is not full waits for more, in microseconds
+    /// (batches still form while a commit is running).
+    #[arg(long, env = "FEDMESH_COMMIT_LINGER_US", default_value_t = 0)]
+    pub commit_linger_us: u64,
+    /// How long a relay to another region may take, in milliseconds,
+    /// before the next gateway of the region is tried.
+    #[arg(long, env = "FEDMESH_RELAY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub relay_timeout_ms: u64,
+    /// Days acknowledged messages are kept, and idempotency keys
+    /// recognised, before they are deleted.
+    #[arg(long, env = "FEDMESH_RETENTION_DAYS", default_value_t = 7)]
+    pub retention_days: u64,
+    /// How often the retention task runs, in seconds.
+    #[arg(long, env = "FEDMESH_RETENTION_INTERVAL_SECS", default_value_t = 60)]
+    pub retention_interval_secs: u64,
+    /// How often the outbox is looked at even when no commit woke it, in
+    /// milliseconds.
+    #[arg(long, env = "FEDMESH_OUTBOX_POLL_MS", default_value_t = 1_000)]
+    pub outbox_poll_ms: u64,
+    /// How the server treats client connections.
+    #[command(flatten)]
+    pub connections: ConnectionSettings,
+}
 
-    /// A configuration with the defaults above.
+impl GatewayConfig {
+    /// A gateway of `region` with id `gateway_id` on `shards`, reporting to
+    /// the coordinator at `coordinator_url`, every other setting at its
+    /// default.
     pub fn new(
         gateway_id: impl Into<String>,
         region: impl Into<String>,
@@ -101,24 +188,170 @@ impl GatewayConfig {
         coordinator_url: impl Into<String>,
     ) -> Self {
         GatewayConfig {
-            gateway_id: gateway_id.into(),
-            region: region.into(),
+            id: Some(gateway_id.into()),
+            region: Some(region.into()),
             shards,
-            coordinator_url: coordinator_url.into(),
-            advertise_url: None,
-            identity_mode: IdentityMode::Refuse,
-            max_payload_bytes: 1024 * 1024,
-            default_window: 128,
-            receive_page_bytes: 1024 * 1024,
-            max_streams_per_agency: 4,
-            max_batch: 256,
-            commit_linger: Duration::ZERO,
-            commit_lanes: 4,
-            relay_timeout: Duration::from_secs(10),
-            retention: Duration::from_secs(7 * 24 * 3600),
-            retention_interval: Duration::from_secs(60),
-            outbox_poll_interval: Duration::from_secs(1),
-            connections: ConnectionSettings::default(),
+            coordinator: coordinator_url.into(),
+            ..fedmesh_common::config::defaults()
         }
+    }
+
+    /// Refuses settings the gateway cannot run with; names the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let region = self.region.as_deref().ok_or_else(|| {
+            ConfigError::setting(
+                "region",
+                "no region given: use --region NAME or region in --config",
+            )
+        })?;
+        fedmesh_common::validate::region("region", region)
+            .map_err(|invalid| ConfigError::setting("region", invalid.description))?;
+        if self.shards.is_empty() {
+            return Err(ConfigError::Setting {
+                key: "shards",
+                flag: "shard".into(),
+                problem: "no shard given: use --shard NAME=URL or [shards] in --config".into(),
+            });
+        }
+        for shard in &self.shards {
+            fedmesh_common::store::Backend::of_url(&shard.database_url).map_err(|error| {
+                ConfigError::Setting {
+                    key: "shards",
+                    flag: "shard".into(),
+                    problem: format!("shard {}: {error}", shard.name),
+                }
+            })?;
+        }
+        check_range("pool_size", self.pool_size, 1..=1_000)?;
+        check_range(
+            "max_payload_bytes",
+            self.max_payload_bytes,
+            1..=64 * 1024 * 1024,
+        )?;
+        check_range(
+            "default_window",
+            self.default_window,
+            1..=crate::inbox::stream::MAX_WINDOW,
+        )?;
+        check_range("receive_page_bytes", self.receive_page_bytes, 1..=1 << 30)?;
+        check_range(
+            "max_streams_per_agency",
+            self.max_streams_per_agency,
+            1..=1_000,
+        )?;
+        check_range("max_batch", self.max_batch, 1..=10_000)?;
+        check_range("commit_lanes", self.commit_lanes, 1..=64)?;
+        check_range("commit_linger_us", self.commit_linger_us, 0..=1_000_000)?;
+        check_range("relay_timeout_ms", self.relay_timeout_ms, 1..=3_600_000)?;
+        check_range("retention_days", self.retention_days, 1..=36_500)?;
+        check_range(
+            "retention_interval_secs",
+            self.retention_interval_secs,
+            1..=86_400,
+        )?;
+        check_range("outbox_poll_ms", self.outbox_poll_ms, 1..=3_600_000)?;
+        self.connections.validate()
+    }
+
+    /// The same settings with the passwords in database URLs hidden, to
+    /// print them.
+    pub fn redacted(&self) -> Self {
+        let mut redacted = self.clone();
+        for shard in &mut redacted.shards {
+            shard.database_url = fedmesh_common::store::redact_url(&shard.database_url);
+        }
+        redacted
+    }
+
+    /// The region this gateway serves (empty before validation).
+    pub fn region(&self) -> &str {
+        self.region.as_deref().unwrap_or_default()
+    }
+
+    /// The id of this replica: `--id`, or the region's first.
+    pub fn gateway_id(&self) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("{}-0", self.region()))
+    }
+
+    /// How callers are authenticated.
+    pub fn identity_mode(&self) -> IdentityMode {
+        IdentityMode::from_dev_identity(self.dev_identity)
+    }
+
+    /// The largest gRPC message this gateway sends or receives: one
+    /// message of the largest payload with its envelope.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_payload_bytes.saturating_add(ENVELOPE_BYTES)
+    }
+
+    /// How long a batch that is not full waits for more messages.
+    pub fn commit_linger(&self) -> Duration {
+        Duration::from_micros(self.commit_linger_us)
+    }
+
+    /// How long a relayed batch may take at one gateway.
+    pub fn relay_timeout(&self) -> Duration {
+        Duration::from_millis(self.relay_timeout_ms)
+    }
+
+    /// How long acknowledged messages and idempotency keys are kept.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_days.saturating_mul(24 * 3600))
+    }
+
+    /// How often the retention task runs.
+    pub fn retention_interval(&self) -> Duration {
+        Duration::from_secs(self.retention_interval_secs)
+    }
+
+    /// How often the outbox is polled regardless of commits.
+    pub fn outbox_poll_interval(&self) -> Duration {
+        Duration::from_millis(self.outbox_poll_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_given_a_region_and_a_shard() {
+        let config = GatewayConfig::new(
+            "east-0",
+            "east",
+            vec![ShardConfig::new("east-1", "sqlite:///tmp/east-1.sqlite")],
+            "http://127.0.0.1:50051",
+        );
+        config.validate().expect("valid");
+        assert_eq!(config.max_payload_bytes, 1024 * 1024);
+        assert_eq!(config.retention(), Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(config.gateway_id(), "east-0");
+    }
+
+    #[test]
+    fn overflowing_and_missing_settings_are_refused_by_name() {
+        let mut config = GatewayConfig::new(
+            "east-0",
+            "east",
+            vec![ShardConfig::new("east-1", "sqlite:///tmp/east-1.sqlite")],
+            "http://127.0.0.1:50051",
+        );
+        config.retention_days = u64::MAX / 1000;
+        let error = config.validate().expect_err("overflow");
+        assert!(
+            error
+                .to_string()
+                .starts_with("retention_days (--retention-days)"),
+            "{error}"
+        );
+        config.retention_days = 7;
+        config.shards.clear();
+        let error = config.validate().expect_err("no shard");
+        assert!(error.to_string().contains("--shard"), "{error}");
+        config.shards = vec![ShardConfig::new("east-1", "mysql://db/x")];
+        let error = config.validate().expect_err("bad url");
+        assert!(error.to_string().contains("neither postgres"), "{error}");
     }
 }

@@ -73,6 +73,9 @@ pub enum RunError {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// A setting is out of range or missing.
+    #[error(transparent)]
+    Setting(#[from] fedmesh_common::config::ConfigError),
 }
 
 /// A gateway started by [`start`].
@@ -95,13 +98,10 @@ pub async fn start(
     publisher: Arc<dyn EventPublisher>,
     shutdown: CancellationToken,
 ) -> Result<RunningGateway, RunError> {
-    if config.shards.is_empty() {
-        return Err(RunError::Config(format!(
-            "gateway {} has no shard",
-            config.gateway_id
-        )));
-    }
-    let advertise_url = match &config.advertise_url {
+    config.validate()?;
+    let gateway_id = config.gateway_id();
+    let region = config.region().to_string();
+    let advertise_url = match &config.advertise {
         Some(url) => url.clone(),
         None => format!(
             "http://{}",
@@ -118,8 +118,8 @@ pub async fn start(
     for shard in &config.shards {
         let store = store::open_store(
             &shard.database_url,
-            &config.region,
-            shard.max_connections,
+            &region,
+            config.pool_size,
             u32::try_from(config.commit_lanes.max(1)).unwrap_or(u32::MAX),
         )
         .await
@@ -131,8 +131,8 @@ pub async fn start(
         tasks.spawn(retention::purge_acked(
             shard.name.clone(),
             Arc::clone(&store),
-            config.retention,
-            config.retention_interval,
+            config.retention(),
+            config.retention_interval(),
             shutdown.clone(),
         ));
         let outbox_wake = Arc::new(Notify::new());
@@ -141,12 +141,12 @@ pub async fn start(
             store.outbox(),
             Arc::clone(&publisher),
             Arc::clone(&outbox_wake),
-            config.outbox_poll_interval,
+            config.outbox_poll_interval(),
             shutdown.clone(),
         ));
         let batching = committer::Batching {
             max_batch: config.max_batch,
-            linger: config.commit_linger,
+            linger: config.commit_linger(),
             lanes: config.commit_lanes.min(store.max_concurrent_batches()),
         };
         let committer = Committer::spawn(
@@ -170,12 +170,12 @@ pub async fn start(
     // stopped); the gateway's tasks include waiting for them.
     tasks.spawn(commit_thread.finished());
 
-    let identity = Identity::Gateway(config.region.clone());
+    let identity = Identity::Gateway(region.clone());
     let relay_limits = RelayLimits {
         max_batch_bytes: config.max_message_bytes(),
-        timeout: config.relay_timeout,
+        timeout: config.relay_timeout(),
     };
-    let upstream = Upstream::new(&config.coordinator_url, &identity, relay_limits)?;
+    let upstream = Upstream::new(&config.coordinator, &identity, relay_limits)?;
     let (topology_sender, topology) = watch::channel(Arc::new(Topology::default()));
     let open_streams = hub.watch_open_streams();
     let shared = Arc::new(Shared::new(
@@ -196,8 +196,8 @@ pub async fn start(
     });
     let reporter = Arc::clone(&shared);
     let gateway = pb::Gateway {
-        gateway_id: config.gateway_id.clone(),
-        region: config.region.clone(),
+        gateway_id: gateway_id.clone(),
+        region: region.clone(),
         address: advertise_url.clone(),
         load: None,
         last_seen: None,
@@ -214,7 +214,7 @@ pub async fn start(
             .await;
     });
 
-    let interceptor = IdentityInterceptor::new(config.identity_mode);
+    let interceptor = IdentityInterceptor::new(config.identity_mode());
     // One message of the largest payload with its envelope, both ways; a
     // larger request is refused by the server with a status naming the
     // payload limit before it is read (see `ServeOptions`).
@@ -235,7 +235,7 @@ pub async fn start(
     });
     let routes = tonic::service::Routes::new(InterceptedService::new(exchange, interceptor))
         .add_service(InterceptedService::new(relay, interceptor));
-    tracing::info!(gateway_id = %config.gateway_id, region = %config.region, address = %advertise_url, "gateway serving");
+    tracing::info!(%gateway_id, %region, address = %advertise_url, "gateway serving");
     let stopped = tokio::spawn(async move {
         let served =
             fedmesh_common::server::serve(routes, listener, options, shutdown.clone()).await;
@@ -245,7 +245,7 @@ pub async fn start(
         drop(shared);
         tasks.close();
         tasks.wait().await;
-        tracing::info!(gateway_id = %config.gateway_id, "gateway stopped");
+        tracing::info!(%gateway_id, "gateway stopped");
         Ok(served?)
     });
     Ok(RunningGateway {

@@ -61,3 +61,12 @@ pub struct Receipt {
     /// Whether nothing new was stored (a retry).
     pub duplicate: bool,
 }
+
+/// The state of an inbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxStats {
+    /// Messages stored and not yet acknowledged.
+    pub unacknowledged: u64,
+    /// The sequence of the newest message stored (0: none yet).
+    pub last_sequence: u64,
+}

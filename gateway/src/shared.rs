@@ -16,7 +16,7 @@ use crate::committer::{self, Committer};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::inbox::InboxHub;
-use crate::message::{Message, Receipt};
+use crate::message::{InboxStats, Message, Receipt};
 use crate::store::MessageStore;
 use crate::upstream::Upstream;
 
@@ -30,6 +30,10 @@ pub(crate) struct Shard {
 /// What every handler and task of one gateway shares.
 pub(crate) struct Shared {
     pub(crate) config: GatewayConfig,
+    /// The region served, from the validated configuration.
+    pub(crate) region: String,
+    /// This replica's id.
+    pub(crate) gateway_id: String,
     pub(crate) topology: watch::Receiver<Arc<Topology>>,
     pub(crate) shards: HashMap<String, Shard>,
     pub(crate) hub: Arc<InboxHub>,
@@ -59,6 +63,8 @@ impl Shared {
         shutdown: CancellationToken,
     ) -> Self {
         Shared {
+            region: config.region().to_string(),
+            gateway_id: config.gateway_id(),
             config,
             topology,
             shards,
@@ -100,11 +106,11 @@ impl Shared {
         agency_id: &str,
     ) -> Result<AgencyHome, GatewayError> {
         let home = self.home_of(agency_id).await?;
-        if home.region != self.config.region {
+        if home.region != self.region {
             return Err(GatewayError::WrongRegion {
                 agency_id: agency_id.to_string(),
                 home_region: home.region,
-                region: self.config.region.clone(),
+                region: self.region.clone(),
             });
         }
         Ok(home)
@@ -116,7 +122,7 @@ impl Shared {
             .get(name)
             .ok_or_else(|| GatewayError::ShardNotServed {
                 shard: name.to_string(),
-                gateway_id: self.config.gateway_id.clone(),
+                gateway_id: self.gateway_id.clone(),
             })
     }
 
@@ -143,10 +149,20 @@ impl Shared {
             })?;
         Ok(Receipt {
             message_id: stored.message_id,
-            home_region: self.config.region.clone(),
+            home_region: self.region.clone(),
             stored_at_micros: stored.stored_at_micros,
             duplicate: stored.duplicate,
         })
+    }
+
+    /// The state of the inbox of `agency_id`, homed in this region.
+    pub(crate) async fn inbox_stats(&self, agency_id: &str) -> Result<InboxStats, GatewayError> {
+        let home = self.require_homed_here(agency_id).await?;
+        self.shard(&home.shard)?
+            .store
+            .inbox_stats(agency_id)
+            .await
+            .map_err(|source| GatewayError::shard_unavailable(&home.shard, "retry shortly", source))
     }
 
     /// The connection pool of each shard, sorted by shard.

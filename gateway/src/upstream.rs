@@ -186,29 +186,19 @@ impl Upstream {
         load: impl Fn() -> pb::GatewayLoad,
         shutdown: CancellationToken,
     ) {
-        let mut interval = Duration::from_secs(5);
-        loop {
+        let report = || {
             let request = pb::ReportGatewayRequest {
                 gateway: Some(pb::Gateway {
                     load: Some(load()),
                     ..gateway.clone()
                 }),
             };
-            match self.directory.clone().report_gateway(request).await {
-                Ok(response) => {
-                    let asked = response.into_inner().report_interval_ms;
-                    if asked > 0 {
-                        interval = Duration::from_millis(asked);
-                    }
-                }
-                Err(status) => {
-                    tracing::warn!(error = %status.message(), "gateway report failed");
-                }
+            let mut directory = self.directory.clone();
+            async move {
+                let response = directory.report_gateway(request).await?;
+                Ok(response.into_inner().report_interval_ms)
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(interval) => {}
-            }
-        }
+        };
+        fedmesh_common::topology::report_periodically("gateway", report, shutdown).await;
     }
 }

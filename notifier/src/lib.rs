@@ -11,12 +11,16 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use fedmesh_common::config::ConfigError;
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError, to_status};
 use fedmesh_common::events::{Event, EventSource};
-use fedmesh_common::identity::{Identity, IdentityInterceptor, IdentityMode, caller};
+use fedmesh_common::identity::{
+    AttachIdentity, Identity, IdentityInterceptor, IdentityMode, caller,
+};
 use fedmesh_common::server::ConnectionSettings;
 use fedmesh_common::validate;
 use fedmesh_proto::pb;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
@@ -26,21 +30,57 @@ use tonic::{Request, Response, Status};
 /// Largest request a notifier reads: subscription filters.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
-/// Everything a notifier needs to run.
-#[derive(Debug, Clone)]
+/// Everything a notifier needs to run, each setting declared once (see
+/// `fedmesh_common::config`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NotifierConfig {
-    /// How callers are authenticated. Default: refuse everything.
-    pub identity_mode: IdentityMode,
-    /// How the server treats connections. Default: see [`ConnectionSettings`].
+    /// Address to listen on (`fedmesh notifier`; a notifier started in code
+    /// serves on the listener it is given).
+    #[arg(long, env = "FEDMESH_LISTEN", default_value = "127.0.0.1:50055")]
+    pub listen: String,
+    /// Stable id of this replica.
+    #[arg(long, env = "FEDMESH_NOTIFIER_ID", default_value = "notifier-0")]
+    pub id: String,
+    /// URL of the coordinator, which tells clients where notifiers are.
+    #[arg(
+        long,
+        env = "FEDMESH_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    /// URL clients reach this notifier at [default: http:// and the
+    /// listening address].
+    #[arg(long, env = "FEDMESH_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Trust the x-fedmesh-identity header from loopback peers (development
+    /// only). Without it every call is refused until mutual TLS is
+    /// configured.
+    #[arg(long, env = "FEDMESH_DEV_IDENTITY")]
+    #[serde(default)]
+    pub dev_identity: bool,
+    /// How the server treats client connections.
+    #[command(flatten)]
     pub connections: ConnectionSettings,
 }
 
 impl Default for NotifierConfig {
     fn default() -> Self {
-        NotifierConfig {
-            identity_mode: IdentityMode::Refuse,
-            connections: ConnectionSettings::default(),
-        }
+        fedmesh_common::config::defaults()
+    }
+}
+
+impl NotifierConfig {
+    /// Refuses settings the notifier cannot run with; names the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fedmesh_common::validate::agency_id("id", &self.id)
+            .map_err(|invalid| ConfigError::setting("id", invalid.description))?;
+        self.connections.validate()
+    }
+
+    /// How callers are authenticated.
+    pub fn identity_mode(&self) -> IdentityMode {
+        IdentityMode::from_dev_identity(self.dev_identity)
     }
 }
 
@@ -192,13 +232,56 @@ impl pb::notifications_server::Notifications for NotificationsService {
     }
 }
 
-/// Runs a notifier on `listener`, consuming `source`, until `shutdown`.
+/// Why a notifier could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A setting is out of range or missing.
+    #[error(transparent)]
+    Setting(#[from] ConfigError),
+    /// The gRPC server failed, or the coordinator's URL is unusable.
+    #[error("grpc: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener has no address.
+    #[error("listener: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// Runs a notifier on `listener`, consuming `source`, until `shutdown`; it
+/// reports itself to the coordinator, which tells subscribers where it is.
 pub async fn run(
     config: NotifierConfig,
     listener: TcpListener,
     source: Arc<dyn EventSource>,
     shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), RunError> {
+    config.validate()?;
+    let address = match &config.advertise {
+        Some(url) => url.clone(),
+        None => format!("http://{}", listener.local_addr()?),
+    };
+    let directory = pb::directory_client::DirectoryClient::with_interceptor(
+        fedmesh_common::server::lazy_channel(&config.coordinator)?,
+        AttachIdentity::new(&Identity::Notifier),
+    );
+    let notifier = pb::Notifier {
+        notifier_id: config.id.clone(),
+        address: address.clone(),
+        last_seen: None,
+    };
+    let reporter = tokio::spawn(fedmesh_common::topology::report_periodically(
+        "notifier",
+        move || {
+            let mut directory = directory.clone();
+            let request = pb::ReportNotifierRequest {
+                notifier: Some(notifier.clone()),
+            };
+            async move {
+                let response = directory.report_notifier(request).await?;
+                Ok(response.into_inner().report_interval_ms)
+            }
+        },
+        shutdown.clone(),
+    ));
     let service = NotificationsService {
         source,
         shutdown: shutdown.clone(),
@@ -206,14 +289,16 @@ pub async fn run(
     let routes = tonic::service::Routes::new(
         pb::notifications_server::NotificationsServer::with_interceptor(
             service,
-            IdentityInterceptor::new(config.identity_mode),
+            IdentityInterceptor::new(config.identity_mode()),
         ),
     );
-    tracing::info!(address = ?listener.local_addr().ok(), "notifier serving");
+    tracing::info!(notifier_id = %config.id, %address, "notifier serving");
     let options = fedmesh_common::server::ServeOptions::new(config.connections, MAX_REQUEST_BYTES);
-    let served = fedmesh_common::server::serve(routes, listener, options, shutdown).await;
-    tracing::info!("notifier stopped");
-    served
+    let served = fedmesh_common::server::serve(routes, listener, options, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = reporter.await;
+    tracing::info!(notifier_id = %config.id, "notifier stopped");
+    Ok(served?)
 }
 
 #[cfg(test)]

@@ -1,23 +1,20 @@
 //! The `fedmesh` commands against a running mesh, in-process.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use fedmesh::cli::{Cli, run};
 use fedmesh_tests::TestMesh;
 
+/// Runs `fedmesh ARGS --coordinator URL`: client commands need only the
+/// coordinator's address.
 async fn fedmesh(mesh: &TestMesh, args: &[&str]) -> anyhow::Result<String> {
     let coordinator = mesh.coordinator_url();
-    let notifier = mesh.notifier_url();
-    let mut argv = vec![
-        "fedmesh",
-        "--coordinator",
-        &coordinator,
-        "--notifier",
-        &notifier,
-    ];
+    let mut argv = vec!["fedmesh"];
     argv.extend_from_slice(args);
-    let cli = Cli::try_parse_from(argv)?;
+    argv.extend(["--coordinator", &coordinator]);
+    let matches = Cli::command().try_get_matches_from(argv)?;
+    let cli = Cli::from_arg_matches(&matches)?;
     let mut out = Vec::new();
-    run(cli, &mut out).await?;
+    run(cli, &matches, &mut out).await?;
     Ok(String::from_utf8(out)?)
 }
 
@@ -79,6 +76,7 @@ async fn the_walkthrough_works_from_the_command_line() {
     );
 
     let status = fedmesh(&mesh, &["status"]).await.unwrap();
+    assert!(status.contains("notifiers notifier-0 http://"), "{status}");
     for region in ["east", "west", "central"] {
         assert!(status.contains(&format!("{region}-0 http://")), "{status}");
         // Each gateway reports the connection pool of its shard.
@@ -101,7 +99,7 @@ async fn command_line_errors_are_one_clear_line() {
     let line = format!("{error:#}");
     assert!(!line.contains('\n'), "{line}");
     assert!(
-        line.contains("malformed") && line.contains("InvalidArgument"),
+        line.contains("malformed") && line.contains("(INVALID_ARGUMENT)"),
         "{line}"
     );
 
@@ -115,7 +113,7 @@ async fn command_line_errors_are_one_clear_line() {
     .unwrap_err();
     let line = format!("{error:#}");
     assert!(
-        line.contains("ghost") && line.contains("NotFound"),
+        line.contains("ghost") && line.contains("(NOT_FOUND)"),
         "{line}"
     );
 }
@@ -149,4 +147,153 @@ async fn the_benchmarks_run_against_a_mesh() {
         "{checked}"
     );
     assert!(!checked.contains("errors"), "{checked}");
+}
+
+#[test]
+fn every_command_explains_itself_with_examples() {
+    fn visit(command: &clap::Command, path: &str, checked: &mut Vec<String>) {
+        let path = format!("{path} {}", command.get_name()).trim().to_string();
+        let help = command.clone().render_long_help().to_string();
+        assert!(
+            help.contains("Examples:\n  fedmesh "),
+            "`{path} --help` ends with no example:\n{help}"
+        );
+        checked.push(path.clone());
+        for sub in command.get_subcommands() {
+            visit(sub, &path, checked);
+        }
+    }
+    let mut command = Cli::command();
+    command.build();
+    let mut checked = Vec::new();
+    visit(&command, "", &mut checked);
+    assert!(
+        checked.contains(&"fedmesh agency register".to_string()),
+        "{checked:?}"
+    );
+    assert!(
+        checked.contains(&"fedmesh bench health".to_string()),
+        "{checked:?}"
+    );
+    // `help` is a command like the others, with its own help.
+    let asked = Cli::command().try_get_matches_from(["fedmesh", "help", "--help"]);
+    assert_eq!(
+        asked.map(|_| ()).map_err(|error| error.kind()),
+        Err(clap::error::ErrorKind::DisplayHelp)
+    );
+}
+
+#[test]
+fn client_flags_belong_to_client_commands_only() {
+    for argv in [
+        ["fedmesh", "dev", "--coordinator", "http://x:1"],
+        ["fedmesh", "gateway", "--operator", "alice"],
+        ["fedmesh", "coordinator", "--gateway", "http://x:1"],
+        ["fedmesh", "notifier", "--notifier", "http://x:1"],
+    ] {
+        let parsed = Cli::command().try_get_matches_from(argv);
+        assert!(parsed.is_err(), "{argv:?} was accepted");
+    }
+    assert!(
+        Cli::command()
+            .try_get_matches_from(["fedmesh", "agency", "list", "--coordinator", "http://x:1"])
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn show_prints_one_object_and_deregister_protects_unread_messages() {
+    let mesh = TestMesh::start().await;
+    fedmesh(
+        &mesh,
+        &["agency", "register", "tax-office", "--region", "east"],
+    )
+    .await
+    .unwrap();
+    fedmesh(
+        &mesh,
+        &["agency", "register", "archive", "--region", "west"],
+    )
+    .await
+    .unwrap();
+    let shown = fedmesh(&mesh, &["agency", "show", "archive", "--json"])
+        .await
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["agency_id"], "archive", "one object: {shown}");
+
+    for body in ["one", "two"] {
+        fedmesh(
+            &mesh,
+            &[
+                "send",
+                "--as",
+                "tax-office",
+                "--to",
+                "archive",
+                "--kind",
+                "note",
+                "--body",
+                body,
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let refused = fedmesh(&mesh, &["agency", "deregister", "archive"])
+        .await
+        .unwrap_err();
+    let line = format!("{refused:#}");
+    assert!(
+        line.contains("2 unacknowledged messages") && line.contains("--force"),
+        "{line}"
+    );
+    assert_eq!(mesh.agency_ids().await.len(), 2, "nothing was deregistered");
+    let forced = fedmesh(&mesh, &["agency", "deregister", "archive", "--force"])
+        .await
+        .unwrap();
+    assert!(forced.contains("deregistered archive"), "{forced}");
+    assert_eq!(mesh.agency_ids().await, vec!["tax-office"]);
+}
+
+#[tokio::test]
+async fn a_send_whose_answer_was_lost_is_retried_and_stored_once() {
+    let mesh = TestMesh::start().await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "east").await;
+    let proxy = fedmesh_tests::TcpProxy::start(&mesh.gateway_url("east")).await;
+    // The gateway stores the message; its answer never reaches the CLI.
+    proxy.cut_after_response_headers();
+    let sent = fedmesh(
+        &mesh,
+        &[
+            "send",
+            "--as",
+            "sender",
+            "--to",
+            "reader",
+            "--kind",
+            "note",
+            "--body",
+            "once",
+            "--gateway",
+            &proxy.url,
+            "--json",
+        ],
+    )
+    .await
+    .unwrap();
+    let receipt: serde_json::Value = serde_json::from_str(&sent).unwrap();
+    assert_eq!(receipt["status"], "STORED");
+    assert_eq!(
+        receipt["duplicate"], true,
+        "the retry found what the first attempt stored: {receipt}"
+    );
+    let mut inbox = mesh.open_inbox("east", "reader", 0).await.unwrap();
+    let deliveries = inbox.drain().await;
+    assert_eq!(deliveries.len(), 1, "stored once");
+    assert_eq!(
+        deliveries[0].message.as_ref().unwrap().message_id,
+        receipt["message_id"].as_str().unwrap()
+    );
 }

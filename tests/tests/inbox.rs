@@ -1,7 +1,6 @@
 //! The Receive stream: acks, redelivery, flow control, takeover.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use fedmesh_tests::{Backend, Inbox, Next, TcpProxy, TestMesh, body, send_request};
 use tonic::Code;
@@ -170,8 +169,8 @@ async fn an_agency_has_at_most_the_configured_number_of_streams_open() {
 #[tokio::test]
 async fn a_stream_whose_client_vanished_ends_by_keepalive() {
     let tune: fedmesh::dev::TuneGateway = Arc::new(|config| {
-        config.connections.keepalive_interval = Duration::from_millis(200);
-        config.connections.keepalive_timeout = Duration::from_millis(200);
+        config.connections.keepalive_interval_ms = 200;
+        config.connections.keepalive_timeout_ms = 200;
     });
     let mesh = TestMesh::start_tuned(Backend::Sqlite, Some(tune)).await;
     mesh.register("reader", "east").await;

@@ -9,7 +9,7 @@
 mod state;
 
 pub(crate) use state::agency_to_pb;
-pub use state::{GatewayRecord, TopologyState, WatchStart};
+pub use state::{GatewayRecord, NotifierRecord, TopologyState, WatchStart};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -32,6 +32,19 @@ pub struct GatewayRecord {
     pub last_seen: Instant,
 }
 
+/// A notifier as last reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifierRecord {
+    /// Stable id of the notifier instance.
+    pub notifier_id: String,
+    /// URL subscribers reach it at.
+    pub address: String,
+    /// When it last reported, microseconds since the epoch (for display).
+    pub last_seen_micros: i64,
+    /// When it last reported, for expiry.
+    pub last_seen: Instant,
+}
+
 /// What a new watcher starts from: a snapshot and the changes after it.
 pub struct WatchStart {
     /// The full topology at its current version.
@@ -46,6 +59,7 @@ pub struct TopologyState {
     regions: Vec<RegionConfig>,
     agencies: BTreeMap<String, AgencyRecord>,
     gateways: BTreeMap<String, GatewayRecord>,
+    notifiers: BTreeMap<String, NotifierRecord>,
     changes: broadcast::Sender<pb::TopologyUpdate>,
 }
 
@@ -65,6 +79,7 @@ impl TopologyState {
                 .map(|agency| (agency.agency_id.clone(), agency))
                 .collect(),
             gateways: BTreeMap::new(),
+            notifiers: BTreeMap::new(),
             changes,
         }
     }
@@ -171,8 +186,43 @@ impl TopologyState {
         }
     }
 
+    /// Records a notifier report; a new notifier or a changed address is
+    /// published.
+    pub fn report_notifier(&mut self, notifier: NotifierRecord) {
+        let changed = self
+            .notifiers
+            .get(&notifier.notifier_id)
+            .is_none_or(|known| known.address != notifier.address);
+        let change = pb::topology_change::Change::NotifierUpserted(notifier_to_pb(&notifier));
+        if changed {
+            tracing::info!(notifier_id = %notifier.notifier_id, address = %notifier.address, "notifier joined");
+        }
+        self.notifiers
+            .insert(notifier.notifier_id.clone(), notifier);
+        if changed {
+            self.publish(change);
+        }
+    }
+
+    /// Drops gateways and notifiers not heard from within `expiry` of
+    /// `now`; returns the ids of the gateways.
+    pub fn expire(&mut self, now: Instant, expiry: Duration) -> Vec<String> {
+        let silent: Vec<String> = self
+            .notifiers
+            .values()
+            .filter(|notifier| now.saturating_duration_since(notifier.last_seen) > expiry)
+            .map(|notifier| notifier.notifier_id.clone())
+            .collect();
+        for notifier_id in silent {
+            self.notifiers.remove(&notifier_id);
+            tracing::warn!(%notifier_id, "notifier stopped reporting, removed from topology");
+            self.publish(pb::topology_change::Change::NotifierRemoved(notifier_id));
+        }
+        self.expire_gateways(now, expiry)
+    }
+
     /// Drops gateways not heard from within `expiry` of `now`; returns their ids.
-    pub fn expire_gateways(&mut self, now: Instant, expiry: Duration) -> Vec<String> {
+    fn expire_gateways(&mut self, now: Instant, expiry: Duration) -> Vec<String> {
         let expired: Vec<String> = self
             .gateways
             .values()
@@ -213,6 +263,7 @@ impl TopologyState {
                         .collect(),
                     agencies: self.agencies.values().map(agency_to_pb).collect(),
                     gateways: self.gateways.values().map(gateway_to_pb).collect(),
+                    notifiers: self.notifiers.values().map(notifier_to_pb).collect(),
                 },
             )),
         }
@@ -252,6 +303,14 @@ fn gateway_to_pb(gateway: &GatewayRecord) -> pb::Gateway {
             shard_pools: gateway.shard_pools.clone(),
         }),
         last_seen: Some(timestamp_from_micros(gateway.last_seen_micros)),
+    }
+}
+
+fn notifier_to_pb(notifier: &NotifierRecord) -> pb::Notifier {
+    pb::Notifier {
+        notifier_id: notifier.notifier_id.clone(),
+        address: notifier.address.clone(),
+        last_seen: Some(timestamp_from_micros(notifier.last_seen_micros)),
     }
 }
 
@@ -305,7 +364,7 @@ mod tests {
         state.report_gateway(gateway("east-1", Instant::now()));
         tokio::time::advance(Duration::from_secs(10)).await;
 
-        let expired = state.expire_gateways(Instant::now(), Duration::from_secs(15));
+        let expired = state.expire(Instant::now(), Duration::from_secs(15));
         assert_eq!(expired, vec!["east-0".to_string()]);
 
         let versions: Vec<u64> = std::iter::from_fn(|| watch.changes.try_recv().ok())

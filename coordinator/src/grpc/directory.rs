@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::directory::agency_to_pb;
-use crate::directory::{Directory, GatewayRecord};
+use crate::directory::{Directory, GatewayRecord, NotifierRecord};
 use crate::error::DirectoryError;
 
 /// The Directory service of one coordinator.
@@ -186,18 +186,7 @@ impl pb::directory_server::Directory for DirectoryService {
             }
             .into());
         }
-        if tonic::transport::Endpoint::from_shared(gateway.address.clone()).is_err() {
-            return Err(
-                DirectoryError::from(fedmesh_common::error::InvalidField::new(
-                    "gateway.address",
-                    format!(
-                        "{:?} is not a URL such as http://10.0.0.5:50052",
-                        gateway.address
-                    ),
-                ))
-                .into(),
-            );
-        }
+        check_address("gateway.address", &gateway.address)?;
         let load = gateway.load.unwrap_or_default();
         self.directory.state().report_gateway(GatewayRecord {
             gateway_id: gateway.gateway_id,
@@ -213,4 +202,43 @@ impl pb::directory_server::Directory for DirectoryService {
             report_interval_ms: u64::try_from(self.report_interval.as_millis()).unwrap_or(u64::MAX),
         }))
     }
+
+    async fn report_notifier(
+        &self,
+        request: Request<pb::ReportNotifierRequest>,
+    ) -> Result<Response<pb::ReportNotifierResponse>, Status> {
+        let identity = caller(&request)?;
+        if identity != Identity::Notifier {
+            return Err(DirectoryError::PermissionDenied(format!(
+                "{identity} may not report a notifier; only notifiers may"
+            ))
+            .into());
+        }
+        let notifier = request.into_inner().notifier.unwrap_or_default();
+        validate::agency_id("notifier.notifier_id", &notifier.notifier_id)
+            .map_err(DirectoryError::from)?;
+        check_address("notifier.address", &notifier.address)?;
+        self.directory.state().report_notifier(NotifierRecord {
+            notifier_id: notifier.notifier_id,
+            address: notifier.address,
+            last_seen_micros: now_micros(),
+            last_seen: tokio::time::Instant::now(),
+        });
+        Ok(Response::new(pb::ReportNotifierResponse {
+            report_interval_ms: u64::try_from(self.report_interval.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+}
+
+/// Refuses an address that is not a URL a client can connect to.
+fn check_address(field: &'static str, address: &str) -> Result<(), DirectoryError> {
+    if tonic::transport::Endpoint::from_shared(address.to_string()).is_err() {
+        return Err(DirectoryError::from(
+            fedmesh_common::error::InvalidField::new(
+                field,
+                format!("{address:?} is not a URL such as http://10.0.0.5:50052"),
+            ),
+        ));
+    }
+    Ok(())
 }

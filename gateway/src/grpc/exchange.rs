@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use fedmesh_common::error::InvalidField;
-use fedmesh_common::identity::caller;
+use fedmesh_common::identity::{Identity, caller};
 use fedmesh_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, StreamExt};
@@ -90,7 +90,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
     ) -> Result<Response<pb::SendResponse>, Status> {
         let identity = caller(&request)?;
         let shared = &self.shared;
-        let message = convert::message_from_send(request.into_inner(), &shared.config.region)
+        let message = convert::message_from_send(request.into_inner(), &shared.region)
             .map_err(GatewayError::from)?;
         require_agency(&identity, &message.sender_id, "send as")?;
         shared.check_payload(message.payload.len())?;
@@ -99,7 +99,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
         let home = shared.home_of(&message.recipient_id).await?;
         let route = route(
             &shared.topology.borrow(),
-            &shared.config.region,
+            &shared.region,
             &home,
             shared.spread(),
         );
@@ -116,6 +116,23 @@ impl pb::exchange_server::Exchange for ExchangeService {
         };
         Ok(Response::new(pb::SendResponse {
             receipt: Some(receipt),
+        }))
+    }
+
+    async fn get_inbox(
+        &self,
+        request: Request<pb::GetInboxRequest>,
+    ) -> Result<Response<pb::GetInboxResponse>, Status> {
+        let identity = caller(&request)?;
+        let agency_id = request.into_inner().agency_id;
+        fedmesh_common::validate::agency_id("agency_id", &agency_id).map_err(GatewayError::from)?;
+        if !matches!(identity, Identity::Operator(_)) {
+            require_agency(&identity, &agency_id, "read the inbox of")?;
+        }
+        let stats = self.shared.inbox_stats(&agency_id).await?;
+        Ok(Response::new(pb::GetInboxResponse {
+            unacknowledged: stats.unacknowledged,
+            last_sequence: stats.last_sequence,
         }))
     }
 

@@ -24,11 +24,11 @@ impl RelayService {
         let message = convert::message_from_forward(request)?;
         shared.check_payload(message.payload.len())?;
         let home = shared.home_of(&message.recipient_id).await?;
-        if home.region != shared.config.region {
+        if home.region != shared.region {
             return Err(GatewayError::WrongRegion {
                 agency_id: message.recipient_id,
                 home_region: home.region,
-                region: shared.config.region.clone(),
+                region: shared.region.clone(),
             });
         }
         let receipt = shared.store_local(&home.shard, message).await?;

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::inbox::stream::Page;
-use crate::message::{InboxMessage, Message, Stored};
+use crate::message::{InboxMessage, InboxStats, Message, Stored};
 
 /// Opens the shard at `url`: `postgres://...` or `sqlite://...`, with at most
 /// `max_connections` for reads, acks and background work, and on PostgreSQL
@@ -134,6 +134,10 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// The epoch of the newest stream of `recipient_id` (0 before any).
     async fn inbox_epoch(&self, recipient_id: &str) -> Result<u64, StoreError>;
+
+    /// How many messages of `recipient_id` wait for an acknowledgement, and
+    /// its newest sequence.
+    async fn inbox_stats(&self, recipient_id: &str) -> Result<InboxStats, StoreError>;
 
     /// Marks the given sequences of `recipient_id` acknowledged; returns the
     /// sequences that were unacknowledged until now.

@@ -11,7 +11,7 @@ use sqlx::sqlite::SqlitePool;
 use super::{MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
 use crate::error::StoreError;
 use crate::inbox::stream::Page;
-use crate::message::{InboxMessage, Message, Stored};
+use crate::message::{InboxMessage, InboxStats, Message, Stored};
 
 /// A shard on SQLite.
 #[derive(Debug, Clone)]
@@ -140,6 +140,24 @@ impl MessageStore for SqliteMessageStore {
         .await?;
         transaction.commit().await?;
         to_sequence(epoch)
+    }
+
+    async fn inbox_stats(&self, recipient_id: &str) -> Result<InboxStats, StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM messages WHERE recipient_id = ? AND acked_at IS NULL) \
+               AS unacknowledged, \
+             (SELECT last_sequence FROM inboxes WHERE recipient_id = ?) AS last_sequence",
+        )
+        .bind(recipient_id)
+        .bind(recipient_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(InboxStats {
+            unacknowledged: to_sequence(row.try_get("unacknowledged")?)?,
+            last_sequence: to_sequence(
+                row.try_get::<Option<i64>, _>("last_sequence")?.unwrap_or(0),
+            )?,
+        })
     }
 
     async fn inbox_epoch(&self, recipient_id: &str) -> Result<u64, StoreError> {

@@ -26,7 +26,7 @@ use super::{MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::inbox::stream::Page;
-use crate::message::{InboxMessage, Message, Stored};
+use crate::message::{InboxMessage, InboxStats, Message, Stored};
 
 pub use wakeups::{INBOX_CHANNEL, REPLICA_CHANNEL, STREAM_CHANNEL};
 
@@ -496,6 +496,27 @@ impl MessageStore for PgMessageStore {
                 .await?;
             transaction.commit().await?;
             to_sequence(epoch)
+        })
+        .await
+    }
+
+    async fn inbox_stats(&self, recipient_id: &str) -> Result<InboxStats, StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            let row = sqlx::query(
+                "SELECT (SELECT count(*) FROM messages WHERE recipient_id = $1 AND acked_at IS NULL) \
+                   AS unacknowledged, \
+                 (SELECT last_sequence FROM inboxes WHERE recipient_id = $1) AS last_sequence",
+            )
+            .persistent(false)
+            .bind(recipient_id)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(InboxStats {
+                unacknowledged: to_sequence(row.try_get("unacknowledged")?)?,
+                last_sequence: to_sequence(
+                    row.try_get::<Option<i64>, _>("last_sequence")?.unwrap_or(0),
+                )?,
+            })
         })
         .await
     }
