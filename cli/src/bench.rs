@@ -14,7 +14,10 @@ use fedmesh_proto::pb;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use crate::client::{Endpoints, rpc_error};
+use crate::client::{Endpoints, rpc_error, with_retries};
+
+/// How often `bench send` tries a message that met UNAVAILABLE.
+const SEND_ATTEMPTS: u32 = 5;
 
 /// The benchmarks.
 #[derive(Debug, Subcommand)]
@@ -347,13 +350,33 @@ async fn send(
         headers: Default::default(),
         idempotency_key: None,
     };
+    // Every message has an idempotency key, as a careful client's have,
+    // and a send that meets UNAVAILABLE or loses its answer is retried with
+    // it, so a retry never stores twice. Keys are unique to this run.
+    let run = uuid::Uuid::now_v7().simple().to_string();
     let measured = drive(&args.load, |worker| {
         let client = clients[worker % clients.len()].clone();
         let request = request.clone();
+        let run = run.clone();
+        let mut n_sent = 0_u64;
         Box::new(move || {
-            let mut client = client.clone();
-            let request = request.clone();
-            Box::pin(async move { client.send(request).await.map(|_| ()) })
+            n_sent += 1;
+            let client = client.clone();
+            let mut request = request.clone();
+            request.idempotency_key = Some(format!("bench-{run}-{worker}-{n_sent}"));
+            Box::pin(async move {
+                with_retries(
+                    SEND_ATTEMPTS,
+                    || {
+                        let mut client = client.clone();
+                        let request = request.clone();
+                        async move { client.send(request).await }
+                    },
+                    |_, _| {},
+                )
+                .await
+                .map(|_| ())
+            })
         })
     })
     .await?;

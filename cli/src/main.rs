@@ -4,6 +4,11 @@
 use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
+// The send path allocates a little per message on several threads; glibc's
+// allocator spent a fifth of a gateway's CPU there, mimalloc far less.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     // The matches are kept: role settings tell flags given from defaults.

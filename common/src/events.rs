@@ -3,8 +3,15 @@
 //! Events are written to an outbox in the same transaction as the change they
 //! report; an outbox relay publishes them through [`EventPublisher`] and
 //! deletes them only once the bus accepted them. Notifiers consume them
-//! through [`EventSource`]. [`InProcessBus`] implements both for the one-process
-//! dev mesh; the RabbitMQ bus implements the same traits.
+//! through [`EventSource`]. [`InProcessBus`] implements both for the
+//! one-process dev mesh; it is the only bus so far (a stand-alone role has
+//! [`NoBus`], which keeps the events in the outbox).
+//!
+//! A shard writes the events of a batch of messages (stored, acknowledged)
+//! as one outbox row listing the messages; [`message_events`] makes the
+//! events of such a row, attributes and ids included, the one place they
+//! are built. Event ids are derived from the kind, region and message, so
+//! an event published again after a crash keeps its id.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -84,6 +91,62 @@ impl From<Event> for pb::Event {
     }
 }
 
+/// One message of an outbox row that lists the messages of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageEntry {
+    /// The message.
+    pub message_id: String,
+    /// Its recipient: the agency the event concerns.
+    pub recipient_id: String,
+    /// Its sender.
+    pub sender_id: String,
+    /// Its kind.
+    pub message_kind: String,
+    /// Its sequence in the recipient's inbox.
+    pub sequence: u64,
+}
+
+/// The id of the event of `kind` about `message_id` in `region`: the same
+/// whenever the event is published again.
+pub fn message_event_id(kind: &str, region: &str, message_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    for part in [kind, region, message_id] {
+        digest.update(part.as_bytes());
+        digest.update([0]);
+    }
+    let digest: [u8; 32] = digest.finalize().into();
+    let mut bytes = [0_u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Uuid::new_v8(bytes).to_string()
+}
+
+/// The events of `kind` that happened in `region` at `occurred_at_micros`,
+/// one per message of `entries`, in order.
+pub fn message_events(
+    kind: &str,
+    region: &str,
+    occurred_at_micros: i64,
+    entries: Vec<MessageEntry>,
+) -> Vec<Event> {
+    entries
+        .into_iter()
+        .map(|entry| Event {
+            event_id: message_event_id(kind, region, &entry.message_id),
+            kind: kind.to_string(),
+            region: region.to_string(),
+            agency_id: entry.recipient_id,
+            attributes: BTreeMap::from([
+                ("sender".to_string(), entry.sender_id),
+                ("kind".to_string(), entry.message_kind),
+                ("sequence".to_string(), entry.sequence.to_string()),
+            ]),
+            message_id: Some(entry.message_id),
+            occurred_at_micros,
+        })
+        .collect()
+}
+
 /// The bus refused or failed to take events; the outbox keeps them.
 #[derive(Debug, thiserror::Error)]
 #[error("event bus unavailable: {0}")]
@@ -143,9 +206,11 @@ impl EventSource for InProcessBus {
 
 /// The events a store committed and has not yet handed to the bus.
 pub trait Outbox: Send + Sync + 'static {
-    /// Publishes up to `limit` of the oldest events through `publisher`, in
-    /// order, and deletes them once it accepted them; returns how many were
-    /// relayed (0: the outbox is empty, or another relay is draining it).
+    /// Publishes the events of up to `limit` of the oldest outbox rows (a
+    /// row is one event, or the events of a batch of messages) through
+    /// `publisher`, in order, and deletes the rows once it accepted them;
+    /// returns how many events were relayed (0: the outbox is empty, or
+    /// another relay is draining it).
     /// Two relays of one outbox never publish the same rows concurrently.
     fn relay_batch<'a>(
         &'a self,
@@ -166,7 +231,8 @@ pub async fn run_outbox_relay(
     poll_interval: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    const BATCH: u32 = 512;
+    // Rows; a row may hold the events of a whole batch of messages.
+    const BATCH: u32 = 64;
     let mut backoff = poll_interval;
     loop {
         let drained = async {
@@ -206,5 +272,37 @@ impl EventPublisher for NoBus {
         Box::pin(std::future::ready(Err(BusError(
             "no event bus is configured; events stay in the outbox".to_string(),
         ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_events_carry_their_attributes_and_stable_ids() {
+        let entry = MessageEntry {
+            message_id: "m1".into(),
+            recipient_id: "reader".into(),
+            sender_id: "sender".into(),
+            message_kind: "note".into(),
+            sequence: 7,
+        };
+        let events = message_events(MESSAGE_ACCEPTED, "west", 5, vec![entry.clone()]);
+        assert_eq!(events.len(), 1);
+        let event = &events[0];
+        assert_eq!(event.agency_id, "reader");
+        assert_eq!(event.message_id.as_deref(), Some("m1"));
+        assert_eq!(event.attributes["sender"], "sender");
+        assert_eq!(event.attributes["kind"], "note");
+        assert_eq!(event.attributes["sequence"], "7");
+        let again = message_events(MESSAGE_ACCEPTED, "west", 9, vec![entry.clone()]);
+        assert_eq!(
+            again[0].event_id, event.event_id,
+            "published again, same id"
+        );
+        let delivered = message_events(MESSAGE_DELIVERED, "west", 9, vec![entry]);
+        assert_ne!(delivered[0].event_id, event.event_id);
+        assert!(uuid::Uuid::parse_str(&event.event_id).is_ok());
     }
 }

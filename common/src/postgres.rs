@@ -1,6 +1,7 @@
 //! PostgreSQL plumbing shared by the roles' stores: the event outbox (table
-//! `outbox`, created by each role's migrations with the same columns) and
-//! how events are written to it.
+//! `outbox`, created by each role's migrations with the same columns: a row
+//! is one event, or the events of a batch of messages as arrays) and how
+//! events are written to it.
 //!
 //! Queries that find rows by a predicate an index or a scan could serve
 //! (`= ANY($1)`, `ORDER BY ... LIMIT`) are not kept as prepared statements
@@ -14,7 +15,9 @@ use std::time::Duration;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use crate::events::{BoxFuture, BusError, Event, EventPublisher, Outbox};
+use crate::events::{
+    BoxFuture, BusError, Event, EventPublisher, MessageEntry, Outbox, message_events,
+};
 
 /// Advisory lock key of an outbox: one relay drains a database at a time.
 const OUTBOX_LOCK: i64 = 0x6665_646d_6573_6801;
@@ -75,6 +78,46 @@ fn outbox_error(error: impl std::fmt::Display) -> BusError {
     BusError(format!("outbox: {error}"))
 }
 
+/// The events of one outbox row: a single event, or the events of a batch
+/// of messages (its arrays set).
+fn events_of_row(row: &sqlx::postgres::PgRow) -> Result<Vec<Event>, sqlx::Error> {
+    let kind: String = row.try_get("kind")?;
+    let region: String = row.try_get("region")?;
+    let occurred_at_micros: i64 = row.try_get("occurred_at")?;
+    let message_ids: Option<Vec<String>> = row.try_get("message_ids")?;
+    if let Some(message_ids) = message_ids {
+        let recipient_ids: Vec<String> = row.try_get("recipient_ids")?;
+        let sender_ids: Vec<String> = row.try_get("sender_ids")?;
+        let message_kinds: Vec<String> = row.try_get("message_kinds")?;
+        let sequences: Vec<i64> = row.try_get("sequences")?;
+        let entries = message_ids
+            .into_iter()
+            .zip(recipient_ids)
+            .zip(sender_ids)
+            .zip(message_kinds)
+            .zip(sequences)
+            .map(
+                |((((message_id, recipient_id), sender_id), message_kind), sequence)| {
+                    MessageEntry {
+                        message_id,
+                        recipient_id,
+                        sender_id,
+                        message_kind,
+                        sequence: u64::try_from(sequence).unwrap_or_default(),
+                    }
+                },
+            )
+            .collect();
+        return Ok(message_events(&kind, &region, occurred_at_micros, entries));
+    }
+    Ok(vec![crate::store::single_event_from_row(
+        row,
+        kind,
+        region,
+        occurred_at_micros,
+    )?])
+}
+
 impl Outbox for PgOutbox {
     fn relay_batch<'a>(
         &'a self,
@@ -94,7 +137,8 @@ impl Outbox for PgOutbox {
                 return Ok(0);
             }
             let rows = sqlx::query(
-                "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes \
+                "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes, \
+                 message_ids, recipient_ids, sender_ids, message_kinds, sequences \
                  FROM outbox ORDER BY row_id LIMIT $1",
             )
             .persistent(false)
@@ -108,17 +152,8 @@ impl Outbox for PgOutbox {
             let mut row_ids = Vec::with_capacity(rows.len());
             let mut events = Vec::with_capacity(rows.len());
             for row in &rows {
-                let attributes: String = row.try_get("attributes").map_err(outbox_error)?;
                 row_ids.push(row.try_get::<i64, _>("row_id").map_err(outbox_error)?);
-                events.push(Event {
-                    event_id: row.try_get("event_id").map_err(outbox_error)?,
-                    kind: row.try_get("kind").map_err(outbox_error)?,
-                    region: row.try_get("region").map_err(outbox_error)?,
-                    agency_id: row.try_get("agency_id").map_err(outbox_error)?,
-                    message_id: row.try_get("message_id").map_err(outbox_error)?,
-                    occurred_at_micros: row.try_get("occurred_at").map_err(outbox_error)?,
-                    attributes: serde_json::from_str(&attributes).map_err(outbox_error)?,
-                });
+                events.extend(events_of_row(row).map_err(outbox_error)?);
             }
             let count = events.len();
             publisher.publish(events).await?;

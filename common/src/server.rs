@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http_body::{Body as _, Frame};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -256,40 +256,48 @@ where
         let refuse = Arc::clone(&self.refuse);
         Box::pin(async move {
             let (parts, mut body) = request.into_parts();
-            let mut read = VecDeque::new();
-            let mut prefix = BytesMut::new();
-            while prefix.len() < FRAME_PREFIX {
-                let Some(frame) =
-                    std::future::poll_fn(|context| Pin::new(&mut body).poll_frame(context)).await
-                else {
-                    break;
-                };
-                let Ok(frame) = frame else {
-                    // A broken body: let the service see it break.
-                    read.push_back(frame);
-                    break;
-                };
-                if let Some(data) = frame.data_ref() {
-                    let wanted = (FRAME_PREFIX - prefix.len()).min(data.len());
-                    prefix.extend_from_slice(&data[..wanted]);
-                }
-                let end = frame.is_trailers();
-                read.push_back(Ok(frame));
-                if end {
-                    break;
-                }
+            let mut replay = Replay {
+                read: VecDeque::new(),
+                rest: Body::empty(),
+            };
+            if let Some(size) = first_message_size(&mut body, &mut replay.read).await
+                && size > max_bytes
+            {
+                return Ok(refuse(size).into_http());
             }
-            if prefix.len() == FRAME_PREFIX {
-                let mut length = &prefix[1..];
-                let size = usize::try_from(length.get_u32()).unwrap_or(usize::MAX);
-                if size > max_bytes {
-                    return Ok(refuse(size).into_http());
-                }
-            }
-            let body = Body::new(Replay { read, rest: body });
-            inner.call(http::Request::from_parts(parts, body)).await
+            replay.rest = body;
+            inner
+                .call(http::Request::from_parts(parts, Body::new(replay)))
+                .await
         })
     }
+}
+
+/// Reads `body` up to the length prefix of its first gRPC message, keeping
+/// the frames read in `read`; the message's size, if the body has one. The
+/// first frame nearly always holds the whole prefix.
+async fn first_message_size(
+    body: &mut Body,
+    read: &mut VecDeque<Result<Frame<Bytes>, tonic::Status>>,
+) -> Option<usize> {
+    let mut prefix = [0_u8; FRAME_PREFIX];
+    let mut n_prefix = 0;
+    while n_prefix < FRAME_PREFIX {
+        let frame =
+            std::future::poll_fn(|context| Pin::new(&mut *body).poll_frame(context)).await?;
+        let data = frame.as_ref().ok().and_then(Frame::data_ref);
+        let Some(data) = data else {
+            // Trailers or a broken body: let the service see them.
+            read.push_back(frame);
+            return None;
+        };
+        let taken = (FRAME_PREFIX - n_prefix).min(data.len());
+        prefix[n_prefix..n_prefix + taken].copy_from_slice(&data[..taken]);
+        n_prefix += taken;
+        read.push_back(frame);
+    }
+    let mut length = &prefix[1..];
+    usize::try_from(length.get_u32()).ok()
 }
 
 /// A request body whose first frames were read already.

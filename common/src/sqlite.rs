@@ -9,7 +9,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use crate::events::{BoxFuture, BusError, Event, Outbox};
+use crate::events::{BoxFuture, BusError, Event, MessageEntry, Outbox, message_events};
 
 /// Opens (creating if missing) the SQLite database at `url` in WAL mode with
 /// `synchronous=FULL`, so a commit is on disk before it returns.
@@ -48,6 +48,39 @@ pub async fn insert_event(
     Ok(())
 }
 
+/// Writes the events of `kind` about the messages of `entries` to the outbox
+/// as one row (inside the caller's transaction); `entries` is not empty.
+pub async fn insert_message_events(
+    connection: &mut sqlx::SqliteConnection,
+    kind: &str,
+    region: &str,
+    occurred_at_micros: i64,
+    entries: &[MessageEntry],
+) -> Result<(), sqlx::Error> {
+    let listed: Vec<(&str, &str, &str, &str, u64)> = entries
+        .iter()
+        .map(|entry| {
+            (
+                entry.message_id.as_str(),
+                entry.recipient_id.as_str(),
+                entry.sender_id.as_str(),
+                entry.message_kind.as_str(),
+                entry.sequence,
+            )
+        })
+        .collect();
+    let listed =
+        serde_json::to_string(&listed).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    sqlx::query("INSERT INTO outbox (kind, region, occurred_at, entries) VALUES (?, ?, ?, ?)")
+        .bind(kind)
+        .bind(region)
+        .bind(occurred_at_micros)
+        .bind(listed)
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
 /// The outbox of a SQLite database, read by an outbox relay.
 #[derive(Debug, Clone)]
 pub struct SqliteOutbox {
@@ -65,34 +98,59 @@ fn outbox_error(error: impl std::fmt::Display) -> BusError {
     BusError(format!("outbox: {error}"))
 }
 
-fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<(i64, Event), sqlx::Error> {
-    let attributes: String = row.try_get("attributes")?;
-    let event = Event {
-        event_id: row.try_get("event_id")?,
-        kind: row.try_get("kind")?,
-        region: row.try_get("region")?,
-        agency_id: row.try_get("agency_id")?,
-        message_id: row.try_get("message_id")?,
-        occurred_at_micros: row.try_get("occurred_at")?,
-        attributes: serde_json::from_str(&attributes)
-            .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
-    };
-    Ok((row.try_get("row_id")?, event))
+/// The events of one outbox row: a single event, or the events of a batch
+/// of messages (`entries` set).
+fn events_of_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vec<Event>, sqlx::Error> {
+    let decode = |error: serde_json::Error| sqlx::Error::Decode(Box::new(error));
+    let kind: String = row.try_get("kind")?;
+    let region: String = row.try_get("region")?;
+    let occurred_at_micros: i64 = row.try_get("occurred_at")?;
+    if let Some(entries) = row.try_get::<Option<String>, _>("entries")? {
+        let listed: Vec<(String, String, String, String, u64)> =
+            serde_json::from_str(&entries).map_err(decode)?;
+        let entries = listed
+            .into_iter()
+            .map(
+                |(message_id, recipient_id, sender_id, message_kind, sequence)| MessageEntry {
+                    message_id,
+                    recipient_id,
+                    sender_id,
+                    message_kind,
+                    sequence,
+                },
+            )
+            .collect();
+        return Ok(message_events(&kind, &region, occurred_at_micros, entries));
+    }
+    Ok(vec![crate::store::single_event_from_row(
+        row,
+        kind,
+        region,
+        occurred_at_micros,
+    )?])
 }
 
 impl SqliteOutbox {
-    async fn fetch(&self, limit: u32) -> Result<Vec<(i64, Event)>, BusError> {
+    /// The last row id and the events of up to `limit` rows; None when the
+    /// outbox is empty.
+    async fn fetch(&self, limit: u32) -> Result<Option<(i64, Vec<Event>)>, BusError> {
         let rows = sqlx::query(
-            "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes \
-             FROM outbox ORDER BY row_id LIMIT ?",
+            "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes, \
+             entries FROM outbox ORDER BY row_id LIMIT ?",
         )
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(outbox_error)?;
-        rows.iter()
-            .map(|row| event_from_row(row).map_err(outbox_error))
-            .collect()
+        let Some(last) = rows.last() else {
+            return Ok(None);
+        };
+        let last = last.try_get("row_id").map_err(outbox_error)?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            events.extend(events_of_row(row).map_err(outbox_error)?);
+        }
+        Ok(Some((last, events)))
     }
 }
 
@@ -105,14 +163,11 @@ impl Outbox for SqliteOutbox {
         // One process owns a SQLite file, so one relay drains it: no lock is
         // held while publishing.
         Box::pin(async move {
-            let rows = self.fetch(limit).await?;
-            let Some(last) = rows.last().map(|(row_id, _)| *row_id) else {
+            let Some((last, events)) = self.fetch(limit).await? else {
                 return Ok(0);
             };
-            let count = rows.len();
-            publisher
-                .publish(rows.into_iter().map(|(_, event)| event).collect())
-                .await?;
+            let count = events.len();
+            publisher.publish(events).await?;
             sqlx::query("DELETE FROM outbox WHERE row_id <= ?")
                 .bind(last)
                 .execute(&self.pool)

@@ -55,6 +55,40 @@ impl StoreError {
     }
 }
 
+/// The one event of an outbox row that is not a batch listing, on either
+/// backend: `kind`, `region` and `occurred_at_micros` are read already.
+pub(crate) fn single_event_from_row<R>(
+    row: &R,
+    kind: String,
+    region: String,
+    occurred_at_micros: i64,
+) -> Result<crate::events::Event, sqlx::Error>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let attributes: Option<String> = row.try_get("attributes")?;
+    Ok(crate::events::Event {
+        event_id: row
+            .try_get::<Option<String>, _>("event_id")?
+            .unwrap_or_default(),
+        kind,
+        region,
+        agency_id: row
+            .try_get::<Option<String>, _>("agency_id")?
+            .unwrap_or_default(),
+        message_id: row.try_get("message_id")?,
+        occurred_at_micros,
+        attributes: match attributes {
+            Some(text) => {
+                serde_json::from_str(&text).map_err(|error| sqlx::Error::Decode(Box::new(error)))?
+            }
+            None => Default::default(),
+        },
+    })
+}
+
 /// The database software behind a URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

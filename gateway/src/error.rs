@@ -66,6 +66,18 @@ pub enum GatewayError {
         /// The gateway's cap.
         max: usize,
     },
+    /// The sender's idempotency key names another message.
+    #[error(
+        "idempotency key {key:?} of {sender_id} already names message {message_id}, sent with other content (recipient, kind, headers or payload); a new message needs a new key"
+    )]
+    KeyInUse {
+        /// The sender.
+        sender_id: String,
+        /// Its key.
+        key: String,
+        /// The message the key names.
+        message_id: String,
+    },
     /// The caller's deadline passed before its message was committed.
     #[error(
         "the deadline passed before the message was committed; nothing was stored, retry with the same idempotency key"
@@ -170,7 +182,9 @@ impl ServiceError for GatewayError {
             | GatewayError::TooManyStreams { .. } => ErrorKind::ResourceExhausted,
             GatewayError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             GatewayError::AgencyNotFound(_) => ErrorKind::NotFound,
-            GatewayError::WrongRegion { .. } => ErrorKind::FailedPrecondition,
+            GatewayError::WrongRegion { .. } | GatewayError::KeyInUse { .. } => {
+                ErrorKind::FailedPrecondition
+            }
             GatewayError::TakenOver(_) => ErrorKind::Aborted,
             GatewayError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             GatewayError::ShuttingDown(_)

@@ -27,6 +27,7 @@ mod grpc;
 mod receive;
 mod relay;
 mod retention;
+mod send;
 mod shared;
 mod upstream;
 
@@ -128,7 +129,7 @@ pub async fn start(
             source,
         })?;
         store.spawn_wakeups(Arc::clone(&hub), &tasks, shutdown.clone());
-        tasks.spawn(retention::purge_acked(
+        tasks.spawn(retention::purge_expired(
             shard.name.clone(),
             Arc::clone(&store),
             config.retention(),

@@ -1,7 +1,16 @@
 //! DOMAIN: a message as the gateway handles it, independent of the wire and
-//! of storage.
+//! of storage, and what storing it may find: a key already claimed, a
+//! retry of a message already stored.
+//!
+//! An idempotency key names one message per sender across the mesh. The
+//! claim of a key lives in the sender's home shard, with a [`Fingerprint`]
+//! of what was sent under it: a retry with the same content is the same
+//! message (it reuses the message id the claim names), other content under
+//! the same key is refused.
 
 use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
 
 /// A message accepted by a gateway, not yet (or being) stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +34,105 @@ pub struct Message {
     /// When it was accepted, microseconds since the epoch.
     pub accepted_at_micros: i64,
 }
+
+impl Message {
+    /// The digest of what the sender asked to send.
+    pub fn fingerprint(&self) -> Fingerprint {
+        let mut digest = Sha256::new();
+        // Each field with its length, so that no two contents share a digest
+        // by moving bytes from one field to the next.
+        let mut field = |bytes: &[u8]| {
+            digest.update((bytes.len() as u64).to_be_bytes());
+            digest.update(bytes);
+        };
+        field(self.recipient_id.as_bytes());
+        field(self.kind.as_bytes());
+        field(&(self.headers.len() as u64).to_be_bytes());
+        for (name, value) in &self.headers {
+            field(name.as_bytes());
+            field(value.as_bytes());
+        }
+        field(&self.payload);
+        Fingerprint(digest.finalize().into())
+    }
+}
+
+/// A digest (SHA-256) of a message's recipient, kind, headers and payload.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl std::fmt::Debug for Fingerprint {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for byte in &self.0[..8] {
+            write!(formatter, "{byte:02x}")?;
+        }
+        formatter.write_str("..")
+    }
+}
+
+/// A message on its way into its home shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToStore {
+    /// The message.
+    pub message: Message,
+    /// Claim the sender's idempotency key in the same transaction, with
+    /// this fingerprint: the sender is homed on this shard too.
+    pub claim: Option<Fingerprint>,
+    /// The message's id may be stored already: it was relayed, or it is a
+    /// retry reusing the id its key names. It is looked up first.
+    pub may_exist: bool,
+}
+
+/// A claim of an idempotency key alone, in the sender's home shard, for a
+/// message stored in another shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyClaim {
+    /// The sender.
+    pub sender_id: String,
+    /// Its key.
+    pub idempotency_key: String,
+    /// What was sent under it.
+    pub fingerprint: Fingerprint,
+    /// The id of the message the key is to name.
+    pub message_id: String,
+}
+
+/// What claiming a key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// The key was free: it now names the message of the claim.
+    New,
+    /// The key names a message already.
+    Existing(ExistingClaim),
+}
+
+/// A key claimed before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExistingClaim {
+    /// The message the key names.
+    pub message_id: String,
+    /// What was sent under it; None for keys claimed before fingerprints
+    /// were kept, which match any content.
+    pub fingerprint: Option<Fingerprint>,
+}
+
+impl ExistingClaim {
+    /// Whether a message with `fingerprint` may be the one the key names.
+    pub fn matches(&self, fingerprint: &Fingerprint) -> bool {
+        self.fingerprint
+            .is_none_or(|claimed| claimed == *fingerprint)
+    }
+}
+
+/// The sender's key names another message: nothing was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInUse {
+    /// The message the key names.
+    pub message_id: String,
+}
+
+/// What storing one message came to.
+pub type Outcome = Result<Stored, KeyInUse>;
 
 /// What storing a message in its home shard produced.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,13 +10,16 @@ use fedmesh_common::identity::Identity;
 use fedmesh_common::topology::{AgencyHome, Topology};
 use fedmesh_proto::pb;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::committer::{self, Committer};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::inbox::InboxHub;
-use crate::message::{InboxStats, Message, Receipt};
+use crate::message::{
+    Claimed, Fingerprint, InboxStats, KeyClaim, KeyInUse, Message, Receipt, ToStore,
+};
 use crate::store::MessageStore;
 use crate::upstream::Upstream;
 
@@ -126,33 +129,72 @@ impl Shared {
             })
     }
 
-    /// Stores `message` in `shard` of this region and returns its receipt.
+    /// Stores `item` in `shard` of this region and returns its receipt. A
+    /// write whose `deadline` passes before its batch is taken is not
+    /// stored.
     pub(crate) async fn store_local(
         &self,
         shard: &str,
-        message: Message,
+        item: ToStore,
+        deadline: Option<Instant>,
     ) -> Result<Receipt, GatewayError> {
-        let stored = self
+        let sender_id = item.message.sender_id.clone();
+        let key = item.message.idempotency_key.clone();
+        let outcome = self
             .shard(shard)?
             .committer
-            .store(message)
+            .store(item, deadline)
             .await
-            .map_err(|error| match error {
-                committer::CommitError::Stopped => {
-                    GatewayError::ShuttingDown("retry on another gateway with the same idempotency key")
-                }
-                committer::CommitError::Store(source) => GatewayError::shard_unavailable(
-                    shard,
-                    "nothing was promised: retry with the same idempotency key (a retry is never stored twice)",
-                    source,
-                ),
-            })?;
-        Ok(Receipt {
-            message_id: stored.message_id,
-            home_region: self.region.clone(),
-            stored_at_micros: stored.stored_at_micros,
-            duplicate: stored.duplicate,
-        })
+            .map_err(|error| commit_failed(shard, error))?;
+        match outcome {
+            Ok(stored) => Ok(Receipt {
+                message_id: stored.message_id,
+                home_region: self.region.clone(),
+                stored_at_micros: stored.stored_at_micros,
+                duplicate: stored.duplicate,
+            }),
+            Err(KeyInUse { message_id }) => Err(GatewayError::KeyInUse {
+                sender_id,
+                key: key.unwrap_or_default(),
+                message_id,
+            }),
+        }
+    }
+
+    /// Claims the idempotency key of `message` in `shard`, the sender's home
+    /// shard, for a message stored in another: returns the message to store,
+    /// with the id the key named already if it is a retry (then true).
+    pub(crate) async fn claim_key(
+        &self,
+        shard: &str,
+        mut message: Message,
+        fingerprint: Fingerprint,
+        deadline: Option<Instant>,
+    ) -> Result<(Message, bool), GatewayError> {
+        let claim = KeyClaim {
+            sender_id: message.sender_id.clone(),
+            idempotency_key: message.idempotency_key.clone().unwrap_or_default(),
+            fingerprint,
+            message_id: message.message_id.clone(),
+        };
+        let claimed = self
+            .shard(shard)?
+            .committer
+            .claim(claim.clone(), deadline)
+            .await
+            .map_err(|error| commit_failed(shard, error))?;
+        match claimed {
+            Claimed::New => Ok((message, false)),
+            Claimed::Existing(existing) if existing.matches(&fingerprint) => {
+                message.message_id = existing.message_id;
+                Ok((message, true))
+            }
+            Claimed::Existing(existing) => Err(GatewayError::KeyInUse {
+                sender_id: claim.sender_id,
+                key: claim.idempotency_key,
+                message_id: existing.message_id,
+            }),
+        }
     }
 
     /// The state of the inbox of `agency_id`, homed in this region.
@@ -193,6 +235,21 @@ impl Shared {
     /// A number that rotates relay targets between calls.
     pub(crate) fn spread(&self) -> usize {
         self.spread.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// What a failed write of `shard` means to its caller.
+fn commit_failed(shard: &str, error: committer::CommitError) -> GatewayError {
+    match error {
+        committer::CommitError::Stopped => {
+            GatewayError::ShuttingDown("retry on another gateway with the same idempotency key")
+        }
+        committer::CommitError::DeadlineExceeded => GatewayError::DeadlineExceeded,
+        committer::CommitError::Store(source) => GatewayError::shard_unavailable(
+            shard,
+            "nothing was promised: retry with the same idempotency key (a retry is never stored twice)",
+            source,
+        ),
     }
 }
 

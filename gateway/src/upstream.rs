@@ -22,6 +22,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::GatewayError;
+use crate::grpc::convert;
+use crate::message::{Message, Receipt};
 
 type DirectoryClient =
     pb::directory_client::DirectoryClient<InterceptedService<Channel, AttachIdentity>>;
@@ -83,17 +85,17 @@ impl Upstream {
         }
     }
 
-    /// Forwards `request` to a gateway of `region` (the first of `gateways`
+    /// Forwards `message` to a gateway of `region` (the first of `gateways`
     /// that answers), batched with the other messages relayed to that region
-    /// meanwhile. A status other than "unreachable" from the home region is
-    /// returned as it is.
+    /// meanwhile, and returns its home region's receipt. An error other than
+    /// "unreachable" from the home region is passed on as it is.
     pub(crate) async fn forward(
         &self,
         region: &str,
         gateways: &[String],
-        request: pb::ForwardRequest,
+        message: Message,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<pb::Receipt, GatewayError> {
+    ) -> Result<Receipt, GatewayError> {
         if gateways.is_empty() {
             return Err(GatewayError::RegionUnreachable {
                 region: region.to_string(),
@@ -112,7 +114,14 @@ impl Upstream {
                 })
                 .clone()
         };
-        batcher.forward(request, gateways.to_vec(), deadline).await
+        let receipt = batcher
+            .forward(
+                convert::forward_request(message),
+                gateways.to_vec(),
+                deadline,
+            )
+            .await?;
+        Ok(convert::receipt_from_pb(receipt, region))
     }
 
     /// Follows the coordinator's topology stream into `topology` until

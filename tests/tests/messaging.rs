@@ -1,7 +1,9 @@
 //! Messages between regions: exactly once, in order, across restarts.
 
 use fedmesh_proto::pb;
-use fedmesh_tests::{Backend, TestMesh, body};
+use fedmesh_tests::{Backend, TestMesh, body, expect_code, send_request, within};
+use sqlx::Connection;
+use tonic::Code;
 
 async fn an_east_to_west_message_arrives_exactly_once(backend: Backend) {
     let mesh = TestMesh::start_with(backend).await;
@@ -210,4 +212,129 @@ fedmesh_tests::on_every_backend!(
     a_restart_on_the_same_data_keeps_agencies_and_undelivered_messages,
     concurrent_senders_are_group_committed_exactly_once_in_their_order,
     gateways_keep_routing_from_their_last_topology_without_the_coordinator,
+    an_idempotency_key_names_one_message_across_the_mesh,
 );
+
+async fn an_idempotency_key_names_one_message_across_the_mesh(backend: Backend) {
+    let mesh = TestMesh::start_with(backend).await;
+    mesh.register("sender", "east").await;
+    mesh.register("far", "west").await;
+    mesh.register("near", "east").await;
+    let send = |recipient: &'static str, body: &'static str, key: &'static str| {
+        let mesh = &mesh;
+        async move {
+            mesh.send("east", "sender", recipient, body, Some(key))
+                .await
+        }
+    };
+
+    // A key first used for a relayed message...
+    let first = send("far", "deed 1", "k1").await.unwrap();
+    let retried = send("far", "deed 1", "k1").await.unwrap();
+    assert_eq!(retried.message_id, first.message_id);
+    assert!(retried.duplicate);
+    // ... names that message when sent to another shard and region too.
+    let refused = expect_code(send("near", "deed 1", "k1").await, Code::FailedPrecondition);
+    assert!(
+        refused.message().contains(&first.message_id) && refused.message().contains("k1"),
+        "{}",
+        refused.message()
+    );
+    expect_code(send("far", "deed 2", "k1").await, Code::FailedPrecondition);
+
+    // A key first used on the sender's own shard holds for relays too.
+    let local = send("near", "note", "k2").await.unwrap();
+    let refused = expect_code(send("far", "note", "k2").await, Code::FailedPrecondition);
+    assert!(
+        refused.message().contains(&local.message_id),
+        "{}",
+        refused.message()
+    );
+    let again = send("near", "note", "k2").await.unwrap();
+    assert_eq!(again.message_id, local.message_id);
+    assert!(again.duplicate);
+
+    let mut far = mesh.open_inbox("west", "far", 0).await.unwrap();
+    let far_ids: Vec<String> = far
+        .drain()
+        .await
+        .iter()
+        .map(|delivery| delivery.message.as_ref().unwrap().message_id.clone())
+        .collect();
+    assert_eq!(far_ids, vec![first.message_id]);
+    let mut near = mesh.open_inbox("east", "near", 0).await.unwrap();
+    assert_eq!(near.drain().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_send_whose_deadline_passed_before_its_batch_is_not_stored() {
+    let mesh = TestMesh::start_with(Backend::Postgres).await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "east").await;
+    mesh.send("east", "sender", "reader", "before", None)
+        .await
+        .unwrap();
+    // Hold the reader's inbox row: the next batch for it waits on the lock.
+    let mut holder = sqlx::PgConnection::connect(&mesh.shard_url("east-1"))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT * FROM inboxes WHERE recipient_id = 'reader' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let blocked = {
+        let mut exchange = mesh.exchange("east", "sender");
+        tokio::spawn(async move {
+            exchange
+                .send(send_request("sender", "reader", "blocked", None))
+                .await
+        })
+    };
+    let mut observer = sqlx::PgConnection::connect(&mesh.shard_url("east-1"))
+        .await
+        .unwrap();
+    within("the batch to wait on the lock", async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    // Queued behind it, a send whose caller gives up after 200 ms.
+    let mut late = send_request("sender", "reader", "late", None);
+    late.idempotency_key = Some("late-1".into());
+    let mut request = tonic::Request::new(late);
+    request.set_timeout(std::time::Duration::from_millis(200));
+    let failed = mesh.exchange("east", "sender").send(request).await;
+    let status = failed.expect_err("the caller's deadline passed");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    within("the blocked send", blocked).await.unwrap().unwrap();
+    // A send queued after the late one (same inbox, same lane) is answered
+    // only once the late one's batch was taken.
+    mesh.send("east", "sender", "reader", "after", None)
+        .await
+        .unwrap();
+    let mut inbox = mesh.open_inbox("east", "reader", 0).await.unwrap();
+    let bodies: Vec<String> = inbox.drain().await.iter().map(body).collect();
+    assert_eq!(
+        bodies,
+        ["before", "blocked", "after"],
+        "the late send was not stored"
+    );
+}

@@ -109,6 +109,39 @@ pub(crate) fn ack_from_pb(ack: pb::Ack) -> Ack {
     }
 }
 
+/// A receipt from another region's gateway. Its home region is the region
+/// it was relayed to, whatever the answer says.
+pub(crate) fn receipt_from_pb(receipt: pb::Receipt, home_region: &str) -> Receipt {
+    Receipt {
+        message_id: receipt.message_id,
+        home_region: home_region.to_string(),
+        stored_at_micros: micros_from_timestamp(receipt.stored_at.as_ref()),
+        duplicate: receipt.duplicate,
+    }
+}
+
+/// The caller's deadline, from the `grpc-timeout` header (gRPC's own
+/// encoding: at most 8 digits and a unit, H, M, S, m, u or n).
+pub(crate) fn deadline_of<T>(request: &tonic::Request<T>) -> Option<tokio::time::Instant> {
+    let text = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let split = text.len().checked_sub(1)?;
+    let (value, unit) = text.split_at(split);
+    if value.is_empty() || value.len() > 8 {
+        return None;
+    }
+    let value: u64 = value.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(value.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(value.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(value),
+        "m" => std::time::Duration::from_millis(value),
+        "u" => std::time::Duration::from_micros(value),
+        "n" => std::time::Duration::from_nanos(value),
+        _ => return None,
+    };
+    tokio::time::Instant::now().checked_add(timeout)
+}
+
 /// The wire form of a receipt for a stored message.
 pub(crate) fn receipt_to_pb(receipt: Receipt) -> pb::Receipt {
     pb::Receipt {
@@ -140,6 +173,25 @@ mod tests {
         let message = message_from_send(send(), "east").expect("valid");
         let forwarded = message_from_forward(forward_request(message.clone())).expect("valid");
         assert_eq!(forwarded, message);
+    }
+
+    #[test]
+    fn deadlines_are_read_from_grpc_timeout() {
+        let mut request = tonic::Request::new(());
+        assert!(deadline_of(&request).is_none());
+        request.set_timeout(std::time::Duration::from_secs(30));
+        let deadline = deadline_of(&request).expect("a deadline");
+        let left = deadline - tokio::time::Instant::now();
+        assert!(
+            left <= std::time::Duration::from_secs(30) && left > std::time::Duration::from_secs(20)
+        );
+        for bad in ["", "5", "123456789S", "5x", "-5S"] {
+            let mut request = tonic::Request::new(());
+            request
+                .metadata_mut()
+                .insert("grpc-timeout", bad.parse().expect("ascii"));
+            assert!(deadline_of(&request).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -15,7 +15,6 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert;
 use crate::error::GatewayError;
 use crate::receive::{Inbound, Outbound, Receiver};
-use crate::routing::{Route, route};
 use crate::shared::{Shared, require_agency};
 
 /// Responses a Receive stream holds before the client takes them: each may
@@ -89,33 +88,15 @@ impl pb::exchange_server::Exchange for ExchangeService {
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
         let identity = caller(&request)?;
+        let deadline = convert::deadline_of(&request);
         let shared = &self.shared;
         let message = convert::message_from_send(request.into_inner(), &shared.region)
             .map_err(GatewayError::from)?;
         require_agency(&identity, &message.sender_id, "send as")?;
-        shared.check_payload(message.payload.len())?;
         let _in_flight = shared.in_flight();
-        shared.require_homed_here(&message.sender_id).await?;
-        let home = shared.home_of(&message.recipient_id).await?;
-        let route = route(
-            &shared.topology.borrow(),
-            &shared.region,
-            &home,
-            shared.spread(),
-        );
-        let receipt = match route {
-            Route::Local { shard } => {
-                convert::receipt_to_pb(shared.store_local(&shard, message).await?)
-            }
-            Route::Relay { region, gateways } => {
-                shared
-                    .upstream
-                    .forward(&region, &gateways, convert::forward_request(message), None)
-                    .await?
-            }
-        };
+        let receipt = crate::send::send(shared, message, deadline).await?;
         Ok(Response::new(pb::SendResponse {
-            receipt: Some(receipt),
+            receipt: Some(convert::receipt_to_pb(receipt)),
         }))
     }
 

@@ -2,7 +2,7 @@
 //! decodes (see `convert`), checks the caller, calls the gateway core and
 //! encodes; statuses come from `fedmesh_common::error::to_status`.
 
-mod convert;
+pub(crate) mod convert;
 mod exchange;
 mod relay;
 

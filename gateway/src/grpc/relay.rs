@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::error::GatewayError;
+use crate::message::ToStore;
 use crate::shared::Shared;
 
 /// The Relay service of one gateway.
@@ -31,7 +32,13 @@ impl RelayService {
                 region: shared.region.clone(),
             });
         }
-        let receipt = shared.store_local(&home.shard, message).await?;
+        // A relayed message may be a retry: its id is looked up first.
+        let item = ToStore {
+            message,
+            claim: None,
+            may_exist: true,
+        };
+        let receipt = shared.store_local(&home.shard, item, None).await?;
         Ok(convert::receipt_to_pb(receipt))
     }
 }

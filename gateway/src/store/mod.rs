@@ -1,10 +1,13 @@
 //! STORAGE: a shard's messages behind a trait, so the same gateway logic runs
 //! on SQLite (dev mesh) and PostgreSQL (deployments).
 //!
-//! Every change writes its event to the shard's outbox in the same
-//! transaction: storing a message writes `message.accepted`, acknowledging
-//! it writes `message.delivered`.
+//! Every change writes its events to the shard's outbox in the same
+//! transaction: storing a batch writes the `message.accepted` of its
+//! messages, acknowledging writes `message.delivered`, each one outbox row
+//! listing the messages. A batch is divided into what is stored already,
+//! refused or new by the same rules on every backend (`plan`).
 
+mod plan;
 mod postgres;
 mod sqlite;
 
@@ -12,6 +15,7 @@ pub use postgres::{INBOX_CHANNEL, PgMessageStore, REPLICA_CHANNEL, STREAM_CHANNE
 pub use sqlite::SqliteMessageStore;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use fedmesh_common::events::Outbox;
 use fedmesh_common::store::Backend;
@@ -21,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::inbox::stream::Page;
-use crate::message::{InboxMessage, InboxStats, Message, Stored};
+use crate::message::{Claimed, InboxMessage, InboxStats, KeyClaim, Message, Outcome, ToStore};
 
 /// Opens the shard at `url`: `postgres://...` or `sqlite://...`, with at most
 /// `max_connections` for reads, acks and background work, and on PostgreSQL
@@ -38,6 +42,32 @@ pub async fn open_store(
         ),
         Backend::Sqlite => Arc::new(SqliteMessageStore::open(url, region).await?),
     })
+}
+
+/// The times a store gives its batches: microseconds since the epoch,
+/// strictly increasing, so that a batch is known by its time (see
+/// `plan::Plan::outcomes`).
+#[derive(Debug, Default)]
+struct BatchClock {
+    last: AtomicI64,
+}
+
+impl BatchClock {
+    /// The time of the next batch: now, or just after the last.
+    fn next(&self) -> i64 {
+        let now = fedmesh_common::time::now_micros();
+        let mut last = self.last.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last.saturating_add(1));
+            match self
+                .last
+                .compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
 }
 
 /// A stored sequence, which is never negative.
@@ -111,11 +141,22 @@ impl std::ops::Add for PoolUsage {
 /// One shard's message store.
 #[async_trait::async_trait]
 pub trait MessageStore: Send + Sync + 'static {
-    /// Stores `messages` in one transaction, in order, and returns one
-    /// [`Stored`] per message. A message whose id, or whose (sender,
-    /// idempotency key), is already stored is not stored again: its entry
-    /// names the original with `duplicate` set.
-    async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError>;
+    /// Stores `batch` in one transaction, in order, with the claims of the
+    /// keys it claims and the messages' events, and returns one outcome per
+    /// message. A message whose id is stored already, or whose key names a
+    /// message with the same content, is not stored again: its outcome
+    /// names the original with `duplicate` set. A message whose key names a
+    /// message with other content is refused ([`crate::message::KeyInUse`]).
+    async fn insert_batch(&self, batch: &[ToStore]) -> Result<Vec<Outcome>, StoreError>;
+
+    /// Claims idempotency keys of senders homed on this shard for messages
+    /// stored elsewhere, in one transaction: a key already claimed is left
+    /// as it is and its claim returned.
+    async fn claim_keys(&self, claims: &[KeyClaim]) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Forgets up to `limit` idempotency keys claimed before
+    /// `claimed_before` (microseconds since the epoch); returns how many.
+    async fn purge_keys(&self, claimed_before: i64, limit: u32) -> Result<u64, StoreError>;
 
     /// The unacknowledged messages of `recipient_id` that `page` asks for,
     /// in sequence order: after its sequence, at most its row limit, and

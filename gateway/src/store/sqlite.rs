@@ -2,22 +2,26 @@
 
 use std::sync::Arc;
 
-use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox};
-use fedmesh_common::sqlite::{SqliteOutbox, begin_write, insert_event, open_pool};
+use fedmesh_common::events::{MESSAGE_ACCEPTED, MESSAGE_DELIVERED, MessageEntry, Outbox};
+use fedmesh_common::sqlite::{SqliteOutbox, begin_write, insert_message_events, open_pool};
 use fedmesh_common::time::now_micros;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
-use super::{MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
+use super::plan::{self, Known, NewMessage};
+use super::{BatchClock, MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
 use crate::error::StoreError;
 use crate::inbox::stream::Page;
-use crate::message::{InboxMessage, InboxStats, Message, Stored};
+use crate::message::{
+    Claimed, ExistingClaim, Fingerprint, InboxMessage, InboxStats, KeyClaim, Outcome, ToStore,
+};
 
 /// A shard on SQLite.
 #[derive(Debug, Clone)]
 pub struct SqliteMessageStore {
     pool: SqlitePool,
     region: String,
+    clock: Arc<BatchClock>,
 }
 
 impl SqliteMessageStore {
@@ -29,6 +33,7 @@ impl SqliteMessageStore {
         Ok(SqliteMessageStore {
             pool,
             region: region.to_string(),
+            clock: Arc::new(BatchClock::default()),
         })
     }
 }
@@ -37,47 +42,128 @@ fn to_sql_sequence(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-#[async_trait::async_trait]
-impl MessageStore for SqliteMessageStore {
-    async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
-        let mut transaction = begin_write(&self.pool).await?;
-        let stored_at_micros = now_micros();
-        let mut results = Vec::with_capacity(messages.len());
-        for message in messages {
-            let existing = sqlx::query(
-                "SELECT message_id, sequence, stored_at FROM messages \
-                 WHERE message_id = ? OR (sender_id = ? AND idempotency_key = ?) LIMIT 1",
-            )
-            .bind(&message.message_id)
-            .bind(&message.sender_id)
-            .bind(&message.idempotency_key)
-            .fetch_optional(&mut *transaction)
-            .await?;
-            if let Some(row) = existing {
-                results.push(Stored {
-                    message_id: row.try_get("message_id")?,
-                    sequence: to_sequence(row.try_get("sequence")?)?,
-                    stored_at_micros: row.try_get("stored_at")?,
-                    duplicate: true,
-                });
-                continue;
+/// A fingerprint as stored.
+fn fingerprint_from(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError> {
+    bytes
+        .map(|bytes| {
+            <[u8; 32]>::try_from(bytes.as_slice())
+                .map(Fingerprint)
+                .map_err(|_| StoreError::corrupt("a fingerprint is not 32 bytes"))
+        })
+        .transpose()
+}
+
+impl SqliteMessageStore {
+    /// The claim of (`sender_id`, `key`), if there is one.
+    async fn claim_of(
+        connection: &mut sqlx::SqliteConnection,
+        sender_id: &str,
+        key: &str,
+    ) -> Result<Option<ExistingClaim>, StoreError> {
+        let row = sqlx::query(
+            "SELECT message_id, fingerprint FROM idempotency_keys \
+             WHERE sender_id = ? AND idempotency_key = ?",
+        )
+        .bind(sender_id)
+        .bind(key)
+        .fetch_optional(connection)
+        .await?;
+        row.map(|row| {
+            Ok(ExistingClaim {
+                message_id: row.try_get("message_id")?,
+                fingerprint: fingerprint_from(row.try_get("fingerprint")?)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn insert_claim(
+        connection: &mut sqlx::SqliteConnection,
+        sender_id: &str,
+        key: &str,
+        fingerprint: &Fingerprint,
+        message_id: &str,
+        claimed_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (sender_id, idempotency_key, fingerprint, message_id, claimed_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(sender_id)
+        .bind(key)
+        .bind(&fingerprint.0[..])
+        .bind(message_id)
+        .bind(claimed_at)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+
+    /// Step 1: what the shard holds of what `batch` may repeat. In one write
+    /// transaction nothing races, so everything is looked up at once.
+    async fn look_up(
+        connection: &mut sqlx::SqliteConnection,
+        batch: &[ToStore],
+    ) -> Result<Known, StoreError> {
+        let wanted = plan::lookups(batch, true);
+        let mut known = Known::default();
+        for (sender_id, key) in wanted.keys {
+            if let Some(claim) = Self::claim_of(connection, sender_id, key).await? {
+                known
+                    .claims
+                    .insert((sender_id.to_string(), key.to_string()), claim);
             }
+        }
+        let claimed: Vec<String> = known
+            .claimed_ids()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        for message_id in wanted
+            .ids
+            .into_iter()
+            .chain(claimed.iter().map(String::as_str))
+        {
+            let row = sqlx::query("SELECT sequence, stored_at FROM messages WHERE message_id = ?")
+                .bind(message_id)
+                .fetch_optional(&mut *connection)
+                .await?;
+            if let Some(row) = row {
+                let sequence = to_sequence(row.try_get("sequence")?)?;
+                known.stored.insert(
+                    message_id.to_string(),
+                    (sequence, row.try_get("stored_at")?),
+                );
+            }
+        }
+        Ok(known)
+    }
+
+    /// Step 3: stores the new messages with their claims, numbered in batch
+    /// order; returns their sequences.
+    async fn insert_new(
+        connection: &mut sqlx::SqliteConnection,
+        new: &[NewMessage<'_>],
+        stored_at_micros: i64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut sequences = Vec::with_capacity(new.len());
+        for entry in new {
+            let message = entry.message;
             let sequence: i64 = sqlx::query_scalar(
                 "INSERT INTO inboxes (recipient_id, last_sequence) VALUES (?, 1) \
                  ON CONFLICT (recipient_id) DO UPDATE SET last_sequence = last_sequence + 1 \
                  RETURNING last_sequence",
             )
             .bind(&message.recipient_id)
-            .fetch_one(&mut *transaction)
+            .fetch_one(&mut *connection)
             .await?;
-            let headers = serde_json::to_string(&message.headers)
-                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            let headers = serde_json::to_string(&message.headers).map_err(StoreError::corrupt)?;
             sqlx::query(
                 "INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
                  headers, idempotency_key, origin_region, accepted_at, stored_at) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
-            .bind(&message.message_id)
+            .bind(entry.message_id)
             .bind(&message.recipient_id)
             .bind(sequence)
             .bind(&message.sender_id)
@@ -88,23 +174,96 @@ impl MessageStore for SqliteMessageStore {
             .bind(&message.origin_region)
             .bind(message.accepted_at_micros)
             .bind(stored_at_micros)
-            .execute(&mut *transaction)
+            .execute(&mut *connection)
             .await?;
-            let event = Event::new(MESSAGE_ACCEPTED, &self.region, &message.recipient_id)
-                .with_message(&message.message_id)
-                .with_attribute("sender", &message.sender_id)
-                .with_attribute("kind", &message.kind)
-                .with_attribute("sequence", sequence);
-            insert_event(&mut transaction, &event).await?;
-            results.push(Stored {
-                message_id: message.message_id.clone(),
-                sequence: to_sequence(sequence)?,
+            if let (Some(fingerprint), Some(key)) = (&entry.claim, &message.idempotency_key) {
+                Self::insert_claim(
+                    connection,
+                    &message.sender_id,
+                    key,
+                    fingerprint,
+                    entry.message_id,
+                    stored_at_micros,
+                )
+                .await?;
+            }
+            sequences.push(to_sequence(sequence)?);
+        }
+        Ok(sequences)
+    }
+}
+
+#[async_trait::async_trait]
+impl MessageStore for SqliteMessageStore {
+    async fn insert_batch(&self, batch: &[ToStore]) -> Result<Vec<Outcome>, StoreError> {
+        let mut transaction = begin_write(&self.pool).await?;
+        let stored_at_micros = self.clock.next();
+        let known = Self::look_up(&mut transaction, batch).await?;
+        let plan = plan::plan(batch, &known);
+        let sequences = Self::insert_new(&mut transaction, &plan.new, stored_at_micros).await?;
+        if !plan.new.is_empty() {
+            let entries: Vec<MessageEntry> = plan
+                .new
+                .iter()
+                .zip(&sequences)
+                .map(|(entry, &sequence)| MessageEntry {
+                    message_id: entry.message_id.to_string(),
+                    recipient_id: entry.message.recipient_id.clone(),
+                    sender_id: entry.message.sender_id.clone(),
+                    message_kind: entry.message.kind.clone(),
+                    sequence,
+                })
+                .collect();
+            insert_message_events(
+                &mut transaction,
+                MESSAGE_ACCEPTED,
+                &self.region,
                 stored_at_micros,
-                duplicate: false,
+                &entries,
+            )
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(plan.outcomes(&sequences, stored_at_micros))
+    }
+
+    async fn claim_keys(&self, claims: &[KeyClaim]) -> Result<Vec<Claimed>, StoreError> {
+        let mut transaction = begin_write(&self.pool).await?;
+        let claimed_at = self.clock.next();
+        let mut outcomes = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let existing =
+                Self::claim_of(&mut transaction, &claim.sender_id, &claim.idempotency_key).await?;
+            outcomes.push(match existing {
+                Some(existing) => Claimed::Existing(existing),
+                None => {
+                    Self::insert_claim(
+                        &mut transaction,
+                        &claim.sender_id,
+                        &claim.idempotency_key,
+                        &claim.fingerprint,
+                        &claim.message_id,
+                        claimed_at,
+                    )
+                    .await?;
+                    Claimed::New
+                }
             });
         }
         transaction.commit().await?;
-        Ok(results)
+        Ok(outcomes)
+    }
+
+    async fn purge_keys(&self, claimed_before: i64, limit: u32) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE rowid IN \
+             (SELECT rowid FROM idempotency_keys WHERE claimed_at < ? LIMIT ?)",
+        )
+        .bind(claimed_before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
     }
 
     async fn fetch_unacked(
@@ -116,9 +275,11 @@ impl MessageStore for SqliteMessageStore {
             "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
              idempotency_key, origin_region, accepted_at FROM ( \
                SELECT *, sum(length(payload)) OVER (ORDER BY sequence) - length(payload) AS bytes_before \
-               FROM messages WHERE recipient_id = ? AND acked_at IS NULL AND sequence > ? \
-               ORDER BY sequence LIMIT ?) \
-             WHERE bytes_before < ? ORDER BY sequence",
+               FROM messages WHERE recipient_id = ?1 AND acked_at IS NULL \
+                 AND sequence > max(?2, coalesce( \
+                   (SELECT acked_through FROM inbox_acks WHERE recipient_id = ?1), 0)) \
+               ORDER BY sequence LIMIT ?3) \
+             WHERE bytes_before < ?4 ORDER BY sequence",
         )
         .bind(recipient_id)
         .bind(to_sql_sequence(page.after_sequence))
@@ -144,11 +305,12 @@ impl MessageStore for SqliteMessageStore {
 
     async fn inbox_stats(&self, recipient_id: &str) -> Result<InboxStats, StoreError> {
         let row = sqlx::query(
-            "SELECT (SELECT count(*) FROM messages WHERE recipient_id = ? AND acked_at IS NULL) \
+            "SELECT (SELECT count(*) FROM messages WHERE recipient_id = ?1 AND acked_at IS NULL \
+               AND sequence > coalesce( \
+                 (SELECT acked_through FROM inbox_acks WHERE recipient_id = ?1), 0)) \
                AS unacknowledged, \
-             (SELECT last_sequence FROM inboxes WHERE recipient_id = ?) AS last_sequence",
+             (SELECT last_sequence FROM inboxes WHERE recipient_id = ?1) AS last_sequence",
         )
-        .bind(recipient_id)
         .bind(recipient_id)
         .fetch_one(&self.pool)
         .await?;
@@ -172,7 +334,7 @@ impl MessageStore for SqliteMessageStore {
     async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError> {
         let mut transaction = begin_write(&self.pool).await?;
         let acked_at = now_micros();
-        let mut acked = Vec::with_capacity(sequences.len());
+        let mut entries = Vec::with_capacity(sequences.len());
         for &sequence in sequences {
             let row = sqlx::query(
                 "UPDATE messages SET acked_at = ? \
@@ -185,25 +347,49 @@ impl MessageStore for SqliteMessageStore {
             .fetch_optional(&mut *transaction)
             .await?;
             let Some(row) = row else { continue };
-            let message_id: String = row.try_get("message_id")?;
-            let sender_id: String = row.try_get("sender_id")?;
-            let kind: String = row.try_get("kind")?;
-            let event = Event::new(MESSAGE_DELIVERED, &self.region, recipient_id)
-                .with_message(&message_id)
-                .with_attribute("sender", sender_id)
-                .with_attribute("kind", kind)
-                .with_attribute("sequence", sequence);
-            insert_event(&mut transaction, &event).await?;
-            acked.push(sequence);
+            entries.push(MessageEntry {
+                message_id: row.try_get("message_id")?,
+                recipient_id: recipient_id.to_string(),
+                sender_id: row.try_get("sender_id")?,
+                message_kind: row.try_get("kind")?,
+                sequence,
+            });
+        }
+        if !entries.is_empty() {
+            // Every message up to the first unacknowledged one is acknowledged.
+            sqlx::query(
+                "INSERT INTO inbox_acks (recipient_id, acked_through) \
+                 SELECT recipient_id, min(last_sequence, coalesce( \
+                   (SELECT min(sequence) - 1 FROM messages WHERE recipient_id = ?1 \
+                      AND acked_at IS NULL \
+                      AND sequence > coalesce( \
+                        (SELECT acked_through FROM inbox_acks WHERE recipient_id = ?1), 0)), \
+                   last_sequence)) \
+                 FROM inboxes WHERE recipient_id = ?1 \
+                 ON CONFLICT (recipient_id) DO UPDATE \
+                 SET acked_through = max(acked_through, excluded.acked_through)",
+            )
+            .bind(recipient_id)
+            .execute(&mut *transaction)
+            .await?;
+            insert_message_events(
+                &mut transaction,
+                MESSAGE_DELIVERED,
+                &self.region,
+                acked_at,
+                &entries,
+            )
+            .await?;
         }
         transaction.commit().await?;
-        Ok(acked)
+        Ok(entries.into_iter().map(|entry| entry.sequence).collect())
     }
 
     async fn purge_acked(&self, acked_before: i64, limit: u32) -> Result<u64, StoreError> {
         let deleted = sqlx::query(
+            // acked_at < cutoff implies stored_at < cutoff, which the index finds.
             "DELETE FROM messages WHERE message_id IN \
-             (SELECT message_id FROM messages WHERE acked_at IS NOT NULL AND acked_at < ? LIMIT ?)",
+             (SELECT message_id FROM messages WHERE stored_at < ?1 AND acked_at < ?1 LIMIT ?2)",
         )
         .bind(acked_before)
         .bind(i64::from(limit))

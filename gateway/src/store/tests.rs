@@ -2,9 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use fedmesh_common::events::{MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
+use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
 
 use super::*;
+use crate::message::{KeyInUse, Stored};
 
 fn message(message_id: &str, recipient_id: &str, idempotency_key: Option<&str>) -> Message {
     Message {
@@ -12,12 +13,52 @@ fn message(message_id: &str, recipient_id: &str, idempotency_key: Option<&str>) 
         sender_id: "sender".to_string(),
         recipient_id: recipient_id.to_string(),
         kind: "test.kind".to_string(),
-        payload: message_id.as_bytes().to_vec(),
+        payload: b"body".to_vec(),
         headers: BTreeMap::from([("h".to_string(), "v".to_string())]),
         idempotency_key: idempotency_key.map(str::to_string),
         origin_region: "east".to_string(),
         accepted_at_micros: 7,
     }
+}
+
+/// A message sent in this region, new, without a key.
+fn fresh(message_id: &str, recipient_id: &str) -> ToStore {
+    ToStore {
+        message: message(message_id, recipient_id, None),
+        claim: None,
+        may_exist: false,
+    }
+}
+
+/// A message whose key is claimed with it, `body` its payload.
+fn keyed(message_id: &str, recipient_id: &str, key: &str, body: &str) -> ToStore {
+    let mut message = message(message_id, recipient_id, Some(key));
+    message.payload = body.as_bytes().to_vec();
+    ToStore {
+        claim: Some(message.fingerprint()),
+        message,
+        may_exist: false,
+    }
+}
+
+/// A message relayed from another region: its id may be stored already.
+fn relayed(message_id: &str, recipient_id: &str) -> ToStore {
+    ToStore {
+        message: message(message_id, recipient_id, None),
+        claim: None,
+        may_exist: true,
+    }
+}
+
+/// Stores `batch`, expecting every message stored.
+async fn stored(store: &dyn MessageStore, batch: &[ToStore]) -> Vec<Stored> {
+    store
+        .insert_batch(batch)
+        .await
+        .expect("insert")
+        .into_iter()
+        .map(|outcome| outcome.expect("stored, not refused"))
+        .collect()
 }
 
 /// Up to `limit` messages after `after_sequence`, whatever their size.
@@ -29,9 +70,28 @@ fn page(after_sequence: u64, limit: u32) -> Page {
     }
 }
 
-async fn event_kinds(store: &dyn MessageStore) -> Vec<String> {
-    let events = fedmesh_common::testing::drain_outbox(store.outbox().as_ref()).await;
-    events.into_iter().map(|event| event.kind).collect()
+async fn ids_in_inbox(store: &dyn MessageStore, recipient_id: &str) -> Vec<String> {
+    store
+        .fetch_unacked(recipient_id, page(0, 100))
+        .await
+        .expect("fetch")
+        .into_iter()
+        .map(|entry| entry.message.message_id)
+        .collect()
+}
+
+async fn unacked_sequences(store: &dyn MessageStore, recipient_id: &str) -> Vec<u64> {
+    store
+        .fetch_unacked(recipient_id, page(0, 100))
+        .await
+        .expect("fetch")
+        .iter()
+        .map(|entry| entry.sequence)
+        .collect()
+}
+
+async fn events(store: &dyn MessageStore) -> Vec<Event> {
+    fedmesh_common::testing::drain_outbox(store.outbox().as_ref()).await
 }
 
 macro_rules! message_store_suite {
@@ -42,14 +102,15 @@ macro_rules! message_store_suite {
             #[tokio::test]
             async fn sequences_are_dense_per_recipient() {
                 let (store, _guard) = $open.await;
-                let stored = store
-                    .insert_batch(&[
-                        message("m1", "alpha", None),
-                        message("m2", "beta", None),
-                        message("m3", "alpha", None),
-                    ])
-                    .await
-                    .expect("insert");
+                let stored = stored(
+                    &store,
+                    &[
+                        fresh("m1", "alpha"),
+                        fresh("m2", "beta"),
+                        fresh("m3", "alpha"),
+                    ],
+                )
+                .await;
                 let sequences: Vec<u64> = stored.iter().map(|stored| stored.sequence).collect();
                 assert_eq!(sequences, vec![1, 1, 2]);
                 let inbox = store
@@ -61,73 +122,127 @@ macro_rules! message_store_suite {
             }
 
             #[tokio::test]
+            async fn accepted_messages_are_listed_for_their_events() {
+                let (store, _guard) = $open.await;
+                stored(&store, &[fresh("m1", "alpha"), fresh("m2", "beta")]).await;
+                let events = events(&store).await;
+                assert_eq!(events.len(), 2);
+                assert!(events.iter().all(|event| event.kind == MESSAGE_ACCEPTED));
+                assert_eq!(events[0].message_id.as_deref(), Some("m1"));
+                assert_eq!(events[0].agency_id, "alpha");
+                assert_eq!(events[0].region, "east");
+                assert_eq!(events[1].attributes["sender"], "sender");
+                assert_eq!(events[1].attributes["kind"], "test.kind");
+                assert_eq!(events[1].attributes["sequence"], "1");
+                assert_ne!(events[0].event_id, events[1].event_id);
+            }
+
+            #[tokio::test]
             async fn retries_are_stored_once() {
                 let (store, _guard) = $open.await;
-                let first = store
-                    .insert_batch(&[message("m1", "alpha", Some("key-1"))])
-                    .await
-                    .expect("insert");
-                // Same id (a retried Forward), then same key with a new id
-                // (a retried Send), one of them in the same batch as a twin.
-                let again = store
-                    .insert_batch(&[
-                        message("m1", "alpha", None),
-                        message("m9", "alpha", Some("key-1")),
-                        message("m2", "alpha", Some("key-2")),
-                        message("m3", "alpha", Some("key-2")),
-                    ])
-                    .await
-                    .expect("insert again");
+                let first = stored(&store, &[keyed("m1", "alpha", "key-1", "a")]).await;
+                // The same id relayed again; the same key and content under a
+                // new id (a retried Send); a new key twice in one batch.
+                let again = stored(
+                    &store,
+                    &[
+                        relayed("m1", "alpha"),
+                        keyed("m9", "alpha", "key-1", "a"),
+                        keyed("m2", "alpha", "key-2", "b"),
+                        keyed("m3", "alpha", "key-2", "b"),
+                    ],
+                )
+                .await;
                 assert!(!first[0].duplicate);
                 assert!(again[0].duplicate && again[1].duplicate && again[3].duplicate);
                 assert!(!again[2].duplicate);
-                assert_eq!(again[1].message_id, "m1");
+                assert_eq!(again[1].message_id, "m1", "the key names the first message");
                 assert_eq!(again[1].sequence, first[0].sequence);
                 assert_eq!(again[3].message_id, "m2");
+                assert_eq!(ids_in_inbox(&store, "alpha").await, vec!["m1", "m2"]);
+                let kinds: Vec<String> = events(&store)
+                    .await
+                    .into_iter()
+                    .map(|event| event.kind)
+                    .collect();
+                assert_eq!(kinds, vec![MESSAGE_ACCEPTED, MESSAGE_ACCEPTED]);
+            }
+
+            #[tokio::test]
+            async fn a_key_with_other_content_is_refused_and_stores_nothing() {
+                let (store, _guard) = $open.await;
+                stored(&store, &[keyed("m1", "alpha", "key-1", "a")]).await;
+                let outcomes = store
+                    .insert_batch(&[
+                        keyed("m2", "alpha", "key-1", "other body"),
+                        keyed("m3", "beta", "key-1", "a"),
+                        fresh("m4", "alpha"),
+                    ])
+                    .await
+                    .expect("insert");
+                let refused = KeyInUse {
+                    message_id: "m1".into(),
+                };
+                assert_eq!(outcomes[0], Err(refused.clone()));
                 assert_eq!(
-                    store
-                        .fetch_unacked("alpha", page(0, 10))
-                        .await
-                        .expect("fetch")
-                        .len(),
-                    2
+                    outcomes[1],
+                    Err(refused),
+                    "another recipient is other content"
                 );
-                assert_eq!(
-                    event_kinds(&store).await,
-                    vec![MESSAGE_ACCEPTED, MESSAGE_ACCEPTED]
-                );
+                assert!(outcomes[2].is_ok(), "the rest of the batch is stored");
+                assert_eq!(ids_in_inbox(&store, "alpha").await, vec!["m1", "m4"]);
+                assert!(ids_in_inbox(&store, "beta").await.is_empty());
+            }
+
+            #[tokio::test]
+            async fn keys_claimed_alone_name_their_message() {
+                let (store, _guard) = $open.await;
+                let claim = |message_id: &str, body: &str| {
+                    let message = keyed(message_id, "remote", "key-1", body);
+                    KeyClaim {
+                        sender_id: "sender".into(),
+                        idempotency_key: "key-1".into(),
+                        fingerprint: message.claim.expect("keyed"),
+                        message_id: message_id.into(),
+                    }
+                };
+                let first = store
+                    .claim_keys(&[claim("m1", "a"), claim("m2", "b")])
+                    .await
+                    .expect("claim");
+                assert_eq!(first[0], Claimed::New);
+                let Claimed::Existing(repeat) = &first[1] else {
+                    panic!("a repeat in the batch names the first: {first:?}");
+                };
+                assert_eq!(repeat.message_id, "m1");
+                assert!(!repeat.matches(&claim("m2", "b").fingerprint));
+                let again = store.claim_keys(&[claim("m5", "a")]).await.expect("claim");
+                let Claimed::Existing(existing) = &again[0] else {
+                    panic!("claimed before: {again:?}");
+                };
+                assert_eq!(existing.message_id, "m1");
+                assert!(existing.matches(&claim("m5", "a").fingerprint));
+                // A message sent with the key later, to a recipient of this
+                // shard, is the message the key names.
+                let stored = stored(&store, &[keyed("m7", "remote", "key-1", "a")]).await;
+                assert_eq!(stored[0].message_id, "m1");
+                assert_eq!(ids_in_inbox(&store, "remote").await, vec!["m1"]);
             }
 
             #[tokio::test]
             async fn a_repeated_local_id_is_still_stored_once() {
                 let (store, _guard) = $open.await;
-                let first = store
-                    .insert_batch(&[message("m1", "alpha", None)])
-                    .await
-                    .expect("insert");
-                let again = store
-                    .insert_batch(&[message("m1", "alpha", None)])
-                    .await
-                    .expect("insert again");
+                let first = stored(&store, &[fresh("m1", "alpha")]).await;
+                let again = stored(&store, &[relayed("m1", "alpha")]).await;
                 assert!(again[0].duplicate);
                 assert_eq!(again[0].sequence, first[0].sequence);
-                assert_eq!(
-                    store
-                        .fetch_unacked("alpha", page(0, 10))
-                        .await
-                        .expect("fetch")
-                        .len(),
-                    1
-                );
+                assert_eq!(ids_in_inbox(&store, "alpha").await, vec!["m1"]);
             }
 
             #[tokio::test]
             async fn acked_messages_leave_the_inbox_once() {
                 let (store, _guard) = $open.await;
-                store
-                    .insert_batch(&[message("m1", "alpha", None), message("m2", "alpha", None)])
-                    .await
-                    .expect("insert");
+                stored(&store, &[fresh("m1", "alpha"), fresh("m2", "alpha")]).await;
                 assert_eq!(store.ack("alpha", &[1, 5]).await.expect("ack"), vec![1]);
                 assert_eq!(
                     store.ack("alpha", &[1]).await.expect("ack again"),
@@ -141,6 +256,17 @@ macro_rules! message_store_suite {
                     inbox.iter().map(|entry| entry.sequence).collect::<Vec<_>>(),
                     vec![2]
                 );
+                assert_eq!(
+                    store.inbox_stats("alpha").await.expect("stats"),
+                    InboxStats {
+                        unacknowledged: 1,
+                        last_sequence: 2
+                    }
+                );
+                assert_eq!(
+                    store.inbox_stats("nobody").await.expect("stats"),
+                    InboxStats::default()
+                );
                 assert!(
                     store
                         .fetch_unacked("alpha", page(2, 10))
@@ -148,26 +274,66 @@ macro_rules! message_store_suite {
                         .expect("fetch after")
                         .is_empty()
                 );
-                let kinds = event_kinds(&store).await;
+                let delivered: Vec<Event> = events(&store)
+                    .await
+                    .into_iter()
+                    .filter(|event| event.kind == MESSAGE_DELIVERED)
+                    .collect();
+                assert_eq!(delivered.len(), 1);
+                assert_eq!(delivered[0].message_id.as_deref(), Some("m1"));
+                assert_eq!(delivered[0].attributes["sequence"], "1");
+            }
+
+            #[tokio::test]
+            async fn acks_out_of_order_leave_exactly_the_unacknowledged() {
+                let (store, _guard) = $open.await;
+                let batch: Vec<ToStore> = (1..=5)
+                    .map(|index| fresh(&format!("m{index}"), "alpha"))
+                    .collect();
+                stored(&store, &batch).await;
+                assert_eq!(store.ack("alpha", &[2, 3]).await.expect("ack"), vec![2, 3]);
+                assert_eq!(unacked_sequences(&store, "alpha").await, vec![1, 4, 5]);
+                assert_eq!(store.ack("alpha", &[1]).await.expect("ack"), vec![1]);
+                assert_eq!(unacked_sequences(&store, "alpha").await, vec![4, 5]);
                 assert_eq!(
-                    kinds
-                        .iter()
-                        .filter(|kind| *kind == MESSAGE_DELIVERED)
-                        .count(),
-                    1
+                    store
+                        .inbox_stats("alpha")
+                        .await
+                        .expect("stats")
+                        .unacknowledged,
+                    2
                 );
+                assert_eq!(
+                    store.ack("alpha", &[5, 2]).await.expect("ack"),
+                    vec![5],
+                    "2 counts once"
+                );
+                assert_eq!(unacked_sequences(&store, "alpha").await, vec![4]);
+                assert_eq!(store.ack("alpha", &[4]).await.expect("ack"), vec![4]);
+                assert!(unacked_sequences(&store, "alpha").await.is_empty());
+                assert_eq!(
+                    store
+                        .inbox_stats("alpha")
+                        .await
+                        .expect("stats")
+                        .unacknowledged,
+                    0
+                );
+                // New messages after the watermark are delivered.
+                stored(&store, &[fresh("m6", "alpha")]).await;
+                assert_eq!(unacked_sequences(&store, "alpha").await, vec![6]);
             }
 
             #[tokio::test]
             async fn pages_stop_at_their_byte_limit_but_hold_one_message() {
                 let (store, _guard) = $open.await;
-                let mut messages = Vec::new();
+                let mut batch = Vec::new();
                 for index in 0..5 {
-                    let mut big = message(&format!("m{index}"), "alpha", None);
-                    big.payload = vec![b'x'; 1000];
-                    messages.push(big);
+                    let mut big = fresh(&format!("m{index}"), "alpha");
+                    big.message.payload = vec![b'x'; 1000];
+                    batch.push(big);
                 }
-                store.insert_batch(&messages).await.expect("insert");
+                stored(&store, &batch).await;
                 let bounded = |after_sequence, max_bytes| Page {
                     after_sequence,
                     limit: 10,
@@ -213,19 +379,19 @@ macro_rules! message_store_suite {
             }
 
             #[tokio::test]
-            async fn retention_purges_only_acknowledged_messages() {
+            async fn retention_purges_only_acknowledged_messages_and_old_keys() {
                 let (store, _guard) = $open.await;
-                store
-                    .insert_batch(&[
-                        message("m1", "alpha", Some("k1")),
-                        message("m2", "alpha", None),
-                    ])
-                    .await
-                    .expect("insert");
+                stored(
+                    &store,
+                    &[keyed("m1", "alpha", "k1", "a"), fresh("m2", "alpha")],
+                )
+                .await;
                 store.ack("alpha", &[1]).await.expect("ack");
                 // A cutoff in the past keeps everything.
                 assert_eq!(store.purge_acked(0, 100).await.expect("purge"), 0);
+                assert_eq!(store.purge_keys(0, 100).await.expect("purge"), 0);
                 assert_eq!(store.purge_acked(i64::MAX, 100).await.expect("purge"), 1);
+                assert_eq!(store.purge_keys(i64::MAX, 100).await.expect("purge"), 1);
                 let inbox = store
                     .fetch_unacked("alpha", page(0, 10))
                     .await
@@ -234,12 +400,10 @@ macro_rules! message_store_suite {
                     inbox.iter().map(|entry| entry.sequence).collect::<Vec<_>>(),
                     vec![2]
                 );
-                // Sequences go on after a purge.
-                let next = store
-                    .insert_batch(&[message("m3", "alpha", None)])
-                    .await
-                    .expect("insert");
+                // Sequences go on after a purge; the forgotten key is free.
+                let next = stored(&store, &[keyed("m3", "alpha", "k1", "other")]).await;
                 assert_eq!(next[0].sequence, 3);
+                assert!(!next[0].duplicate);
             }
         }
     };
@@ -295,7 +459,7 @@ impl fedmesh_common::events::EventPublisher for HeldPublisher {
 async fn two_relays_of_one_postgres_outbox_never_publish_the_same_rows() {
     let (store, _database) = open_postgres().await;
     store
-        .insert_batch(&[message("m1", "alpha", None), message("m2", "beta", None)])
+        .insert_batch(&[fresh("m1", "alpha"), fresh("m2", "beta")])
         .await
         .expect("insert");
     let outbox = store.outbox();
@@ -344,10 +508,7 @@ async fn postgres_replicas_announce_new_messages_only_while_another_replica_list
     );
 
     // Alone on the shard, a replica announces nothing.
-    first
-        .insert_batch(&[message("m1", "alpha", None)])
-        .await
-        .expect("insert");
+    stored(&first, &[fresh("m1", "alpha")]).await;
     assert_eq!(first.announcements_sent(), 0);
 
     // A second replica joins; each hears of the other.
@@ -377,12 +538,8 @@ async fn postgres_replicas_announce_new_messages_only_while_another_replica_list
     assert_eq!(first.other_replicas().len(), 1);
 
     // Now a message stored by the first wakes the second's stream.
-    let stored = first
-        .insert_batch(&[message("m2", "alpha", None)])
-        .await
-        .expect("insert");
+    let sequence = stored(&first, &[fresh("m2", "alpha")]).await[0].sequence;
     assert_eq!(first.announcements_sent(), 1);
-    let sequence = stored[0].sequence;
     lease
         .stored
         .wait_for(|announced| *announced == sequence)
@@ -397,10 +554,7 @@ async fn postgres_replicas_announce_new_messages_only_while_another_replica_list
         .wait_for(|n| *n == 0)
         .await
         .expect("first forgets");
-    first
-        .insert_batch(&[message("m3", "alpha", None)])
-        .await
-        .expect("insert");
+    stored(&first, &[fresh("m3", "alpha")]).await;
     assert_eq!(first.announcements_sent(), 1);
 
     first_shutdown.cancel();
@@ -412,8 +566,8 @@ async fn postgres_replicas_announce_new_messages_only_while_another_replica_list
 async fn a_postgres_shard_store_outlives_the_loss_of_its_connections() {
     let (store, database) = open_postgres().await;
     // Fill the pool with connections, then have the server end them all.
-    let batches: Vec<Vec<Message>> = (0..4)
-        .map(|index| vec![message(&format!("w{index}"), "alpha", None)])
+    let batches: Vec<Vec<ToStore>> = (0..4)
+        .map(|index| vec![fresh(&format!("w{index}"), "alpha")])
         .collect();
     let filled = tokio::join!(
         store.insert_batch(&batches[0]),
@@ -439,11 +593,8 @@ async fn a_postgres_shard_store_outlives_the_loss_of_its_connections() {
 
     // The next batch finds dead connections, retries on fresh ones, and
     // reports its messages as new, stored once.
-    let stored = store
-        .insert_batch(&[message("after", "alpha", None)])
-        .await
-        .expect("insert after the connections were lost");
-    assert!(!stored[0].duplicate);
+    let after = stored(&store, &[fresh("after", "alpha")]).await;
+    assert!(!after[0].duplicate);
 
     // Reads and acks are retried on fresh connections too.
     end_connections().await;
@@ -456,4 +607,37 @@ async fn a_postgres_shard_store_outlives_the_loss_of_its_connections() {
     let acked = store.ack("alpha", &[1, 2]).await.expect("ack");
     assert_eq!(acked, vec![1, 2]);
     admin.close().await;
+}
+
+#[tokio::test]
+async fn what_a_postgres_batch_committed_before_its_answer_was_lost_is_reported_new() {
+    let (store, _database) = open_postgres().await;
+    let batch = [relayed("r1", "alpha"), keyed("k1", "alpha", "key-1", "a")];
+    let stored_at = store.clock.next();
+    // The first attempt commits; its answer never comes back.
+    let (_, _) = store
+        .try_insert_batch(&batch, stored_at, false)
+        .await
+        .expect("first attempt");
+    // The attempt after it looks everything up and finds both stored, at
+    // the batch's own time: they are new, not duplicates.
+    let (outcomes, _) = store
+        .try_insert_batch(&batch, stored_at, true)
+        .await
+        .expect("second attempt");
+    for outcome in outcomes {
+        let stored = outcome.expect("stored");
+        assert!(!stored.duplicate, "{stored:?}");
+    }
+    assert_eq!(ids_in_inbox(&store, "alpha").await, vec!["r1", "k1"]);
+    // A later batch relaying the same id is a duplicate.
+    let later = stored(&store, &[relayed("r1", "alpha")]).await;
+    assert!(later[0].duplicate);
+}
+
+#[test]
+fn batch_times_are_unique_even_within_a_microsecond() {
+    let clock = BatchClock::default();
+    let times: Vec<i64> = (0..1000).map(|_| clock.next()).collect();
+    assert!(times.windows(2).all(|pair| pair[0] < pair[1]));
 }

@@ -1,20 +1,22 @@
 //! A shard on PostgreSQL: the deployment store.
 //!
-//! A batch of messages is at most two statements, whatever its size: look up
-//! duplicates (only when a message could be one), then reserve sequences,
-//! insert the messages and insert their events in one statement; after it,
-//! announce the new messages to the other replicas (see [`wakeups`]). Array
-//! parameters (`UNNEST`) carry the batch. Reads, acks, the duplicate lookup
-//! and the retention purge are planned at each execution, for the table as it
-//! is then (see [`fedmesh_common::postgres`]).
+//! A batch of messages is one statement, whatever its size, when none of its
+//! messages can be a repeat: it claims the keys, reserves sequences, inserts
+//! the messages and one outbox row listing them. Relayed messages and
+//! retries reusing an id are looked up first (one more statement); a key
+//! claimed before makes the statement fail (unique violation), and the batch
+//! is tried again with everything looked up (see `plan`). After it, the new
+//! messages are announced to the other replicas (see [`wakeups`]). Array
+//! parameters (`UNNEST`) carry the batch. Reads, acks, the lookups and the
+//! retention purges are planned at each execution, for the table as it is
+//! then (see [`fedmesh_common::postgres`]).
 
 mod wakeups;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox};
-use fedmesh_common::postgres::{PgOutbox, insert_events, pool_options};
+use fedmesh_common::events::{MESSAGE_ACCEPTED, MESSAGE_DELIVERED, Outbox};
+use fedmesh_common::postgres::{PgOutbox, pool_options};
 use fedmesh_common::time::now_micros;
 use sqlx::Row;
 use sqlx::postgres::PgPool;
@@ -22,11 +24,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::wakeups::Replicas;
-use super::{MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
+use super::plan::{self, Known, NewMessage};
+use super::{BatchClock, MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::inbox::stream::Page;
-use crate::message::{InboxMessage, InboxStats, Message, Stored};
+use crate::message::{
+    Claimed, ExistingClaim, Fingerprint, InboxMessage, InboxStats, KeyClaim, Outcome, ToStore,
+};
 
 pub use wakeups::{INBOX_CHANNEL, REPLICA_CHANNEL, STREAM_CHANNEL};
 
@@ -42,6 +47,7 @@ pub struct PgMessageStore {
     write_pool: PgPool,
     region: String,
     replicas: Arc<Replicas>,
+    pub(super) clock: Arc<BatchClock>,
     /// Attempts per batch: enough to get past every pooled connection
     /// having been lost at once.
     max_attempts: usize,
@@ -71,6 +77,7 @@ impl PgMessageStore {
             pool,
             region: region.to_string(),
             replicas: Arc::new(Replicas::new()),
+            clock: Arc::new(BatchClock::default()),
             max_attempts: MAX_ATTEMPTS.max(
                 usize::try_from(max_connections.max(writers))
                     .unwrap_or(usize::MAX)
@@ -131,7 +138,9 @@ impl PgMessageStore {
              idempotency_key, origin_region, accepted_at FROM ( \
                SELECT *, sum(octet_length(payload)) OVER (ORDER BY sequence) \
                  - octet_length(payload) AS bytes_before \
-               FROM messages WHERE recipient_id = $1 AND acked_at IS NULL AND sequence > $2 \
+               FROM messages WHERE recipient_id = $1 AND acked_at IS NULL \
+                 AND sequence > GREATEST($2, COALESCE( \
+                   (SELECT acked_through FROM inbox_acks WHERE recipient_id = $1), 0)) \
                ORDER BY sequence LIMIT $3) AS page \
              WHERE bytes_before < $4 ORDER BY sequence",
         )
@@ -148,276 +157,305 @@ impl PgMessageStore {
     async fn ack_once(
         &self,
         recipient_id: &str,
-        sequences: &[u64],
+        sequences: &[i64],
     ) -> Result<Vec<u64>, StoreError> {
-        let mut transaction = self.pool.begin().await?;
-        let sequences: Vec<i64> = sequences
-            .iter()
-            .map(|sequence| i64::try_from(*sequence).unwrap_or(i64::MAX))
-            .collect();
-        let rows = sqlx::query(
-            "UPDATE messages SET acked_at = $1 \
-             WHERE recipient_id = $2 AND sequence = ANY($3) AND acked_at IS NULL \
-             RETURNING sequence, message_id, sender_id, kind",
+        // One statement: the acked messages, their events' outbox row, and
+        // the inbox's watermark moved up to its first unacknowledged message.
+        // The rows this statement acks still look unacknowledged to its
+        // subqueries, hence `<> ALL($3)`. Two writers acking one inbox at
+        // once may leave the watermark low, never high: the next ack lifts
+        // it.
+        let acked: Vec<i64> = sqlx::query_scalar(
+            "WITH acked AS ( \
+               UPDATE messages SET acked_at = $1 \
+               WHERE recipient_id = $2 AND sequence = ANY($3) AND acked_at IS NULL \
+               RETURNING sequence, message_id, sender_id, kind \
+             ), events AS ( \
+               INSERT INTO outbox (kind, region, occurred_at, message_ids, recipient_ids, \
+                 sender_ids, message_kinds, sequences) \
+               SELECT $4, $5, $1, array_agg(message_id ORDER BY sequence), \
+                 array_agg($2::text ORDER BY sequence), array_agg(sender_id ORDER BY sequence), \
+                 array_agg(kind ORDER BY sequence), array_agg(sequence ORDER BY sequence) \
+               FROM acked HAVING count(*) > 0 \
+             ), watermark AS ( \
+               INSERT INTO inbox_acks (recipient_id, acked_through) \
+               SELECT recipient_id, LEAST(last_sequence, COALESCE( \
+                 (SELECT min(sequence) - 1 FROM messages WHERE recipient_id = $2 \
+                    AND acked_at IS NULL AND sequence <> ALL($3) \
+                    AND sequence > COALESCE( \
+                      (SELECT acked_through FROM inbox_acks WHERE recipient_id = $2), 0)), \
+                 last_sequence)) \
+               FROM inboxes WHERE recipient_id = $2 \
+               ON CONFLICT (recipient_id) DO UPDATE \
+               SET acked_through = GREATEST(inbox_acks.acked_through, EXCLUDED.acked_through) \
+             ) \
+             SELECT sequence FROM acked ORDER BY sequence",
         )
         .persistent(false)
         .bind(now_micros())
-        .bind(recipient_id.to_string())
+        .bind(recipient_id)
         .bind(sequences)
-        .fetch_all(&mut *transaction)
+        .bind(MESSAGE_DELIVERED)
+        .bind(&self.region)
+        .fetch_all(&self.pool)
         .await?;
-        let mut acked = Vec::with_capacity(rows.len());
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let sequence = to_sequence(row.try_get("sequence")?)?;
-            let message_id: String = row.try_get("message_id")?;
-            let sender_id: String = row.try_get("sender_id")?;
-            let kind: String = row.try_get("kind")?;
-            events.push(
-                Event::new(MESSAGE_DELIVERED, &self.region, recipient_id)
-                    .with_message(&message_id)
-                    .with_attribute("sender", sender_id)
-                    .with_attribute("kind", kind)
-                    .with_attribute("sequence", sequence),
-            );
-            acked.push(sequence);
-        }
-        if !events.is_empty() {
-            insert_events(&mut transaction, &events).await?;
-        }
-        transaction.commit().await?;
-        acked.sort_unstable();
-        Ok(acked)
+        acked.into_iter().map(to_sequence).collect()
     }
 
-    /// One attempt at a batch; `look_up_every_id` also looks up the ids of
-    /// messages sent in this region (after a unique violation said one was
-    /// stored after all).
-    async fn try_insert_batch(
-        &self,
-        messages: &[Message],
-        look_up_every_id: bool,
-    ) -> Result<Vec<Stored>, StoreError> {
-        let stored_at_micros = now_micros();
-
-        // 1. What is stored already, by id or by (sender, idempotency key).
-        //    A message sent in this region without a key has an id its
-        //    gateway just made, so it cannot be stored yet: only relayed
-        //    messages and keyed ones are looked up.
-        let (key_senders, keys): (Vec<String>, Vec<String>) = messages
-            .iter()
-            .filter_map(|message| {
-                let key = message.idempotency_key.clone()?;
-                Some((message.sender_id.clone(), key))
-            })
-            .unzip();
-        let ids: Vec<String> = messages
-            .iter()
-            .filter(|message| look_up_every_id || message.origin_region != self.region)
-            .map(|message| message.message_id.clone())
-            .collect();
-        let existing = if ids.is_empty() && keys.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query(
-                // Two index lookups; an OR of both would scan the table.
-                "SELECT message_id, sender_id, idempotency_key, sequence, stored_at FROM messages \
-                 WHERE message_id = ANY($1) \
-                 UNION \
-                 SELECT message_id, sender_id, idempotency_key, sequence, stored_at \
-                 FROM messages JOIN UNNEST($2::text[], $3::text[]) AS wanted (sender, key) \
-                   ON sender_id = wanted.sender AND idempotency_key = wanted.key \
-                 WHERE idempotency_key IS NOT NULL",
+    /// Step 1: what the shard holds of what `batch` may repeat (see
+    /// [`plan::lookups`]): claims of keys first, then the messages they and
+    /// the batch name. Each is an index lookup; an OR of both would scan.
+    async fn look_up(&self, batch: &[ToStore], everything: bool) -> Result<Known, StoreError> {
+        let wanted = plan::lookups(batch, everything);
+        let mut known = Known::default();
+        if !wanted.keys.is_empty() {
+            let (senders, keys): (Vec<&str>, Vec<&str>) = wanted.keys.iter().copied().unzip();
+            let rows = sqlx::query(
+                "SELECT sender_id, idempotency_key, message_id, fingerprint FROM idempotency_keys \
+                 JOIN UNNEST($1::text[], $2::text[]) AS wanted (sender, key) \
+                   ON sender_id = wanted.sender AND idempotency_key = wanted.key",
+            )
+            .persistent(false)
+            .bind(senders)
+            .bind(keys)
+            .fetch_all(&self.write_pool)
+            .await?;
+            for row in &rows {
+                known.claims.insert(
+                    (row.try_get("sender_id")?, row.try_get("idempotency_key")?),
+                    existing_claim(row)?,
+                );
+            }
+        }
+        let mut ids = wanted.ids;
+        ids.extend(known.claimed_ids());
+        if !ids.is_empty() {
+            let rows = sqlx::query(
+                "SELECT message_id, sequence, stored_at FROM messages WHERE message_id = ANY($1)",
             )
             .persistent(false)
             .bind(ids)
-            .bind(key_senders)
-            .bind(keys)
-            .fetch_all(&self.write_pool)
-            .await?
-        };
-        let mut by_id: HashMap<String, Stored> = HashMap::new();
-        let mut by_key: HashMap<(String, String), Stored> = HashMap::new();
-        for row in &existing {
-            let stored = Stored {
-                message_id: row.try_get("message_id")?,
-                sequence: to_sequence(row.try_get("sequence")?)?,
-                stored_at_micros: row.try_get("stored_at")?,
-                duplicate: true,
-            };
-            let key: Option<String> = row.try_get("idempotency_key")?;
-            if let Some(key) = key {
-                by_key.insert((row.try_get("sender_id")?, key), stored.clone());
-            }
-            by_id.insert(stored.message_id.clone(), stored);
-        }
-
-        // 2. Which messages are new; a repeat inside the batch points at the
-        //    first occurrence.
-        enum Slot {
-            Stored(Stored),
-            New(usize),
-            SameAs(usize),
-        }
-        let mut slots = Vec::with_capacity(messages.len());
-        let mut new_messages: Vec<&Message> = Vec::new();
-        let mut first_by_id: HashMap<&str, usize> = HashMap::new();
-        let mut first_by_key: HashMap<(&str, &str), usize> = HashMap::new();
-        for message in messages {
-            let key = message
-                .idempotency_key
-                .as_deref()
-                .map(|key| (message.sender_id.as_str(), key));
-            let earlier_key =
-                key.and_then(|key| by_key.get(&(key.0.to_string(), key.1.to_string())));
-            if let Some(stored) = by_id.get(&message.message_id).or(earlier_key) {
-                slots.push(Slot::Stored(stored.clone()));
-                continue;
-            }
-            let in_batch = first_by_id
-                .get(message.message_id.as_str())
-                .or_else(|| key.and_then(|key| first_by_key.get(&key)));
-            if let Some(&index) = in_batch {
-                slots.push(Slot::SameAs(index));
-                continue;
-            }
-            let index = new_messages.len();
-            first_by_id.insert(&message.message_id, index);
-            if let Some(key) = key {
-                first_by_key.insert(key, index);
-            }
-            new_messages.push(message);
-            slots.push(Slot::New(index));
-        }
-
-        // 3. The new messages and their events in one statement, so one
-        //    round trip and one implicit transaction: reserve sequences per
-        //    inbox (rows locked in recipient order, so concurrent batches
-        //    cannot deadlock on them), insert the messages numbered in batch
-        //    order and their `message.accepted` events. The gateway numbers
-        //    each message within its inbox's share of the batch (`position`
-        //    of `count`), so the statement only adds the inbox's base and
-        //    returns one row per inbox. A race with another writer (unique
-        //    violation) fails the statement whole and the batch is tried
-        //    again.
-        let mut sequence_of: Vec<i64> = Vec::with_capacity(new_messages.len());
-        let mut wake_up: Vec<String> = Vec::new();
-        if !new_messages.is_empty() {
-            let mut count_of: HashMap<&str, i64> = HashMap::new();
-            let positions: Vec<i64> = new_messages
-                .iter()
-                .map(|message| {
-                    let count = count_of.entry(message.recipient_id.as_str()).or_default();
-                    *count += 1;
-                    *count
-                })
-                .collect();
-            let counts: Vec<i64> = new_messages
-                .iter()
-                .map(|message| count_of[message.recipient_id.as_str()])
-                .collect();
-            let mut headers = Vec::with_capacity(new_messages.len());
-            for message in &new_messages {
-                headers.push(
-                    serde_json::to_string(&message.headers)
-                        .map_err(|error| StoreError::Corrupt(error.to_string()))?,
-                );
-            }
-            let event_ids: Vec<String> = new_messages
-                .iter()
-                .map(|_| uuid::Uuid::now_v7().to_string())
-                .collect();
-            let rows = sqlx::query(
-                "WITH input AS ( \
-                   SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], \
-                     $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bigint[], \
-                     $12::bigint[]) \
-                     AS t (message_id, recipient_id, sender_id, kind, payload, headers, idempotency_key, \
-                           origin_region, accepted_at, event_id, position, batch_count) \
-                 ), reserved AS ( \
-                   INSERT INTO inboxes (recipient_id, last_sequence) \
-                   SELECT DISTINCT recipient_id, batch_count FROM input ORDER BY recipient_id \
-                   ON CONFLICT (recipient_id) DO UPDATE \
-                   SET last_sequence = inboxes.last_sequence + EXCLUDED.last_sequence \
-                   RETURNING recipient_id, last_sequence \
-                 ), numbered AS ( \
-                   SELECT input.*, reserved.last_sequence - input.batch_count + input.position AS sequence \
-                   FROM input JOIN reserved USING (recipient_id) \
-                 ), stored AS ( \
-                   INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
-                     headers, idempotency_key, origin_region, accepted_at, stored_at) \
-                   SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-                     idempotency_key, origin_region, accepted_at, $13 FROM numbered \
-                 ), events AS ( \
-                   INSERT INTO outbox (event_id, kind, region, agency_id, message_id, occurred_at, attributes) \
-                   SELECT event_id, $14, $15, recipient_id, message_id, $13, \
-                     json_build_object('sender', sender_id, 'kind', kind, 'sequence', sequence::text)::text \
-                   FROM numbered \
-                 ) \
-                 SELECT recipient_id, last_sequence FROM reserved",
-            )
-            .bind(column(&new_messages, |message| message.message_id.clone()))
-            .bind(column(&new_messages, |message| message.recipient_id.clone()))
-            .bind(column(&new_messages, |message| message.sender_id.clone()))
-            .bind(column(&new_messages, |message| message.kind.clone()))
-            .bind(column(&new_messages, |message| message.payload.clone()))
-            .bind(headers)
-            .bind(column(&new_messages, |message| message.idempotency_key.clone()))
-            .bind(column(&new_messages, |message| message.origin_region.clone()))
-            .bind(column(&new_messages, |message| message.accepted_at_micros))
-            .bind(event_ids)
-            .bind(&positions)
-            .bind(&counts)
-            .bind(stored_at_micros)
-            .bind(MESSAGE_ACCEPTED)
-            .bind(&self.region)
             .fetch_all(&self.write_pool)
             .await?;
-            let mut last_of: HashMap<String, i64> = HashMap::with_capacity(rows.len());
             for row in &rows {
-                last_of.insert(row.try_get("recipient_id")?, row.try_get("last_sequence")?);
+                let sequence = to_sequence(row.try_get("sequence")?)?;
+                known.stored.insert(
+                    row.try_get("message_id")?,
+                    (sequence, row.try_get("stored_at")?),
+                );
             }
-            for ((message, position), count) in new_messages.iter().zip(&positions).zip(&counts) {
-                let last = last_of.get(&message.recipient_id).ok_or_else(|| {
-                    StoreError::Corrupt(format!(
+        }
+        Ok(known)
+    }
+
+    /// Step 3: stores the new messages in one statement, so one round trip
+    /// and one implicit transaction: claims of their keys, sequences
+    /// reserved per inbox (rows locked in recipient order, so concurrent
+    /// batches cannot deadlock on them), the messages numbered in batch
+    /// order, and one outbox row listing them for their `message.accepted`
+    /// events. The gateway numbers each message within its inbox's share of
+    /// the batch (`position` of `batch_count`), so the statement only adds
+    /// the inbox's base. A key claimed meanwhile or a message stored by a
+    /// racing writer fails the statement whole (unique violation) and the
+    /// batch is tried again. Returns the sequences, in the order of `new`,
+    /// and the last sequence of each inbox, to announce.
+    async fn insert_new(
+        &self,
+        new: &[NewMessage<'_>],
+        stored_at_micros: i64,
+    ) -> Result<(Vec<u64>, Vec<(String, i64)>), StoreError> {
+        if new.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let (positions, counts) = plan::positions(new);
+        let mut headers = Vec::with_capacity(new.len());
+        for entry in new {
+            headers.push(if entry.message.headers.is_empty() {
+                String::from("{}")
+            } else {
+                serde_json::to_string(&entry.message.headers).map_err(StoreError::corrupt)?
+            });
+        }
+        let claims: Vec<(&NewMessage<'_>, &str, &[u8])> = new
+            .iter()
+            .filter_map(|entry| {
+                let key = entry.message.idempotency_key.as_deref()?;
+                Some((entry, key, &entry.claim.as_ref()?.0[..]))
+            })
+            .collect();
+        let rows = sqlx::query(
+            "WITH input AS ( \
+               SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], \
+                 $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[]) \
+                 WITH ORDINALITY \
+                 AS t (message_id, recipient_id, sender_id, kind, payload, headers, idempotency_key, \
+                       origin_region, accepted_at, position, batch_count, ord) \
+             ), claimed AS ( \
+               INSERT INTO idempotency_keys (sender_id, idempotency_key, fingerprint, message_id, claimed_at) \
+               SELECT sender_id, idempotency_key, fingerprint, message_id, $12 \
+               FROM UNNEST($13::text[], $14::text[], $15::bytea[], $16::text[]) \
+                 AS c (sender_id, idempotency_key, fingerprint, message_id) \
+             ), reserved AS ( \
+               INSERT INTO inboxes (recipient_id, last_sequence) \
+               SELECT DISTINCT recipient_id, batch_count FROM input ORDER BY recipient_id \
+               ON CONFLICT (recipient_id) DO UPDATE \
+               SET last_sequence = inboxes.last_sequence + EXCLUDED.last_sequence \
+               RETURNING recipient_id, last_sequence \
+             ), numbered AS ( \
+               SELECT input.*, reserved.last_sequence - input.batch_count + input.position AS sequence \
+               FROM input JOIN reserved USING (recipient_id) \
+             ), stored AS ( \
+               INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
+                 headers, idempotency_key, origin_region, accepted_at, stored_at) \
+               SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
+                 idempotency_key, origin_region, accepted_at, $12 FROM numbered \
+             ), events AS ( \
+               INSERT INTO outbox (kind, region, occurred_at, message_ids, recipient_ids, \
+                 sender_ids, message_kinds, sequences) \
+               SELECT $17, $18, $12, $1, $2, $3, $4, array_agg(sequence ORDER BY ord) FROM numbered \
+             ) \
+             SELECT recipient_id, last_sequence FROM reserved",
+        )
+        .bind(column(new, |entry| entry.message_id))
+        .bind(column(new, |entry| entry.message.recipient_id.as_str()))
+        .bind(column(new, |entry| entry.message.sender_id.as_str()))
+        .bind(column(new, |entry| entry.message.kind.as_str()))
+        .bind(column(new, |entry| entry.message.payload.as_slice()))
+        .bind(headers)
+        .bind(column(new, |entry| entry.message.idempotency_key.as_deref()))
+        .bind(column(new, |entry| entry.message.origin_region.as_str()))
+        .bind(column(new, |entry| entry.message.accepted_at_micros))
+        .bind(&positions)
+        .bind(&counts)
+        .bind(stored_at_micros)
+        .bind(claims.iter().map(|(entry, _, _)| entry.message.sender_id.as_str()).collect::<Vec<_>>())
+        .bind(claims.iter().map(|(_, key, _)| *key).collect::<Vec<_>>())
+        .bind(claims.iter().map(|(_, _, fingerprint)| *fingerprint).collect::<Vec<_>>())
+        .bind(claims.iter().map(|(entry, _, _)| entry.message_id).collect::<Vec<_>>())
+        .bind(MESSAGE_ACCEPTED)
+        .bind(&self.region)
+        .fetch_all(&self.write_pool)
+        .await?;
+        let mut last_of: Vec<(String, i64)> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            last_of.push((row.try_get("recipient_id")?, row.try_get("last_sequence")?));
+        }
+        let mut sequences = Vec::with_capacity(new.len());
+        for ((entry, position), count) in new.iter().zip(&positions).zip(&counts) {
+            let last = last_of
+                .iter()
+                .find(|(recipient, _)| *recipient == entry.message.recipient_id)
+                .map(|(_, last)| *last)
+                .ok_or_else(|| {
+                    StoreError::corrupt(format!(
                         "no sequence reserved for inbox {}",
-                        message.recipient_id
+                        entry.message.recipient_id
                     ))
                 })?;
-                sequence_of.push(last - count + position);
-            }
-            wake_up = last_of
-                .iter()
-                .map(|(recipient, last)| format!("{recipient} {last}"))
-                .collect();
+            sequences.push(to_sequence(last - count + position)?);
         }
-        // 4. Wake the other replicas, if there are any. NOTIFY inside the
-        //    transaction would hold PostgreSQL's global notify lock across
-        //    the commit's fsync and serialise every commit of the cluster;
-        //    sent afterwards (and not awaited) it costs one short statement.
-        wakeups::announce(&self.pool, &self.replicas, wake_up);
-
-        let fresh = |index: usize| {
-            let sequence = sequence_of.get(index).copied().unwrap_or_default();
-            Stored {
-                message_id: new_messages[index].message_id.clone(),
-                sequence: u64::try_from(sequence).unwrap_or_default(),
-                stored_at_micros,
-                duplicate: false,
-            }
-        };
-        Ok(slots
-            .into_iter()
-            .map(|slot| match slot {
-                Slot::Stored(stored) => stored,
-                Slot::New(index) => fresh(index),
-                Slot::SameAs(index) => Stored {
-                    duplicate: true,
-                    ..fresh(index)
-                },
-            })
-            .collect())
+        Ok((sequences, last_of))
     }
+
+    /// One attempt at a batch; `everything` looks up every id and key (after
+    /// a failed attempt, which may have committed).
+    pub(super) async fn try_insert_batch(
+        &self,
+        batch: &[ToStore],
+        stored_at_micros: i64,
+        everything: bool,
+    ) -> Result<(Vec<Outcome>, Vec<(String, i64)>), StoreError> {
+        let known = self.look_up(batch, everything).await?;
+        let plan = plan::plan(batch, &known);
+        let (sequences, last_of) = self.insert_new(&plan.new, stored_at_micros).await?;
+        Ok((plan.outcomes(&sequences, stored_at_micros), last_of))
+    }
+
+    /// Claims keys in one statement; a claim that met another one being
+    /// committed meanwhile (not yet visible to the statement) is tried again.
+    async fn try_claim_keys(
+        &self,
+        claims: &[&KeyClaim],
+    ) -> Result<Vec<Option<Claimed>>, StoreError> {
+        let rows = sqlx::query(
+            "WITH wanted AS ( \
+               SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[]) WITH ORDINALITY \
+                 AS w (sender_id, idempotency_key, fingerprint, message_id, ord) \
+             ), inserted AS ( \
+               INSERT INTO idempotency_keys (sender_id, idempotency_key, fingerprint, message_id, claimed_at) \
+               SELECT sender_id, idempotency_key, fingerprint, message_id, $5 FROM wanted \
+               ON CONFLICT (sender_id, idempotency_key) DO NOTHING \
+               RETURNING sender_id, idempotency_key \
+             ) \
+             SELECT inserted.sender_id IS NOT NULL AS new, existing.message_id, existing.fingerprint \
+             FROM wanted \
+             LEFT JOIN inserted USING (sender_id, idempotency_key) \
+             LEFT JOIN idempotency_keys AS existing USING (sender_id, idempotency_key) \
+             ORDER BY wanted.ord",
+        )
+        .persistent(false)
+        .bind(claims.iter().map(|claim| claim.sender_id.as_str()).collect::<Vec<_>>())
+        .bind(claims.iter().map(|claim| claim.idempotency_key.as_str()).collect::<Vec<_>>())
+        .bind(claims.iter().map(|claim| &claim.fingerprint.0[..]).collect::<Vec<_>>())
+        .bind(claims.iter().map(|claim| claim.message_id.as_str()).collect::<Vec<_>>())
+        .bind(now_micros())
+        .fetch_all(&self.write_pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                if row.try_get("new")? {
+                    return Ok(Some(Claimed::New));
+                }
+                let message_id: Option<String> = row.try_get("message_id")?;
+                Ok(match message_id {
+                    Some(_) => Some(Claimed::Existing(existing_claim(row)?)),
+                    // Claimed by a transaction that committed after this
+                    // statement's snapshot: not visible here.
+                    None => None,
+                })
+            })
+            .collect()
+    }
+
+    /// Announces the inboxes that got new messages to the other replicas.
+    /// NOTIFY inside the transaction would hold PostgreSQL's global notify
+    /// lock across the commit's fsync and serialise every commit of the
+    /// cluster; sent afterwards (and not awaited) it costs one short
+    /// statement.
+    fn announce(&self, batch: &[ToStore], outcomes: &[Outcome]) {
+        let mut last_of: Vec<(&str, u64)> = Vec::new();
+        for (item, outcome) in batch.iter().zip(outcomes) {
+            let Ok(stored) = outcome else { continue };
+            if stored.duplicate {
+                continue;
+            }
+            let recipient = item.message.recipient_id.as_str();
+            match last_of.iter_mut().find(|(known, _)| *known == recipient) {
+                Some((_, last)) => *last = (*last).max(stored.sequence),
+                None => last_of.push((recipient, stored.sequence)),
+            }
+        }
+        let wake_up = last_of
+            .into_iter()
+            .map(|(recipient, last)| format!("{recipient} {last}"))
+            .collect();
+        wakeups::announce(&self.pool, &self.replicas, wake_up);
+    }
+}
+
+/// A claim as a row holds it (`message_id`, `fingerprint`).
+fn existing_claim(row: &sqlx::postgres::PgRow) -> Result<ExistingClaim, StoreError> {
+    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
+    Ok(ExistingClaim {
+        message_id: row.try_get("message_id")?,
+        fingerprint: fingerprint
+            .map(|bytes| {
+                <[u8; 32]>::try_from(bytes.as_slice())
+                    .map(Fingerprint)
+                    .map_err(|_| StoreError::corrupt("a fingerprint is not 32 bytes"))
+            })
+            .transpose()?,
+    })
 }
 
 /// A sequence or size as PostgreSQL's BIGINT.
@@ -425,8 +463,9 @@ fn to_sql(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-fn column<T>(messages: &[&Message], field: impl Fn(&Message) -> T) -> Vec<T> {
-    messages.iter().map(|message| field(message)).collect()
+/// One column of the batch's new messages, as an array parameter.
+fn column<'a, T>(new: &'a [NewMessage<'a>], field: impl Fn(&'a NewMessage<'a>) -> T) -> Vec<T> {
+    new.iter().map(field).collect()
 }
 
 /// Whether a failed batch may be tried again: it lost a race with another
@@ -445,25 +484,80 @@ fn worth_retrying(error: &StoreError) -> bool {
 
 #[async_trait::async_trait]
 impl MessageStore for PgMessageStore {
-    async fn insert_batch(&self, messages: &[Message]) -> Result<Vec<Stored>, StoreError> {
-        let mut connection_lost = false;
-        let mut stored = self
+    async fn insert_batch(&self, batch: &[ToStore]) -> Result<Vec<Outcome>, StoreError> {
+        // The batch's time is its mark: what a lost attempt of it committed
+        // is found stored at that time, and reported as new (see `plan`).
+        let stored_at_micros = self.clock.next();
+        let (outcomes, _) = self
             .with_retries(worth_retrying, |previous| {
-                connection_lost |= previous.is_some_and(StoreError::is_connection_loss);
-                self.try_insert_batch(messages, previous.is_some())
+                self.try_insert_batch(batch, stored_at_micros, previous.is_some())
             })
             .await?;
-        if connection_lost {
-            // The attempt that lost its connection may have committed. Ids of
-            // messages sent in this region are fresh, so one found stored was
-            // stored by that attempt, not by an earlier send.
-            for (message, stored) in messages.iter().zip(&mut stored) {
-                if message.origin_region == self.region && stored.message_id == message.message_id {
-                    stored.duplicate = false;
+        self.announce(batch, &outcomes);
+        Ok(outcomes)
+    }
+
+    async fn claim_keys(&self, claims: &[KeyClaim]) -> Result<Vec<Claimed>, StoreError> {
+        // A key twice in one statement would be claimed twice: a repeat is
+        // answered by the first claim of it in the batch.
+        let mut firsts: Vec<&KeyClaim> = Vec::new();
+        let mut first_of = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let same_key = |first: &&KeyClaim| {
+                first.sender_id == claim.sender_id && first.idempotency_key == claim.idempotency_key
+            };
+            match firsts.iter().position(same_key) {
+                Some(index) => first_of.push((index, false)),
+                None => {
+                    first_of.push((firsts.len(), true));
+                    firsts.push(claim);
                 }
             }
         }
-        Ok(stored)
+        let mut answers: Vec<Option<Claimed>> = vec![None; firsts.len()];
+        for _ in 0..self.max_attempts {
+            let pending: Vec<usize> = (0..firsts.len())
+                .filter(|index| answers[*index].is_none())
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            let wanted: Vec<&KeyClaim> = pending.iter().map(|index| firsts[*index]).collect();
+            let found = self
+                .with_retries(StoreError::is_connection_loss, |_| {
+                    self.try_claim_keys(&wanted)
+                })
+                .await?;
+            for (index, answer) in pending.into_iter().zip(found) {
+                answers[index] = answer;
+            }
+        }
+        first_of
+            .into_iter()
+            .map(|(index, first)| match (&answers[index], first) {
+                (Some(answer), true) => Ok(answer.clone()),
+                (Some(Claimed::New), false) => Ok(Claimed::Existing(ExistingClaim {
+                    message_id: firsts[index].message_id.clone(),
+                    fingerprint: Some(firsts[index].fingerprint),
+                })),
+                (Some(existing), false) => Ok(existing.clone()),
+                // Claimed by a writer whose commit stayed out of sight.
+                (None, _) => Err(StoreError::Conflict),
+            })
+            .collect()
+    }
+
+    async fn purge_keys(&self, claimed_before: i64, limit: u32) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE ctid IN \
+             (SELECT ctid FROM idempotency_keys WHERE claimed_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .persistent(false)
+        .bind(claimed_before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
     }
 
     async fn fetch_unacked(
@@ -503,7 +597,9 @@ impl MessageStore for PgMessageStore {
     async fn inbox_stats(&self, recipient_id: &str) -> Result<InboxStats, StoreError> {
         self.with_retries(StoreError::is_connection_loss, |_| async {
             let row = sqlx::query(
-                "SELECT (SELECT count(*) FROM messages WHERE recipient_id = $1 AND acked_at IS NULL) \
+                "SELECT (SELECT count(*) FROM messages WHERE recipient_id = $1 AND acked_at IS NULL \
+                   AND sequence > COALESCE( \
+                     (SELECT acked_through FROM inbox_acks WHERE recipient_id = $1), 0)) \
                    AS unacknowledged, \
                  (SELECT last_sequence FROM inboxes WHERE recipient_id = $1) AS last_sequence",
             )
@@ -535,16 +631,19 @@ impl MessageStore for PgMessageStore {
 
     async fn ack(&self, recipient_id: &str, sequences: &[u64]) -> Result<Vec<u64>, StoreError> {
         // Acking again what a lost attempt acked finds nothing left to ack.
+        let sequences: Vec<i64> = sequences.iter().map(|sequence| to_sql(*sequence)).collect();
         self.with_retries(StoreError::is_connection_loss, |_| {
-            self.ack_once(recipient_id, sequences)
+            self.ack_once(recipient_id, &sequences)
         })
         .await
     }
 
     async fn purge_acked(&self, acked_before: i64, limit: u32) -> Result<u64, StoreError> {
         let deleted = sqlx::query(
-            "DELETE FROM messages WHERE message_id IN \
-             (SELECT message_id FROM messages WHERE acked_at IS NOT NULL AND acked_at < $1 \
+            // acked_at < cutoff implies stored_at < cutoff, which the
+            // BRIN index narrows to the oldest pages.
+            "DELETE FROM messages WHERE ctid IN \
+             (SELECT ctid FROM messages WHERE stored_at < $1 AND acked_at < $1 \
               LIMIT $2 FOR UPDATE SKIP LOCKED)",
         )
         .persistent(false)
