@@ -104,3 +104,68 @@ async fn the_readme_walkthrough_runs_as_a_script() {
     }
     dev.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn inbox_follow_says_on_stderr_that_it_waits() {
+    let binary = Path::new(env!("CARGO_BIN_EXE_fedmesh"));
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut dev = Command::new(binary)
+        .args(["dev", "--base-port", "0", "--data-dir"])
+        .arg(data_dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    let coordinator = tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.trim().strip_prefix("export FEDMESH_COORDINATOR=") {
+                return url.to_string();
+            }
+        }
+        panic!("the dev mesh printed no coordinator to export");
+    })
+    .await
+    .expect("the dev mesh starts");
+    let registered = Command::new(binary)
+        .args([
+            "agency",
+            "register",
+            "reader",
+            "--region",
+            "east",
+            "--coordinator",
+            &coordinator,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(registered.status.success(), "{registered:?}");
+    let mut follow = Command::new(binary)
+        .args([
+            "inbox",
+            "--as",
+            "reader",
+            "--follow",
+            "--coordinator",
+            &coordinator,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(follow.stderr.take().unwrap()).lines();
+    let said = tokio::time::timeout(DEADLINE, stderr.next_line())
+        .await
+        .expect("inbox --follow says something")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(
+        said.contains("waiting for new messages to reader"),
+        "{said}"
+    );
+    follow.kill().await.unwrap();
+    dev.kill().await.unwrap();
+}

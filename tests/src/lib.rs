@@ -172,6 +172,11 @@ impl TestMesh {
         .unwrap();
     }
 
+    /// The number of inboxes the gateway of `region` streams, as it changes.
+    pub fn gateway_open_streams(&self, region: &str) -> tokio::sync::watch::Receiver<usize> {
+        self.mesh().gateway_open_streams(region).unwrap()
+    }
+
     /// Waits until the gateway of `region` streams exactly `count` inboxes.
     pub async fn open_streams_become(&self, region: &str, count: usize) {
         let mut open_streams = self.mesh().gateway_open_streams(region).unwrap();

@@ -184,3 +184,50 @@ async fn a_stream_whose_client_vanished_ends_by_keepalive() {
     proxy.freeze();
     mesh.open_streams_become("east", 0).await;
 }
+
+#[tokio::test]
+async fn a_connection_carries_at_most_the_configured_number_of_calls() {
+    let tune: fedmesh::dev::TuneGateway =
+        Arc::new(|config| config.connections.max_concurrent_streams = 2);
+    let mesh = TestMesh::start_tuned(Backend::Sqlite, Some(tune)).await;
+    for reader in ["reader-a", "reader-b", "reader-c"] {
+        mesh.register(reader, "east").await;
+    }
+    // One client connection for the three streams.
+    let channel = fedmesh_common::server::lazy_channel(&mesh.gateway_url("east")).unwrap();
+    let exchange = |agency: &str| {
+        fedmesh_proto::pb::exchange_client::ExchangeClient::with_interceptor(
+            channel.clone(),
+            fedmesh_common::identity::AttachIdentity::new(
+                &fedmesh_common::identity::Identity::Agency(agency.into()),
+            ),
+        )
+    };
+    let mut first = Inbox::open(exchange("reader-a"), "reader-a", 0)
+        .await
+        .unwrap();
+    assert!(first.drain().await.is_empty());
+    let mut second = Inbox::open(exchange("reader-b"), "reader-b", 0)
+        .await
+        .unwrap();
+    assert!(second.drain().await.is_empty());
+    mesh.open_streams_become("east", 2).await;
+    // A third call waits for a free stream: the server never holds three.
+    let third = tokio::spawn({
+        let exchange = exchange("reader-c");
+        async move { Inbox::open(exchange, "reader-c", 0).await }
+    });
+    let mut open_streams = mesh.gateway_open_streams("east");
+    let reached_three = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        open_streams.wait_for(|open| *open >= 3),
+    )
+    .await;
+    assert!(reached_three.is_err(), "a third stream was served");
+    first.close().await;
+    let mut third = third.await.unwrap().unwrap();
+    assert!(
+        third.drain().await.is_empty(),
+        "the third is served once a slot is free"
+    );
+}

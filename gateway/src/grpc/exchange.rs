@@ -17,9 +17,10 @@ use crate::error::GatewayError;
 use crate::receive::{Inbound, Outbound, Receiver};
 use crate::shared::{Shared, require_agency};
 
-/// Responses a Receive stream holds before the client takes them: each may
-/// carry a payload of up to the payload limit, so few.
-const OUTBOUND_BUFFER: usize = 8;
+/// Responses a Receive stream holds before the client takes them: at most a
+/// page, so that with the page being read a stream holds at most two pages
+/// (each bounded by bytes, see `StreamState`).
+const OUTBOUND_BUFFER: usize = crate::inbox::stream::PAGE_ROWS as usize;
 
 /// The Exchange service of one gateway.
 pub(crate) struct ExchangeService {

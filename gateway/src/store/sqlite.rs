@@ -275,9 +275,7 @@ impl MessageStore for SqliteMessageStore {
             "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
              idempotency_key, origin_region, accepted_at FROM ( \
                SELECT *, sum(length(payload)) OVER (ORDER BY sequence) - length(payload) AS bytes_before \
-               FROM messages WHERE recipient_id = ?1 AND acked_at IS NULL \
-                 AND sequence > max(?2, coalesce( \
-                   (SELECT acked_through FROM inbox_acks WHERE recipient_id = ?1), 0)) \
+               FROM messages WHERE recipient_id = ?1 AND acked_at IS NULL AND sequence > ?2 \
                ORDER BY sequence LIMIT ?3) \
              WHERE bytes_before < ?4 ORDER BY sequence",
         )
@@ -305,9 +303,7 @@ impl MessageStore for SqliteMessageStore {
 
     async fn inbox_stats(&self, recipient_id: &str) -> Result<InboxStats, StoreError> {
         let row = sqlx::query(
-            "SELECT (SELECT count(*) FROM messages WHERE recipient_id = ?1 AND acked_at IS NULL \
-               AND sequence > coalesce( \
-                 (SELECT acked_through FROM inbox_acks WHERE recipient_id = ?1), 0)) \
+            "SELECT (SELECT count(*) FROM messages WHERE recipient_id = ?1 AND acked_at IS NULL) \
                AS unacknowledged, \
              (SELECT last_sequence FROM inboxes WHERE recipient_id = ?1) AS last_sequence",
         )
@@ -356,22 +352,6 @@ impl MessageStore for SqliteMessageStore {
             });
         }
         if !entries.is_empty() {
-            // Every message up to the first unacknowledged one is acknowledged.
-            sqlx::query(
-                "INSERT INTO inbox_acks (recipient_id, acked_through) \
-                 SELECT recipient_id, min(last_sequence, coalesce( \
-                   (SELECT min(sequence) - 1 FROM messages WHERE recipient_id = ?1 \
-                      AND acked_at IS NULL \
-                      AND sequence > coalesce( \
-                        (SELECT acked_through FROM inbox_acks WHERE recipient_id = ?1), 0)), \
-                   last_sequence)) \
-                 FROM inboxes WHERE recipient_id = ?1 \
-                 ON CONFLICT (recipient_id) DO UPDATE \
-                 SET acked_through = max(acked_through, excluded.acked_through)",
-            )
-            .bind(recipient_id)
-            .execute(&mut *transaction)
-            .await?;
             insert_message_events(
                 &mut transaction,
                 MESSAGE_DELIVERED,

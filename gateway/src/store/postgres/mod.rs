@@ -138,9 +138,7 @@ impl PgMessageStore {
              idempotency_key, origin_region, accepted_at FROM ( \
                SELECT *, sum(octet_length(payload)) OVER (ORDER BY sequence) \
                  - octet_length(payload) AS bytes_before \
-               FROM messages WHERE recipient_id = $1 AND acked_at IS NULL \
-                 AND sequence > GREATEST($2, COALESCE( \
-                   (SELECT acked_through FROM inbox_acks WHERE recipient_id = $1), 0)) \
+               FROM messages WHERE recipient_id = $1 AND acked_at IS NULL AND sequence > $2 \
                ORDER BY sequence LIMIT $3) AS page \
              WHERE bytes_before < $4 ORDER BY sequence",
         )
@@ -159,16 +157,22 @@ impl PgMessageStore {
         recipient_id: &str,
         sequences: &[i64],
     ) -> Result<Vec<u64>, StoreError> {
-        // One statement: the acked messages, their events' outbox row, and
-        // the inbox's watermark moved up to its first unacknowledged message.
-        // The rows this statement acks still look unacknowledged to its
-        // subqueries, hence `<> ALL($3)`. Two writers acking one inbox at
-        // once may leave the watermark low, never high: the next ack lifts
-        // it.
+        // One statement: the acked messages and their events' outbox row.
+        // Each sequence is looked up on its own (the LIMIT keeps the lookup
+        // from being turned into a join): a plan that scans the inbox's
+        // unacknowledged messages for each ack, which PostgreSQL picks for
+        // a table it has no statistics of yet, would make draining an inbox
+        // quadratic.
         let acked: Vec<i64> = sqlx::query_scalar(
             "WITH acked AS ( \
                UPDATE messages SET acked_at = $1 \
-               WHERE recipient_id = $2 AND sequence = ANY($3) AND acked_at IS NULL \
+               WHERE ctid = ANY(ARRAY( \
+                   SELECT found.ctid FROM UNNEST($3::bigint[]) AS wanted (sequence) \
+                   CROSS JOIN LATERAL ( \
+                     SELECT ctid FROM messages WHERE recipient_id = $2 \
+                       AND sequence = wanted.sequence AND acked_at IS NULL LIMIT 1 \
+                   ) AS found)) \
+                 AND acked_at IS NULL \
                RETURNING sequence, message_id, sender_id, kind \
              ), events AS ( \
                INSERT INTO outbox (kind, region, occurred_at, message_ids, recipient_ids, \
@@ -177,17 +181,6 @@ impl PgMessageStore {
                  array_agg($2::text ORDER BY sequence), array_agg(sender_id ORDER BY sequence), \
                  array_agg(kind ORDER BY sequence), array_agg(sequence ORDER BY sequence) \
                FROM acked HAVING count(*) > 0 \
-             ), watermark AS ( \
-               INSERT INTO inbox_acks (recipient_id, acked_through) \
-               SELECT recipient_id, LEAST(last_sequence, COALESCE( \
-                 (SELECT min(sequence) - 1 FROM messages WHERE recipient_id = $2 \
-                    AND acked_at IS NULL AND sequence <> ALL($3) \
-                    AND sequence > COALESCE( \
-                      (SELECT acked_through FROM inbox_acks WHERE recipient_id = $2), 0)), \
-                 last_sequence)) \
-               FROM inboxes WHERE recipient_id = $2 \
-               ON CONFLICT (recipient_id) DO UPDATE \
-               SET acked_through = GREATEST(inbox_acks.acked_through, EXCLUDED.acked_through) \
              ) \
              SELECT sequence FROM acked ORDER BY sequence",
         )
@@ -597,9 +590,7 @@ impl MessageStore for PgMessageStore {
     async fn inbox_stats(&self, recipient_id: &str) -> Result<InboxStats, StoreError> {
         self.with_retries(StoreError::is_connection_loss, |_| async {
             let row = sqlx::query(
-                "SELECT (SELECT count(*) FROM messages WHERE recipient_id = $1 AND acked_at IS NULL \
-                   AND sequence > COALESCE( \
-                     (SELECT acked_through FROM inbox_acks WHERE recipient_id = $1), 0)) \
+                "SELECT (SELECT count(*) FROM messages WHERE recipient_id = $1 AND acked_at IS NULL) \
                    AS unacknowledged, \
                  (SELECT last_sequence FROM inboxes WHERE recipient_id = $1) AS last_sequence",
             )
