@@ -350,20 +350,16 @@ async fn send(
         headers: Default::default(),
         idempotency_key: None,
     };
-    // Every message has an idempotency key, as a careful client's have,
-    // and a send that meets UNAVAILABLE or loses its answer is retried with
-    // it, so a retry never stores twice. Keys are unique to this run.
-    let run = uuid::Uuid::now_v7().simple().to_string();
+    // Every message has an idempotency key, as a careful client's have (the
+    // CLI's: a UUIDv7), and a send that meets UNAVAILABLE or loses its
+    // answer is retried with it, so a retry never stores twice.
     let measured = drive(&args.load, |worker| {
         let client = clients[worker % clients.len()].clone();
         let request = request.clone();
-        let run = run.clone();
-        let mut n_sent = 0_u64;
         Box::new(move || {
-            n_sent += 1;
             let client = client.clone();
             let mut request = request.clone();
-            request.idempotency_key = Some(format!("bench-{run}-{worker}-{n_sent}"));
+            request.idempotency_key = Some(crate::commands::new_idempotency_key());
             Box::pin(async move {
                 with_retries(
                     SEND_ATTEMPTS,
