@@ -14,10 +14,20 @@ use fedmesh_proto::pb;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use crate::client::{Endpoints, rpc_error, with_retries};
+use crate::client::{Endpoints, GatewayOverride, MeshArgs, rpc_error, with_retries};
 
 /// How often `bench send` tries a message that met UNAVAILABLE.
 const SEND_ATTEMPTS: u32 = 5;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    #[command(flatten)]
+    pub gateway: GatewayOverride,
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
 
 /// The benchmarks.
 #[derive(Debug, Subcommand)]

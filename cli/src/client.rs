@@ -5,11 +5,49 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use clap::Args;
 use fedmesh_common::error::code_name;
 use fedmesh_common::identity::{AttachIdentity, Identity};
 use fedmesh_proto::pb;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// Where the mesh is, for client commands.
+#[derive(Debug, Args)]
+pub struct MeshArgs {
+    /// Coordinator URL; agencies' home gateways and the notifiers are found
+    /// through it.
+    #[arg(
+        long,
+        global = true,
+        env = "FEDMESH_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    /// Operator name the CLI acts as for directory changes and status.
+    #[arg(long, global = true, env = "FEDMESH_OPERATOR", default_value = "cli")]
+    pub operator: String,
+}
+
+/// A gateway to use instead of the one the coordinator names.
+#[derive(Debug, Args)]
+pub struct GatewayOverride {
+    /// Gateway URL to use instead of the agency's home gateway.
+    #[arg(long, global = true, env = "FEDMESH_GATEWAY")]
+    pub gateway: Option<String>,
+}
+
+impl MeshArgs {
+    /// The endpoints these flags give, with optional overrides.
+    pub fn endpoints(&self, gateway: Option<&str>, notifier: Option<&str>) -> Endpoints {
+        Endpoints {
+            coordinator: self.coordinator.clone(),
+            operator: self.operator.clone(),
+            gateway: gateway.map(str::to_string),
+            notifier: notifier.map(str::to_string),
+        }
+    }
+}
 
 /// A client channel that presents an identity.
 pub type Authenticated = InterceptedService<Channel, AttachIdentity>;

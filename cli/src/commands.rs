@@ -2,15 +2,187 @@
 //! `status` against a running mesh.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Context as _;
+use clap::{Args, Subcommand};
 use fedmesh_common::identity::Identity;
 use fedmesh_proto::pb;
 use serde_json::json;
 
-use crate::cli::{AgencyArgs, AgencyCommand, InboxArgs, SendArgs, StatusArgs, SubscribeArgs};
-use crate::client::{Endpoints, rpc_error, with_retries};
+use crate::client::{Endpoints, GatewayOverride, MeshArgs, rpc_error, with_retries};
 use crate::signal::wait_for_signal;
+
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AgencyArgs {
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    #[command(subcommand)]
+    pub command: AgencyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgencyCommand {
+    /// Register an agency in its home region; the coordinator picks its shard.
+    #[command(
+        after_help = "Examples:\n  fedmesh agency register tax-office --region east --name 'Tax Office'\n  fedmesh agency register land-registry --region west --json"
+    )]
+    Register {
+        /// Agency id: 2-63 characters of a-z, 0-9 and '-', starting with a
+        /// letter and not ending with '-'.
+        id: String,
+        /// Home region (east, west or central in the dev mesh).
+        #[arg(long)]
+        region: String,
+        /// Display name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Print the registered agency as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List agencies.
+    #[command(
+        after_help = "Examples:\n  fedmesh agency list\n  fedmesh agency list --region west --json"
+    )]
+    List {
+        /// Only agencies homed in this region.
+        #[arg(long)]
+        region: Option<String>,
+        /// Print a JSON array of agencies.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one agency.
+    #[command(
+        after_help = "Examples:\n  fedmesh agency show tax-office\n  fedmesh agency show tax-office --json"
+    )]
+    Show {
+        /// Agency id.
+        id: String,
+        /// Print the agency as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an agency from the directory. Refused while its inbox holds
+    /// unacknowledged messages, unless --force.
+    #[command(
+        after_help = "Examples:\n  fedmesh agency deregister old-office\n  fedmesh agency deregister old-office --force   # abandons its unread messages"
+    )]
+    Deregister {
+        /// Agency id.
+        id: String,
+        /// Deregister even though its inbox holds unacknowledged messages
+        /// (they are abandoned) or cannot be checked.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        gateway: GatewayOverride,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("body_source").required(true).args(["body", "body_file"]))]
+pub struct SendArgs {
+    /// The sending agency (the CLI acts as it).
+    #[arg(long = "as", value_name = "ID")]
+    pub sender: String,
+    /// The receiving agency, in any region.
+    #[arg(long = "to", value_name = "ID")]
+    pub recipient: String,
+    /// Message kind: 1-128 characters of a-z, 0-9, '.', '_' and '-',
+    /// starting with a letter.
+    #[arg(long)]
+    pub kind: String,
+    /// Message body as text.
+    #[arg(long)]
+    pub body: Option<String>,
+    /// Read the body from this file ('-' for standard input).
+    #[arg(long, value_name = "PATH")]
+    pub body_file: Option<PathBuf>,
+    /// Header as NAME=VALUE; repeatable.
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// Idempotency key: the same key with the same message stores nothing
+    /// new, with another message is refused. Without one the CLI makes one,
+    /// so that its own retries (after UNAVAILABLE) never store twice.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Print the receipt as one JSON object: message_id, status,
+    /// home_region, stored_at, duplicate.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    #[command(flatten)]
+    pub gateway: GatewayOverride,
+}
+
+#[derive(Debug, Args)]
+pub struct InboxArgs {
+    /// The agency whose inbox to read (the CLI acts as it).
+    #[arg(long = "as", value_name = "ID")]
+    pub agency: String,
+    /// Keep waiting for new messages until interrupted.
+    #[arg(long)]
+    pub follow: bool,
+    /// Acknowledge each message once printed, so it is not delivered again.
+    #[arg(long)]
+    pub ack: bool,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Print one JSON object per message.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    #[command(flatten)]
+    pub gateway: GatewayOverride,
+}
+
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    /// Only events concerning this agency; repeatable.
+    #[arg(long = "agency", value_name = "ID")]
+    pub agencies: Vec<String>,
+    /// Only events of this kind (e.g. message.accepted); repeatable.
+    #[arg(long = "kind", value_name = "KIND")]
+    pub kinds: Vec<String>,
+    /// Only events of this region; repeatable.
+    #[arg(long = "region", value_name = "REGION")]
+    pub regions: Vec<String>,
+    /// Subscribe as this agency (sees only its own events) instead of as
+    /// the operator.
+    #[arg(long = "as", value_name = "ID")]
+    pub agency: Option<String>,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Print one JSON object per event.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    /// Notifier URL to use instead of one the coordinator names.
+    #[arg(long, env = "FEDMESH_NOTIFIER")]
+    pub notifier: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub output: JsonFlag,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+}
 
 /// How often `send` tries a message that met UNAVAILABLE or a lost answer.
 const SEND_ATTEMPTS: u32 = 5;

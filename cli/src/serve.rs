@@ -18,9 +18,26 @@ use fedmesh_gateway::GatewayConfig;
 use fedmesh_notifier::NotifierConfig;
 use serde::Serialize;
 
-use crate::cli::DevArgs;
 use crate::dev::{DEFAULT_BASE_PORT, DevMesh, DevOptions};
 use crate::signal::stop_on_signal;
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Port of the coordinator; the east, west and central gateways take the
+    /// next three ports and the notifier the one after. 0 takes free ports
+    /// (the mesh prints the coordinator's URL to export).
+    #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
+    pub base_port: u16,
+    /// Folder for the SQLite files; agencies and undelivered messages
+    /// survive a restart on the same folder.
+    #[arg(long, default_value = "./fedmesh-data")]
+    pub data_dir: PathBuf,
+    /// Keep a shard in another database instead of a SQLite file, e.g.
+    /// `--shard west-1=postgres://postgres@127.0.0.1/fedmesh_west_1`;
+    /// repeatable. Shards are east-1, west-1 and central-1.
+    #[arg(long = "shard", value_name = "NAME=URL")]
+    pub shards: Vec<fedmesh_gateway::ShardConfig>,
+}
 
 /// The file and mode flags every role command has besides its settings.
 #[derive(Debug, Args)]

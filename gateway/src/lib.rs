@@ -23,6 +23,7 @@ pub mod store;
 
 mod commit_thread;
 mod committer;
+mod convert;
 mod grpc;
 mod receive;
 mod relay;

@@ -21,8 +21,8 @@ use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::convert;
 use crate::error::GatewayError;
-use crate::grpc::convert;
 use crate::message::{Message, Receipt};
 
 type DirectoryClient =

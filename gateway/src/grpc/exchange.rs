@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert;
+use crate::convert;
 use crate::error::GatewayError;
 use crate::receive::{Inbound, Outbound, Receiver};
 use crate::shared::{Shared, require_agency};

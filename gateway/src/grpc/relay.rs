@@ -6,7 +6,7 @@ use fedmesh_common::identity::{Identity, caller};
 use fedmesh_proto::pb;
 use tonic::{Request, Response, Status};
 
-use super::convert;
+use crate::convert;
 use crate::error::GatewayError;
 use crate::message::ToStore;
 use crate::shared::Shared;

@@ -1,5 +1,7 @@
-//! Wire types to domain types and back. Validation happens here, at the
-//! edge: a request that converts is well-formed.
+//! TRANSPORT: wire types to domain types and back, for the services
+//! (`grpc`) and for the gateway as a client of other gateways (`upstream`).
+//! Validation happens here, at the edge: a request that converts is
+//! well-formed.
 
 use std::collections::BTreeMap;
 
