@@ -1,6 +1,7 @@
 //! The one-process dev mesh: a coordinator, a gateway for each region and a
 //! notifier, each on its own loopback port, SQLite files under a data folder
-//! and an in-process event bus, talking to each other over real gRPC.
+//! and an in-process event bus (or a RabbitMQ broker, with `--amqp`),
+//! talking to each other over real gRPC.
 //!
 //! `fedmesh dev` and the end-to-end tests start the mesh through
 //! [`DevMesh::start`].
@@ -11,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use fedmesh_common::events::InProcessBus;
+use fedmesh_common::amqp::{AmqpPublisher, AmqpSource, EventBusSettings};
+use fedmesh_common::events::{EventPublisher, EventSource, InProcessBus};
+use fedmesh_common::store::redact_url;
 use fedmesh_common::topology::Topology;
 use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};
 use fedmesh_gateway::{GatewayConfig, ShardConfig};
@@ -40,6 +43,8 @@ pub struct DevOptions {
     pub shard_urls: std::collections::HashMap<String, String>,
     /// Changes to every gateway's settings (tests tune limits with it).
     pub tune_gateway: Option<TuneGateway>,
+    /// The event bus: with a broker URL, RabbitMQ; without, in process.
+    pub events: EventBusSettings,
 }
 
 /// A change to a gateway's settings before it starts.
@@ -53,6 +58,7 @@ impl std::fmt::Debug for DevOptions {
             .field("base_port", &self.base_port)
             .field("shard_urls", &self.shard_urls)
             .field("tune_gateway", &self.tune_gateway.is_some())
+            .field("events", &self.events.redacted())
             .finish()
     }
 }
@@ -70,8 +76,56 @@ pub struct DevMesh {
     topologies: Vec<watch::Receiver<Arc<Topology>>>,
     open_streams: Vec<watch::Receiver<usize>>,
     components: JoinSet<(String, anyhow::Result<()>)>,
-    bus: InProcessBus,
+    bus: DevBus,
     tune_gateway: Option<TuneGateway>,
+}
+
+/// Where the dev mesh's events go, and where its notifier reads them.
+#[derive(Clone)]
+struct DevBus {
+    publisher: Arc<dyn EventPublisher>,
+    source: Arc<dyn EventSource>,
+}
+
+/// Events the dev mesh's notifier buffers for each subscriber.
+const NOTIFIER_BUFFER: usize = 65_536;
+
+impl DevBus {
+    /// The in-process bus, or the broker `events` names once the notifier's
+    /// side consumes it.
+    async fn start(
+        events: &EventBusSettings,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let Some(url) = events.amqp.as_deref() else {
+            let bus = InProcessBus::new(NOTIFIER_BUFFER);
+            return Ok(DevBus {
+                publisher: Arc::new(bus.clone()),
+                source: Arc::new(bus),
+            });
+        };
+        events.validate()?;
+        let exchange = &events.amqp_exchange;
+        let source = AmqpSource::start(
+            url,
+            exchange,
+            "fedmesh-dev-notifier",
+            NOTIFIER_BUFFER,
+            shutdown.clone(),
+        );
+        tokio::time::timeout(Duration::from_secs(30), source.consuming())
+            .await
+            .with_context(|| {
+                format!(
+                    "RabbitMQ at {} did not let the notifier consume exchange {exchange} within 30 s (the log says why)",
+                    redact_url(url)
+                )
+            })?;
+        Ok(DevBus {
+            publisher: Arc::new(AmqpPublisher::new(url, exchange, "fedmesh-dev")),
+            source,
+        })
+    }
 }
 
 /// What one gateway of the dev mesh is started with.
@@ -88,7 +142,7 @@ struct GatewayStart {
 async fn spawn_gateway(
     gateway: GatewayStart,
     listener: TcpListener,
-    bus: &InProcessBus,
+    bus: &DevBus,
     shutdown: &CancellationToken,
     components: &mut JoinSet<(String, anyhow::Result<()>)>,
 ) -> anyhow::Result<(watch::Receiver<Arc<Topology>>, watch::Receiver<usize>)> {
@@ -102,7 +156,8 @@ async fn spawn_gateway(
     if let Some(tune) = &gateway.tune {
         tune(&mut config);
     }
-    let running = fedmesh_gateway::start(config, listener, Arc::new(bus.clone()), shutdown.clone())
+    let publisher = Some(Arc::clone(&bus.publisher));
+    let running = fedmesh_gateway::start(config, listener, publisher, shutdown.clone())
         .await
         .with_context(|| format!("cannot start gateway {}", gateway.gateway_id))?;
     let topology = running.topology.clone();
@@ -161,8 +216,8 @@ impl DevMesh {
         tracing::warn!(
             "dev mode: no TLS; the caller identity is read from the x-fedmesh-identity header, from loopback only"
         );
-        let bus = InProcessBus::default();
         let shutdown = CancellationToken::new();
+        let bus = DevBus::start(&options.events, &shutdown).await?;
         let mut components = JoinSet::new();
         let coordinator_url = url_of(&coordinator_listener)?;
 
@@ -180,7 +235,7 @@ impl DevMesh {
         coordinator.report_interval_ms = 2_000;
         coordinator.expiry_ms = 6_000;
         // The control database is opened before anything else needs it.
-        let coordinator_bus = Arc::new(bus.clone());
+        let coordinator_bus = Some(Arc::clone(&bus.publisher));
         let coordinator_shutdown = shutdown.child_token();
         let coordinator_stop = coordinator_shutdown.clone();
         components.spawn(async move {
@@ -222,8 +277,7 @@ impl DevMesh {
         }
 
         let notifier_url = url_of(&notifier_listener)?;
-        let notifier_source = bus.clone();
-        let notifier_bus = bus;
+        let notifier_source = Arc::clone(&bus.source);
         let notifier_shutdown = shutdown.clone();
         let notifier_config = NotifierConfig {
             dev_identity: true,
@@ -235,13 +289,12 @@ impl DevMesh {
             let outcome = fedmesh_notifier::run(
                 notifier_config,
                 notifier_listener,
-                Arc::new(notifier_source),
+                notifier_source,
                 notifier_shutdown,
             )
             .await;
             ("notifier".to_string(), outcome.map_err(anyhow::Error::from))
         });
-        let bus = notifier_bus;
 
         let mut mesh = DevMesh {
             coordinator_url,

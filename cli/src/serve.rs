@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{ArgMatches, Args};
+use fedmesh_common::amqp::{AmqpPublisher, AmqpSource, EventBusSettings};
 use fedmesh_common::config::{ConfigError, load, to_toml};
-use fedmesh_common::events::{InProcessBus, NoBus};
+use fedmesh_common::events::EventPublisher;
 use fedmesh_coordinator::CoordinatorConfig;
 use fedmesh_gateway::GatewayConfig;
 use fedmesh_notifier::NotifierConfig;
@@ -37,6 +38,9 @@ pub struct DevArgs {
     /// repeatable. Shards are east-1, west-1 and central-1.
     #[arg(long = "shard", value_name = "NAME=URL")]
     pub shards: Vec<fedmesh_gateway::ShardConfig>,
+    /// The event bus: without --amqp, events travel in process.
+    #[command(flatten)]
+    pub events: EventBusSettings,
 }
 
 /// The file and mode flags every role command has besides its settings.
@@ -122,6 +126,13 @@ fn warn_about_identity(dev_identity: bool) {
     }
 }
 
+/// The publisher to the broker `events` name, if any; `name` is the
+/// connection's name on the broker.
+fn publisher(events: &EventBusSettings, name: &str) -> Option<Arc<dyn EventPublisher>> {
+    let publisher = AmqpPublisher::from_settings(events, name)?;
+    Some(Arc::new(publisher))
+}
+
 /// Runs a coordinator until Ctrl-C or SIGTERM.
 pub async fn coordinator(
     args: CoordinatorArgs,
@@ -141,7 +152,8 @@ pub async fn coordinator(
     };
     warn_about_identity(config.dev_identity);
     let listener = bind(&config.listen).await?;
-    fedmesh_coordinator::run(config, listener, Arc::new(NoBus), stop_on_signal()).await?;
+    let publisher = publisher(&config.events, "fedmesh-coordinator");
+    fedmesh_coordinator::run(config, listener, publisher, stop_on_signal()).await?;
     Ok(())
 }
 
@@ -167,7 +179,27 @@ pub async fn gateway(
         config.advertise = Some(format!("http://{}", config.listen));
     }
     let listener = bind(&config.listen).await?;
-    fedmesh_gateway::run(config, listener, Arc::new(NoBus), stop_on_signal()).await?;
+    let publisher = publisher(
+        &config.events,
+        &format!("fedmesh-gateway-{}", config.gateway_id()),
+    );
+    fedmesh_gateway::run(config, listener, publisher, stop_on_signal()).await?;
+    Ok(())
+}
+
+/// Events a stand-alone notifier buffers for each subscriber.
+const NOTIFIER_BUFFER: usize = 65_536;
+
+/// A stand-alone notifier's settings must name the broker it consumes.
+fn validate_notifier(config: &NotifierConfig) -> Result<(), ConfigError> {
+    config.validate()?;
+    if config.events.amqp.is_none() {
+        return Err(ConfigError::setting(
+            "amqp",
+            "a notifier delivers the events of a RabbitMQ bus: give its URL with --amqp URL \
+             (the dev mesh's notifier carries events in process)",
+        ));
+    }
     Ok(())
 }
 
@@ -181,28 +213,30 @@ pub async fn notifier(
         &args.flags,
         &args.settings,
         matches,
-        NotifierConfig::validate,
-        Clone::clone,
+        validate_notifier,
+        NotifierConfig::redacted,
         out,
     )?
     else {
         return Ok(());
     };
     warn_about_identity(config.dev_identity);
-    tracing::warn!(
-        "no event bus is configured: a stand-alone notifier has no events to deliver until the RabbitMQ bus lands; the dev mesh carries events in process"
-    );
     if config.advertise.is_none() {
         config.advertise = Some(format!("http://{}", config.listen));
     }
     let listener = bind(&config.listen).await?;
-    fedmesh_notifier::run(
-        config,
-        listener,
-        Arc::new(InProcessBus::default()),
-        stop_on_signal(),
-    )
-    .await?;
+    let stop = stop_on_signal();
+    let Some(url) = config.events.amqp.as_deref() else {
+        anyhow::bail!("unreachable: the settings were validated");
+    };
+    let source = AmqpSource::start(
+        url,
+        &config.events.amqp_exchange,
+        &format!("fedmesh-notifier-{}", config.id),
+        NOTIFIER_BUFFER,
+        stop.clone(),
+    );
+    fedmesh_notifier::run(config, listener, source, stop).await?;
     Ok(())
 }
 
@@ -218,6 +252,7 @@ pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<
         base_port: (args.base_port != 0).then_some(args.base_port),
         shard_urls,
         tune_gateway: None,
+        events: args.events.clone(),
     })
     .await?;
     writeln!(
@@ -230,6 +265,18 @@ pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<
         writeln!(out, "  gateway {region:<8} {url}")?;
     }
     writeln!(out, "  notifier         {}", mesh.notifier_url)?;
+    match &args.events.amqp {
+        Some(url) => writeln!(
+            out,
+            "  events           RabbitMQ {}, exchange {}",
+            fedmesh_common::store::redact_url(url),
+            args.events.amqp_exchange
+        )?,
+        None => writeln!(
+            out,
+            "  events           in process (--amqp URL for RabbitMQ)"
+        )?,
+    }
     if args.base_port != DEFAULT_BASE_PORT {
         writeln!(
             out,
@@ -330,6 +377,8 @@ mod tests {
                 "east",
                 "--shard",
                 "east-1=postgres://fedmesh:hunter2@db/east_1",
+                "--amqp",
+                "amqp://fedmesh:rabbit-secret@mq:5672/%2f",
             ])
             .expect("parse");
         let args = Gateway::from_arg_matches(&matches).expect("parse").args;
@@ -352,5 +401,53 @@ mod tests {
             "{printed}"
         );
         assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("[events]"), "{printed}");
+        assert!(
+            printed.contains("amqp = \"amqp://fedmesh:***@mq:5672/%2f\""),
+            "{printed}"
+        );
+        assert!(!printed.contains("rabbit-secret"), "{printed}");
+    }
+
+    #[test]
+    fn the_event_bus_settings_are_checked() {
+        let shard = "east-1=sqlite:///tmp/e.sqlite";
+        let gateway = |extra: &[&str]| {
+            let mut argv = vec!["gateway", "--region", "east", "--shard", shard];
+            argv.extend_from_slice(extra);
+            gateway_settings(&argv)
+        };
+        let config = gateway(&[]).expect("valid").expect("not a check");
+        assert_eq!(config.events.amqp, None, "events are off by default");
+        assert_eq!(config.events.amqp_exchange, "fedmesh.events");
+
+        let error = gateway(&["--amqp", "http://mq:5672"]).expect_err("not AMQP");
+        assert!(format!("{error:#}").contains("--amqp"), "{error:#}");
+        let error = gateway(&["--amqp", "amqp://mq", "--amqp-exchange", "amq.topic"])
+            .expect_err("reserved name");
+        assert!(
+            format!("{error:#}").contains("--amqp-exchange"),
+            "{error:#}"
+        );
+
+        #[derive(Debug, Parser)]
+        struct Notifier {
+            #[command(flatten)]
+            args: NotifierArgs,
+        }
+        let matches = Notifier::command()
+            .try_get_matches_from(["notifier"])
+            .expect("parse");
+        let args = Notifier::from_arg_matches(&matches).expect("parse").args;
+        let error = settings(
+            &args.flags,
+            &args.settings,
+            &matches,
+            validate_notifier,
+            Clone::clone,
+            &mut Vec::new(),
+        )
+        .expect_err("a notifier needs the broker");
+        assert!(format!("{error:#}").contains("--amqp URL"), "{error:#}");
     }
 }

@@ -4,8 +4,8 @@
 //! report; an outbox relay publishes them through [`EventPublisher`] and
 //! deletes them only once the bus accepted them. Notifiers consume them
 //! through [`EventSource`]. [`InProcessBus`] implements both for the
-//! one-process dev mesh; it is the only bus so far (a stand-alone role has
-//! [`NoBus`], which keeps the events in the outbox).
+//! one-process dev mesh; `crate::amqp` implements them on RabbitMQ. A role
+//! without a bus writes no events at all.
 //!
 //! A shard writes the events of a batch of messages (stored, acknowledged)
 //! as one outbox row listing the messages; [`message_events`] makes the
@@ -20,7 +20,9 @@ use std::pin::Pin;
 use fedmesh_proto::pb;
 use tokio::sync::broadcast;
 
-use crate::time::timestamp_from_micros;
+use serde::{Deserialize, Serialize};
+
+use crate::time::{micros_from_timestamp, timestamp_from_micros};
 
 /// `agency.registered`: an agency joined the directory.
 pub const AGENCY_REGISTERED: &str = "agency.registered";
@@ -74,6 +76,114 @@ impl Event {
     pub fn with_attribute(mut self, key: &str, value: impl ToString) -> Self {
         self.attributes.insert(key.to_string(), value.to_string());
         self
+    }
+}
+
+/// `specversion` of the CloudEvents events fedmesh writes.
+pub const CLOUDEVENTS_VERSION: &str = "1.0";
+/// Media type of an event in the CloudEvents JSON format (structured mode).
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// An event in the CloudEvents 1.0 JSON format: the context attributes
+/// every CloudEvents tool reads, and the rest of the event as JSON `data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CloudEvent {
+    specversion: String,
+    id: String,
+    /// `/fedmesh/<region>/<component>`: where the event happened.
+    source: String,
+    /// The event kind, e.g. `message.accepted`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// The agency concerned.
+    subject: String,
+    /// RFC 3339, microseconds.
+    time: String,
+    datacontenttype: String,
+    data: EventData,
+}
+
+/// The `data` of a fedmesh CloudEvent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct EventData {
+    region: String,
+    agency_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message_id: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+/// An event body that is not a fedmesh CloudEvent.
+#[derive(Debug, thiserror::Error)]
+#[error("not a fedmesh CloudEvent: {0}")]
+pub struct NotAnEvent(String);
+
+impl Event {
+    /// The component that reports events of this kind.
+    fn component(&self) -> &'static str {
+        if self.kind.starts_with("agency.") {
+            "coordinator"
+        } else {
+            "gateway"
+        }
+    }
+
+    /// The CloudEvents `source`: `/fedmesh/<region>/<component>`.
+    pub fn source(&self) -> String {
+        format!("/fedmesh/{}/{}", self.region, self.component())
+    }
+
+    /// The routing key on the event exchange: `<region>.<agency>.<kind>`
+    /// (a kind has dots of its own: `east.registry-a.message.accepted`).
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}.{}", self.region, self.agency_id, self.kind)
+    }
+
+    /// The event in the CloudEvents 1.0 JSON format.
+    pub fn to_cloudevent_json(&self) -> Vec<u8> {
+        let cloud_event = CloudEvent {
+            specversion: CLOUDEVENTS_VERSION.to_string(),
+            id: self.event_id.clone(),
+            source: self.source(),
+            kind: self.kind.clone(),
+            subject: self.agency_id.clone(),
+            time: timestamp_from_micros(self.occurred_at_micros).to_string(),
+            datacontenttype: "application/json".to_string(),
+            data: EventData {
+                region: self.region.clone(),
+                agency_id: self.agency_id.clone(),
+                message_id: self.message_id.clone(),
+                attributes: self.attributes.clone(),
+            },
+        };
+        // A struct of strings and a map of strings always serializes.
+        serde_json::to_vec(&cloud_event).unwrap_or_default()
+    }
+
+    /// Reads an event written by [`Event::to_cloudevent_json`].
+    pub fn from_cloudevent_json(body: &[u8]) -> Result<Event, NotAnEvent> {
+        let cloud_event: CloudEvent =
+            serde_json::from_slice(body).map_err(|error| NotAnEvent(error.to_string()))?;
+        if cloud_event.specversion != CLOUDEVENTS_VERSION {
+            return Err(NotAnEvent(format!(
+                "specversion {:?}, expected {CLOUDEVENTS_VERSION}",
+                cloud_event.specversion
+            )));
+        }
+        let time: prost_types::Timestamp = cloud_event
+            .time
+            .parse()
+            .map_err(|error| NotAnEvent(format!("time {:?}: {error}", cloud_event.time)))?;
+        Ok(Event {
+            event_id: cloud_event.id,
+            kind: cloud_event.kind,
+            region: cloud_event.data.region,
+            agency_id: cloud_event.data.agency_id,
+            message_id: cloud_event.data.message_id,
+            occurred_at_micros: micros_from_timestamp(Some(&time)),
+            attributes: cloud_event.data.attributes,
+        })
     }
 }
 
@@ -163,8 +273,16 @@ pub trait EventPublisher: Send + Sync + 'static {
 
 /// Hands out live subscriptions to the events on the bus.
 pub trait EventSource: Send + Sync + 'static {
-    /// A receiver of every event published from now on.
+    /// A receiver of every event published from now on. The receiver is
+    /// closed when the source cannot tell what it missed (it lost its bus):
+    /// the subscriber must subscribe again.
     fn subscribe(&self) -> broadcast::Receiver<Event>;
+
+    /// Whether the source receives the bus's events now (a subscriber that
+    /// subscribes while it does not would wait in vain).
+    fn is_live(&self) -> bool {
+        true
+    }
 }
 
 /// The in-process event bus of the dev mesh: a broadcast channel. Events
@@ -262,22 +380,29 @@ pub async fn run_outbox_relay(
     }
 }
 
-/// The publisher of a component that has no event bus configured: it refuses
-/// every event, so they stay in the outbox until a bus is configured.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoBus;
-
-impl EventPublisher for NoBus {
-    fn publish(&self, _events: Vec<Event>) -> BoxFuture<'_, Result<(), BusError>> {
-        Box::pin(std::future::ready(Err(BusError(
-            "no event bus is configured; events stay in the outbox".to_string(),
-        ))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_reads_back_from_its_cloudevent_json() {
+        let event = Event::new(MESSAGE_ACCEPTED, "west", "reader")
+            .with_message("m1")
+            .with_attribute("sender", "writer");
+        let json = event.to_cloudevent_json();
+        let value: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(value["specversion"], "1.0");
+        assert_eq!(value["type"], "message.accepted");
+        assert_eq!(value["source"], "/fedmesh/west/gateway");
+        assert_eq!(value["subject"], "reader");
+        assert_eq!(event.routing_key(), "west.reader.message.accepted");
+        assert_eq!(Event::from_cloudevent_json(&json).expect("event"), event);
+
+        let registered = Event::new(AGENCY_REGISTERED, "east", "ministry");
+        assert_eq!(registered.source(), "/fedmesh/east/coordinator");
+        assert!(Event::from_cloudevent_json(b"{\"specversion\":\"0.3\"}").is_err());
+        assert!(Event::from_cloudevent_json(b"not json").is_err());
+    }
 
     #[test]
     fn message_events_carry_their_attributes_and_stable_ids() {

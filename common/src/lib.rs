@@ -1,5 +1,6 @@
 //! What every fedmesh role shares.
 //!
+//! - [`amqp`]: the event bus on RabbitMQ: confirmed publishing, consuming.
 //! - [`config`]: settings declared once, merged from defaults, file,
 //!   environment and flags.
 //! - [`error`]: the small set of error kinds, their gRPC codes, and the one
@@ -17,6 +18,7 @@
 //!
 //! Architecture Invariant: this crate depends on no role crate.
 
+pub mod amqp;
 pub mod config;
 pub mod error;
 pub mod events;

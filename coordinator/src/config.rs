@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use fedmesh_common::amqp::EventBusSettings;
 use fedmesh_common::config::{ConfigError, check_range};
 use fedmesh_common::identity::IdentityMode;
 use fedmesh_common::server::ConnectionSettings;
@@ -113,6 +114,10 @@ pub struct CoordinatorConfig {
     /// How the server treats client connections.
     #[command(flatten)]
     pub connections: ConnectionSettings,
+    /// Where events go (`[events]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub events: EventBusSettings,
 }
 
 impl CoordinatorConfig {
@@ -176,7 +181,8 @@ impl CoordinatorConfig {
         )?;
         check_range("expiry_ms", self.expiry_ms, 10..=86_400_000)?;
         check_range("outbox_poll_ms", self.outbox_poll_ms, 1..=3_600_000)?;
-        self.connections.validate()
+        self.connections.validate()?;
+        self.events.validate()
     }
 
     /// The same settings with the password in the database URL hidden, to
@@ -184,6 +190,7 @@ impl CoordinatorConfig {
     pub fn redacted(&self) -> Self {
         CoordinatorConfig {
             db: self.db.as_deref().map(fedmesh_common::store::redact_url),
+            events: self.events.redacted(),
             ..self.clone()
         }
     }

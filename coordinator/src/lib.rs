@@ -50,30 +50,38 @@ pub enum RunError {
 }
 
 /// Runs a coordinator on `listener` until `shutdown` is cancelled; events go
-/// to `publisher`. Returns once every task has stopped.
+/// through the control database's outbox to `publisher` (without one,
+/// events are off and none is written). Returns once every task has stopped.
 pub async fn run(
     config: CoordinatorConfig,
     listener: TcpListener,
-    publisher: Arc<dyn EventPublisher>,
+    publisher: Option<Arc<dyn EventPublisher>>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
     let store = store::open_store(config.database_url(), config.pool_size).await?;
     let outbox = store.outbox();
-    let outbox_wake = Arc::new(tokio::sync::Notify::new());
-    let directory =
-        directory::Directory::load(store, config.regions.clone(), Arc::clone(&outbox_wake)).await?;
-    let directory = Arc::new(directory);
     let tasks = TaskTracker::new();
-
-    tasks.spawn(run_outbox_relay(
-        "control".into(),
-        outbox,
-        publisher,
-        outbox_wake,
-        config.outbox_poll_interval(),
-        shutdown.clone(),
-    ));
+    let outbox_wake = match publisher {
+        Some(publisher) => {
+            let outbox_wake = Arc::new(tokio::sync::Notify::new());
+            tasks.spawn(run_outbox_relay(
+                "control".into(),
+                outbox,
+                publisher,
+                Arc::clone(&outbox_wake),
+                config.outbox_poll_interval(),
+                shutdown.clone(),
+            ));
+            Some(outbox_wake)
+        }
+        None => {
+            tracing::warn!("no event bus is configured (--amqp): events are off, none are kept");
+            None
+        }
+    };
+    let directory = directory::Directory::load(store, config.regions.clone(), outbox_wake).await?;
+    let directory = Arc::new(directory);
     tasks.spawn(expire_instances(
         Arc::clone(&directory),
         config.clone(),

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use fedmesh_common::amqp::EventBusSettings;
 use fedmesh_common::config::{ConfigError, check_range};
 use fedmesh_common::identity::IdentityMode;
 use fedmesh_common::server::ConnectionSettings;
@@ -175,6 +176,10 @@ pub struct GatewayConfig {
     /// How the server treats client connections.
     #[command(flatten)]
     pub connections: ConnectionSettings,
+    /// Where events go (`[events]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub events: EventBusSettings,
 }
 
 impl GatewayConfig {
@@ -250,7 +255,8 @@ impl GatewayConfig {
             1..=86_400,
         )?;
         check_range("outbox_poll_ms", self.outbox_poll_ms, 1..=3_600_000)?;
-        self.connections.validate()
+        self.connections.validate()?;
+        self.events.validate()
     }
 
     /// The same settings with the passwords in database URLs hidden, to
@@ -260,6 +266,7 @@ impl GatewayConfig {
         for shard in &mut redacted.shards {
             shard.database_url = fedmesh_common::store::redact_url(&shard.database_url);
         }
+        redacted.events = self.events.redacted();
         redacted
     }
 

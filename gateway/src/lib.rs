@@ -93,11 +93,12 @@ pub struct RunningGateway {
 }
 
 /// Opens the shards, starts the background tasks and serves on `listener`
-/// until `shutdown` is cancelled. Events go to `publisher`.
+/// until `shutdown` is cancelled. Events go through each shard's outbox to
+/// `publisher`; without one, events are off and no outbox rows are written.
 pub async fn start(
     config: GatewayConfig,
     listener: TcpListener,
-    publisher: Arc<dyn EventPublisher>,
+    publisher: Option<Arc<dyn EventPublisher>>,
     shutdown: CancellationToken,
 ) -> Result<RunningGateway, RunError> {
     config.validate()?;
@@ -113,6 +114,9 @@ pub async fn start(
         ),
     };
     let tasks = TaskTracker::new();
+    if publisher.is_none() {
+        tracing::warn!("no event bus is configured (--amqp): events are off, none are kept");
+    }
     let hub = Arc::new(InboxHub::default());
     let commit_thread = CommitThread::start()
         .map_err(|error| RunError::Config(format!("cannot start the commit thread: {error}")))?;
@@ -123,6 +127,7 @@ pub async fn start(
             &region,
             config.pool_size,
             u32::try_from(config.commit_lanes.max(1)).unwrap_or(u32::MAX),
+            publisher.is_some(),
         )
         .await
         .map_err(|source| RunError::Store {
@@ -138,14 +143,16 @@ pub async fn start(
             shutdown.clone(),
         ));
         let outbox_wake = Arc::new(Notify::new());
-        tasks.spawn(run_outbox_relay(
-            shard.name.clone(),
-            store.outbox(),
-            Arc::clone(&publisher),
-            Arc::clone(&outbox_wake),
-            config.outbox_poll_interval(),
-            shutdown.clone(),
-        ));
+        if let Some(publisher) = &publisher {
+            tasks.spawn(run_outbox_relay(
+                shard.name.clone(),
+                store.outbox(),
+                Arc::clone(publisher),
+                Arc::clone(&outbox_wake),
+                config.outbox_poll_interval(),
+                shutdown.clone(),
+            ));
+        }
         let batching = committer::Batching {
             max_batch: config.max_batch,
             linger: config.commit_linger(),
@@ -262,7 +269,7 @@ pub async fn start(
 pub async fn run(
     config: GatewayConfig,
     listener: TcpListener,
-    publisher: Arc<dyn EventPublisher>,
+    publisher: Option<Arc<dyn EventPublisher>>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let running = start(config, listener, publisher, shutdown).await?;

@@ -11,6 +11,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use fedmesh_common::amqp::EventBusSettings;
 use fedmesh_common::config::ConfigError;
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError, to_status};
 use fedmesh_common::events::{Event, EventSource};
@@ -62,6 +63,10 @@ pub struct NotifierConfig {
     /// How the server treats client connections.
     #[command(flatten)]
     pub connections: ConnectionSettings,
+    /// Where events go (`[events]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub events: EventBusSettings,
 }
 
 impl Default for NotifierConfig {
@@ -75,7 +80,17 @@ impl NotifierConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         fedmesh_common::validate::agency_id("id", &self.id)
             .map_err(|invalid| ConfigError::setting("id", invalid.description))?;
-        self.connections.validate()
+        self.connections.validate()?;
+        self.events.validate()
+    }
+
+    /// The same settings with the password in the broker URL hidden, to
+    /// print them.
+    pub fn redacted(&self) -> Self {
+        NotifierConfig {
+            events: self.events.redacted(),
+            ..self.clone()
+        }
     }
 
     /// How callers are authenticated.
@@ -99,6 +114,12 @@ pub enum NotifierError {
     /// The notifier is stopping.
     #[error("notifier shutting down; resubscribe")]
     ShuttingDown,
+    /// The notifier is not receiving the bus's events (it lost its broker,
+    /// or has not reached it yet).
+    #[error(
+        "this notifier is not connected to the event bus{0}; subscribe again shortly (to it or another notifier)"
+    )]
+    NoFeed(&'static str),
 }
 
 impl ServiceError for NotifierError {
@@ -107,7 +128,7 @@ impl ServiceError for NotifierError {
             NotifierError::InvalidField(_) => ErrorKind::InvalidArgument,
             NotifierError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             NotifierError::Lagged(_) => ErrorKind::ResourceExhausted,
-            NotifierError::ShuttingDown => ErrorKind::Unavailable,
+            NotifierError::ShuttingDown | NotifierError::NoFeed(_) => ErrorKind::Unavailable,
         }
     }
 
@@ -195,6 +216,9 @@ impl pb::notifications_server::Notifications for NotificationsService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let identity = caller(&request)?;
         let filter = Filter::for_caller(request.into_inner(), &identity)?;
+        if !self.source.is_live() {
+            return Err(NotifierError::NoFeed("").into());
+        }
         // Subscribed before the call is answered: every event published after
         // the answer reaches this subscriber.
         let mut events = self.source.subscribe();
@@ -209,7 +233,8 @@ impl pb::notifications_server::Notifications for NotificationsService {
                     event = events.recv() => match event {
                         Ok(event) => Ok(event),
                         Err(RecvError::Lagged(n_missed)) => Err(NotifierError::Lagged(n_missed)),
-                        Err(RecvError::Closed) => Err(NotifierError::ShuttingDown),
+                        Err(RecvError::Closed) if shutdown.is_cancelled() => Err(NotifierError::ShuttingDown),
+                        Err(RecvError::Closed) => Err(NotifierError::NoFeed(" (its connection was lost: events may have been missed)")),
                     },
                 };
                 match event {

@@ -7,8 +7,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod broker;
 mod proxy;
 
+pub use broker::{TestBroker, TestQueue, broker_url};
 pub use proxy::TcpProxy;
 
 use std::collections::HashMap;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use fedmesh::client::Authenticated;
 use fedmesh::dev::{DevMesh, DevOptions, TuneGateway};
+use fedmesh_common::amqp::EventBusSettings;
 use fedmesh_common::identity::{AttachIdentity, Identity};
 use fedmesh_common::testing::TestDatabase;
 use fedmesh_proto::pb;
@@ -43,11 +46,37 @@ pub enum Backend {
     Postgres,
 }
 
+/// Where a test mesh's events travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bus {
+    /// The dev mesh's in-process bus (shards on SQLite).
+    InProcess,
+    /// An exchange of the test's own on the machine's RabbitMQ (shards on
+    /// PostgreSQL, as deployed).
+    RabbitMq,
+}
+
+impl Bus {
+    /// A mesh on this bus, and the test's exchange when on RabbitMQ (kept
+    /// until the test ends; drop it after the mesh).
+    pub async fn mesh(self) -> (TestMesh, Option<TestBroker>) {
+        match self {
+            Bus::InProcess => (TestMesh::start_with(Backend::Sqlite).await, None),
+            Bus::RabbitMq => {
+                let broker = TestBroker::start().await;
+                let mesh = TestMesh::start_on_bus(Backend::Postgres, broker.settings()).await;
+                (mesh, Some(broker))
+            }
+        }
+    }
+}
+
 /// A dev mesh on ephemeral ports over its own data folder.
 pub struct TestMesh {
     mesh: Option<DevMesh>,
     shard_urls: HashMap<String, String>,
     tune_gateway: Option<TuneGateway>,
+    events: EventBusSettings,
     /// Kept until the mesh is gone: dropping them drops the databases.
     databases: Vec<TestDatabase>,
     data_dir: tempfile::TempDir,
@@ -71,6 +100,20 @@ impl TestMesh {
     /// Starts a mesh whose shards live in `backend`, every gateway's
     /// settings changed by `tune`.
     pub async fn start_tuned(backend: Backend, tune: Option<TuneGateway>) -> TestMesh {
+        Self::start_full(backend, tune, EventBusSettings::default()).await
+    }
+
+    /// Starts a mesh whose shards live in `backend` and whose events go
+    /// through the bus `events` names (a broker, or in process).
+    pub async fn start_on_bus(backend: Backend, events: EventBusSettings) -> TestMesh {
+        Self::start_full(backend, None, events).await
+    }
+
+    async fn start_full(
+        backend: Backend,
+        tune: Option<TuneGateway>,
+        events: EventBusSettings,
+    ) -> TestMesh {
         let data_dir = tempfile::tempdir().unwrap();
         let mut databases = Vec::new();
         let mut shard_urls = HashMap::new();
@@ -81,11 +124,12 @@ impl TestMesh {
                 databases.push(database);
             }
         }
-        let mesh = Self::start_on(data_dir.path(), &shard_urls, &tune).await;
+        let mesh = Self::start_on(data_dir.path(), &shard_urls, &tune, &events).await;
         TestMesh {
             mesh: Some(mesh),
             shard_urls,
             tune_gateway: tune,
+            events,
             databases,
             data_dir,
         }
@@ -131,12 +175,14 @@ impl TestMesh {
         path: &std::path::Path,
         shard_urls: &HashMap<String, String>,
         tune: &Option<TuneGateway>,
+        events: &EventBusSettings,
     ) -> DevMesh {
         let options = DevOptions {
             data_dir: path.to_path_buf(),
             base_port: None,
             shard_urls: shard_urls.clone(),
             tune_gateway: tune.clone(),
+            events: events.clone(),
         };
         within("the dev mesh to start", DevMesh::start(options))
             .await
@@ -152,8 +198,15 @@ impl TestMesh {
         within("the dev mesh to stop", self.mesh.take().unwrap().stop())
             .await
             .unwrap();
-        self.mesh =
-            Some(Self::start_on(self.data_dir.path(), &self.shard_urls, &self.tune_gateway).await);
+        self.mesh = Some(
+            Self::start_on(
+                self.data_dir.path(),
+                &self.shard_urls,
+                &self.tune_gateway,
+                &self.events,
+            )
+            .await,
+        );
     }
 
     /// Waits until the gateway of `region` routes with a topology that
@@ -464,6 +517,32 @@ pub fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) ->
         Err(status) if status.code() == code => status,
         other => panic!("expected {code:?}, got {other:?}"),
     }
+}
+
+/// Runs each named `async fn(Bus)` as a test on every event bus: an
+/// `in_process` and a `rabbitmq` module with one `#[tokio::test]` per name.
+/// The in-process bus stands in for RabbitMQ in the dev mesh, so both pass
+/// the same tests.
+#[macro_export]
+macro_rules! on_every_bus {
+    ($($test:ident),* $(,)?) => {
+        mod in_process {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::Bus::InProcess).await;
+                }
+            )*
+        }
+        mod rabbitmq {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::Bus::RabbitMq).await;
+                }
+            )*
+        }
+    };
 }
 
 /// Runs each named `async fn(Backend)` as a test on every backend: a

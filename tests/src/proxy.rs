@@ -2,7 +2,9 @@
 //! on cue: [`TcpProxy::freeze`] stops every byte both ways while keeping the
 //! connections open (a client that vanished without closing), and
 //! [`TcpProxy::cut_after_response_headers`] drops the connection as the
-//! server's first response to a call starts (a call whose answer is lost).
+//! server's first response to a call starts (a call whose answer is lost),
+//! [`TcpProxy::stop`] closes every connection and refuses new ones until
+//! [`TcpProxy::resume`] (a server that is down).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +18,10 @@ use tokio::sync::watch;
 pub struct TcpProxy {
     /// `http://` URL of the proxy.
     pub url: String,
+    /// `host:port` of the proxy.
+    pub address: SocketAddr,
     frozen: watch::Sender<bool>,
+    down: watch::Sender<bool>,
     cut_next_response: Arc<AtomicBool>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -29,14 +34,21 @@ impl TcpProxy {
             .parse()
             .unwrap_or_else(|error| panic!("proxy target {target:?}: {error}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let address = listener.local_addr().unwrap();
+        let url = format!("http://{address}");
         let frozen = watch::channel(false).0;
+        let down = watch::channel(false).0;
         let cut_next_response = Arc::new(AtomicBool::new(false));
         let accept = {
             let frozen = frozen.clone();
+            let down = down.clone();
             let cut = Arc::clone(&cut_next_response);
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    if *down.borrow() {
+                        // Refused: closed at once.
+                        continue;
+                    }
                     let Ok(server) = TcpStream::connect(target).await else {
                         continue;
                     };
@@ -44,11 +56,15 @@ impl TcpProxy {
                     let _ = server.set_nodelay(true);
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
-                    tokio::spawn(pump(client_read, server_write, frozen.subscribe(), None));
+                    let watching = || Watch {
+                        frozen: frozen.subscribe(),
+                        down: down.subscribe(),
+                    };
+                    tokio::spawn(pump(client_read, server_write, watching(), None));
                     tokio::spawn(pump(
                         server_read,
                         client_write,
-                        frozen.subscribe(),
+                        watching(),
                         Some(Arc::clone(&cut)),
                     ));
                 }
@@ -56,10 +72,23 @@ impl TcpProxy {
         };
         TcpProxy {
             url,
+            address,
             frozen,
+            down,
             cut_next_response,
             accept,
         }
+    }
+
+    /// Closes every connection and refuses new ones, as a server that went
+    /// down, until [`TcpProxy::resume`].
+    pub fn stop(&self) {
+        self.down.send_replace(true);
+    }
+
+    /// Accepts and forwards connections again after [`TcpProxy::stop`].
+    pub fn resume(&self) {
+        self.down.send_replace(false);
     }
 
     /// Stops forwarding anything, both ways, on every connection; the
@@ -87,25 +116,40 @@ const FRAME_HEADER: usize = 9;
 /// The HTTP/2 HEADERS frame type.
 const HEADERS: u8 = 1;
 
-/// Copies `from` to `to` until either ends; holds everything once frozen.
-/// With `cut`, parses the HTTP/2 frames going through and drops the
-/// connection at the first HEADERS frame of a stream once `cut` is set.
+/// What a connection's pumps watch.
+struct Watch {
+    frozen: watch::Receiver<bool>,
+    down: watch::Receiver<bool>,
+}
+
+/// Copies `from` to `to` until either ends or the proxy stops; holds
+/// everything once frozen. With `cut`, parses the HTTP/2 frames going
+/// through and drops the connection at the first HEADERS frame of a stream
+/// once `cut` is set.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: watch::Receiver<bool>,
+    mut watch: Watch,
     cut: Option<Arc<AtomicBool>>,
 ) {
+    let Watch { frozen, down } = &mut watch;
     let mut buffer = vec![0_u8; 64 * 1024];
     let mut frames = FrameCursor::default();
     loop {
+        if *down.borrow_and_update() {
+            // Both halves are dropped: the connection closes.
+            return;
+        }
         if *frozen.borrow_and_update() {
-            // Hold the sockets open and silent until the test ends.
-            std::future::pending::<()>().await;
+            // Hold the sockets open and silent until the test ends or the
+            // proxy stops.
+            let _ = down.wait_for(|down| *down).await;
+            return;
         }
         let read = tokio::select! {
             read = from.read(&mut buffer) => read,
             _ = frozen.changed() => continue,
+            _ = down.changed() => continue,
         };
         let Ok(n_read) = read else { return };
         if n_read == 0 || *frozen.borrow() {

@@ -1,11 +1,11 @@
-//! Events reach subscribers.
+//! Events reach subscribers, on the in-process bus and on RabbitMQ alike.
 
 use fedmesh_common::events::{MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
 use fedmesh_proto::pb;
-use fedmesh_tests::{Backend, TestMesh, within};
+use fedmesh_tests::{Bus, within};
 
-async fn a_subscriber_sees_message_accepted_and_delivered(backend: Backend) {
-    let mesh = TestMesh::start_with(backend).await;
+async fn a_subscriber_sees_message_accepted_and_delivered(bus: Bus) {
+    let (mesh, _broker) = bus.mesh().await;
     mesh.register("sender", "east").await;
     mesh.register("reader", "west").await;
     let mut events = mesh
@@ -47,8 +47,8 @@ async fn a_subscriber_sees_message_accepted_and_delivered(backend: Backend) {
     assert_ne!(delivered.event_id, accepted.event_id);
 }
 
-async fn a_subscriber_sees_registrations_of_its_regions_only(backend: Backend) {
-    let mesh = TestMesh::start_with(backend).await;
+async fn a_subscriber_sees_registrations_of_its_regions_only(bus: Bus) {
+    let (mesh, _broker) = bus.mesh().await;
     let mut events = mesh
         .notifications()
         .subscribe(pb::SubscribeRequest {
@@ -75,7 +75,7 @@ async fn a_subscriber_sees_registrations_of_its_regions_only(backend: Backend) {
     );
 }
 
-fedmesh_tests::on_every_backend!(
+fedmesh_tests::on_every_bus!(
     a_subscriber_sees_message_accepted_and_delivered,
     a_subscriber_sees_registrations_of_its_regions_only,
 );

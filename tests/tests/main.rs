@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
 mod bad_input;
+mod bus;
 mod cli;
 mod events;
 mod inbox;

@@ -25,17 +25,19 @@ use crate::store::DirectoryStore;
 pub struct Directory {
     store: Arc<dyn DirectoryStore>,
     state: Mutex<TopologyState>,
-    outbox_wake: Arc<tokio::sync::Notify>,
+    /// Notified after every commit that wrote an event; None: events are off.
+    outbox_wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Directory {
     /// Loads the agencies from `store` and starts the topology at a version
     /// above any a previous run of this coordinator handed out.
-    /// `outbox_wake` is notified after every commit that wrote an event.
+    /// `outbox_wake` is notified after every commit that wrote an event;
+    /// without it events are off and none is written.
     pub async fn load(
         store: Arc<dyn DirectoryStore>,
         regions: Vec<RegionConfig>,
-        outbox_wake: Arc<tokio::sync::Notify>,
+        outbox_wake: Option<Arc<tokio::sync::Notify>>,
     ) -> Result<Self, StoreError> {
         let agencies = store.all_agencies().await?;
         let initial_version = u64::try_from(fedmesh_common::time::now_micros()).unwrap_or(1);
@@ -44,6 +46,12 @@ impl Directory {
             state: Mutex::new(TopologyState::new(regions, agencies, initial_version)),
             outbox_wake,
         })
+    }
+
+    fn wake_outbox(&self) {
+        if let Some(wake) = &self.outbox_wake {
+            wake.notify_one();
+        }
     }
 
     /// The topology state; held only briefly, never across an await.
@@ -87,8 +95,9 @@ impl Directory {
             display_name: display_name.to_string(),
             registered_at_micros: fedmesh_common::time::now_micros(),
         };
-        let event =
-            Event::new(AGENCY_REGISTERED, region, agency_id).with_attribute("shard", &record.shard);
+        let event = self.outbox_wake.as_ref().map(|_| {
+            Event::new(AGENCY_REGISTERED, region, agency_id).with_attribute("shard", &record.shard)
+        });
         match self.store.insert_agency(&record, event).await {
             Ok(()) => {}
             Err(StoreError::Conflict) => {
@@ -96,7 +105,7 @@ impl Directory {
             }
             Err(error) => return Err(error.into()),
         }
-        self.outbox_wake.notify_one();
+        self.wake_outbox();
         self.state().upsert_agency(record.clone());
         tracing::info!(agency_id, region, shard = %record.shard, "agency registered");
         Ok(record)
@@ -114,11 +123,14 @@ impl Directory {
     /// Removes an agency.
     pub async fn deregister_agency(&self, agency_id: &str) -> Result<(), DirectoryError> {
         let record = self.get_agency(agency_id)?;
-        let event = Event::new(AGENCY_DEREGISTERED, &record.region, agency_id);
+        let event = self
+            .outbox_wake
+            .as_ref()
+            .map(|_| Event::new(AGENCY_DEREGISTERED, &record.region, agency_id));
         if !self.store.delete_agency(agency_id, event).await? {
             return Err(DirectoryError::AgencyNotFound(agency_id.to_string()));
         }
-        self.outbox_wake.notify_one();
+        self.wake_outbox();
         self.state().remove_agency(agency_id);
         tracing::info!(agency_id, "agency deregistered");
         Ok(())

@@ -32,11 +32,20 @@ pub async fn open_store(
 /// The control database.
 #[async_trait::async_trait]
 pub trait DirectoryStore: Send + Sync + 'static {
-    /// Inserts `agency` and its event; [`StoreError::Conflict`] if the id is
-    /// taken (then nothing is written).
-    async fn insert_agency(&self, agency: &AgencyRecord, event: Event) -> Result<(), StoreError>;
-    /// Deletes an agency and writes its event; false if it did not exist.
-    async fn delete_agency(&self, agency_id: &str, event: Event) -> Result<bool, StoreError>;
+    /// Inserts `agency` and its event, if any (none while events are off);
+    /// [`StoreError::Conflict`] if the id is taken (then nothing is written).
+    async fn insert_agency(
+        &self,
+        agency: &AgencyRecord,
+        event: Option<Event>,
+    ) -> Result<(), StoreError>;
+    /// Deletes an agency and writes its event, if any; false if it did not
+    /// exist.
+    async fn delete_agency(
+        &self,
+        agency_id: &str,
+        event: Option<Event>,
+    ) -> Result<bool, StoreError>;
     /// All agencies, for the topology.
     async fn all_agencies(&self) -> Result<Vec<AgencyRecord>, StoreError>;
 

@@ -34,7 +34,11 @@ impl PgDirectoryStore {
 
 #[async_trait::async_trait]
 impl DirectoryStore for PgDirectoryStore {
-    async fn insert_agency(&self, agency: &AgencyRecord, event: Event) -> Result<(), StoreError> {
+    async fn insert_agency(
+        &self,
+        agency: &AgencyRecord,
+        event: Option<Event>,
+    ) -> Result<(), StoreError> {
         let mut transaction = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO agencies (agency_id, region, shard, display_name, registered_at) \
@@ -50,12 +54,18 @@ impl DirectoryStore for PgDirectoryStore {
         if inserted.rows_affected() == 0 {
             return Err(StoreError::Conflict);
         }
-        insert_events(&mut transaction, &[event]).await?;
+        if let Some(event) = event {
+            insert_events(&mut transaction, &[event]).await?;
+        }
         transaction.commit().await?;
         Ok(())
     }
 
-    async fn delete_agency(&self, agency_id: &str, event: Event) -> Result<bool, StoreError> {
+    async fn delete_agency(
+        &self,
+        agency_id: &str,
+        event: Option<Event>,
+    ) -> Result<bool, StoreError> {
         let mut transaction = self.pool.begin().await?;
         let deleted = sqlx::query("DELETE FROM agencies WHERE agency_id = $1")
             .bind(agency_id)
@@ -64,7 +74,9 @@ impl DirectoryStore for PgDirectoryStore {
         if deleted.rows_affected() == 0 {
             return Ok(false);
         }
-        insert_events(&mut transaction, &[event]).await?;
+        if let Some(event) = event {
+            insert_events(&mut transaction, &[event]).await?;
+        }
         transaction.commit().await?;
         Ok(true)
     }

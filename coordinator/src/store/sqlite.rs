@@ -38,7 +38,11 @@ fn agency_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgencyRecord, StoreE
 
 #[async_trait::async_trait]
 impl DirectoryStore for SqliteDirectoryStore {
-    async fn insert_agency(&self, agency: &AgencyRecord, event: Event) -> Result<(), StoreError> {
+    async fn insert_agency(
+        &self,
+        agency: &AgencyRecord,
+        event: Option<Event>,
+    ) -> Result<(), StoreError> {
         let mut transaction = begin_write(&self.pool).await?;
         let inserted = sqlx::query(
             "INSERT INTO agencies (agency_id, region, shard, display_name, registered_at) \
@@ -54,12 +58,18 @@ impl DirectoryStore for SqliteDirectoryStore {
         if inserted.rows_affected() == 0 {
             return Err(StoreError::Conflict);
         }
-        insert_event(&mut transaction, &event).await?;
+        if let Some(event) = &event {
+            insert_event(&mut transaction, event).await?;
+        }
         transaction.commit().await?;
         Ok(())
     }
 
-    async fn delete_agency(&self, agency_id: &str, event: Event) -> Result<bool, StoreError> {
+    async fn delete_agency(
+        &self,
+        agency_id: &str,
+        event: Option<Event>,
+    ) -> Result<bool, StoreError> {
         let mut transaction = begin_write(&self.pool).await?;
         let deleted = sqlx::query("DELETE FROM agencies WHERE agency_id = ?")
             .bind(agency_id)
@@ -68,7 +78,9 @@ impl DirectoryStore for SqliteDirectoryStore {
         if deleted.rows_affected() == 0 {
             return Ok(false);
         }
-        insert_event(&mut transaction, &event).await?;
+        if let Some(event) = &event {
+            insert_event(&mut transaction, event).await?;
+        }
         transaction.commit().await?;
         Ok(true)
     }

@@ -24,10 +24,10 @@ macro_rules! directory_store_suite {
                 let (store, _guard) = $open.await;
                 let event = || Event::new(AGENCY_REGISTERED, "east", "alpha");
                 store
-                    .insert_agency(&agency("alpha"), event())
+                    .insert_agency(&agency("alpha"), Some(event()))
                     .await
                     .expect("first insert");
-                let second = store.insert_agency(&agency("alpha"), event()).await;
+                let second = store.insert_agency(&agency("alpha"), Some(event())).await;
                 assert!(matches!(second, Err(StoreError::Conflict)), "{second:?}");
                 assert_eq!(store.all_agencies().await.expect("list").len(), 1);
                 let outbox = fedmesh_common::testing::drain_outbox(store.outbox().as_ref()).await;
@@ -39,13 +39,18 @@ macro_rules! directory_store_suite {
                 let (store, _guard) = $open.await;
                 let event = || Event::new(AGENCY_REGISTERED, "east", "alpha");
                 store
-                    .insert_agency(&agency("alpha"), event())
+                    .insert_agency(&agency("alpha"), Some(event()))
                     .await
                     .expect("insert");
-                assert!(store.delete_agency("alpha", event()).await.expect("delete"));
+                assert!(
+                    store
+                        .delete_agency("alpha", Some(event()))
+                        .await
+                        .expect("delete")
+                );
                 assert!(
                     !store
-                        .delete_agency("alpha", event())
+                        .delete_agency("alpha", Some(event()))
                         .await
                         .expect("delete again")
                 );

@@ -29,18 +29,33 @@ use crate::message::{Claimed, InboxMessage, InboxStats, KeyClaim, Message, Outco
 
 /// Opens the shard at `url`: `postgres://...` or `sqlite://...`, with at most
 /// `max_connections` for reads, acks and background work, and on PostgreSQL
-/// `writers` more for the commit lanes.
+/// `writers` more for the commit lanes. Without `events` the store writes
+/// nothing to its outbox.
 pub async fn open_store(
     url: &str,
     region: &str,
     max_connections: u32,
     writers: u32,
+    events: bool,
 ) -> Result<Arc<dyn MessageStore>, StoreError> {
     Ok(match Backend::of_url(url)? {
-        Backend::Postgres => Arc::new(
-            PgMessageStore::open_with_writers(url, region, max_connections, writers).await?,
-        ),
-        Backend::Sqlite => Arc::new(SqliteMessageStore::open(url, region).await?),
+        Backend::Postgres => {
+            let store =
+                PgMessageStore::open_with_writers(url, region, max_connections, writers).await?;
+            Arc::new(if events {
+                store
+            } else {
+                store.without_events()
+            })
+        }
+        Backend::Sqlite => {
+            let store = SqliteMessageStore::open(url, region).await?;
+            Arc::new(if events {
+                store
+            } else {
+                store.without_events()
+            })
+        }
     })
 }
 

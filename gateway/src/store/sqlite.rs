@@ -22,6 +22,8 @@ pub struct SqliteMessageStore {
     pool: SqlitePool,
     region: String,
     clock: Arc<BatchClock>,
+    /// Whether events are written to the outbox (off without a bus).
+    events: bool,
 }
 
 impl SqliteMessageStore {
@@ -34,7 +36,14 @@ impl SqliteMessageStore {
             pool,
             region: region.to_string(),
             clock: Arc::new(BatchClock::default()),
+            events: true,
         })
+    }
+
+    /// The same store, writing no events (a gateway without an event bus).
+    pub fn without_events(mut self) -> Self {
+        self.events = false;
+        self
     }
 }
 
@@ -201,7 +210,7 @@ impl MessageStore for SqliteMessageStore {
         let known = Self::look_up(&mut transaction, batch).await?;
         let plan = plan::plan(batch, &known);
         let sequences = Self::insert_new(&mut transaction, &plan.new, stored_at_micros).await?;
-        if !plan.new.is_empty() {
+        if self.events && !plan.new.is_empty() {
             let entries: Vec<MessageEntry> = plan
                 .new
                 .iter()
@@ -351,7 +360,7 @@ impl MessageStore for SqliteMessageStore {
                 sequence,
             });
         }
-        if !entries.is_empty() {
+        if self.events && !entries.is_empty() {
             insert_message_events(
                 &mut transaction,
                 MESSAGE_DELIVERED,

@@ -122,6 +122,20 @@ macro_rules! message_store_suite {
             }
 
             #[tokio::test]
+            async fn a_store_without_events_keeps_no_outbox_rows() {
+                let (store, _guard) = $open.await;
+                let store = store.without_events();
+                let stored = stored(&store, &[fresh("m1", "alpha"), fresh("m2", "alpha")]).await;
+                assert_eq!(stored.len(), 2);
+                assert_eq!(store.ack("alpha", &[1, 2]).await.expect("ack"), vec![1, 2]);
+                assert_eq!(
+                    events(&store).await,
+                    Vec::new(),
+                    "neither accepted nor delivered"
+                );
+            }
+
+            #[tokio::test]
             async fn accepted_messages_are_listed_for_their_events() {
                 let (store, _guard) = $open.await;
                 stored(&store, &[fresh("m1", "alpha"), fresh("m2", "beta")]).await;

@@ -51,6 +51,8 @@ pub struct PgMessageStore {
     /// Attempts per batch: enough to get past every pooled connection
     /// having been lost at once.
     max_attempts: usize,
+    /// Whether events are written to the outbox (off without a bus).
+    events: bool,
 }
 
 impl PgMessageStore {
@@ -83,7 +85,14 @@ impl PgMessageStore {
                     .unwrap_or(usize::MAX)
                     .saturating_add(2),
             ),
+            events: true,
         })
+    }
+
+    /// The same store, writing no events (a gateway without an event bus).
+    pub fn without_events(mut self) -> Self {
+        self.events = false;
+        self
     }
 
     /// The other gateway replicas this one has heard of on the shard (their
@@ -180,7 +189,7 @@ impl PgMessageStore {
                SELECT $4, $5, $1, array_agg(message_id ORDER BY sequence), \
                  array_agg($2::text ORDER BY sequence), array_agg(sender_id ORDER BY sequence), \
                  array_agg(kind ORDER BY sequence), array_agg(sequence ORDER BY sequence) \
-               FROM acked HAVING count(*) > 0 \
+               FROM acked HAVING count(*) > 0 AND $6 \
              ) \
              SELECT sequence FROM acked ORDER BY sequence",
         )
@@ -190,6 +199,7 @@ impl PgMessageStore {
         .bind(sequences)
         .bind(MESSAGE_DELIVERED)
         .bind(&self.region)
+        .bind(self.events)
         .fetch_all(&self.pool)
         .await?;
         acked.into_iter().map(to_sequence).collect()
@@ -248,7 +258,7 @@ impl PgMessageStore {
     /// order, and one outbox row listing them for their `message.accepted`
     /// events. The gateway numbers each message within its inbox's share of
     /// the batch (`position` of `batch_count`), so the statement only adds
-    /// the inbox's base. A key claimed meanwhile or a message stored by a
+    /// the inbox's base (no outbox row when events are off). A key claimed meanwhile or a message stored by a
     /// racing writer fails the statement whole (unique violation) and the
     /// batch is tried again. Returns the sequences, in the order of `new`,
     /// and the last sequence of each inbox, to announce.
@@ -306,6 +316,7 @@ impl PgMessageStore {
                INSERT INTO outbox (kind, region, occurred_at, message_ids, recipient_ids, \
                  sender_ids, message_kinds, sequences) \
                SELECT $17, $18, $12, $1, $2, $3, $4, array_agg(sequence ORDER BY ord) FROM numbered \
+               HAVING $19 \
              ) \
              SELECT recipient_id, last_sequence FROM reserved",
         )
@@ -327,6 +338,7 @@ impl PgMessageStore {
         .bind(claims.iter().map(|(entry, _, _)| entry.message_id).collect::<Vec<_>>())
         .bind(MESSAGE_ACCEPTED)
         .bind(&self.region)
+        .bind(self.events)
         .fetch_all(&self.write_pool)
         .await?;
         let mut last_of: Vec<(String, i64)> = Vec::with_capacity(rows.len());
