@@ -153,7 +153,8 @@ pub struct SubscribeArgs {
     /// Only events concerning this agency; repeatable.
     #[arg(long = "agency", value_name = "ID")]
     pub agencies: Vec<String>,
-    /// Only events of this kind (e.g. message.accepted); repeatable.
+    /// Only events of this kind: agency.registered, agency.deregistered,
+    /// message.accepted or message.delivered; repeatable.
     #[arg(long = "kind", value_name = "KIND")]
     pub kinds: Vec<String>,
     /// Only events of this region; repeatable.

@@ -45,6 +45,8 @@ pub struct DevOptions {
     pub tune_gateway: Option<TuneGateway>,
     /// The event bus: with a broker URL, RabbitMQ; without, in process.
     pub events: EventBusSettings,
+    /// Events a subscriber may fall behind (see `NotifierConfig`).
+    pub subscriber_buffer: usize,
 }
 
 /// A change to a gateway's settings before it starts.
@@ -59,6 +61,7 @@ impl std::fmt::Debug for DevOptions {
             .field("shard_urls", &self.shard_urls)
             .field("tune_gateway", &self.tune_gateway.is_some())
             .field("events", &self.events.redacted())
+            .field("subscriber_buffer", &self.subscriber_buffer)
             .finish()
     }
 }
@@ -87,18 +90,16 @@ struct DevBus {
     source: Arc<dyn EventSource>,
 }
 
-/// Events the dev mesh's notifier buffers for each subscriber.
-const NOTIFIER_BUFFER: usize = 65_536;
-
 impl DevBus {
     /// The in-process bus, or the broker `events` names once the notifier's
     /// side consumes it.
     async fn start(
         events: &EventBusSettings,
+        subscriber_buffer: usize,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
         let Some(url) = events.amqp.as_deref() else {
-            let bus = InProcessBus::new(NOTIFIER_BUFFER);
+            let bus = InProcessBus::new(subscriber_buffer);
             return Ok(DevBus {
                 publisher: Arc::new(bus.clone()),
                 source: Arc::new(bus),
@@ -110,7 +111,7 @@ impl DevBus {
             url,
             exchange,
             "fedmesh-dev-notifier",
-            NOTIFIER_BUFFER,
+            subscriber_buffer,
             shutdown.clone(),
         );
         tokio::time::timeout(Duration::from_secs(30), source.consuming())
@@ -217,7 +218,7 @@ impl DevMesh {
             "dev mode: no TLS; the caller identity is read from the x-fedmesh-identity header, from loopback only"
         );
         let shutdown = CancellationToken::new();
-        let bus = DevBus::start(&options.events, &shutdown).await?;
+        let bus = DevBus::start(&options.events, options.subscriber_buffer, &shutdown).await?;
         let mut components = JoinSet::new();
         let coordinator_url = url_of(&coordinator_listener)?;
 
@@ -283,6 +284,7 @@ impl DevMesh {
             dev_identity: true,
             coordinator: coordinator_url.clone(),
             advertise: Some(notifier_url.clone()),
+            subscriber_buffer: options.subscriber_buffer,
             ..NotifierConfig::default()
         };
         components.spawn(async move {

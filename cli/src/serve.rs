@@ -187,9 +187,6 @@ pub async fn gateway(
     Ok(())
 }
 
-/// Events a stand-alone notifier buffers for each subscriber.
-const NOTIFIER_BUFFER: usize = 65_536;
-
 /// A stand-alone notifier's settings must name the broker it consumes.
 fn validate_notifier(config: &NotifierConfig) -> Result<(), ConfigError> {
     config.validate()?;
@@ -233,7 +230,7 @@ pub async fn notifier(
         url,
         &config.events.amqp_exchange,
         &format!("fedmesh-notifier-{}", config.id),
-        NOTIFIER_BUFFER,
+        config.subscriber_buffer,
         stop.clone(),
     );
     fedmesh_notifier::run(config, listener, source, stop).await?;
@@ -253,6 +250,7 @@ pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<
         shard_urls,
         tune_gateway: None,
         events: args.events.clone(),
+        subscriber_buffer: NotifierConfig::default().subscriber_buffer,
     })
     .await?;
     writeln!(

@@ -15,14 +15,15 @@
 //! with backoff), the source reconnects with backoff and, since events may
 //! have passed meanwhile, ends its subscribers' feeds so they know.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use serde::{Deserialize, Serialize};
@@ -31,7 +32,9 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
-use crate::events::{BoxFuture, BusError, CLOUDEVENTS_JSON, Event, EventPublisher, EventSource};
+use crate::events::{
+    BoxFuture, BusError, CLOUDEVENTS_JSON, Event, EventPublisher, EventSource, Subscription,
+};
 use crate::store::redact_url;
 
 /// How long connecting to the broker, or its confirms of one publish, may
@@ -130,11 +133,12 @@ pub async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin::Resul
 
 /// Consumes, without acknowledgements, a queue of the channel's connection
 /// alone (exclusive: deleted with the connection) bound to `exchange` with
-/// `binding` (a topic pattern such as `#` or `west.*.message.accepted`).
+/// each of `bindings` (topic patterns such as `#` or
+/// `west.*.message.accepted`).
 pub async fn consume_exclusive(
     channel: &Channel,
     exchange: &str,
-    binding: &str,
+    bindings: &[&str],
 ) -> lapin::Result<Consumer> {
     let queue = channel
         .queue_declare(
@@ -143,15 +147,17 @@ pub async fn consume_exclusive(
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.into(),
-            binding.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    for binding in bindings {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.into(),
+                (*binding).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     channel
         .basic_consume(
             queue.name().clone(),
@@ -192,6 +198,11 @@ async fn connect(url: &str, name: &str, exchange: &str) -> Result<(Connection, C
         })?
 }
 
+/// Closes `connection`, not waiting long for a broker that may be gone.
+async fn close_quietly(connection: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), connection.close(0, reason.into())).await;
+}
+
 /// Publishes events to the exchange with publisher confirms; one
 /// connection, opened on first use and again after a failure.
 pub struct AmqpPublisher {
@@ -229,7 +240,7 @@ impl AmqpPublisher {
             return Ok(channel.clone());
         }
         if let Some((connection, _)) = held.take() {
-            let _ = connection.close(0, "reconnecting".into()).await;
+            close_quietly(&connection, "reconnecting").await;
         }
         let (connection, channel) = connect(&self.url, &self.name, &self.exchange).await?;
         channel
@@ -245,11 +256,7 @@ impl AmqpPublisher {
     /// new one.
     async fn forget(&self) {
         if let Some((connection, _)) = self.held.lock().await.take() {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                connection.close(0, "publish failed".into()),
-            )
-            .await;
+            close_quietly(&connection, "publish failed").await;
         }
     }
 
@@ -313,46 +320,166 @@ impl EventPublisher for AmqpPublisher {
 }
 
 /// The events on the exchange, consumed by one exclusive queue of this
-/// process (bound to every routing key) and handed out in memory.
+/// process and handed out in memory: however many subscribers want an
+/// event, the broker delivers it here once.
 ///
-/// A subscriber receives what arrives while it is subscribed. When the
-/// connection to the broker is lost, every subscriber's receiver is closed
-/// (events may pass while the source reconnects), so a subscriber learns it
-/// must subscribe again rather than silently missing events.
+/// The queue is bound with the union of what the current subscribers want
+/// (each binding counted, unbound when its last subscriber leaves), so the
+/// broker sends only events someone here wants. A subscriber receives what
+/// arrives while it is subscribed; when the connection to the broker is
+/// lost, every subscriber's feed is closed (events may pass while the
+/// source reconnects), so a subscriber learns it must subscribe again
+/// rather than silently missing events.
 pub struct AmqpSource {
     feed: Mutex<broadcast::Sender<Event>>,
     capacity: usize,
     consuming: watch::Sender<bool>,
+    bindings: Arc<Bindings>,
+}
+
+/// The bindings of a source's queue, counted by subscriber.
+struct Bindings {
+    exchange: String,
+    /// How many subscriptions hold each binding; held across the broker's
+    /// answers so that binding and unbinding one key never interleave.
+    counts: tokio::sync::Mutex<HashMap<String, usize>>,
+    /// The channel and queue consumed now, if any.
+    queue: Mutex<Option<(Channel, ShortString)>>,
+}
+
+impl Bindings {
+    fn queue(&self) -> Option<(Channel, ShortString)> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set_queue(&self, queue: Option<(Channel, ShortString)>) {
+        *self
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = queue;
+    }
+
+    /// Holds `keys`, binding those no one held before.
+    async fn hold(&self, keys: &[String]) -> Result<(), BusError> {
+        let mut counts = self.counts.lock().await;
+        let new: Vec<&String> = keys
+            .iter()
+            .filter(|key| !counts.contains_key(key.as_str()))
+            .collect();
+        if !new.is_empty() {
+            let (channel, queue) = self
+                .queue()
+                .ok_or_else(|| BusError("not consuming the exchange".to_string()))?;
+            for key in new {
+                channel
+                    .queue_bind(
+                        queue.clone(),
+                        self.exchange.as_str().into(),
+                        key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|error| bus_error(&format!("cannot bind {key}"), error))?;
+                // Counted from the moment it is bound: a failure after this
+                // leaves it bound and held by no one, which unbinding
+                // would fix but which costs only unwanted deliveries.
+                counts.insert(key.clone(), 0);
+            }
+        }
+        for key in keys {
+            *counts.entry(key.clone()).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Gives up `keys`, unbinding those no one holds any more.
+    async fn release(&self, keys: Vec<String>) {
+        let mut counts = self.counts.lock().await;
+        let queue = self.queue();
+        for key in keys {
+            let Some(count) = counts.get_mut(&key) else {
+                continue;
+            };
+            *count = count.saturating_sub(1);
+            if *count > 0 {
+                continue;
+            }
+            counts.remove(&key);
+            if let Some((channel, queue)) = &queue {
+                let unbound = channel
+                    .queue_unbind(
+                        queue.clone(),
+                        self.exchange.as_str().into(),
+                        key.as_str().into(),
+                        FieldTable::default(),
+                    )
+                    .await;
+                if let Err(error) = unbound {
+                    tracing::debug!(%key, %error, "unbinding failed; the queue goes with its connection");
+                }
+            }
+        }
+    }
+
+    /// The keys someone holds, to bind on a new queue.
+    async fn held(&self) -> Vec<String> {
+        self.counts.lock().await.keys().cloned().collect()
+    }
+}
+
+/// What a subscription to an [`AmqpSource`] holds: its bindings, released
+/// when it is dropped.
+struct Held {
+    bindings: Arc<Bindings>,
+    keys: Vec<String>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let bindings = Arc::clone(&self.bindings);
+        let keys = std::mem::take(&mut self.keys);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { bindings.release(keys).await });
+        }
+    }
 }
 
 impl AmqpSource {
     /// Starts consuming `exchange` on the broker at `url` until `shutdown`;
-    /// `name` is the connection's name on the broker. `capacity` events are
-    /// buffered for a slow subscriber.
+    /// `name` is the connection's name on the broker. A subscriber may fall
+    /// `capacity` events behind before its feed reports it lagged.
     pub fn start(
         url: &str,
         exchange: &str,
         name: &str,
         capacity: usize,
         shutdown: CancellationToken,
-    ) -> std::sync::Arc<Self> {
-        let source = std::sync::Arc::new(AmqpSource {
+    ) -> Arc<Self> {
+        let source = Arc::new(AmqpSource {
             feed: Mutex::new(broadcast::channel(capacity).0),
             capacity,
             consuming: watch::channel(false).0,
+            bindings: Arc::new(Bindings {
+                exchange: exchange.to_string(),
+                counts: tokio::sync::Mutex::new(HashMap::new()),
+                queue: Mutex::new(None),
+            }),
         });
         tokio::spawn(consume(
-            std::sync::Arc::clone(&source),
+            Arc::clone(&source),
             url.to_string(),
-            exchange.to_string(),
             name.to_string(),
             shutdown,
         ));
         source
     }
 
-    /// Waits until the source consumes the exchange (its queue is bound):
-    /// from then on every event published reaches it.
+    /// Waits until the source consumes the exchange: from then on a
+    /// subscription receives every event it binds.
     pub async fn consuming(&self) {
         let mut consuming = self.consuming.subscribe();
         let _ = consuming.wait_for(|consuming| *consuming).await;
@@ -376,8 +503,17 @@ impl AmqpSource {
 }
 
 impl EventSource for AmqpSource {
-    fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.sender().subscribe()
+    fn subscribe(&self, bindings: Vec<String>) -> BoxFuture<'_, Result<Subscription, BusError>> {
+        Box::pin(async move {
+            // Subscribed before binding: nothing bound for it is missed.
+            let events = self.sender().subscribe();
+            self.bindings.hold(&bindings).await?;
+            let held = Held {
+                bindings: Arc::clone(&self.bindings),
+                keys: bindings,
+            };
+            Ok(Subscription::new(events, Some(Box::new(held))))
+        })
     }
 
     fn is_live(&self) -> bool {
@@ -386,18 +522,13 @@ impl EventSource for AmqpSource {
 }
 
 /// Consumes until `shutdown`, reconnecting with backoff.
-async fn consume(
-    source: std::sync::Arc<AmqpSource>,
-    url: String,
-    exchange: String,
-    name: String,
-    shutdown: CancellationToken,
-) {
+async fn consume(source: Arc<AmqpSource>, url: String, name: String, shutdown: CancellationToken) {
     const FIRST_RETRY: Duration = Duration::from_millis(100);
     let mut retry_in = FIRST_RETRY;
     loop {
-        let consumed = consume_once(&source, &url, &exchange, &name, &shutdown).await;
+        let consumed = consume_once(&source, &url, &name, &shutdown).await;
         source.consuming.send_replace(false);
+        source.bindings.set_queue(None);
         source.interrupt();
         match consumed {
             Ok(Consumed::Stopped) => return,
@@ -429,18 +560,23 @@ enum Consumed {
 async fn consume_once(
     source: &AmqpSource,
     url: &str,
-    exchange: &str,
     name: &str,
     shutdown: &CancellationToken,
 ) -> Result<Consumed, BusError> {
+    let exchange = source.bindings.exchange.as_str();
     let (connection, channel) = tokio::select! {
         () = shutdown.cancelled() => return Ok(Consumed::Stopped),
         connected = connect(url, name, exchange) => connected?,
     };
-    let mut deliveries = consume_exclusive(&channel, exchange, "#")
+    let held = source.bindings.held().await;
+    let held: Vec<&str> = held.iter().map(String::as_str).collect();
+    let mut deliveries = consume_exclusive(&channel, exchange, &held)
         .await
         .map_err(|error| bus_error("cannot consume the exchange", error))?;
     tracing::info!(broker = %redact_url(url), %exchange, queue = %deliveries.queue(), "consuming events");
+    source
+        .bindings
+        .set_queue(Some((channel.clone(), deliveries.queue())));
     source.consuming.send_replace(true);
     let sender = source.sender();
     let ended = loop {
@@ -460,10 +596,6 @@ async fn consume_once(
             None => break Consumed::Lost(BusError("the broker ended the consumer".to_string())),
         }
     };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        connection.close(0, "closing".into()),
-    )
-    .await;
+    close_quietly(&connection, "closing").await;
     Ok(ended)
 }

@@ -33,6 +33,63 @@ pub const MESSAGE_ACCEPTED: &str = "message.accepted";
 /// `message.delivered`: the recipient acknowledged a message.
 pub const MESSAGE_DELIVERED: &str = "message.delivered";
 
+/// Every kind of event the mesh reports.
+pub const EVENT_KINDS: [&str; 4] = [
+    AGENCY_REGISTERED,
+    AGENCY_DEREGISTERED,
+    MESSAGE_ACCEPTED,
+    MESSAGE_DELIVERED,
+];
+
+/// The topic patterns that select, on the event exchange, the events of
+/// `regions`, `agencies` and `kinds` (an empty list allows any): one per
+/// combination, at most `max`. When the combinations are more, the list with
+/// the most values is widened to any until they fit, so the patterns select
+/// at least the wanted events; a subscriber filters what comes exactly.
+pub fn binding_keys(
+    regions: &[String],
+    agencies: &[String],
+    kinds: &[String],
+    max: usize,
+) -> Vec<String> {
+    let mut lists: [Vec<&str>; 3] = [
+        regions.iter().map(String::as_str).collect(),
+        agencies.iter().map(String::as_str).collect(),
+        kinds.iter().map(String::as_str).collect(),
+    ];
+    for list in &mut lists {
+        list.sort_unstable();
+        list.dedup();
+    }
+    let combinations = |lists: &[Vec<&str>; 3]| {
+        lists
+            .iter()
+            .map(|list| list.len().max(1))
+            .fold(1_usize, usize::saturating_mul)
+    };
+    while combinations(&lists) > max.max(1) {
+        if let Some(longest) = lists.iter_mut().max_by_key(|list| list.len()) {
+            longest.clear();
+        }
+    }
+    // A region and an agency are one word each; a kind may be several.
+    let [mut regions, mut agencies, mut kinds] = lists;
+    for (list, any) in [(&mut regions, "*"), (&mut agencies, "*"), (&mut kinds, "#")] {
+        if list.is_empty() {
+            list.push(any);
+        }
+    }
+    let mut keys = Vec::new();
+    for region in &regions {
+        for agency in &agencies {
+            for kind in &kinds {
+                keys.push(format!("{region}.{agency}.{kind}"));
+            }
+        }
+    }
+    keys
+}
+
 /// Something that happened in the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -271,12 +328,35 @@ pub trait EventPublisher: Send + Sync + 'static {
     fn publish(&self, events: Vec<Event>) -> BoxFuture<'_, Result<(), BusError>>;
 }
 
+/// Events as a subscriber receives them from an [`EventSource`]; what the
+/// source holds for it is given up when it is dropped.
+pub struct Subscription {
+    /// The events. Closed when the source cannot tell what it missed (it
+    /// lost its bus): the subscriber must subscribe again. Lagged when the
+    /// subscriber fell further behind than the source buffers.
+    pub events: broadcast::Receiver<Event>,
+    _held: Option<Box<dyn Send + Sync>>,
+}
+
+impl Subscription {
+    /// Events from `events`; `held` is dropped with the subscription.
+    pub fn new(
+        events: broadcast::Receiver<Event>,
+        held: Option<Box<dyn Send + Sync>>,
+    ) -> Subscription {
+        Subscription {
+            events,
+            _held: held,
+        }
+    }
+}
+
 /// Hands out live subscriptions to the events on the bus.
 pub trait EventSource: Send + Sync + 'static {
-    /// A receiver of every event published from now on. The receiver is
-    /// closed when the source cannot tell what it missed (it lost its bus):
-    /// the subscriber must subscribe again.
-    fn subscribe(&self) -> broadcast::Receiver<Event>;
+    /// A subscription to the events published from the moment it resolves
+    /// whose routing keys match one of `bindings` (see [`binding_keys`]); it
+    /// may receive other events too, which the subscriber filters out.
+    fn subscribe(&self, bindings: Vec<String>) -> BoxFuture<'_, Result<Subscription, BusError>>;
 
     /// Whether the source receives the bus's events now (a subscriber that
     /// subscribes while it does not would wait in vain).
@@ -317,8 +397,11 @@ impl EventPublisher for InProcessBus {
 }
 
 impl EventSource for InProcessBus {
-    fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.sender.subscribe()
+    fn subscribe(&self, _bindings: Vec<String>) -> BoxFuture<'_, Result<Subscription, BusError>> {
+        Box::pin(std::future::ready(Ok(Subscription::new(
+            self.sender.subscribe(),
+            None,
+        ))))
     }
 }
 
@@ -383,6 +466,38 @@ pub async fn run_outbox_relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binding_keys_select_at_least_the_wanted_events_within_the_limit() {
+        let strings = |values: &[&str]| {
+            values
+                .iter()
+                .map(|value| value.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(binding_keys(&[], &[], &[], 64), vec!["*.*.#"]);
+        assert_eq!(
+            binding_keys(
+                &strings(&["west", "east"]),
+                &strings(&["a"]),
+                &strings(&[MESSAGE_ACCEPTED]),
+                64
+            ),
+            vec!["east.a.message.accepted", "west.a.message.accepted"]
+        );
+        // 3 x 2 combinations over a limit of 4: the three agencies become any.
+        let widened = binding_keys(
+            &strings(&["east", "west"]),
+            &strings(&["a", "b", "c"]),
+            &[],
+            4,
+        );
+        assert_eq!(widened, vec!["east.*.#", "west.*.#"]);
+        let everything = binding_keys(&strings(&["r1", "r2"]), &strings(&["a1", "a2"]), &[], 1);
+        assert_eq!(everything, vec!["*.*.#"]);
+        let event = Event::new(MESSAGE_DELIVERED, "west", "b");
+        assert_eq!(event.routing_key(), "west.b.message.delivered");
+    }
 
     #[test]
     fn an_event_reads_back_from_its_cloudevent_json() {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use fedmesh_common::amqp::EventBusSettings;
 use fedmesh_common::config::ConfigError;
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError, to_status};
-use fedmesh_common::events::{Event, EventSource};
+use fedmesh_common::events::{EVENT_KINDS, Event, EventSource, binding_keys};
 use fedmesh_common::identity::{
     AttachIdentity, Identity, IdentityInterceptor, IdentityMode, caller,
 };
@@ -30,6 +30,13 @@ use tonic::{Request, Response, Status};
 
 /// Largest request a notifier reads: subscription filters.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Most bindings one subscriber's filter adds to the replica's queue; a
+/// filter with more combinations is widened (and filtered here).
+const MAX_BINDINGS: usize = 64;
+
+/// Events handed from a subscriber's feed to its gRPC stream at once.
+const STREAM_BUFFER: usize = 32;
 
 /// Everything a notifier needs to run, each setting declared once (see
 /// `fedmesh_common::config`).
@@ -60,6 +67,11 @@ pub struct NotifierConfig {
     #[arg(long, env = "FEDMESH_DEV_IDENTITY")]
     #[serde(default)]
     pub dev_identity: bool,
+    /// Events a subscriber may fall behind before its stream ends with
+    /// RESOURCE_EXHAUSTED (it subscribes again); the notifier keeps this many
+    /// recent events in memory, shared by all its subscribers.
+    #[arg(long, env = "FEDMESH_SUBSCRIBER_BUFFER", default_value_t = 16_384)]
+    pub subscriber_buffer: usize,
     /// How the server treats client connections.
     #[command(flatten)]
     pub connections: ConnectionSettings,
@@ -80,6 +92,11 @@ impl NotifierConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         fedmesh_common::validate::agency_id("id", &self.id)
             .map_err(|invalid| ConfigError::setting("id", invalid.description))?;
+        fedmesh_common::config::check_range(
+            "subscriber_buffer",
+            self.subscriber_buffer,
+            1..=1_000_000,
+        )?;
         self.connections.validate()?;
         self.events.validate()
     }
@@ -158,6 +175,12 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The topic patterns that select at least these events on the event
+    /// exchange (see `binding_keys`).
+    pub fn binding_keys(&self) -> Vec<String> {
+        binding_keys(&self.regions, &self.agencies, &self.kinds, MAX_BINDINGS)
+    }
+
     /// Whether `event` passes the filter.
     pub fn matches(&self, event: &Event) -> bool {
         let allows = |allowed: &[String], value: &str| {
@@ -180,7 +203,16 @@ impl Filter {
             validate::agency_id("agencies", agency)?;
         }
         for kind in &request.kinds {
-            validate::kind("kinds", kind)?;
+            if !EVENT_KINDS.contains(&kind.as_str()) {
+                return Err(InvalidField::new(
+                    "kinds",
+                    format!(
+                        "{kind:?} is not an event kind: use {}",
+                        EVENT_KINDS.join(", ")
+                    ),
+                )
+                .into());
+            }
         }
         let mut filter = Filter {
             regions: request.regions,
@@ -221,16 +253,26 @@ impl pb::notifications_server::Notifications for NotificationsService {
         }
         // Subscribed before the call is answered: every event published after
         // the answer reaches this subscriber.
-        let mut events = self.source.subscribe();
+        let subscription = self
+            .source
+            .subscribe(filter.binding_keys())
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "cannot subscribe");
+                NotifierError::NoFeed("")
+            })?;
         let shutdown = self.shutdown.clone();
-        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         tracing::debug!(%identity, ?filter, "subscriber joined");
         tokio::spawn(async move {
+            // The whole subscription, bindings included, lives as long as
+            // the task (not only the field the loop reads).
+            let mut subscription = subscription;
             loop {
                 let event = tokio::select! {
                     () = shutdown.cancelled() => Err(NotifierError::ShuttingDown),
                     () = sender.closed() => return,
-                    event = events.recv() => match event {
+                    event = subscription.events.recv() => match event {
                         Ok(event) => Ok(event),
                         Err(RecvError::Lagged(n_missed)) => Err(NotifierError::Lagged(n_missed)),
                         Err(RecvError::Closed) if shutdown.is_cancelled() => Err(NotifierError::ShuttingDown),

@@ -91,7 +91,7 @@ impl TestBroker {
     /// A queue of the test's, bound to the exchange with `binding` (e.g.
     /// `*.*.message.accepted`); it keeps what arrives until read.
     pub async fn queue(&self, binding: &str) -> TestQueue {
-        let consumer = consume_exclusive(&self.channel, &self.exchange, binding)
+        let consumer = consume_exclusive(&self.channel, &self.exchange, &[binding])
             .await
             .unwrap();
         TestQueue { consumer }

@@ -46,6 +46,17 @@ pub enum Backend {
     Postgres,
 }
 
+/// With `FEDMESH_TEST_LOG` set (a filter such as `debug` or
+/// `fedmesh_common=debug`), the components log to the test's output.
+fn log_if_asked() {
+    if let Ok(filter) = std::env::var("FEDMESH_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Where a test mesh's events travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bus {
@@ -60,11 +71,27 @@ impl Bus {
     /// A mesh on this bus, and the test's exchange when on RabbitMQ (kept
     /// until the test ends; drop it after the mesh).
     pub async fn mesh(self) -> (TestMesh, Option<TestBroker>) {
+        self.mesh_configured(|_| {}).await
+    }
+
+    /// Like [`Bus::mesh`], with the mesh's options changed by `configure`.
+    pub async fn mesh_configured(
+        self,
+        configure: impl FnOnce(&mut DevOptions),
+    ) -> (TestMesh, Option<TestBroker>) {
         match self {
-            Bus::InProcess => (TestMesh::start_with(Backend::Sqlite).await, None),
+            Bus::InProcess => (
+                TestMesh::start_configured(Backend::Sqlite, configure).await,
+                None,
+            ),
             Bus::RabbitMq => {
                 let broker = TestBroker::start().await;
-                let mesh = TestMesh::start_on_bus(Backend::Postgres, broker.settings()).await;
+                let events = broker.settings();
+                let mesh = TestMesh::start_configured(Backend::Postgres, |options| {
+                    options.events = events;
+                    configure(options);
+                })
+                .await;
                 (mesh, Some(broker))
             }
         }
@@ -74,9 +101,8 @@ impl Bus {
 /// A dev mesh on ephemeral ports over its own data folder.
 pub struct TestMesh {
     mesh: Option<DevMesh>,
-    shard_urls: HashMap<String, String>,
-    tune_gateway: Option<TuneGateway>,
-    events: EventBusSettings,
+    /// What the mesh was started with, to start it again.
+    options: DevOptions,
     /// Kept until the mesh is gone: dropping them drops the databases.
     databases: Vec<TestDatabase>,
     data_dir: tempfile::TempDir,
@@ -94,26 +120,28 @@ impl TestMesh {
 
     /// Starts a mesh whose shards live in `backend`.
     pub async fn start_with(backend: Backend) -> TestMesh {
-        Self::start_tuned(backend, None).await
+        Self::start_configured(backend, |_| {}).await
     }
 
     /// Starts a mesh whose shards live in `backend`, every gateway's
     /// settings changed by `tune`.
     pub async fn start_tuned(backend: Backend, tune: Option<TuneGateway>) -> TestMesh {
-        Self::start_full(backend, tune, EventBusSettings::default()).await
+        Self::start_configured(backend, |options| options.tune_gateway = tune).await
     }
 
     /// Starts a mesh whose shards live in `backend` and whose events go
     /// through the bus `events` names (a broker, or in process).
     pub async fn start_on_bus(backend: Backend, events: EventBusSettings) -> TestMesh {
-        Self::start_full(backend, None, events).await
+        Self::start_configured(backend, |options| options.events = events).await
     }
 
-    async fn start_full(
+    /// Starts a mesh whose shards live in `backend`, its options (the dev
+    /// mesh's defaults) changed by `configure`.
+    pub async fn start_configured(
         backend: Backend,
-        tune: Option<TuneGateway>,
-        events: EventBusSettings,
+        configure: impl FnOnce(&mut DevOptions),
     ) -> TestMesh {
+        log_if_asked();
         let data_dir = tempfile::tempdir().unwrap();
         let mut databases = Vec::new();
         let mut shard_urls = HashMap::new();
@@ -124,12 +152,19 @@ impl TestMesh {
                 databases.push(database);
             }
         }
-        let mesh = Self::start_on(data_dir.path(), &shard_urls, &tune, &events).await;
+        let mut options = DevOptions {
+            data_dir: data_dir.path().to_path_buf(),
+            base_port: None,
+            shard_urls,
+            tune_gateway: None,
+            events: EventBusSettings::default(),
+            subscriber_buffer: fedmesh_notifier::NotifierConfig::default().subscriber_buffer,
+        };
+        configure(&mut options);
+        let mesh = Self::start_on(options.clone()).await;
         TestMesh {
             mesh: Some(mesh),
-            shard_urls,
-            tune_gateway: tune,
-            events,
+            options,
             databases,
             data_dir,
         }
@@ -137,10 +172,14 @@ impl TestMesh {
 
     /// The database URL of `shard`.
     pub fn shard_url(&self, shard: &str) -> String {
-        self.shard_urls.get(shard).cloned().unwrap_or_else(|| {
-            let path = self.data_dir.path().join(format!("{shard}.sqlite"));
-            format!("sqlite://{}", path.display())
-        })
+        self.options
+            .shard_urls
+            .get(shard)
+            .cloned()
+            .unwrap_or_else(|| {
+                let path = self.data_dir.path().join(format!("{shard}.sqlite"));
+                format!("sqlite://{}", path.display())
+            })
     }
 
     /// Starts another gateway replica of `region` on the region's shard;
@@ -171,19 +210,7 @@ impl TestMesh {
         .max_decoding_message_size(16 * 1024 * 1024)
     }
 
-    async fn start_on(
-        path: &std::path::Path,
-        shard_urls: &HashMap<String, String>,
-        tune: &Option<TuneGateway>,
-        events: &EventBusSettings,
-    ) -> DevMesh {
-        let options = DevOptions {
-            data_dir: path.to_path_buf(),
-            base_port: None,
-            shard_urls: shard_urls.clone(),
-            tune_gateway: tune.clone(),
-            events: events.clone(),
-        };
+    async fn start_on(options: DevOptions) -> DevMesh {
         within("the dev mesh to start", DevMesh::start(options))
             .await
             .unwrap()
@@ -198,15 +225,7 @@ impl TestMesh {
         within("the dev mesh to stop", self.mesh.take().unwrap().stop())
             .await
             .unwrap();
-        self.mesh = Some(
-            Self::start_on(
-                self.data_dir.path(),
-                &self.shard_urls,
-                &self.tune_gateway,
-                &self.events,
-            )
-            .await,
-        );
+        self.mesh = Some(Self::start_on(self.options.clone()).await);
     }
 
     /// Waits until the gateway of `region` routes with a topology that

@@ -214,3 +214,25 @@ async fn a_relayed_batch_answers_each_message_on_its_own() {
     let mut inbox = mesh.open_inbox("west", "reader", 0).await.unwrap();
     assert_eq!(inbox.drain().await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_subscription_to_no_event_kind_is_refused_with_the_kinds_there_are() {
+    let mesh = TestMesh::start().await;
+    let refused = mesh
+        .notifications()
+        .subscribe(pb::SubscribeRequest {
+            kinds: vec!["message.acepted".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("message.acepted")
+            && refused
+                .message()
+                .contains("message.accepted, message.delivered"),
+        "{}",
+        refused.message()
+    );
+}

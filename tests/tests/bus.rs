@@ -165,3 +165,46 @@ async fn a_notifier_that_loses_the_broker_tells_its_subscribers_and_serves_again
         .unwrap();
     assert_eq!(event.agency_id, "after");
 }
+
+#[tokio::test]
+async fn a_replica_consumes_once_what_its_subscribers_want_and_keeps_a_binding_while_one_holds_it()
+{
+    use fedmesh_common::amqp::{AmqpPublisher, AmqpSource};
+    use fedmesh_common::events::{Event, EventPublisher, EventSource};
+
+    let broker = TestBroker::start().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let source = AmqpSource::start(&broker.url, &broker.exchange, "test", 64, shutdown.clone());
+    within("the source to consume", source.consuming()).await;
+    let publisher = AmqpPublisher::new(&broker.url, &broker.exchange, "test");
+    let east = vec!["east.*.#".to_string()];
+    let first = source.subscribe(east.clone()).await.unwrap();
+    let mut second = source.subscribe(east).await.unwrap();
+
+    let event = |region: &str, agency: &str| Event::new(AGENCY_REGISTERED, region, agency);
+    publisher
+        .publish(vec![event("west", "unwanted"), event("east", "wanted")])
+        .await
+        .unwrap();
+    let received = within("the east event", second.events.recv())
+        .await
+        .unwrap();
+    assert_eq!(
+        received.agency_id, "wanted",
+        "no subscriber wants west: it is not bound, so the broker does not send it"
+    );
+
+    drop(first);
+    publisher
+        .publish(vec![event("east", "still")])
+        .await
+        .unwrap();
+    let received = within("the next east event", second.events.recv())
+        .await
+        .unwrap();
+    assert_eq!(
+        received.agency_id, "still",
+        "bound while the second subscriber holds it"
+    );
+    shutdown.cancel();
+}

@@ -1,6 +1,7 @@
 //! Events reach subscribers, on the in-process bus and on RabbitMQ alike.
 
 use fedmesh_common::events::{MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
+use fedmesh_common::identity::{AttachIdentity, Identity};
 use fedmesh_proto::pb;
 use fedmesh_tests::{Bus, within};
 
@@ -75,7 +76,76 @@ async fn a_subscriber_sees_registrations_of_its_regions_only(bus: Bus) {
     );
 }
 
+async fn a_slow_subscriber_is_cut_off_without_slowing_the_others(bus: Bus) {
+    const BUFFER: usize = 64;
+    const SENT: usize = 600;
+    let (mesh, _broker) = bus
+        .mesh_configured(|options| options.subscriber_buffer = BUFFER)
+        .await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "east").await;
+    let request = || pb::SubscribeRequest {
+        kinds: vec![MESSAGE_ACCEPTED.into()],
+        ..Default::default()
+    };
+    // The slow subscriber's connection takes 1 KiB before it must be read,
+    // and it is not read until the end.
+    let slow_channel = tonic::transport::Endpoint::from_shared(mesh.notifier_url())
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1024)
+        .connect_lazy();
+    let mut slow = pb::notifications_client::NotificationsClient::with_interceptor(
+        slow_channel,
+        AttachIdentity::new(&Identity::Operator("slow".into())),
+    )
+    .subscribe(request())
+    .await
+    .unwrap()
+    .into_inner();
+    let mut fast = mesh
+        .notifications()
+        .subscribe(request())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let sending = async {
+        for n in 0..SENT {
+            mesh.send("east", "sender", "reader", &n.to_string(), None)
+                .await
+                .unwrap();
+        }
+    };
+    let reading = async {
+        let mut message_ids = std::collections::HashSet::new();
+        while message_ids.len() < SENT {
+            let event = within("the fast subscriber's events", fast.message())
+                .await
+                .unwrap()
+                .unwrap();
+            message_ids.insert(event.message_id);
+        }
+        message_ids.len()
+    };
+    let ((), received) = tokio::join!(sending, reading);
+    assert_eq!(received, SENT, "the fast subscriber got every event");
+
+    let mut buffered = 0;
+    let ended = loop {
+        match within("the slow subscriber's stream", slow.message()).await {
+            Ok(Some(_)) => buffered += 1,
+            Ok(None) => panic!("the slow stream ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
+    assert!(ended.message().contains("behind"), "{}", ended.message());
+    assert!(buffered < SENT, "what it held is bounded: {buffered}");
+}
+
 fedmesh_tests::on_every_bus!(
     a_subscriber_sees_message_accepted_and_delivered,
     a_subscriber_sees_registrations_of_its_regions_only,
+    a_slow_subscriber_is_cut_off_without_slowing_the_others,
 );
