@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use fedmesh_common::amqp::{AmqpPublisher, AmqpSource, EventBusSettings};
-use fedmesh_common::events::{EventPublisher, EventSource, InProcessBus};
+use fedmesh_common::events::{EventPublisher, EventSource};
+use fedmesh_common::in_process::InProcessBus;
 use fedmesh_common::store::redact_url;
 use fedmesh_common::topology::Topology;
 use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};

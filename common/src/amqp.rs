@@ -20,10 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use serde::{Deserialize, Serialize};
@@ -33,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 use crate::events::{
-    BoxFuture, BusError, CLOUDEVENTS_JSON, Event, EventPublisher, EventSource, Subscription,
+    BoxFuture, BusError, CLOUDEVENTS_JSON, DurableQueues, Event, EventPublisher, EventSource,
+    QueueConsumer, QueueSpec, QueuedEvent, Subscription,
 };
 use crate::store::redact_url;
 
@@ -598,4 +600,211 @@ async fn consume_once(
     };
     close_quietly(&connection, "closing").await;
     Ok(ended)
+}
+
+/// The queues of durable subscriptions on the broker: one quorum queue per
+/// subscription, named `<exchange>.sub.<subscription>` (so that meshes
+/// sharing a broker under other exchanges never meet), bound to the
+/// exchange with the subscription's bindings. Consumers acknowledge each
+/// event; the broker hands what a consumer left unacknowledged to the next.
+pub struct AmqpQueues {
+    url: String,
+    exchange: String,
+    name: String,
+    connection: tokio::sync::Mutex<Option<Connection>>,
+}
+
+impl AmqpQueues {
+    /// The queues of subscriptions to `exchange` on the broker at `url`;
+    /// `name` is the connection's name on the broker.
+    pub fn new(url: &str, exchange: &str, name: &str) -> Self {
+        AmqpQueues {
+            url: url.to_string(),
+            exchange: exchange.to_string(),
+            name: name.to_string(),
+            connection: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The queues of `settings`, if they name a broker.
+    pub fn from_settings(settings: &EventBusSettings, name: &str) -> Option<Self> {
+        let url = settings.amqp.as_deref()?;
+        Some(Self::new(url, &settings.amqp_exchange, name))
+    }
+
+    /// The broker's name of the queue of `subscription`.
+    pub fn queue_name(&self, subscription: &str) -> String {
+        format!("{}.sub.{subscription}", self.exchange)
+    }
+
+    /// A new channel on the connection held, or on a new one.
+    async fn channel(&self) -> Result<Channel, BusError> {
+        let mut held = self.connection.lock().await;
+        if let Some(connection) = held.as_ref()
+            && connection.status().connected()
+        {
+            return connection
+                .create_channel()
+                .await
+                .map_err(|error| bus_error("cannot open a channel", error));
+        }
+        let (connection, channel) = connect(&self.url, &self.name, &self.exchange).await?;
+        *held = Some(connection);
+        Ok(channel)
+    }
+}
+
+impl DurableQueues for AmqpQueues {
+    fn declare(&self, spec: QueueSpec) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            let channel = self.channel().await?;
+            let queue = self.queue_name(&spec.name);
+            let mut arguments = FieldTable::default();
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            arguments.insert(
+                "x-single-active-consumer".into(),
+                AMQPValue::Boolean(spec.strict_order),
+            );
+            let declared = async {
+                channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions::durable(),
+                        arguments,
+                    )
+                    .await?;
+                for binding in &spec.bindings {
+                    channel
+                        .queue_bind(
+                            queue.as_str().into(),
+                            self.exchange.as_str().into(),
+                            binding.as_str().into(),
+                            QueueBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await?;
+                }
+                Ok::<(), lapin::Error>(())
+            }
+            .await;
+            let _ = channel.close(200, "declared".into()).await;
+            declared.map_err(|error| bus_error(&format!("cannot declare queue {queue}"), error))
+        })
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let channel = self.channel().await?;
+            let queue = self.queue_name(name);
+            let deleted = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = channel.close(200, "deleted".into()).await;
+            deleted
+                .map(|_| ())
+                .map_err(|error| bus_error(&format!("cannot delete queue {queue}"), error))
+        })
+    }
+
+    fn consume<'a>(
+        &'a self,
+        name: &'a str,
+        prefetch: u16,
+    ) -> BoxFuture<'a, Result<Box<dyn QueueConsumer>, BusError>> {
+        Box::pin(async move {
+            let channel = self.channel().await?;
+            let queue = self.queue_name(name);
+            let consumer = async {
+                channel
+                    .basic_qos(prefetch.max(1), BasicQosOptions::default())
+                    .await?;
+                channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+            .await;
+            match consumer {
+                Ok(deliveries) => Ok(Box::new(AmqpConsumer {
+                    channel,
+                    deliveries,
+                }) as Box<dyn QueueConsumer>),
+                Err(error) => {
+                    let _ = channel.close(200, "not consumed".into()).await;
+                    Err(bus_error(&format!("cannot consume queue {queue}"), error))
+                }
+            }
+        })
+    }
+}
+
+/// A consumer of a subscription's queue, on a channel of its own: closing
+/// it hands what it left unacknowledged back to the queue.
+struct AmqpConsumer {
+    channel: Channel,
+    deliveries: Consumer,
+}
+
+impl QueueConsumer for AmqpConsumer {
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<QueuedEvent, BusError>>> {
+        Box::pin(async move {
+            loop {
+                let delivery = match self.deliveries.next().await? {
+                    Ok(delivery) => delivery,
+                    Err(error) => return Some(Err(bus_error("consuming failed", error))),
+                };
+                match Event::from_cloudevent_json(&delivery.data) {
+                    Ok(event) => {
+                        return Some(Ok(QueuedEvent {
+                            tag: delivery.delivery_tag,
+                            event,
+                            redelivered: delivery.redelivered,
+                        }));
+                    }
+                    Err(error) => {
+                        // Not ours to deliver: dropped, not handed out again.
+                        tracing::warn!(routing_key = %delivery.routing_key, %error, "rejected a message");
+                        let _ = self
+                            .channel
+                            .basic_reject(
+                                delivery.delivery_tag,
+                                BasicRejectOptions { requeue: false },
+                            )
+                            .await;
+                    }
+                }
+            }
+        })
+    }
+
+    fn ack(&mut self, tag: u64) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            self.channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .await
+                .map_err(|error| bus_error("ack failed", error))
+        })
+    }
+}
+
+impl Drop for AmqpConsumer {
+    fn drop(&mut self) {
+        let channel = self.channel.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    channel.close(200, "consumer gone".into()),
+                )
+                .await;
+            });
+        }
+    }
 }

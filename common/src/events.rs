@@ -3,9 +3,10 @@
 //! Events are written to an outbox in the same transaction as the change they
 //! report; an outbox relay publishes them through [`EventPublisher`] and
 //! deletes them only once the bus accepted them. Notifiers consume them
-//! through [`EventSource`]. [`InProcessBus`] implements both for the
-//! one-process dev mesh; `crate::amqp` implements them on RabbitMQ. A role
-//! without a bus writes no events at all.
+//! through [`EventSource`] (live, in memory) and [`DurableQueues`] (the
+//! queues of durable subscriptions). `crate::in_process` implements them
+//! for the one-process dev mesh; `crate::amqp` implements them on RabbitMQ.
+//! A role without a bus writes no events at all.
 //!
 //! A shard writes the events of a batch of messages (stored, acknowledged)
 //! as one outbox row listing the messages; [`message_events`] makes the
@@ -365,44 +366,74 @@ pub trait EventSource: Send + Sync + 'static {
     }
 }
 
-/// The in-process event bus of the dev mesh: a broadcast channel. Events
-/// published while nobody subscribes are not kept.
-#[derive(Debug, Clone)]
-pub struct InProcessBus {
-    sender: broadcast::Sender<Event>,
+/// A durable subscription's queue: the events its bindings select are kept
+/// in it, from the moment it is declared, until a consumer acknowledges them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// The subscription's name.
+    pub name: String,
+    /// The topic patterns selecting its events (see [`binding_keys`]).
+    pub bindings: Vec<String>,
+    /// One consumer at a time receives its events, in order (else
+    /// consumers compete for them).
+    pub strict_order: bool,
 }
 
-impl InProcessBus {
-    /// A bus that buffers up to `capacity` events for slow subscribers.
-    pub fn new(capacity: usize) -> Self {
-        let (sender, _) = broadcast::channel(capacity);
-        InProcessBus { sender }
-    }
+/// An event handed to the consumer of a durable queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedEvent {
+    /// What the consumer acknowledges it by, unique per consumer.
+    pub tag: u64,
+    /// The event.
+    pub event: Event,
+    /// It was handed out before and not acknowledged.
+    pub redelivered: bool,
 }
 
-impl Default for InProcessBus {
-    fn default() -> Self {
-        InProcessBus::new(65_536)
-    }
+/// The durable queues of subscriptions on the bus.
+pub trait DurableQueues: Send + Sync + 'static {
+    /// Declares the queue of `spec` (again: its bindings become those of
+    /// `spec`); resolves once every event published afterwards that the
+    /// bindings select is kept.
+    fn declare(&self, spec: QueueSpec) -> BoxFuture<'_, Result<(), BusError>>;
+
+    /// Deletes the queue `name` and what it holds; nothing if there is none.
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// Consumes the queue `name`, at most `prefetch` events unacknowledged
+    /// at a time. What is unacknowledged when the consumer is dropped goes
+    /// back to the queue, for this or another consumer.
+    fn consume<'a>(
+        &'a self,
+        name: &'a str,
+        prefetch: u16,
+    ) -> BoxFuture<'a, Result<Box<dyn QueueConsumer>, BusError>>;
 }
 
-impl EventPublisher for InProcessBus {
-    fn publish(&self, events: Vec<Event>) -> BoxFuture<'_, Result<(), BusError>> {
-        for event in events {
-            // No subscriber is not an error: the bus has accepted the event.
-            let _ = self.sender.send(event);
+/// A consumer of a durable queue.
+pub trait QueueConsumer: Send {
+    /// The next event; None once the queue is deleted.
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<QueuedEvent, BusError>>>;
+
+    /// Acknowledges the event handed out as `tag`: the queue forgets it.
+    fn ack(&mut self, tag: u64) -> BoxFuture<'_, Result<(), BusError>>;
+}
+
+/// Whether the routing key `key` matches the topic pattern `pattern`: words
+/// separated by '.', `*` standing for one word and `#` for any number.
+pub fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn matches(pattern: &[&str], key: &[&str]) -> bool {
+        match pattern.split_first() {
+            None => key.is_empty(),
+            Some((&"#", rest)) => (0..=key.len()).any(|skipped| matches(rest, &key[skipped..])),
+            Some((word, rest)) => key.split_first().is_some_and(|(first, key_rest)| {
+                (*word == "*" || word == first) && matches(rest, key_rest)
+            }),
         }
-        Box::pin(std::future::ready(Ok(())))
     }
-}
-
-impl EventSource for InProcessBus {
-    fn subscribe(&self, _bindings: Vec<String>) -> BoxFuture<'_, Result<Subscription, BusError>> {
-        Box::pin(std::future::ready(Ok(Subscription::new(
-            self.sender.subscribe(),
-            None,
-        ))))
-    }
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let key: Vec<&str> = key.split('.').collect();
+    matches(&pattern, &key)
 }
 
 /// The events a store committed and has not yet handed to the bus.
@@ -466,6 +497,23 @@ pub async fn run_outbox_relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_patterns_match_as_amqp_topic_exchanges_do() {
+        assert!(topic_matches("*.*.#", "east.a.message.accepted"));
+        assert!(topic_matches(
+            "east.*.message.accepted",
+            "east.a.message.accepted"
+        ));
+        assert!(!topic_matches(
+            "east.*.message.accepted",
+            "west.a.message.accepted"
+        ));
+        assert!(!topic_matches("*.a.message", "east.a.message.accepted"));
+        assert!(topic_matches("east.#", "east"));
+        assert!(topic_matches("#.accepted", "east.a.message.accepted"));
+        assert!(!topic_matches("*.*", "east"));
+    }
 
     #[test]
     fn binding_keys_select_at_least_the_wanted_events_within_the_limit() {

@@ -9,6 +9,7 @@
 //! - [`validate`]: the patterns of agency ids, regions, kinds and headers.
 //! - [`events`]: mesh events and the event bus interface, with the
 //!   in-process bus of the dev mesh.
+//! - [`in_process`]: the dev mesh's bus, standing in for RabbitMQ.
 //! - [`topology`]: the directory as gateways see it, and how updates apply.
 //! - [`server`]: health, reflection and graceful serving for every role.
 //! - [`postgres`]: the outbox on PostgreSQL.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod identity;
+pub mod in_process;
 pub mod postgres;
 pub mod server;
 pub mod sqlite;

@@ -19,8 +19,10 @@ use std::time::Duration;
 
 use fedmesh::client::Authenticated;
 use fedmesh::dev::{DevMesh, DevOptions, TuneGateway};
-use fedmesh_common::amqp::EventBusSettings;
+use fedmesh_common::amqp::{AmqpPublisher, AmqpQueues, EventBusSettings};
+use fedmesh_common::events::{DurableQueues, EventPublisher};
 use fedmesh_common::identity::{AttachIdentity, Identity};
+use fedmesh_common::in_process::InProcessBus;
 use fedmesh_common::testing::TestDatabase;
 use fedmesh_proto::pb;
 use tokio::sync::mpsc;
@@ -72,6 +74,37 @@ impl Bus {
     /// until the test ends; drop it after the mesh).
     pub async fn mesh(self) -> (TestMesh, Option<TestBroker>) {
         self.mesh_configured(|_| {}).await
+    }
+
+    /// The bus alone: where events are published, and its durable queues,
+    /// with the test's exchange when on RabbitMQ (drop it last).
+    pub async fn alone(
+        self,
+    ) -> (
+        std::sync::Arc<dyn EventPublisher>,
+        std::sync::Arc<dyn DurableQueues>,
+        Option<TestBroker>,
+    ) {
+        match self {
+            Bus::InProcess => {
+                let bus = InProcessBus::default();
+                (
+                    std::sync::Arc::new(bus.clone()),
+                    std::sync::Arc::new(bus),
+                    None,
+                )
+            }
+            Bus::RabbitMq => {
+                let broker = TestBroker::start().await;
+                let publisher = AmqpPublisher::new(&broker.url, &broker.exchange, "test");
+                let queues = AmqpQueues::new(&broker.url, &broker.exchange, "test");
+                (
+                    std::sync::Arc::new(publisher),
+                    std::sync::Arc::new(queues),
+                    Some(broker),
+                )
+            }
+        }
     }
 
     /// Like [`Bus::mesh`], with the mesh's options changed by `configure`.

@@ -10,5 +10,6 @@ mod events;
 mod inbox;
 mod limits;
 mod messaging;
+mod queues;
 mod scale;
 mod serving;

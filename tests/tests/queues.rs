@@ -1,0 +1,145 @@
+//! The durable queues of subscriptions, the same on the in-process bus and
+//! on RabbitMQ: kept until acknowledged, handed back when a consumer goes,
+//! one consumer at a time with strict order, shared otherwise.
+
+use fedmesh_common::events::{
+    AGENCY_REGISTERED, Event, MESSAGE_ACCEPTED, QueueConsumer, QueueSpec, QueuedEvent,
+};
+use fedmesh_tests::{Bus, within};
+
+fn spec(strict_order: bool, bindings: &[&str]) -> QueueSpec {
+    QueueSpec {
+        name: format!("test-{}", uuid::Uuid::now_v7().simple()),
+        bindings: bindings.iter().map(|binding| binding.to_string()).collect(),
+        strict_order,
+    }
+}
+
+fn accepted(region: &str, agency: &str, message_id: &str) -> Event {
+    Event::new(MESSAGE_ACCEPTED, region, agency).with_message(message_id)
+}
+
+async fn next(consumer: &mut Box<dyn QueueConsumer>) -> QueuedEvent {
+    within("a queued event", consumer.next())
+        .await
+        .expect("the queue is there")
+        .expect("consumed")
+}
+
+async fn a_queue_keeps_what_it_selects_until_acknowledged(bus: Bus) {
+    let (publisher, queues, _broker) = bus.alone().await;
+    let spec = spec(true, &["east.*.message.accepted"]);
+    queues.declare(spec.clone()).await.unwrap();
+    publisher
+        .publish(vec![
+            accepted("east", "a", "m1"),
+            accepted("west", "a", "not-selected"),
+            Event::new(AGENCY_REGISTERED, "east", "a"),
+            accepted("east", "b", "m2"),
+        ])
+        .await
+        .unwrap();
+
+    let mut first = queues.consume(&spec.name, 10).await.unwrap();
+    let m1 = next(&mut first).await;
+    assert_eq!(
+        (m1.event.message_id.as_deref(), m1.redelivered),
+        (Some("m1"), false)
+    );
+    let m2 = next(&mut first).await;
+    assert_eq!(m2.event.message_id.as_deref(), Some("m2"));
+    first.ack(m1.tag).await.unwrap();
+    drop(first);
+
+    let mut second = queues.consume(&spec.name, 10).await.unwrap();
+    let again = next(&mut second).await;
+    assert_eq!(
+        (again.event.message_id.as_deref(), again.redelivered),
+        (Some("m2"), true),
+        "what was not acknowledged comes back, and only that"
+    );
+    assert_eq!(again.event.event_id, m2.event.event_id);
+    second.ack(again.tag).await.unwrap();
+    publisher
+        .publish(vec![accepted("east", "c", "m3")])
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut second).await.event.message_id.as_deref(),
+        Some("m3")
+    );
+
+    queues.delete(&spec.name).await.unwrap();
+    let after = within("the end of the deleted queue", second.next()).await;
+    assert!(!matches!(after, Some(Ok(_))), "{after:?}");
+}
+
+async fn strict_order_hands_everything_to_one_consumer_at_a_time(bus: Bus) {
+    let (publisher, queues, _broker) = bus.alone().await;
+    let spec = spec(true, &["#"]);
+    queues.declare(spec.clone()).await.unwrap();
+    let mut first = queues.consume(&spec.name, 1).await.unwrap();
+    let mut second = queues.consume(&spec.name, 1).await.unwrap();
+    publisher
+        .publish(vec![
+            accepted("east", "a", "m1"),
+            accepted("east", "a", "m2"),
+        ])
+        .await
+        .unwrap();
+    let m1 = next(&mut first).await;
+    first.ack(m1.tag).await.unwrap();
+    let m2 = next(&mut first).await;
+    assert_eq!(
+        (
+            m1.event.message_id.as_deref(),
+            m2.event.message_id.as_deref()
+        ),
+        (Some("m1"), Some("m2")),
+        "the active consumer gets every event, in order"
+    );
+    drop(first);
+    let handed_over = next(&mut second).await;
+    assert_eq!(
+        (
+            handed_over.event.message_id.as_deref(),
+            handed_over.redelivered
+        ),
+        (Some("m2"), true),
+        "the next consumer takes over what the first left"
+    );
+    queues.delete(&spec.name).await.unwrap();
+}
+
+async fn competing_consumers_share_the_events(bus: Bus) {
+    let (publisher, queues, _broker) = bus.alone().await;
+    let spec = spec(false, &["#"]);
+    queues.declare(spec.clone()).await.unwrap();
+    let mut first = queues.consume(&spec.name, 1).await.unwrap();
+    let mut second = queues.consume(&spec.name, 1).await.unwrap();
+    publisher
+        .publish(vec![
+            accepted("east", "a", "m1"),
+            accepted("east", "a", "m2"),
+        ])
+        .await
+        .unwrap();
+    let (one, other) = tokio::join!(next(&mut first), next(&mut second));
+    let mut ids = vec![
+        one.event.message_id.unwrap(),
+        other.event.message_id.unwrap(),
+    ];
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec!["m1", "m2"],
+        "each consumer holds one, unacknowledged"
+    );
+    queues.delete(&spec.name).await.unwrap();
+}
+
+fedmesh_tests::on_every_bus!(
+    a_queue_keeps_what_it_selects_until_acknowledged,
+    strict_order_hands_everything_to_one_consumer_at_a_time,
+    competing_consumers_share_the_events,
+);
