@@ -12,6 +12,7 @@ use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand};
 use crate::bench::BenchArgs;
 use crate::commands::{AgencyArgs, InboxArgs, SendArgs, StatusArgs, SubscribeArgs};
 use crate::serve::{CoordinatorArgs, DevArgs, GatewayArgs, NotifierArgs};
+use crate::subscriptions::SubscriptionArgs;
 
 /// fedmesh: durable, exactly-once messaging between agencies across regions.
 ///
@@ -70,11 +71,16 @@ pub enum Command {
         after_help = "Examples:\n  fedmesh inbox --as land-registry --ack\n  fedmesh inbox --as land-registry --follow --json"
     )]
     Inbox(InboxArgs),
-    /// Print mesh events as they happen.
+    /// Print mesh events as they happen, or those a durable subscription kept.
     #[command(
-        after_help = "Examples:\n  fedmesh subscribe --agency land-registry\n  fedmesh subscribe --kind message.delivered --region west --limit 10 --json"
+        after_help = "Examples:\n  fedmesh subscribe --agency land-registry\n  fedmesh subscribe --kind message.delivered --region west --limit 10 --json\n  fedmesh subscribe --subscription deliveries --limit 100"
     )]
     Subscribe(SubscribeArgs),
+    /// Create, list, show and delete durable subscriptions.
+    #[command(
+        after_help = "Examples:\n  fedmesh subscription create deliveries --kind message.delivered\n  fedmesh subscription list"
+    )]
+    Subscription(SubscriptionArgs),
     /// Regions, their shards, gateways and notifiers, and agency counts.
     #[command(after_help = "Examples:\n  fedmesh status\n  fedmesh status --json")]
     Status(StatusArgs),
@@ -113,7 +119,11 @@ pub async fn run(
         Command::Agency(args) => crate::commands::agency(args, out).await,
         Command::Send(args) => crate::commands::send(args, out).await,
         Command::Inbox(args) => crate::commands::inbox(args, out).await,
+        Command::Subscribe(args) if args.subscription.is_some() => {
+            crate::subscriptions::consume(args, out).await
+        }
         Command::Subscribe(args) => crate::commands::subscribe(args, out).await,
+        Command::Subscription(args) => crate::subscriptions::subscription(args, out).await,
         Command::Status(args) => crate::commands::status(args, out).await,
         Command::Bench(args) => {
             let endpoints = args.mesh.endpoints(args.gateway.gateway.as_deref(), None);

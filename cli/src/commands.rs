@@ -150,6 +150,14 @@ pub struct InboxArgs {
 
 #[derive(Debug, Args)]
 pub struct SubscribeArgs {
+    /// Receive the events of this durable subscription (see `fedmesh
+    /// subscription create`) instead of live ones: each is acknowledged once
+    /// printed, so it is not delivered again.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["agencies", "kinds", "regions"])]
+    pub subscription: Option<String>,
+    /// With --subscription: most events unacknowledged at once.
+    #[arg(long, default_value_t = 100, requires = "subscription")]
+    pub prefetch: u32,
     /// Only events concerning this agency; repeatable.
     #[arg(long = "agency", value_name = "ID")]
     pub agencies: Vec<String>,
@@ -548,6 +556,8 @@ pub async fn inbox(args: InboxArgs, out: &mut (dyn Write + Send)) -> anyhow::Res
 }
 
 /// `fedmesh subscribe`.
+/// `fedmesh subscribe` to live events (with `--subscription`, see
+/// `crate::subscriptions::consume`).
 pub async fn subscribe(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let endpoints = args.mesh.endpoints(None, args.notifier.as_deref());
     let identity = match &args.agency {
@@ -558,9 +568,9 @@ pub async fn subscribe(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> any
         .notifications(&identity)
         .await?
         .subscribe(pb::SubscribeRequest {
-            regions: args.regions,
-            agencies: args.agencies,
-            kinds: args.kinds,
+            regions: args.regions.clone(),
+            agencies: args.agencies.clone(),
+            kinds: args.kinds.clone(),
         })
         .await
         .map_err(|status| rpc_error(status, "cannot subscribe"))?
@@ -578,44 +588,61 @@ pub async fn subscribe(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> any
             event = events.message() => event.map_err(|status| rpc_error(status, "event stream failed"))?,
         };
         let Some(event) = event else { return Ok(()) };
-        let occurred_at = event
-            .occurred_at
-            .map(|time| time.to_string())
-            .unwrap_or_default();
-        if args.json {
-            let value = json!({
-                "event_id": event.event_id,
-                "kind": event.kind,
-                "region": event.region,
-                "agency_id": event.agency_id,
-                "message_id": event.message_id,
-                "occurred_at": occurred_at,
-                "attributes": event.attributes,
-            });
-            writeln!(out, "{value}")?;
-        } else {
-            let mut attributes: Vec<String> = event
-                .attributes
-                .iter()
-                .map(|(key, value)| format!("{key}={value}"))
-                .collect();
-            attributes.sort();
-            writeln!(
-                out,
-                "{occurred_at} {:<18} {:<8} {:<20} {} {}",
-                event.kind,
-                event.region,
-                event.agency_id,
-                event.message_id,
-                attributes.join(" ")
-            )?;
-        }
-        out.flush()?;
+        print_event(out, &event, args.json, None)?;
         n_events += 1;
         if args.limit.is_some_and(|limit| n_events >= limit) {
             return Ok(());
         }
     }
+}
+
+/// Prints `event` as one line (or one JSON object); `redelivered` is told
+/// for the events of a durable subscription.
+pub fn print_event(
+    out: &mut (dyn Write + Send),
+    event: &pb::Event,
+    json: bool,
+    redelivered: Option<bool>,
+) -> std::io::Result<()> {
+    let occurred_at = event
+        .occurred_at
+        .map(|time| time.to_string())
+        .unwrap_or_default();
+    if json {
+        let mut value = json!({
+            "event_id": event.event_id,
+            "kind": event.kind,
+            "region": event.region,
+            "agency_id": event.agency_id,
+            "message_id": event.message_id,
+            "occurred_at": occurred_at,
+            "attributes": event.attributes,
+        });
+        if let Some(redelivered) = redelivered {
+            value["redelivered"] = json!(redelivered);
+        }
+        writeln!(out, "{value}")?;
+    } else {
+        let mut attributes: Vec<String> = event
+            .attributes
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        attributes.sort();
+        if redelivered == Some(true) {
+            attributes.push("(redelivered)".to_string());
+        }
+        writeln!(
+            out,
+            "{occurred_at} {:<18} {:<8} {:<20} {} {}",
+            event.kind,
+            event.region,
+            event.agency_id,
+            event.message_id,
+            attributes.join(" ")
+        )?;
+    }
+    out.flush()
 }
 
 /// `fedmesh status`.

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use fedmesh_common::amqp::{AmqpPublisher, AmqpSource, EventBusSettings};
-use fedmesh_common::events::{EventPublisher, EventSource};
+use fedmesh_common::amqp::{AmqpPublisher, AmqpQueues, AmqpSource, EventBusSettings};
+use fedmesh_common::events::{DurableQueues, EventBus, EventPublisher, EventSource};
 use fedmesh_common::in_process::InProcessBus;
 use fedmesh_common::store::redact_url;
 use fedmesh_common::topology::Topology;
@@ -89,6 +89,7 @@ pub struct DevMesh {
 struct DevBus {
     publisher: Arc<dyn EventPublisher>,
     source: Arc<dyn EventSource>,
+    queues: Arc<dyn DurableQueues>,
 }
 
 impl DevBus {
@@ -103,7 +104,8 @@ impl DevBus {
             let bus = InProcessBus::new(subscriber_buffer);
             return Ok(DevBus {
                 publisher: Arc::new(bus.clone()),
-                source: Arc::new(bus),
+                source: Arc::new(bus.clone()),
+                queues: Arc::new(bus),
             });
         };
         events.validate()?;
@@ -126,6 +128,7 @@ impl DevBus {
         Ok(DevBus {
             publisher: Arc::new(AmqpPublisher::new(url, exchange, "fedmesh-dev")),
             source,
+            queues: Arc::new(AmqpQueues::new(url, exchange, "fedmesh-dev-queues")),
         })
     }
 }
@@ -237,7 +240,10 @@ impl DevMesh {
         coordinator.report_interval_ms = 2_000;
         coordinator.expiry_ms = 6_000;
         // The control database is opened before anything else needs it.
-        let coordinator_bus = Some(Arc::clone(&bus.publisher));
+        let coordinator_bus = Some(EventBus {
+            publisher: Arc::clone(&bus.publisher),
+            queues: Arc::clone(&bus.queues),
+        });
         let coordinator_shutdown = shutdown.child_token();
         let coordinator_stop = coordinator_shutdown.clone();
         components.spawn(async move {
@@ -280,6 +286,7 @@ impl DevMesh {
 
         let notifier_url = url_of(&notifier_listener)?;
         let notifier_source = Arc::clone(&bus.source);
+        let notifier_queues = Some(Arc::clone(&bus.queues));
         let notifier_shutdown = shutdown.clone();
         let notifier_config = NotifierConfig {
             dev_identity: true,
@@ -293,6 +300,7 @@ impl DevMesh {
                 notifier_config,
                 notifier_listener,
                 notifier_source,
+                notifier_queues,
                 notifier_shutdown,
             )
             .await;

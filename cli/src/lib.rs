@@ -10,3 +10,4 @@ pub mod commands;
 pub mod dev;
 pub mod serve;
 pub mod signal;
+pub mod subscriptions;

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{ArgMatches, Args};
-use fedmesh_common::amqp::{AmqpPublisher, AmqpSource, EventBusSettings};
+use fedmesh_common::amqp::{AmqpPublisher, AmqpQueues, AmqpSource, EventBusSettings};
 use fedmesh_common::config::{ConfigError, load, to_toml};
-use fedmesh_common::events::EventPublisher;
+use fedmesh_common::events::{EventBus, EventPublisher};
 use fedmesh_coordinator::CoordinatorConfig;
 use fedmesh_gateway::GatewayConfig;
 use fedmesh_notifier::NotifierConfig;
@@ -152,8 +152,14 @@ pub async fn coordinator(
     };
     warn_about_identity(config.dev_identity);
     let listener = bind(&config.listen).await?;
-    let publisher = publisher(&config.events, "fedmesh-coordinator");
-    fedmesh_coordinator::run(config, listener, publisher, stop_on_signal()).await?;
+    let bus = publisher(&config.events, "fedmesh-coordinator").and_then(|publisher| {
+        let queues = AmqpQueues::from_settings(&config.events, "fedmesh-coordinator-queues")?;
+        Some(EventBus {
+            publisher,
+            queues: Arc::new(queues),
+        })
+    });
+    fedmesh_coordinator::run(config, listener, bus, stop_on_signal()).await?;
     Ok(())
 }
 
@@ -233,7 +239,12 @@ pub async fn notifier(
         config.subscriber_buffer,
         stop.clone(),
     );
-    fedmesh_notifier::run(config, listener, source, stop).await?;
+    let queues = AmqpQueues::new(
+        url,
+        &config.events.amqp_exchange,
+        &format!("fedmesh-notifier-{}-queues", config.id),
+    );
+    fedmesh_notifier::run(config, listener, source, Some(Arc::new(queues)), stop).await?;
     Ok(())
 }
 

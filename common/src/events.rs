@@ -23,7 +23,10 @@ use tokio::sync::broadcast;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::InvalidField;
+use crate::identity::Identity;
 use crate::time::{micros_from_timestamp, timestamp_from_micros};
+use crate::validate;
 
 /// `agency.registered`: an agency joined the directory.
 pub const AGENCY_REGISTERED: &str = "agency.registered";
@@ -366,6 +369,92 @@ pub trait EventSource: Send + Sync + 'static {
     }
 }
 
+/// Most bindings one filter adds to a queue; a filter with more
+/// combinations is widened (and its subscriber filters exactly).
+pub const MAX_BINDINGS: usize = 64;
+
+/// Which events a subscriber wants; an empty list allows all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    /// Allowed regions.
+    pub regions: Vec<String>,
+    /// Allowed agencies.
+    pub agencies: Vec<String>,
+    /// Allowed event kinds.
+    pub kinds: Vec<String>,
+}
+
+/// A filter that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// A field is malformed.
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+    /// It names events that do not concern the caller.
+    #[error("{0}")]
+    NotOwn(String),
+}
+
+impl Filter {
+    /// The topic patterns that select at least these events on the event
+    /// exchange (see [`binding_keys`]).
+    pub fn binding_keys(&self) -> Vec<String> {
+        binding_keys(&self.regions, &self.agencies, &self.kinds, MAX_BINDINGS)
+    }
+
+    /// Whether `event` passes the filter.
+    pub fn matches(&self, event: &Event) -> bool {
+        let allows = |allowed: &[String], value: &str| {
+            allowed.is_empty() || allowed.iter().any(|item| item == value)
+        };
+        allows(&self.regions, &event.region)
+            && allows(&self.agencies, &event.agency_id)
+            && allows(&self.kinds, &event.kind)
+    }
+
+    /// Validates a filter and narrows it to what `identity` may see: an
+    /// agency only events concerning itself.
+    pub fn for_caller(
+        regions: Vec<String>,
+        agencies: Vec<String>,
+        kinds: Vec<String>,
+        identity: &Identity,
+    ) -> Result<Filter, FilterError> {
+        for region in &regions {
+            validate::region("regions", region)?;
+        }
+        for agency in &agencies {
+            validate::agency_id("agencies", agency)?;
+        }
+        for kind in &kinds {
+            if !EVENT_KINDS.contains(&kind.as_str()) {
+                return Err(InvalidField::new(
+                    "kinds",
+                    format!(
+                        "{kind:?} is not an event kind: use {}",
+                        EVENT_KINDS.join(", ")
+                    ),
+                )
+                .into());
+            }
+        }
+        let mut filter = Filter {
+            regions,
+            agencies,
+            kinds,
+        };
+        if let Identity::Agency(own) = identity {
+            if filter.agencies.iter().any(|agency| agency != own) {
+                return Err(FilterError::NotOwn(format!(
+                    "{identity} may subscribe only to events concerning itself"
+                )));
+            }
+            filter.agencies = vec![own.clone()];
+        }
+        Ok(filter)
+    }
+}
+
 /// A durable subscription's queue: the events its bindings select are kept
 /// in it, from the moment it is declared, until a consumer acknowledges them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -436,6 +525,16 @@ pub fn topic_matches(pattern: &str, key: &str) -> bool {
     matches(&pattern, &key)
 }
 
+/// A role's way onto the event bus: where it publishes, and the queues of
+/// durable subscriptions.
+#[derive(Clone)]
+pub struct EventBus {
+    /// Where events go.
+    pub publisher: std::sync::Arc<dyn EventPublisher>,
+    /// The queues of durable subscriptions.
+    pub queues: std::sync::Arc<dyn DurableQueues>,
+}
+
 /// The events a store committed and has not yet handed to the bus.
 pub trait Outbox: Send + Sync + 'static {
     /// Publishes the events of up to `limit` of the oldest outbox rows (a
@@ -497,6 +596,39 @@ pub async fn run_outbox_relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agencies_see_only_their_own_events() {
+        let alpha = Identity::Agency("alpha".into());
+        let filter = Filter::for_caller(vec![], vec![], vec![], &alpha).expect("own");
+        let mut event = Event::new(MESSAGE_ACCEPTED, "east", "alpha");
+        assert!(filter.matches(&event));
+        event.agency_id = "beta".into();
+        assert!(!filter.matches(&event));
+        assert!(matches!(
+            Filter::for_caller(vec![], vec!["beta".into()], vec![], &alpha),
+            Err(FilterError::NotOwn(_))
+        ));
+    }
+
+    #[test]
+    fn filters_combine_regions_and_kinds() {
+        let operator = Identity::Operator("ops".into());
+        let filter = Filter::for_caller(
+            vec!["west".into()],
+            vec![],
+            vec![MESSAGE_DELIVERED.into()],
+            &operator,
+        )
+        .expect("valid");
+        assert!(filter.matches(&Event::new(MESSAGE_DELIVERED, "west", "x1")));
+        assert!(!filter.matches(&Event::new(MESSAGE_ACCEPTED, "west", "x1")));
+        assert!(!filter.matches(&Event::new(MESSAGE_DELIVERED, "east", "x1")));
+        assert!(matches!(
+            Filter::for_caller(vec![], vec![], vec!["message.sent".into()], &operator),
+            Err(FilterError::Invalid(_))
+        ));
+    }
 
     #[test]
     fn topic_patterns_match_as_amqp_topic_exchanges_do() {

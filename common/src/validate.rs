@@ -24,6 +24,11 @@ pub fn agency_id(field: &'static str, value: &str) -> Result<(), InvalidField> {
     name(field, value, "agency id")
 }
 
+/// Checks a durable subscription's name.
+pub fn subscription_name(field: &'static str, value: &str) -> Result<(), InvalidField> {
+    name(field, value, "subscription name")
+}
+
 /// Checks a region name.
 pub fn region(field: &'static str, value: &str) -> Result<(), InvalidField> {
     name(field, value, "region")

@@ -26,6 +26,18 @@ pub enum DirectoryError {
     /// The caller may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The subscription is unknown.
+    #[error("subscription {0:?} does not exist")]
+    SubscriptionNotFound(String),
+    /// The subscription name is taken.
+    #[error("subscription {0:?} already exists")]
+    SubscriptionExists(String),
+    /// Durable subscriptions need the event bus, which this coordinator has not.
+    #[error("this coordinator has no event bus (--amqp), so it keeps no durable subscriptions")]
+    NoBus,
+    /// The bus did not take the change (logged where it happened).
+    #[error("the event bus did not answer; {0}; retry")]
+    BusUnavailable(&'static str),
     /// The coordinator is stopping.
     #[error("coordinator shutting down; reconnect (to another coordinator, if there is one)")]
     ShuttingDown,
@@ -41,7 +53,12 @@ impl ServiceError for DirectoryError {
             DirectoryError::AgencyNotFound(_) | DirectoryError::RegionNotFound { .. } => {
                 ErrorKind::NotFound
             }
-            DirectoryError::AgencyExists(_) => ErrorKind::AlreadyExists,
+            DirectoryError::AgencyExists(_) | DirectoryError::SubscriptionExists(_) => {
+                ErrorKind::AlreadyExists
+            }
+            DirectoryError::SubscriptionNotFound(_) => ErrorKind::NotFound,
+            DirectoryError::NoBus => ErrorKind::FailedPrecondition,
+            DirectoryError::BusUnavailable(_) => ErrorKind::Unavailable,
             DirectoryError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             DirectoryError::ShuttingDown => ErrorKind::Unavailable,
             DirectoryError::Store(_) => ErrorKind::Internal,
@@ -52,6 +69,19 @@ impl ServiceError for DirectoryError {
         match self {
             DirectoryError::InvalidField(invalid) => Some(invalid.field),
             _ => None,
+        }
+    }
+}
+
+impl From<fedmesh_common::events::FilterError> for DirectoryError {
+    fn from(error: fedmesh_common::events::FilterError) -> Self {
+        match error {
+            fedmesh_common::events::FilterError::Invalid(invalid) => {
+                DirectoryError::InvalidField(invalid)
+            }
+            fedmesh_common::events::FilterError::NotOwn(why) => {
+                DirectoryError::PermissionDenied(why)
+            }
         }
     }
 }

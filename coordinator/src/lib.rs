@@ -16,12 +16,13 @@ pub mod config;
 pub mod directory;
 pub mod error;
 pub mod store;
+pub mod subscription;
 
 mod grpc;
 
 use std::sync::Arc;
 
-use fedmesh_common::events::{EventPublisher, run_outbox_relay};
+use fedmesh_common::events::{EventBus, run_outbox_relay};
 use fedmesh_common::identity::IdentityInterceptor;
 use fedmesh_proto::pb;
 use tokio::net::TcpListener;
@@ -50,25 +51,26 @@ pub enum RunError {
 }
 
 /// Runs a coordinator on `listener` until `shutdown` is cancelled; events go
-/// through the control database's outbox to `publisher` (without one,
-/// events are off and none is written). Returns once every task has stopped.
+/// through the control database's outbox to the bus's publisher, and durable
+/// subscriptions are queues on it (without a bus, events are off and none
+/// is written). Returns once every task has stopped.
 pub async fn run(
     config: CoordinatorConfig,
     listener: TcpListener,
-    publisher: Option<Arc<dyn EventPublisher>>,
+    bus: Option<EventBus>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
     let store = store::open_store(config.database_url(), config.pool_size).await?;
     let outbox = store.outbox();
     let tasks = TaskTracker::new();
-    let outbox_wake = match publisher {
-        Some(publisher) => {
+    let outbox_wake = match &bus {
+        Some(bus) => {
             let outbox_wake = Arc::new(tokio::sync::Notify::new());
             tasks.spawn(run_outbox_relay(
                 "control".into(),
                 outbox,
-                publisher,
+                Arc::clone(&bus.publisher),
                 Arc::clone(&outbox_wake),
                 config.outbox_poll_interval(),
                 shutdown.clone(),
@@ -80,7 +82,10 @@ pub async fn run(
             None
         }
     };
-    let directory = directory::Directory::load(store, config.regions.clone(), outbox_wake).await?;
+    let queues = bus.map(|bus| bus.queues);
+    let directory =
+        directory::Directory::load(store, config.regions.clone(), outbox_wake, queues).await?;
+    directory.declare_subscription_queues().await;
     let directory = Arc::new(directory);
     tasks.spawn(expire_instances(
         Arc::clone(&directory),

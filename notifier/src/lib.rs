@@ -8,18 +8,19 @@
 //! On the in-process bus of the dev mesh a subscriber too slow to keep up is
 //! told so (RESOURCE_EXHAUSTED) rather than silently skipped.
 
+mod durable;
+
 use std::pin::Pin;
 use std::sync::Arc;
 
 use fedmesh_common::amqp::EventBusSettings;
 use fedmesh_common::config::ConfigError;
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError, to_status};
-use fedmesh_common::events::{EVENT_KINDS, Event, EventSource, binding_keys};
+use fedmesh_common::events::{DurableQueues, EventSource, Filter, FilterError};
 use fedmesh_common::identity::{
     AttachIdentity, Identity, IdentityInterceptor, IdentityMode, caller,
 };
 use fedmesh_common::server::ConnectionSettings;
-use fedmesh_common::validate;
 use fedmesh_proto::pb;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -30,10 +31,6 @@ use tonic::{Request, Response, Status};
 
 /// Largest request a notifier reads: subscription filters.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
-/// Most bindings one subscriber's filter adds to the replica's queue; a
-/// filter with more combinations is widened (and filtered here).
-const MAX_BINDINGS: usize = 64;
 
 /// Events handed from a subscriber's feed to its gRPC stream at once.
 const STREAM_BUFFER: usize = 32;
@@ -131,6 +128,23 @@ pub enum NotifierError {
     /// The notifier is stopping.
     #[error("notifier shutting down; resubscribe")]
     ShuttingDown,
+    /// No durable subscription of that name.
+    #[error("subscription {0:?} does not exist")]
+    SubscriptionNotFound(String),
+    /// The subscription was deleted while consumed.
+    #[error("the subscription was deleted")]
+    SubscriptionGone,
+    /// This notifier serves no durable subscriptions.
+    #[error("this notifier has no event bus, so no durable subscriptions")]
+    NoBus,
+    /// The coordinator, which knows the subscriptions, did not answer.
+    #[error(
+        "this notifier cannot reach the coordinator to look the subscription up; retry shortly"
+    )]
+    NoCoordinator,
+    /// The subscriber went away before saying what it wants.
+    #[error("the subscriber went away")]
+    ClientGone,
     /// The notifier is not receiving the bus's events (it lost its broker,
     /// or has not reached it yet).
     #[error(
@@ -145,7 +159,14 @@ impl ServiceError for NotifierError {
             NotifierError::InvalidField(_) => ErrorKind::InvalidArgument,
             NotifierError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             NotifierError::Lagged(_) => ErrorKind::ResourceExhausted,
-            NotifierError::ShuttingDown | NotifierError::NoFeed(_) => ErrorKind::Unavailable,
+            NotifierError::ShuttingDown
+            | NotifierError::NoFeed(_)
+            | NotifierError::NoCoordinator
+            | NotifierError::ClientGone => ErrorKind::Unavailable,
+            NotifierError::SubscriptionNotFound(_) | NotifierError::SubscriptionGone => {
+                ErrorKind::NotFound
+            }
+            NotifierError::NoBus => ErrorKind::FailedPrecondition,
         }
     }
 
@@ -157,82 +178,24 @@ impl ServiceError for NotifierError {
     }
 }
 
+impl From<FilterError> for NotifierError {
+    fn from(error: FilterError) -> Self {
+        match error {
+            FilterError::Invalid(invalid) => NotifierError::InvalidField(invalid),
+            FilterError::NotOwn(why) => NotifierError::PermissionDenied(why),
+        }
+    }
+}
+
 impl From<NotifierError> for Status {
     fn from(error: NotifierError) -> Self {
         to_status(&error)
     }
 }
 
-/// Which events a subscriber wants; an empty list allows all.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
-    /// Allowed regions.
-    pub regions: Vec<String>,
-    /// Allowed agencies.
-    pub agencies: Vec<String>,
-    /// Allowed event kinds.
-    pub kinds: Vec<String>,
-}
-
-impl Filter {
-    /// The topic patterns that select at least these events on the event
-    /// exchange (see `binding_keys`).
-    pub fn binding_keys(&self) -> Vec<String> {
-        binding_keys(&self.regions, &self.agencies, &self.kinds, MAX_BINDINGS)
-    }
-
-    /// Whether `event` passes the filter.
-    pub fn matches(&self, event: &Event) -> bool {
-        let allows = |allowed: &[String], value: &str| {
-            allowed.is_empty() || allowed.iter().any(|item| item == value)
-        };
-        allows(&self.regions, &event.region)
-            && allows(&self.agencies, &event.agency_id)
-            && allows(&self.kinds, &event.kind)
-    }
-
-    /// Validates a request's filter and narrows it to what `identity` may see.
-    pub fn for_caller(
-        request: pb::SubscribeRequest,
-        identity: &Identity,
-    ) -> Result<Filter, NotifierError> {
-        for region in &request.regions {
-            validate::region("regions", region)?;
-        }
-        for agency in &request.agencies {
-            validate::agency_id("agencies", agency)?;
-        }
-        for kind in &request.kinds {
-            if !EVENT_KINDS.contains(&kind.as_str()) {
-                return Err(InvalidField::new(
-                    "kinds",
-                    format!(
-                        "{kind:?} is not an event kind: use {}",
-                        EVENT_KINDS.join(", ")
-                    ),
-                )
-                .into());
-            }
-        }
-        let mut filter = Filter {
-            regions: request.regions,
-            agencies: request.agencies,
-            kinds: request.kinds,
-        };
-        if let Identity::Agency(own) = identity {
-            if filter.agencies.iter().any(|agency| agency != own) {
-                return Err(NotifierError::PermissionDenied(format!(
-                    "{identity} may subscribe only to events concerning itself"
-                )));
-            }
-            filter.agencies = vec![own.clone()];
-        }
-        Ok(filter)
-    }
-}
-
 struct NotificationsService {
     source: Arc<dyn EventSource>,
+    durable: durable::Durable,
     shutdown: CancellationToken,
 }
 
@@ -241,13 +204,26 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 #[tonic::async_trait]
 impl pb::notifications_server::Notifications for NotificationsService {
     type SubscribeStream = EventStream;
+    type ConsumeStream = durable::DeliveryStream;
+
+    async fn consume(
+        &self,
+        request: Request<tonic::Streaming<pb::ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let identity = caller(&request)?;
+        let deliveries = self.durable.consume(identity, request.into_inner()).await?;
+        Ok(Response::new(deliveries))
+    }
 
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let identity = caller(&request)?;
-        let filter = Filter::for_caller(request.into_inner(), &identity)?;
+        let request = request.into_inner();
+        let filter =
+            Filter::for_caller(request.regions, request.agencies, request.kinds, &identity)
+                .map_err(NotifierError::from)?;
         if !self.source.is_live() {
             return Err(NotifierError::NoFeed("").into());
         }
@@ -319,6 +295,7 @@ pub async fn run(
     config: NotifierConfig,
     listener: TcpListener,
     source: Arc<dyn EventSource>,
+    queues: Option<Arc<dyn DurableQueues>>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
@@ -334,6 +311,11 @@ pub async fn run(
         notifier_id: config.id.clone(),
         address: address.clone(),
         last_seen: None,
+    };
+    let durable = durable::Durable {
+        queues,
+        directory: directory.clone(),
+        shutdown: shutdown.clone(),
     };
     let reporter = tokio::spawn(fedmesh_common::topology::report_periodically(
         "notifier",
@@ -351,6 +333,7 @@ pub async fn run(
     ));
     let service = NotificationsService {
         source,
+        durable,
         shutdown: shutdown.clone(),
     };
     let routes = tonic::service::Routes::new(
@@ -366,42 +349,4 @@ pub async fn run(
     let _ = reporter.await;
     tracing::info!(notifier_id = %config.id, "notifier stopped");
     Ok(served?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn agencies_see_only_their_own_events() {
-        let alpha = Identity::Agency("alpha".into());
-        let filter = Filter::for_caller(pb::SubscribeRequest::default(), &alpha).expect("own");
-        let mut event = Event::new("message.accepted", "east", "alpha");
-        assert!(filter.matches(&event));
-        event.agency_id = "beta".into();
-        assert!(!filter.matches(&event));
-
-        let others = pb::SubscribeRequest {
-            agencies: vec!["beta".into()],
-            ..Default::default()
-        };
-        assert!(matches!(
-            Filter::for_caller(others, &alpha),
-            Err(NotifierError::PermissionDenied(_))
-        ));
-    }
-
-    #[test]
-    fn filters_combine_regions_and_kinds() {
-        let operator = Identity::Operator("ops".into());
-        let request = pb::SubscribeRequest {
-            regions: vec!["west".into()],
-            kinds: vec!["message.delivered".into()],
-            ..Default::default()
-        };
-        let filter = Filter::for_caller(request, &operator).expect("valid");
-        assert!(filter.matches(&Event::new("message.delivered", "west", "x1")));
-        assert!(!filter.matches(&Event::new("message.accepted", "west", "x1")));
-        assert!(!filter.matches(&Event::new("message.delivered", "east", "x1")));
-    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use fedmesh_common::amqp::{EventBusSettings, consume_exclusive, declare_exchange};
 use fedmesh_common::events::Event;
 use lapin::message::Delivery;
-use lapin::options::ExchangeDeleteOptions;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use tokio_stream::StreamExt;
 
@@ -28,6 +28,8 @@ pub struct TestBroker {
     /// Kept open while the test's queues are read.
     _connection: Connection,
     channel: Channel,
+    /// Durable queues of subscriptions to delete with the exchange.
+    subscriptions: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestBroker {
@@ -51,7 +53,17 @@ impl TestBroker {
             exchange,
             _connection: connection,
             channel,
+            subscriptions: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Deletes the queue of subscription `name` when the test ends, whether
+    /// or not the test deleted the subscription.
+    pub fn forget_subscription_at_end(&self, name: &str) {
+        self.subscriptions
+            .lock()
+            .unwrap()
+            .push(format!("{}.sub.{name}", self.exchange));
     }
 
     /// Settings that put a mesh's events on this exchange.
@@ -102,6 +114,7 @@ impl Drop for TestBroker {
     fn drop(&mut self) {
         let url = self.url.clone();
         let exchange = self.exchange.clone();
+        let queues = std::mem::take(&mut *self.subscriptions.lock().unwrap());
         // The test's runtime, which drives this connection, is not running
         // while a value is dropped: a connection of its own, on a runtime of
         // its own, on a thread of its own.
@@ -115,6 +128,11 @@ impl Drop for TestBroker {
                     let connection =
                         Connection::connect(&url, ConnectionProperties::default()).await?;
                     let channel = connection.create_channel().await?;
+                    for queue in queues {
+                        channel
+                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                            .await?;
+                    }
                     channel
                         .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                         .await?;

@@ -620,3 +620,120 @@ macro_rules! on_every_backend {
         }
     };
 }
+
+/// A `Consume` stream of a durable subscription, as its subscriber.
+pub struct Consumer {
+    requests: mpsc::Sender<pb::ConsumeRequest>,
+    deliveries: tonic::Streaming<pb::EventDelivery>,
+}
+
+impl Consumer {
+    /// Starts consuming `subscription` through `notifications`, at most
+    /// `prefetch` deliveries unacknowledged.
+    pub async fn open(
+        mut notifications: pb::notifications_client::NotificationsClient<Authenticated>,
+        subscription: &str,
+        prefetch: u32,
+    ) -> Result<Consumer, Status> {
+        let (requests, outgoing) = mpsc::channel(16);
+        let start = pb::ConsumeRequest {
+            request: Some(pb::consume_request::Request::Start(pb::ConsumeStart {
+                subscription: subscription.into(),
+                prefetch,
+            })),
+        };
+        requests.send(start).await.unwrap();
+        let deliveries = notifications
+            .consume(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
+        Ok(Consumer {
+            requests,
+            deliveries,
+        })
+    }
+
+    /// The next delivery; fails the test if the stream ends first.
+    pub async fn next(&mut self) -> pb::EventDelivery {
+        within("a delivery", self.deliveries.message())
+            .await
+            .unwrap_or_else(|status| panic!("the stream ended: {status:?}"))
+            .expect("the stream ended without a status")
+    }
+
+    /// Acknowledges deliveries.
+    pub async fn ack(&self, delivery_ids: &[u64]) {
+        let ack = pb::ConsumeRequest {
+            request: Some(pb::consume_request::Request::Ack(pb::ConsumeAck {
+                delivery_ids: delivery_ids.to_vec(),
+            })),
+        };
+        self.requests.send(ack).await.unwrap();
+    }
+
+    /// Ends the stream as a subscriber that is done does: its acks are
+    /// applied when this returns; what it did not acknowledge goes back.
+    pub async fn close(self) {
+        let Consumer {
+            requests,
+            mut deliveries,
+        } = self;
+        drop(requests);
+        loop {
+            match within("the stream to close", deliveries.message()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(status) => panic!("the stream failed instead of closing: {status:?}"),
+            }
+        }
+    }
+
+    /// How the stream ends, after any deliveries still on their way.
+    pub async fn ended(&mut self) -> Status {
+        loop {
+            match within("the stream to end", self.deliveries.message()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    }
+}
+
+/// A subscription request for `create_subscription`.
+pub fn subscription(name: &str, agencies: &[&str], kinds: &[&str]) -> pb::Subscription {
+    pb::Subscription {
+        name: name.into(),
+        agencies: agencies.iter().map(|agency| agency.to_string()).collect(),
+        kinds: kinds.iter().map(|kind| kind.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+impl TestMesh {
+    /// Creates `subscription` as `identity`.
+    pub async fn create_subscription(
+        &self,
+        identity: &Identity,
+        subscription: pb::Subscription,
+    ) -> Result<pb::Subscription, Status> {
+        let response = self
+            .directory_as(identity)
+            .create_subscription(pb::CreateSubscriptionRequest {
+                subscription: Some(subscription),
+            })
+            .await?;
+        Ok(response.into_inner().subscription.unwrap())
+    }
+
+    /// The notifier, as `identity`.
+    pub fn notifications_as(
+        &self,
+        identity: &Identity,
+    ) -> pb::notifications_client::NotificationsClient<Authenticated> {
+        pb::notifications_client::NotificationsClient::with_interceptor(
+            channel(&self.mesh().notifier_url),
+            AttachIdentity::new(identity),
+        )
+    }
+}

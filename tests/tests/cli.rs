@@ -297,3 +297,85 @@ async fn a_send_whose_answer_was_lost_is_retried_and_stored_once() {
         receipt["message_id"].as_str().unwrap()
     );
 }
+
+#[tokio::test]
+async fn a_durable_subscription_from_the_command_line() {
+    let mesh = TestMesh::start().await;
+    mesh.register("tax-office", "east").await;
+    mesh.register("land-registry", "west").await;
+    let created = fedmesh(
+        &mesh,
+        &[
+            "subscription",
+            "create",
+            "deeds",
+            "--as",
+            "land-registry",
+            "--kind",
+            "message.accepted",
+            "--json",
+        ],
+    )
+    .await
+    .unwrap();
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    assert_eq!(created["owner"], "agency/land-registry");
+    assert_eq!(created["agencies"], serde_json::json!(["land-registry"]));
+    assert_eq!(created["order"], "strict");
+
+    let first = mesh
+        .send("east", "tax-office", "land-registry", "one", None)
+        .await
+        .unwrap();
+    let second = mesh
+        .send("east", "tax-office", "land-registry", "two", None)
+        .await
+        .unwrap();
+    let consume_one = || {
+        fedmesh(
+            &mesh,
+            &[
+                "subscribe",
+                "--subscription",
+                "deeds",
+                "--as",
+                "land-registry",
+                "--limit",
+                "1",
+                "--json",
+            ],
+        )
+    };
+    let printed = consume_one().await.unwrap();
+    let event: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(event["message_id"], first.message_id.as_str());
+    assert_eq!(event["redelivered"], false);
+    // The first was acknowledged once printed: the next run starts after it.
+    let printed = consume_one().await.unwrap();
+    let event: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(event["message_id"], second.message_id.as_str());
+
+    let listed = fedmesh(&mesh, &["subscription", "list"]).await.unwrap();
+    assert!(
+        listed.contains("deeds") && listed.contains("agency/land-registry"),
+        "{listed}"
+    );
+    let refused = fedmesh(
+        &mesh,
+        &["subscription", "delete", "deeds", "--as", "tax-office"],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("PERMISSION_DENIED"),
+        "{refused:#}"
+    );
+    let deleted = fedmesh(&mesh, &["subscription", "delete", "deeds"])
+        .await
+        .unwrap();
+    assert_eq!(deleted.trim(), "deleted subscription deeds");
+    let gone = fedmesh(&mesh, &["subscribe", "--subscription", "deeds"])
+        .await
+        .unwrap_err();
+    assert!(format!("{gone:#}").contains("NOT_FOUND"), "{gone:#}");
+}

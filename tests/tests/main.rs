@@ -13,3 +13,4 @@ mod messaging;
 mod queues;
 mod scale;
 mod serving;
+mod subscriptions;

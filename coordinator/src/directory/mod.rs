@@ -7,13 +7,16 @@
 //! No tonic or sqlx types appear here: the store is reached through its trait.
 
 mod state;
+mod subscriptions;
 
 pub(crate) use state::agency_to_pb;
 pub use state::{GatewayRecord, NotifierRecord, TopologyState, WatchStart};
+pub use subscriptions::NewSubscription;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use fedmesh_common::events::{AGENCY_DEREGISTERED, AGENCY_REGISTERED, Event};
+use fedmesh_common::events::{AGENCY_DEREGISTERED, AGENCY_REGISTERED, DurableQueues, Event};
 use fedmesh_common::validate;
 
 use crate::agency::AgencyRecord;
@@ -27,24 +30,38 @@ pub struct Directory {
     state: Mutex<TopologyState>,
     /// Notified after every commit that wrote an event; None: events are off.
     outbox_wake: Option<Arc<tokio::sync::Notify>>,
+    /// The queues of durable subscriptions on the bus; None: no bus.
+    queues: Option<Arc<dyn DurableQueues>>,
+    /// The durable subscriptions, as stored, by name.
+    subscriptions: tokio::sync::Mutex<BTreeMap<String, crate::subscription::SubscriptionRecord>>,
 }
 
 impl Directory {
     /// Loads the agencies from `store` and starts the topology at a version
     /// above any a previous run of this coordinator handed out.
     /// `outbox_wake` is notified after every commit that wrote an event;
-    /// without it events are off and none is written.
+    /// without it events are off and none is written. `queues` keep the
+    /// events of durable subscriptions; without them there are none.
     pub async fn load(
         store: Arc<dyn DirectoryStore>,
         regions: Vec<RegionConfig>,
         outbox_wake: Option<Arc<tokio::sync::Notify>>,
+        queues: Option<Arc<dyn DurableQueues>>,
     ) -> Result<Self, StoreError> {
         let agencies = store.all_agencies().await?;
+        let subscriptions = store
+            .all_subscriptions()
+            .await?
+            .into_iter()
+            .map(|subscription| (subscription.name.clone(), subscription))
+            .collect();
         let initial_version = u64::try_from(fedmesh_common::time::now_micros()).unwrap_or(1);
         Ok(Directory {
             store,
             state: Mutex::new(TopologyState::new(regions, agencies, initial_version)),
             outbox_wake,
+            queues,
+            subscriptions: tokio::sync::Mutex::new(subscriptions),
         })
     }
 

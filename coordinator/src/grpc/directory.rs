@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::directory::agency_to_pb;
-use crate::directory::{Directory, GatewayRecord, NotifierRecord};
+use crate::directory::{Directory, GatewayRecord, NewSubscription, NotifierRecord};
 use crate::error::DirectoryError;
+use crate::subscription::SubscriptionRecord;
 
 /// The Directory service of one coordinator.
 pub(crate) struct DirectoryService {
@@ -30,6 +31,24 @@ fn require_operator(identity: &Identity) -> Result<(), Status> {
             "{other} may not change the directory; only operators may"
         ))
         .into()),
+    }
+}
+
+fn subscription_to_pb(subscription: &SubscriptionRecord) -> pb::Subscription {
+    pb::Subscription {
+        name: subscription.name.clone(),
+        regions: subscription.filter.regions.clone(),
+        agencies: subscription.filter.agencies.clone(),
+        kinds: subscription.filter.kinds.clone(),
+        order: if subscription.strict_order {
+            pb::SubscriptionOrder::Strict
+        } else {
+            pb::SubscriptionOrder::Throughput
+        } as i32,
+        owner: subscription.owner.clone(),
+        created_at: Some(fedmesh_common::time::timestamp_from_micros(
+            subscription.created_at_micros,
+        )),
     }
 }
 
@@ -115,6 +134,62 @@ impl pb::directory_server::Directory for DirectoryService {
             .deregister_agency(&request.get_ref().agency_id)
             .await?;
         Ok(Response::new(pb::DeregisterAgencyResponse {}))
+    }
+
+    async fn create_subscription(
+        &self,
+        request: Request<pb::CreateSubscriptionRequest>,
+    ) -> Result<Response<pb::CreateSubscriptionResponse>, Status> {
+        let identity = caller(&request)?;
+        let subscription = request.into_inner().subscription.unwrap_or_default();
+        let strict_order = subscription.order() != pb::SubscriptionOrder::Throughput;
+        let new = NewSubscription {
+            name: subscription.name,
+            regions: subscription.regions,
+            agencies: subscription.agencies,
+            kinds: subscription.kinds,
+            strict_order,
+        };
+        let created = self.directory.create_subscription(&identity, new).await?;
+        Ok(Response::new(pb::CreateSubscriptionResponse {
+            subscription: Some(subscription_to_pb(&created)),
+        }))
+    }
+
+    async fn get_subscription(
+        &self,
+        request: Request<pb::GetSubscriptionRequest>,
+    ) -> Result<Response<pb::GetSubscriptionResponse>, Status> {
+        let identity = caller(&request)?;
+        let subscription = self
+            .directory
+            .get_subscription(&identity, &request.get_ref().name)
+            .await?;
+        Ok(Response::new(pb::GetSubscriptionResponse {
+            subscription: Some(subscription_to_pb(&subscription)),
+        }))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        request: Request<pb::ListSubscriptionsRequest>,
+    ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
+        let identity = caller(&request)?;
+        let subscriptions = self.directory.list_subscriptions(&identity).await;
+        Ok(Response::new(pb::ListSubscriptionsResponse {
+            subscriptions: subscriptions.iter().map(subscription_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_subscription(
+        &self,
+        request: Request<pb::DeleteSubscriptionRequest>,
+    ) -> Result<Response<pb::DeleteSubscriptionResponse>, Status> {
+        let identity = caller(&request)?;
+        self.directory
+            .delete_subscription(&identity, &request.get_ref().name)
+            .await?;
+        Ok(Response::new(pb::DeleteSubscriptionResponse {}))
     }
 
     type WatchTopologyStream = TopologyStream;

@@ -17,6 +17,7 @@ use fedmesh_common::store::Backend;
 
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
+use crate::subscription::SubscriptionRecord;
 
 /// Opens the control database at `url`: `postgres://...` or `sqlite://...`.
 pub async fn open_store(
@@ -49,8 +50,41 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// All agencies, for the topology.
     async fn all_agencies(&self) -> Result<Vec<AgencyRecord>, StoreError>;
 
+    /// Inserts a durable subscription; [`StoreError::Conflict`] if the
+    /// name is taken (then nothing is written).
+    async fn insert_subscription(
+        &self,
+        subscription: &SubscriptionRecord,
+    ) -> Result<(), StoreError>;
+    /// Deletes a subscription; false if it did not exist.
+    async fn delete_subscription(&self, name: &str) -> Result<bool, StoreError>;
+    /// Every subscription, by name.
+    async fn all_subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError>;
+
     /// This store's outbox, for the outbox relay.
     fn outbox(&self) -> Arc<dyn Outbox>;
+}
+
+/// A subscription's filter as stored: JSON.
+fn filter_to_text(filter: &fedmesh_common::events::Filter) -> Result<String, StoreError> {
+    serde_json::to_string(filter).map_err(StoreError::corrupt)
+}
+
+/// A subscription from its stored columns.
+fn subscription_from_columns(
+    name: String,
+    owner: String,
+    filter: &str,
+    strict_order: bool,
+    created_at_micros: i64,
+) -> Result<SubscriptionRecord, StoreError> {
+    Ok(SubscriptionRecord {
+        name,
+        owner,
+        filter: serde_json::from_str(filter).map_err(StoreError::corrupt)?,
+        strict_order,
+        created_at_micros,
+    })
 }
 
 #[cfg(test)]

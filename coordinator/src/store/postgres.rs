@@ -10,6 +10,7 @@ use sqlx::postgres::PgPool;
 use super::DirectoryStore;
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
+use crate::subscription::SubscriptionRecord;
 
 /// The control database on PostgreSQL.
 #[derive(Debug, Clone)]
@@ -96,6 +97,55 @@ impl DirectoryStore for PgDirectoryStore {
                     display_name: row.try_get("display_name")?,
                     registered_at_micros: row.try_get("registered_at")?,
                 })
+            })
+            .collect()
+    }
+
+    async fn insert_subscription(
+        &self,
+        subscription: &SubscriptionRecord,
+    ) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO subscriptions (name, owner, filter, strict_order, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&subscription.name)
+        .bind(&subscription.owner)
+        .bind(super::filter_to_text(&subscription.filter)?)
+        .bind(subscription.strict_order)
+        .bind(subscription.created_at_micros)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn delete_subscription(&self, name: &str) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM subscriptions WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn all_subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, owner, filter, strict_order, created_at FROM subscriptions ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let filter: String = row.try_get("filter")?;
+                super::subscription_from_columns(
+                    row.try_get("name")?,
+                    row.try_get("owner")?,
+                    &filter,
+                    row.try_get("strict_order")?,
+                    row.try_get("created_at")?,
+                )
             })
             .collect()
     }

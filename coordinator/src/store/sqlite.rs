@@ -10,6 +10,7 @@ use sqlx::sqlite::SqlitePool;
 use super::DirectoryStore;
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
+use crate::subscription::SubscriptionRecord;
 
 /// The control database on SQLite.
 #[derive(Debug, Clone)]
@@ -92,6 +93,55 @@ impl DirectoryStore for SqliteDirectoryStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(agency_from_row).collect()
+    }
+
+    async fn insert_subscription(
+        &self,
+        subscription: &SubscriptionRecord,
+    ) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO subscriptions (name, owner, filter, strict_order, created_at) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&subscription.name)
+        .bind(&subscription.owner)
+        .bind(super::filter_to_text(&subscription.filter)?)
+        .bind(subscription.strict_order)
+        .bind(subscription.created_at_micros)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn delete_subscription(&self, name: &str) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM subscriptions WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn all_subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, owner, filter, strict_order, created_at FROM subscriptions ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let filter: String = row.try_get("filter")?;
+                super::subscription_from_columns(
+                    row.try_get("name")?,
+                    row.try_get("owner")?,
+                    &filter,
+                    row.try_get("strict_order")?,
+                    row.try_get("created_at")?,
+                )
+            })
+            .collect()
     }
 
     fn outbox(&self) -> Arc<dyn Outbox> {

@@ -35,6 +35,45 @@ macro_rules! directory_store_suite {
             }
 
             #[tokio::test]
+            async fn subscriptions_are_kept_by_name_with_their_filter() {
+                let (store, _guard) = $open.await;
+                let subscription = SubscriptionRecord {
+                    name: "deliveries".into(),
+                    owner: "agency/alpha".into(),
+                    filter: fedmesh_common::events::Filter {
+                        regions: vec!["east".into()],
+                        agencies: vec!["alpha".into()],
+                        kinds: vec!["message.accepted".into()],
+                    },
+                    strict_order: false,
+                    created_at_micros: 42,
+                };
+                store
+                    .insert_subscription(&subscription)
+                    .await
+                    .expect("insert");
+                let again = store.insert_subscription(&subscription).await;
+                assert!(matches!(again, Err(StoreError::Conflict)), "{again:?}");
+                assert_eq!(
+                    store.all_subscriptions().await.expect("list"),
+                    vec![subscription.clone()]
+                );
+                assert!(
+                    store
+                        .delete_subscription("deliveries")
+                        .await
+                        .expect("delete")
+                );
+                assert!(
+                    !store
+                        .delete_subscription("deliveries")
+                        .await
+                        .expect("again")
+                );
+                assert!(store.all_subscriptions().await.expect("list").is_empty());
+            }
+
+            #[tokio::test]
             async fn delete_removes_and_reports_absence() {
                 let (store, _guard) = $open.await;
                 let event = || Event::new(AGENCY_REGISTERED, "east", "alpha");

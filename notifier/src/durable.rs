@@ -1,0 +1,211 @@
+//! `Notifications.Consume`: the events of a durable subscription, each
+//! taken off the subscription's queue only when the subscriber acknowledges
+//! it. The subscription is looked up at the coordinator (who owns it, what
+//! it selects); its queue is on the bus.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fedmesh_common::Identity;
+use fedmesh_common::error::InvalidField;
+use fedmesh_common::events::{DurableQueues, Filter, QueueConsumer};
+use fedmesh_common::identity::AttachIdentity;
+use fedmesh_common::validate;
+use fedmesh_proto::pb;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+use crate::NotifierError;
+
+/// Deliveries handed to a consumer's gRPC stream at once.
+const STREAM_BUFFER: usize = 32;
+/// Unacknowledged deliveries when the subscriber asks for none (0).
+const DEFAULT_PREFETCH: u16 = 100;
+/// Most unacknowledged deliveries a subscriber may ask for.
+const MAX_PREFETCH: u32 = 10_000;
+
+/// The coordinator's directory, as this notifier.
+pub(crate) type DirectoryClient =
+    pb::directory_client::DirectoryClient<InterceptedService<Channel, AttachIdentity>>;
+
+/// What serving durable subscriptions takes.
+pub(crate) struct Durable {
+    /// The queues on the bus; None: this notifier has no bus.
+    pub(crate) queues: Option<Arc<dyn DurableQueues>>,
+    pub(crate) directory: DirectoryClient,
+    pub(crate) shutdown: CancellationToken,
+}
+
+pub(crate) type DeliveryStream =
+    Pin<Box<dyn Stream<Item = Result<pb::EventDelivery, Status>> + Send>>;
+
+impl Durable {
+    /// Starts a Consume stream for `identity` from its first request.
+    pub(crate) async fn consume(
+        &self,
+        identity: Identity,
+        mut requests: Streaming<pb::ConsumeRequest>,
+    ) -> Result<DeliveryStream, NotifierError> {
+        let start = match requests.message().await {
+            Ok(Some(pb::ConsumeRequest {
+                request: Some(pb::consume_request::Request::Start(start)),
+            })) => start,
+            Ok(_) => {
+                return Err(InvalidField::new(
+                    "start",
+                    "the first request must name the subscription (start)",
+                )
+                .into());
+            }
+            Err(_) => return Err(NotifierError::ClientGone),
+        };
+        validate::subscription_name("start.subscription", &start.subscription)?;
+        let prefetch = match start.prefetch {
+            0 => DEFAULT_PREFETCH,
+            prefetch @ 1..=MAX_PREFETCH => u16::try_from(prefetch).unwrap_or(u16::MAX),
+            _ => {
+                return Err(InvalidField::new(
+                    "start.prefetch",
+                    format!("prefetch must be 1 to {MAX_PREFETCH} (0 means {DEFAULT_PREFETCH})"),
+                )
+                .into());
+            }
+        };
+        let queues = self.queues.as_ref().ok_or(NotifierError::NoBus)?;
+        let name = start.subscription;
+        let subscription = self
+            .directory
+            .clone()
+            .get_subscription(pb::GetSubscriptionRequest { name: name.clone() })
+            .await
+            .map_err(|status| match status.code() {
+                Code::NotFound => NotifierError::SubscriptionNotFound(name.clone()),
+                _ => {
+                    tracing::warn!(subscription = %name, %status, "cannot look the subscription up");
+                    NotifierError::NoCoordinator
+                }
+            })?
+            .into_inner()
+            .subscription
+            .unwrap_or_default();
+        let owns =
+            matches!(identity, Identity::Operator(_)) || subscription.owner == identity.to_string();
+        if !owns {
+            return Err(NotifierError::PermissionDenied(format!(
+                "subscription {name:?} is not {identity}'s"
+            )));
+        }
+        let filter = Filter {
+            regions: subscription.regions,
+            agencies: subscription.agencies,
+            kinds: subscription.kinds,
+        };
+        let consumer = queues.consume(&name, prefetch).await.map_err(|error| {
+            tracing::warn!(subscription = %name, %error, "cannot consume the subscription");
+            NotifierError::NoFeed("")
+        })?;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        tracing::debug!(%identity, subscription = %name, prefetch, "consumer joined");
+        tokio::spawn(serve(
+            consumer,
+            filter,
+            requests,
+            sender,
+            self.shutdown.clone(),
+        ));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )))
+    }
+}
+
+type Sender = mpsc::Sender<Result<pb::EventDelivery, Status>>;
+
+/// Hands the queue's events to the subscriber and its acks to the queue
+/// until either side ends; dropping the consumer gives back what is
+/// unacknowledged.
+async fn serve(
+    mut consumer: Box<dyn QueueConsumer>,
+    filter: Filter,
+    mut requests: Streaming<pb::ConsumeRequest>,
+    sender: Sender,
+    shutdown: CancellationToken,
+) {
+    let mut unacked: HashSet<u64> = HashSet::new();
+    let ended = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break NotifierError::ShuttingDown,
+            () = sender.closed() => return,
+            delivery = consumer.next() => match delivery {
+                None => break NotifierError::SubscriptionGone,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "consuming a subscription failed");
+                    break NotifierError::NoFeed(" (its connection was lost)");
+                }
+                Some(Ok(queued)) => {
+                    // Bindings may select more than the filter (a wide
+                    // filter is widened): what it does not want is done.
+                    if !filter.matches(&queued.event) {
+                        if let Err(error) = consumer.ack(queued.tag).await {
+                            tracing::warn!(%error, "acknowledging a filtered event failed");
+                            break NotifierError::NoFeed(" (its connection was lost)");
+                        }
+                        continue;
+                    }
+                    unacked.insert(queued.tag);
+                    let delivery = pb::EventDelivery {
+                        delivery_id: queued.tag,
+                        redelivered: queued.redelivered,
+                        event: Some(queued.event.into()),
+                    };
+                    if sender.send(Ok(delivery)).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            request = requests.message() => match request {
+                Ok(Some(pb::ConsumeRequest { request: Some(pb::consume_request::Request::Ack(ack)) })) => {
+                    if let Err(error) = acknowledge(consumer.as_mut(), &mut unacked, ack).await {
+                        break error;
+                    }
+                }
+                Ok(Some(_)) => {
+                    break InvalidField::new("ack", "after the start, requests only acknowledge deliveries").into();
+                }
+                // The subscriber is done: every ack it sent is applied, the
+                // stream ends (OK) and what is unacknowledged goes back.
+                Ok(None) => return,
+                Err(_) => return,
+            },
+        }
+    };
+    let _ = sender.send(Err(ended.into())).await;
+}
+
+/// Acknowledges the deliveries `ack` names, each one this stream made and
+/// did not see acknowledged yet.
+async fn acknowledge(
+    consumer: &mut dyn QueueConsumer,
+    unacked: &mut HashSet<u64>,
+    ack: pb::ConsumeAck,
+) -> Result<(), NotifierError> {
+    for delivery_id in ack.delivery_ids {
+        if !unacked.remove(&delivery_id) {
+            return Err(InvalidField::new(
+                "ack.delivery_ids",
+                format!("{delivery_id} is not an unacknowledged delivery of this stream"),
+            )
+            .into());
+        }
+        consumer.ack(delivery_id).await.map_err(|error| {
+            tracing::warn!(%error, "acknowledging failed");
+            NotifierError::NoFeed(" (its connection was lost)")
+        })?;
+    }
+    Ok(())
+}
