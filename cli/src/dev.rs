@@ -82,6 +82,9 @@ pub struct DevMesh {
     components: JoinSet<(String, anyhow::Result<()>)>,
     bus: DevBus,
     tune_gateway: Option<TuneGateway>,
+    subscriber_buffer: usize,
+    /// What stops each notifier started after the first.
+    notifier_stops: std::collections::HashMap<String, CancellationToken>,
 }
 
 /// Where the dev mesh's events go, and where its notifier reads them.
@@ -176,6 +179,41 @@ async fn spawn_gateway(
         (name, outcome)
     });
     Ok((topology, open_streams))
+}
+
+/// What one notifier of the dev mesh is started with.
+struct NotifierStart {
+    id: String,
+    coordinator_url: String,
+    subscriber_buffer: usize,
+}
+
+/// Starts a notifier in dev mode, stopped by `shutdown`, and adds it to
+/// `components`; returns its URL.
+fn spawn_notifier(
+    notifier: NotifierStart,
+    listener: TcpListener,
+    bus: &DevBus,
+    shutdown: CancellationToken,
+    components: &mut JoinSet<(String, anyhow::Result<()>)>,
+) -> anyhow::Result<String> {
+    let url = url_of(&listener)?;
+    let config = NotifierConfig {
+        id: notifier.id.clone(),
+        dev_identity: true,
+        coordinator: notifier.coordinator_url,
+        advertise: Some(url.clone()),
+        subscriber_buffer: notifier.subscriber_buffer,
+        ..NotifierConfig::default()
+    };
+    let source = Arc::clone(&bus.source);
+    let queues = Some(Arc::clone(&bus.queues));
+    let name = format!("notifier {}", notifier.id);
+    components.spawn(async move {
+        let outcome = fedmesh_notifier::run(config, listener, source, queues, shutdown).await;
+        (name, outcome.map_err(anyhow::Error::from))
+    });
+    Ok(url)
 }
 
 async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
@@ -284,28 +322,17 @@ impl DevMesh {
             open_streams.push(streams);
         }
 
-        let notifier_url = url_of(&notifier_listener)?;
-        let notifier_source = Arc::clone(&bus.source);
-        let notifier_queues = Some(Arc::clone(&bus.queues));
-        let notifier_shutdown = shutdown.clone();
-        let notifier_config = NotifierConfig {
-            dev_identity: true,
-            coordinator: coordinator_url.clone(),
-            advertise: Some(notifier_url.clone()),
-            subscriber_buffer: options.subscriber_buffer,
-            ..NotifierConfig::default()
-        };
-        components.spawn(async move {
-            let outcome = fedmesh_notifier::run(
-                notifier_config,
-                notifier_listener,
-                notifier_source,
-                notifier_queues,
-                notifier_shutdown,
-            )
-            .await;
-            ("notifier".to_string(), outcome.map_err(anyhow::Error::from))
-        });
+        let notifier_url = spawn_notifier(
+            NotifierStart {
+                id: "notifier-0".to_string(),
+                coordinator_url: coordinator_url.clone(),
+                subscriber_buffer: options.subscriber_buffer,
+            },
+            notifier_listener,
+            &bus,
+            shutdown.clone(),
+            &mut components,
+        )?;
 
         let mut mesh = DevMesh {
             coordinator_url,
@@ -318,6 +345,8 @@ impl DevMesh {
             components,
             bus,
             tune_gateway: options.tune_gateway.clone(),
+            subscriber_buffer: options.subscriber_buffer,
+            notifier_stops: std::collections::HashMap::new(),
         };
         if let Err(error) = mesh.wait_ready(topologies).await {
             mesh.shutdown.cancel();
@@ -395,6 +424,37 @@ impl DevMesh {
         .context("the new gateway did not join within 60 s")?
         .context("the new gateway stopped while starting")?;
         Ok(url)
+    }
+
+    /// Starts one more notifier replica, `notifier_id`, on an ephemeral
+    /// port, and returns its URL once it serves.
+    pub async fn add_notifier(&mut self, notifier_id: &str) -> anyhow::Result<String> {
+        let listener = bind(0, &format!("notifier {notifier_id}")).await?;
+        let stop = self.shutdown.child_token();
+        let url = spawn_notifier(
+            NotifierStart {
+                id: notifier_id.to_string(),
+                coordinator_url: self.coordinator_url.clone(),
+                subscriber_buffer: self.subscriber_buffer,
+            },
+            listener,
+            &self.bus,
+            stop.clone(),
+            &mut self.components,
+        )?;
+        self.notifier_stops.insert(notifier_id.to_string(), stop);
+        Ok(url)
+    }
+
+    /// Stops a notifier started with [`DevMesh::add_notifier`], as when its
+    /// replica goes away; its subscribers' streams end.
+    pub fn stop_notifier(&mut self, notifier_id: &str) -> anyhow::Result<()> {
+        let stop = self
+            .notifier_stops
+            .remove(notifier_id)
+            .with_context(|| format!("no notifier {notifier_id} was added"))?;
+        stop.cancel();
+        Ok(())
     }
 
     /// The topology the gateway of `region` routes by.

@@ -731,9 +731,35 @@ impl TestMesh {
         &self,
         identity: &Identity,
     ) -> pb::notifications_client::NotificationsClient<Authenticated> {
+        self.notifications_at(&self.mesh().notifier_url, identity)
+    }
+
+    /// The notifier at `url`, as `identity`.
+    pub fn notifications_at(
+        &self,
+        url: &str,
+        identity: &Identity,
+    ) -> pb::notifications_client::NotificationsClient<Authenticated> {
         pb::notifications_client::NotificationsClient::with_interceptor(
-            channel(&self.mesh().notifier_url),
+            channel(url),
             AttachIdentity::new(identity),
         )
+    }
+
+    /// Starts another notifier replica; returns its URL.
+    pub async fn add_notifier(&mut self, notifier_id: &str) -> String {
+        let mesh = self.mesh.as_mut().unwrap();
+        within("the new notifier", mesh.add_notifier(notifier_id))
+            .await
+            .unwrap()
+    }
+
+    /// Stops a notifier started with [`TestMesh::add_notifier`].
+    pub fn stop_notifier(&mut self, notifier_id: &str) {
+        self.mesh
+            .as_mut()
+            .unwrap()
+            .stop_notifier(notifier_id)
+            .unwrap();
     }
 }

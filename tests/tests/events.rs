@@ -4,6 +4,7 @@ use fedmesh_common::events::{MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
 use fedmesh_common::identity::{AttachIdentity, Identity};
 use fedmesh_proto::pb;
 use fedmesh_tests::{Bus, within};
+use futures_util::future::join_all;
 
 async fn a_subscriber_sees_message_accepted_and_delivered(bus: Bus) {
     let (mesh, _broker) = bus.mesh().await;
@@ -144,7 +145,71 @@ async fn a_slow_subscriber_is_cut_off_without_slowing_the_others(bus: Bus) {
     assert!(buffered < SENT, "what it held is bounded: {buffered}");
 }
 
+async fn a_thousand_events_reach_a_hundred_subscribers_once_each(bus: Bus) {
+    const SUBSCRIBERS: usize = 100;
+    const EVENTS: usize = 1_000;
+    const SENDERS: usize = 10;
+    let (mesh, _broker) = bus.mesh().await;
+    mesh.register("reader", "east").await;
+    for sender in 0..SENDERS {
+        mesh.register(&format!("sender-{sender}"), "east").await;
+    }
+    let mut streams = Vec::new();
+    for subscriber in 0..SUBSCRIBERS {
+        // Half filter on the agency, half on the kind: two bindings.
+        let request = if subscriber % 2 == 0 {
+            pb::SubscribeRequest {
+                agencies: vec!["reader".into()],
+                kinds: vec![MESSAGE_ACCEPTED.into()],
+                ..Default::default()
+            }
+        } else {
+            pb::SubscribeRequest {
+                kinds: vec![MESSAGE_ACCEPTED.into()],
+                ..Default::default()
+            }
+        };
+        let stream = mesh
+            .notifications()
+            .subscribe(request)
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(stream);
+    }
+    let sends = (0..SENDERS).map(|sender| {
+        let mesh = &mesh;
+        async move {
+            for n in 0..EVENTS / SENDERS {
+                mesh.send(
+                    "east",
+                    &format!("sender-{sender}"),
+                    "reader",
+                    &n.to_string(),
+                    None,
+                )
+                .await
+                .unwrap();
+            }
+        }
+    });
+    let reads = streams.into_iter().map(|mut stream| async move {
+        let mut message_ids = std::collections::HashSet::new();
+        while message_ids.len() < EVENTS {
+            let event = within("the events", stream.message())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(message_ids.insert(event.message_id), "an event came twice");
+        }
+        message_ids.len()
+    });
+    let (_, counts) = tokio::join!(join_all(sends), join_all(reads));
+    assert!(counts.iter().all(|count| *count == EVENTS), "{counts:?}");
+}
+
 fedmesh_tests::on_every_bus!(
+    a_thousand_events_reach_a_hundred_subscribers_once_each,
     a_subscriber_sees_message_accepted_and_delivered,
     a_subscriber_sees_registrations_of_its_regions_only,
     a_slow_subscriber_is_cut_off_without_slowing_the_others,
