@@ -151,23 +151,41 @@ impl Endpoints {
         &self,
         identity: &Identity,
     ) -> anyhow::Result<pb::notifications_client::NotificationsClient<Authenticated>> {
-        let url = match &self.notifier {
-            Some(url) => url.clone(),
-            None => self
-                .topology()
-                .await?
-                .notifiers
-                .into_iter()
-                .min_by(|a, b| a.notifier_id.cmp(&b.notifier_id))
-                .map(|notifier| notifier.address)
-                .context("no notifier is running: the coordinator knows none")?,
-        };
+        let url = self
+            .notifier_urls()
+            .await?
+            .into_iter()
+            .next()
+            .context("no notifier is running: the coordinator knows none")?;
+        self.notifications_at(&url, identity)
+    }
+
+    /// The notifier at `url`, as `identity`.
+    pub fn notifications_at(
+        &self,
+        url: &str,
+        identity: &Identity,
+    ) -> anyhow::Result<pb::notifications_client::NotificationsClient<Authenticated>> {
         Ok(
             pb::notifications_client::NotificationsClient::with_interceptor(
-                channel(&url)?,
+                channel(url)?,
                 AttachIdentity::new(identity),
             ),
         )
+    }
+
+    /// The URLs of the notifiers, by notifier id (the one given with
+    /// `--notifier` alone, if any).
+    pub async fn notifier_urls(&self) -> anyhow::Result<Vec<String>> {
+        if let Some(url) = &self.notifier {
+            return Ok(vec![url.clone()]);
+        }
+        let mut notifiers = self.topology().await?.notifiers;
+        notifiers.sort_by(|a, b| a.notifier_id.cmp(&b.notifier_id));
+        Ok(notifiers
+            .into_iter()
+            .map(|notifier| notifier.address)
+            .collect())
     }
 
     /// The current topology, from the coordinator.

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 
+use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use fedmesh_common::Identity;
 use fedmesh_proto::pb;
@@ -250,9 +251,23 @@ pub async fn subscription(
     Ok(())
 }
 
+/// How often `subscribe --subscription` moves to another notifier, in a
+/// row, before it gives up.
+const RECONNECTS: u32 = 10;
+
+/// How one Consume stream ended.
+enum Ended {
+    /// Done (limit reached, interrupted, or the notifier closed it).
+    Done,
+    /// The notifier went away or lost its bus: consume elsewhere.
+    Lost(tonic::Status),
+}
+
 /// `fedmesh subscribe --subscription NAME`: prints each event and then
 /// acknowledges it; on Ctrl-C or after `--limit` it ends the stream so that
-/// every acknowledgement is applied first.
+/// every acknowledgement is applied first. When its notifier goes away it
+/// consumes through another one the coordinator knows (what it had not
+/// acknowledged comes again, marked redelivered).
 pub async fn consume(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let name = args.subscription.as_deref().unwrap_or_default();
     let endpoints = args.mesh.endpoints(None, args.notifier.as_deref());
@@ -260,7 +275,71 @@ pub async fn consume(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> anyho
         Some(agency) => Identity::Agency(agency.clone()),
         None => Identity::Operator(endpoints.operator.clone()),
     };
-    let mut notifications = endpoints.notifications(&identity).await?;
+    let mut progress = Progress {
+        printed: 0,
+        done: false,
+    };
+    let interrupted = wait_for_signal();
+    tokio::pin!(interrupted);
+    let mut lost_at: Option<String> = None;
+    let mut delay = std::time::Duration::from_millis(100);
+    for attempt in 1..=RECONNECTS {
+        let urls = endpoints.notifier_urls().await?;
+        // Another notifier than the one that just failed, if there is one.
+        let url = urls
+            .iter()
+            .find(|url| Some(*url) != lost_at.as_ref())
+            .or(urls.first())
+            .context("no notifier is running: the coordinator knows none")?
+            .clone();
+        let notifications = endpoints.notifications_at(&url, &identity)?;
+        let ended = consume_from(
+            notifications,
+            name,
+            &args,
+            out,
+            &mut progress,
+            &mut interrupted,
+            attempt == 1,
+        )
+        .await?;
+        match ended {
+            Ended::Done => return Ok(()),
+            Ended::Lost(status) => {
+                eprintln!(
+                    "notifier {url} is gone or cannot serve ({}); consuming through another",
+                    status.message()
+                );
+                lost_at = Some(url);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+    anyhow::bail!("no notifier could serve subscription {name} after {RECONNECTS} attempts")
+}
+
+/// What a `subscribe --subscription` run has done so far.
+struct Progress {
+    printed: u64,
+    /// The limit was reached or the user interrupted: no more events.
+    done: bool,
+}
+
+fn is_lost(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+}
+
+/// One Consume stream through `notifications`.
+async fn consume_from(
+    mut notifications: pb::notifications_client::NotificationsClient<Authenticated>,
+    name: &str,
+    args: &SubscribeArgs,
+    out: &mut (dyn Write + Send),
+    progress: &mut Progress,
+    interrupted: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    first: bool,
+) -> anyhow::Result<Ended> {
     let (requests, outgoing) = mpsc::channel(64);
     let start = pb::ConsumeRequest {
         request: Some(pb::consume_request::Request::Start(pb::ConsumeStart {
@@ -272,34 +351,38 @@ pub async fn consume(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> anyho
         .send(start)
         .await
         .map_err(|_| anyhow::anyhow!("cannot start consuming"))?;
-    let mut deliveries = notifications
+    let mut deliveries = match notifications
         .consume(tokio_stream::wrappers::ReceiverStream::new(outgoing))
         .await
-        .map_err(|status| rpc_error(status, "cannot consume the subscription"))?
-        .into_inner();
-    if !args.json {
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) if is_lost(&status) => return Ok(Ended::Lost(status)),
+        Err(status) => return Err(rpc_error(status, "cannot consume the subscription")),
+    };
+    if first && !args.json {
         writeln!(
             out,
             "consuming subscription {name}; waiting for events (Ctrl-C to stop)"
         )?;
         out.flush()?;
     }
-    let mut requests = Some(requests);
-    let mut n_events = 0_u64;
-    let interrupted = wait_for_signal();
-    tokio::pin!(interrupted);
+    let mut requests = (!progress.done).then_some(requests);
     loop {
         let delivery = tokio::select! {
             // Done: no more acks; the notifier applies those sent and ends
             // the stream, whose end is awaited below.
-            () = &mut interrupted, if requests.is_some() => {
+            () = interrupted.as_mut(), if requests.is_some() => {
+                progress.done = true;
                 requests = None;
                 continue;
             }
-            delivery = deliveries.message() => delivery.map_err(|status| rpc_error(status, "event stream failed"))?,
+            delivery = deliveries.message() => delivery,
         };
-        let Some(delivery) = delivery else {
-            return Ok(());
+        let delivery = match delivery {
+            Ok(Some(delivery)) => delivery,
+            Ok(None) => return Ok(Ended::Done),
+            Err(status) if is_lost(&status) && !progress.done => return Ok(Ended::Lost(status)),
+            Err(status) => return Err(rpc_error(status, "event stream failed")),
         };
         let Some(sender) = &requests else {
             // Arrived after we were done: not acknowledged, delivered again.
@@ -315,8 +398,9 @@ pub async fn consume(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> anyho
         if sender.send(ack).await.is_err() {
             anyhow::bail!("the event stream ended");
         }
-        n_events += 1;
-        if args.limit.is_some_and(|limit| n_events >= limit) {
+        progress.printed += 1;
+        if args.limit.is_some_and(|limit| progress.printed >= limit) {
+            progress.done = true;
             requests = None;
         }
     }

@@ -754,6 +754,17 @@ impl TestMesh {
             .unwrap()
     }
 
+    /// Waits until the topology lists notifier `notifier_id`.
+    pub async fn notifier_known(&self, notifier_id: &str) {
+        let mut topology = self.mesh().gateway_topology("east").unwrap();
+        within(
+            "the notifier in the topology",
+            topology.wait_for(|topology| topology.notifiers.contains_key(notifier_id)),
+        )
+        .await
+        .unwrap();
+    }
+
     /// Stops a notifier started with [`TestMesh::add_notifier`].
     pub fn stop_notifier(&mut self, notifier_id: &str) {
         self.mesh

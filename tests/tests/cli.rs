@@ -379,3 +379,46 @@ async fn a_durable_subscription_from_the_command_line() {
         .unwrap_err();
     assert!(format!("{gone:#}").contains("NOT_FOUND"), "{gone:#}");
 }
+
+#[tokio::test]
+async fn subscribe_to_a_subscription_moves_to_another_notifier_when_its_own_is_gone() {
+    let mut mesh = TestMesh::start().await;
+    mesh.register("tax-office", "east").await;
+    mesh.register("land-registry", "west").await;
+    fedmesh(
+        &mesh,
+        &[
+            "subscription",
+            "create",
+            "deeds",
+            "--kind",
+            "message.accepted",
+        ],
+    )
+    .await
+    .unwrap();
+    // A replica the command would pick first (ids in order) goes away,
+    // while the coordinator still lists it.
+    mesh.add_notifier("a-replica").await;
+    mesh.notifier_known("a-replica").await;
+    mesh.stop_notifier("a-replica");
+    let sent = mesh
+        .send("east", "tax-office", "land-registry", "one", None)
+        .await
+        .unwrap();
+    let printed = fedmesh(
+        &mesh,
+        &[
+            "subscribe",
+            "--subscription",
+            "deeds",
+            "--limit",
+            "1",
+            "--json",
+        ],
+    )
+    .await
+    .unwrap();
+    let event: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(event["message_id"], sent.message_id.as_str());
+}
