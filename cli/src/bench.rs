@@ -48,6 +48,12 @@ pub enum BenchCommand {
         after_help = "Examples:\n  fedmesh bench health --duration 5\n  fedmesh bench health --concurrency 64 --connections 4 --count 200000"
     )]
     Health(BenchHealthArgs),
+    /// Events delivered per second to N subscribers of one notifier, live
+    /// or durable; `--baseline` measures RabbitMQ alone in the same run.
+    #[command(
+        after_help = "Examples:\n  fedmesh bench fanout --amqp amqp://guest:guest@127.0.0.1:5672/%2f --subscribers 100 --baseline\n  fedmesh bench fanout --amqp amqp://guest:guest@127.0.0.1:5672/%2f --mode durable --subscribers 100 --baseline\n  fedmesh bench fanout --amqp amqp://guest:guest@127.0.0.1:5672/%2f --idle 10000 --pid 4242"
+    )]
+    Fanout(crate::fanout::BenchFanoutArgs),
 }
 
 /// How a closed-loop benchmark loads its target: `concurrency` calls in
@@ -144,6 +150,7 @@ pub async fn run(
         BenchCommand::Send(args) => send(endpoints, args, out).await,
         BenchCommand::Receive(args) => receive(endpoints, args, out).await,
         BenchCommand::Health(args) => health(endpoints, args, out).await,
+        BenchCommand::Fanout(args) => crate::fanout::fanout(endpoints, args, out).await,
     }
 }
 

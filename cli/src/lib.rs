@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod dev;
+pub mod fanout;
 pub mod serve;
 pub mod signal;
 pub mod subscriptions;

@@ -422,3 +422,62 @@ async fn subscribe_to_a_subscription_moves_to_another_notifier_when_its_own_is_g
     let event: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
     assert_eq!(event["message_id"], sent.message_id.as_str());
 }
+
+#[tokio::test]
+async fn the_fanout_benchmark_runs_against_a_mesh_on_rabbitmq() {
+    let broker = fedmesh_tests::TestBroker::start().await;
+    let mesh = TestMesh::start_on_bus(fedmesh_tests::Backend::Sqlite, broker.settings()).await;
+    for mode in ["ephemeral", "durable"] {
+        for subscriber in 0..3 {
+            broker.forget_subscription_at_end(&format!("bench-fanout-{subscriber}"));
+        }
+        let printed = fedmesh(
+            &mesh,
+            &[
+                "bench",
+                "fanout",
+                "--amqp",
+                &broker.url,
+                "--amqp-exchange",
+                &broker.exchange,
+                "--mode",
+                mode,
+                "--subscribers",
+                "3",
+                "--events",
+                "60",
+                "--baseline",
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(printed.contains("60 events to 3 "), "{printed}");
+        assert!(
+            printed.contains("fedmesh") && printed.contains("(180 in"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("RabbitMQ") && printed.contains("ratio"),
+            "{printed}"
+        );
+    }
+    let idle = fedmesh(
+        &mesh,
+        &[
+            "bench",
+            "fanout",
+            "--amqp",
+            &broker.url,
+            "--idle",
+            "20",
+            "--pid",
+            &std::process::id().to_string(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(
+        idle.contains("20 idle subscriber streams") && idle.contains("MiB"),
+        "{idle}"
+    );
+}
