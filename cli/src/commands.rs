@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
+use fedmesh_common::events::Event;
 use fedmesh_common::identity::Identity;
 use fedmesh_proto::pb;
 use serde_json::json;
@@ -609,19 +610,19 @@ pub fn print_event(
         .map(|time| time.to_string())
         .unwrap_or_default();
     if json {
-        let mut value = json!({
-            "event_id": event.event_id,
-            "kind": event.kind,
-            "region": event.region,
-            "agency_id": event.agency_id,
-            "message_id": event.message_id,
-            "occurred_at": occurred_at,
-            "attributes": event.attributes,
-        });
-        if let Some(redelivered) = redelivered {
-            value["redelivered"] = json!(redelivered);
+        // The CloudEvents JSON format, as webhooks receive it; whether a
+        // durable subscription's event came before is an extension
+        // attribute.
+        let cloud_event = Event::from(event.clone()).to_cloudevent_json();
+        match redelivered {
+            None => writeln!(out, "{}", String::from_utf8_lossy(&cloud_event))?,
+            Some(redelivered) => {
+                let mut value: serde_json::Value =
+                    serde_json::from_slice(&cloud_event).map_err(std::io::Error::other)?;
+                value["redelivered"] = json!(redelivered);
+                writeln!(out, "{value}")?;
+            }
         }
-        writeln!(out, "{value}")?;
     } else {
         let mut attributes: Vec<String> = event
             .attributes

@@ -19,7 +19,7 @@ use fedmesh_common::store::redact_url;
 use fedmesh_common::topology::Topology;
 use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};
 use fedmesh_gateway::{GatewayConfig, ShardConfig};
-use fedmesh_notifier::NotifierConfig;
+use fedmesh_notifier::{NotifierConfig, WebhookSettings};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -48,6 +48,8 @@ pub struct DevOptions {
     pub events: EventBusSettings,
     /// Events a subscriber may fall behind (see `NotifierConfig`).
     pub subscriber_buffer: usize,
+    /// How notifiers call webhooks.
+    pub webhooks: WebhookSettings,
 }
 
 /// A change to a gateway's settings before it starts.
@@ -63,6 +65,7 @@ impl std::fmt::Debug for DevOptions {
             .field("tune_gateway", &self.tune_gateway.is_some())
             .field("events", &self.events.redacted())
             .field("subscriber_buffer", &self.subscriber_buffer)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }
@@ -83,6 +86,7 @@ pub struct DevMesh {
     bus: DevBus,
     tune_gateway: Option<TuneGateway>,
     subscriber_buffer: usize,
+    webhooks: WebhookSettings,
     /// What stops each notifier started after the first.
     notifier_stops: std::collections::HashMap<String, CancellationToken>,
 }
@@ -186,6 +190,7 @@ struct NotifierStart {
     id: String,
     coordinator_url: String,
     subscriber_buffer: usize,
+    webhooks: WebhookSettings,
 }
 
 /// Starts a notifier in dev mode, stopped by `shutdown`, and adds it to
@@ -204,6 +209,7 @@ fn spawn_notifier(
         coordinator: notifier.coordinator_url,
         advertise: Some(url.clone()),
         subscriber_buffer: notifier.subscriber_buffer,
+        webhooks: notifier.webhooks,
         ..NotifierConfig::default()
     };
     let source = Arc::clone(&bus.source);
@@ -327,6 +333,7 @@ impl DevMesh {
                 id: "notifier-0".to_string(),
                 coordinator_url: coordinator_url.clone(),
                 subscriber_buffer: options.subscriber_buffer,
+                webhooks: options.webhooks.clone(),
             },
             notifier_listener,
             &bus,
@@ -346,6 +353,7 @@ impl DevMesh {
             bus,
             tune_gateway: options.tune_gateway.clone(),
             subscriber_buffer: options.subscriber_buffer,
+            webhooks: options.webhooks.clone(),
             notifier_stops: std::collections::HashMap::new(),
         };
         if let Err(error) = mesh.wait_ready(topologies).await {
@@ -436,6 +444,7 @@ impl DevMesh {
                 id: notifier_id.to_string(),
                 coordinator_url: self.coordinator_url.clone(),
                 subscriber_buffer: self.subscriber_buffer,
+                webhooks: self.webhooks.clone(),
             },
             listener,
             &self.bus,

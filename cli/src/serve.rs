@@ -262,6 +262,7 @@ pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<
         tune_gateway: None,
         events: args.events.clone(),
         subscriber_buffer: NotifierConfig::default().subscriber_buffer,
+        webhooks: NotifierConfig::default().webhooks,
     })
     .await?;
     writeln!(

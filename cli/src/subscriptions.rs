@@ -55,7 +55,7 @@ pub enum SubscriptionCommand {
     /// Create a durable subscription: from now on the events it selects are
     /// kept until a subscriber acknowledges them.
     #[command(
-        after_help = "Examples:\n  fedmesh subscription create deliveries --kind message.delivered --region west\n  fedmesh subscription create mine --as land-registry --order throughput --json"
+        after_help = "Examples:\n  fedmesh subscription create deliveries --kind message.delivered --region west\n  fedmesh subscription create mine --as land-registry --order throughput --json\n  fedmesh subscription create audit --webhook https://audit.example/fedmesh --kind message.accepted"
     )]
     Create {
         /// Name: 2-63 characters of a-z, 0-9 and '-', starting with a letter.
@@ -75,6 +75,12 @@ pub enum SubscriptionCommand {
         /// subscribers share the events.
         #[arg(long, value_enum, default_value_t = Order::Strict)]
         order: Order,
+        /// Deliver the events to this HTTPS endpoint (http:// only to a
+        /// loopback address) instead of to `fedmesh subscribe
+        /// --subscription`: each event is POSTed as CloudEvents JSON, signed
+        /// as Standard Webhooks does with the secret this command prints.
+        #[arg(long, value_name = "URL")]
+        webhook: Option<String>,
         /// Print the subscription as one JSON object.
         #[arg(long)]
         json: bool,
@@ -115,6 +121,29 @@ pub enum SubscriptionCommand {
         #[command(flatten)]
         actor: Actor,
     },
+    /// List the dead letters of a webhook subscription (events its endpoint
+    /// refused at every attempt), oldest first, or send them again.
+    #[command(
+        name = "dead-letters",
+        after_help = "Examples:\n  fedmesh subscription dead-letters audit\n  fedmesh subscription dead-letters audit --json\n  fedmesh subscription dead-letters audit --replay"
+    )]
+    DeadLetters {
+        /// The subscription's name.
+        name: String,
+        /// Put them back on the subscription, to be delivered again after
+        /// the events waiting, instead of listing them.
+        #[arg(long)]
+        replay: bool,
+        /// Most dead letters to list (1-1000) or replay [default: 100 listed,
+        /// all replayed].
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Print each event as one line of CloudEvents JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        actor: Actor,
+    },
 }
 
 fn subscription_json(subscription: &pb::Subscription) -> serde_json::Value {
@@ -126,6 +155,10 @@ fn subscription_json(subscription: &pb::Subscription) -> serde_json::Value {
         "order": order_name(subscription.order()),
         "owner": subscription.owner,
         "created_at": subscription.created_at.map(|time| time.to_string()),
+        "webhook": subscription.webhook.as_ref().map(|webhook| json!({
+            "url": webhook.url,
+            "secret": webhook.secret,
+        })),
     })
 }
 
@@ -158,7 +191,11 @@ fn print_subscription(
         listed(&subscription.regions),
         listed(&subscription.agencies),
         listed(&subscription.kinds),
-    )
+    )?;
+    if let Some(webhook) = &subscription.webhook {
+        writeln!(out, "  webhook {} (secret {})", webhook.url, webhook.secret)?;
+    }
+    Ok(())
 }
 
 /// `fedmesh subscription ...`.
@@ -173,6 +210,7 @@ pub async fn subscription(
             kinds,
             regions,
             order,
+            webhook,
             json,
             actor,
         } => {
@@ -187,6 +225,10 @@ pub async fn subscription(
                     agencies,
                     kinds,
                     order: order as i32,
+                    webhook: webhook.map(|url| pb::Webhook {
+                        url,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
             };
@@ -246,6 +288,46 @@ pub async fn subscription(
                 .await
                 .map_err(|status| rpc_error(status, "cannot delete the subscription"))?;
             writeln!(out, "deleted subscription {name}")?;
+        }
+        SubscriptionCommand::DeadLetters {
+            name,
+            replay,
+            limit,
+            json,
+            actor,
+        } => {
+            let mut directory = actor.directory()?;
+            if replay {
+                let replayed = directory
+                    .replay_dead_letters(pb::ReplayDeadLettersRequest {
+                        name: name.clone(),
+                        limit: limit.unwrap_or(0),
+                    })
+                    .await
+                    .map_err(|status| rpc_error(status, "cannot replay the dead letters"))?
+                    .into_inner()
+                    .replayed;
+                writeln!(
+                    out,
+                    "replayed {replayed} dead letters of subscription {name}"
+                )?;
+            } else {
+                let events = directory
+                    .list_dead_letters(pb::ListDeadLettersRequest {
+                        name: name.clone(),
+                        limit: limit.unwrap_or(0),
+                    })
+                    .await
+                    .map_err(|status| rpc_error(status, "cannot list the dead letters"))?
+                    .into_inner()
+                    .events;
+                if events.is_empty() && !json {
+                    writeln!(out, "no dead letters in subscription {name}")?;
+                }
+                for event in &events {
+                    print_event(out, event, json, None)?;
+                }
+            }
         }
     }
     Ok(())

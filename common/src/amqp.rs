@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -205,6 +205,18 @@ async fn close_quietly(connection: &Connection, reason: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(1), connection.close(0, reason.into())).await;
 }
 
+/// The AMQP properties of an event's message: persistent, CloudEvents
+/// JSON, the event id as message id.
+fn event_properties(event: &Event) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(CLOUDEVENTS_JSON.into())
+        .with_message_id(event.event_id.as_str().into())
+        .with_type(event.kind.as_str().into())
+        .with_app_id("fedmesh".into())
+        .with_timestamp(u64::try_from(event.occurred_at_micros / 1_000_000).unwrap_or(0))
+}
+
 /// Publishes events to the exchange with publisher confirms; one
 /// connection, opened on first use and again after a failure.
 pub struct AmqpPublisher {
@@ -265,13 +277,7 @@ impl AmqpPublisher {
     async fn publish_all(&self, channel: &Channel, events: &[Event]) -> Result<(), BusError> {
         let mut confirms = Vec::with_capacity(events.len());
         for event in events {
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type(CLOUDEVENTS_JSON.into())
-                .with_message_id(event.event_id.as_str().into())
-                .with_type(event.kind.as_str().into())
-                .with_app_id("fedmesh".into())
-                .with_timestamp(u64::try_from(event.occurred_at_micros / 1_000_000).unwrap_or(0));
+            let properties = event_properties(event);
             let confirm = channel
                 .basic_publish(
                     self.exchange.as_str().into(),
@@ -637,6 +643,24 @@ impl AmqpQueues {
         format!("{}.sub.{subscription}", self.exchange)
     }
 
+    /// The broker's name of the dead-letter queue of `subscription`.
+    pub fn dead_letter_queue_name(&self, subscription: &str) -> String {
+        format!("{}.sub.{subscription}.dead", self.exchange)
+    }
+
+    /// A new channel in confirm mode.
+    async fn confirm_channel(&self) -> Result<Channel, BusError> {
+        let channel = self.channel().await?;
+        if let Err(error) = channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+        {
+            let _ = channel.close(200, "no confirms".into()).await;
+            return Err(bus_error("cannot enable publisher confirms", error));
+        }
+        Ok(channel)
+    }
+
     /// A new channel on the connection held, or on a new one.
     async fn channel(&self) -> Result<Channel, BusError> {
         let mut held = self.connection.lock().await;
@@ -676,6 +700,15 @@ impl DurableQueues for AmqpQueues {
                         arguments,
                     )
                     .await?;
+                // Few events and listed in place: a classic queue, which
+                // keeps their order when a listing hands them back.
+                channel
+                    .queue_declare(
+                        self.dead_letter_queue_name(&spec.name).as_str().into(),
+                        QueueDeclareOptions::durable(),
+                        FieldTable::default(),
+                    )
+                    .await?;
                 for binding in &spec.bindings {
                     channel
                         .queue_bind(
@@ -699,9 +732,16 @@ impl DurableQueues for AmqpQueues {
         Box::pin(async move {
             let channel = self.channel().await?;
             let queue = self.queue_name(name);
-            let deleted = channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
+            let dead_letters = self.dead_letter_queue_name(name);
+            let deleted = async {
+                channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await?;
+                channel
+                    .queue_delete(dead_letters.as_str().into(), QueueDeleteOptions::default())
+                    .await
+            }
+            .await;
             let _ = channel.close(200, "deleted".into()).await;
             deleted
                 .map(|_| ())
@@ -742,6 +782,132 @@ impl DurableQueues for AmqpQueues {
                 }
             }
         })
+    }
+    fn dead_letter<'a>(
+        &'a self,
+        name: &'a str,
+        event: &'a Event,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let channel = self.confirm_channel().await?;
+            let queue = self.dead_letter_queue_name(name);
+            let kept = publish_to_queue(&channel, &queue, event).await;
+            let _ = channel.close(200, "dead-lettered".into()).await;
+            kept
+        })
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        name: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, BusError>> {
+        Box::pin(async move {
+            let channel = self.channel().await?;
+            let queue = self.dead_letter_queue_name(name);
+            let mut events = Vec::new();
+            let listed = async {
+                while events.len() < limit {
+                    // Taken unacknowledged: closing the channel puts every
+                    // one back where it was.
+                    let Some(message) = channel
+                        .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                        .await?
+                    else {
+                        break;
+                    };
+                    match Event::from_cloudevent_json(&message.delivery.data) {
+                        Ok(event) => events.push(event),
+                        Err(error) => {
+                            tracing::warn!(%queue, %error, "a dead letter is not an event");
+                        }
+                    }
+                }
+                Ok::<(), lapin::Error>(())
+            }
+            .await;
+            let _ = channel.close(200, "listed".into()).await;
+            listed.map_err(|error| bus_error(&format!("cannot list {queue}"), error))?;
+            Ok(events)
+        })
+    }
+
+    fn replay_dead_letters<'a>(
+        &'a self,
+        name: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<usize, BusError>> {
+        Box::pin(async move {
+            let channel = self.confirm_channel().await?;
+            let dead_letters = self.dead_letter_queue_name(name);
+            let queue = self.queue_name(name);
+            let mut replayed = 0;
+            let outcome = async {
+                while replayed < limit {
+                    let Some(message) = channel
+                        .basic_get(dead_letters.as_str().into(), BasicGetOptions::default())
+                        .await
+                        .map_err(|error| bus_error(&format!("cannot read {dead_letters}"), error))?
+                    else {
+                        break;
+                    };
+                    let delivery = message.delivery;
+                    match Event::from_cloudevent_json(&delivery.data) {
+                        Ok(event) => {
+                            publish_to_queue(&channel, &queue, &event).await?;
+                            replayed += 1;
+                        }
+                        Err(error) => {
+                            tracing::warn!(queue = %dead_letters, %error, "dropped a dead letter that is not an event");
+                        }
+                    }
+                    channel
+                        .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                        .await
+                        .map_err(|error| bus_error("ack failed", error))?;
+                }
+                Ok::<(), BusError>(())
+            }
+            .await;
+            let _ = channel.close(200, "replayed".into()).await;
+            outcome?;
+            Ok(replayed)
+        })
+    }
+}
+
+/// Publishes `event` straight to the queue `queue` (through the default
+/// exchange) on a confirm-mode channel; resolves once the broker holds it.
+async fn publish_to_queue(channel: &Channel, queue: &str, event: &Event) -> Result<(), BusError> {
+    let confirmed = async {
+        let confirmation = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &event.to_cloudevent_json(),
+                event_properties(event),
+            )
+            .await?
+            .await?;
+        Ok::<_, lapin::Error>(confirmation)
+    };
+    match tokio::time::timeout(BROKER_TIMEOUT, confirmed).await {
+        Err(_) => Err(BusError(format!(
+            "the broker confirmed nothing within {BROKER_TIMEOUT:?}"
+        ))),
+        Ok(Err(error)) => Err(bus_error(&format!("cannot publish to {queue}"), error)),
+        Ok(Ok(confirmation)) => {
+            // Refused, or returned as unroutable: the queue is not there.
+            if confirmation.is_nack() || confirmation.take_message().is_some() {
+                Err(BusError(format!("{queue} did not take the event")))
+            } else {
+                Ok(())
+            }
+        }
     }
 }
 

@@ -262,6 +262,20 @@ impl From<Event> for pb::Event {
     }
 }
 
+impl From<pb::Event> for Event {
+    fn from(event: pb::Event) -> Self {
+        Event {
+            event_id: event.event_id,
+            kind: event.kind,
+            region: event.region,
+            agency_id: event.agency_id,
+            message_id: Some(event.message_id).filter(|id| !id.is_empty()),
+            occurred_at_micros: micros_from_timestamp(event.occurred_at.as_ref()),
+            attributes: event.attributes.into_iter().collect(),
+        }
+    }
+}
+
 /// One message of an outbox row that lists the messages of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageEntry {
@@ -497,6 +511,31 @@ pub trait DurableQueues: Send + Sync + 'static {
         name: &'a str,
         prefetch: u16,
     ) -> BoxFuture<'a, Result<Box<dyn QueueConsumer>, BusError>>;
+
+    /// Keeps `event` among the dead letters of the queue `name` (events its
+    /// subscription could not deliver); resolves once they hold it. The
+    /// dead letters are declared and deleted with the queue.
+    fn dead_letter<'a>(
+        &'a self,
+        name: &'a str,
+        event: &'a Event,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// Up to `limit` dead letters of `name`, oldest first, left in place.
+    fn dead_letters<'a>(
+        &'a self,
+        name: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, BusError>>;
+
+    /// Moves up to `limit` dead letters of `name`, oldest first, back to the
+    /// end of its queue; how many moved. An event leaves the dead letters
+    /// only once the queue holds it again.
+    fn replay_dead_letters<'a>(
+        &'a self,
+        name: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<usize, BusError>>;
 }
 
 /// A consumer of a durable queue.

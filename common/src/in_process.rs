@@ -43,6 +43,8 @@ struct Queue {
     /// Bumped when the queue is deleted and declared again, so that a
     /// consumer of the old one ends.
     generation: u64,
+    /// Events its subscription could not deliver, oldest first.
+    dead: VecDeque<Event>,
 }
 
 impl Queues {
@@ -129,6 +131,7 @@ impl DurableQueues for InProcessBus {
                             active: None,
                             consumers: Vec::new(),
                             generation,
+                            dead: VecDeque::new(),
                         },
                     );
                 }
@@ -152,9 +155,7 @@ impl DurableQueues for InProcessBus {
         let consumer = {
             let mut queues = self.queues.lock();
             let Some(queue) = queues.get_mut(name) else {
-                return Box::pin(std::future::ready(Err(BusError(format!(
-                    "no queue {name}"
-                )))));
+                return Box::pin(std::future::ready(Err(no_queue(name))));
             };
             let id = next_id();
             queue.consumers.push(id);
@@ -176,6 +177,57 @@ impl DurableQueues for InProcessBus {
             Box::new(consumer) as Box<dyn QueueConsumer>
         )))
     }
+
+    fn dead_letter<'a>(
+        &'a self,
+        name: &'a str,
+        event: &'a Event,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        let kept = match self.queues.lock().get_mut(name) {
+            Some(queue) => {
+                queue.dead.push_back(event.clone());
+                Ok(())
+            }
+            None => Err(no_queue(name)),
+        };
+        Box::pin(std::future::ready(kept))
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        name: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, BusError>> {
+        let listed = match self.queues.lock().get(name) {
+            Some(queue) => Ok(queue.dead.iter().take(limit).cloned().collect()),
+            None => Err(no_queue(name)),
+        };
+        Box::pin(std::future::ready(listed))
+    }
+
+    fn replay_dead_letters<'a>(
+        &'a self,
+        name: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<usize, BusError>> {
+        let replayed = match self.queues.lock().get_mut(name) {
+            Some(queue) => {
+                let count = limit.min(queue.dead.len());
+                let replayed: Vec<Event> = queue.dead.drain(..count).collect();
+                queue
+                    .ready
+                    .extend(replayed.into_iter().map(|event| (event, false)));
+                Ok(count)
+            }
+            None => Err(no_queue(name)),
+        };
+        self.queues.bump();
+        Box::pin(std::future::ready(replayed))
+    }
+}
+
+fn no_queue(name: &str) -> BusError {
+    BusError(format!("no queue {name}"))
 }
 
 /// Ids of consumers and queue generations, unique in the process.

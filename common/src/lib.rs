@@ -16,6 +16,7 @@
 //! - [`sqlite`]: durable SQLite pools and the outbox they share.
 //! - [`store`]: the error every store fails with; which backend a URL names.
 //! - [`time`]: timestamps as stored and as sent.
+//! - [`webhook`]: Standard Webhooks secrets, signatures and URLs.
 //!
 //! Architecture Invariant: this crate depends on no role crate.
 
@@ -34,6 +35,7 @@ pub mod testing;
 pub mod time;
 pub mod topology;
 pub mod validate;
+pub mod webhook;
 
 pub use error::{ErrorKind, ServiceError};
 pub use identity::Identity;

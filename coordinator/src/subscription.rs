@@ -18,6 +18,26 @@ pub struct SubscriptionRecord {
     pub strict_order: bool,
     /// When it was created, microseconds since the epoch.
     pub created_at_micros: i64,
+    /// Delivered to this endpoint rather than to Consume streams.
+    pub webhook: Option<WebhookTarget>,
+}
+
+/// Where notifiers POST a subscription's events, and how they sign them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookTarget {
+    /// The endpoint's URL.
+    pub url: String,
+    /// The Standard Webhooks signing secret (`whsec_` and base64).
+    pub secret: String,
+}
+
+impl std::fmt::Debug for WebhookTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookTarget")
+            .field("url", &self.url)
+            .field("secret", &"<hidden>")
+            .finish()
+    }
 }
 
 impl SubscriptionRecord {

@@ -100,6 +100,9 @@ impl Durable {
                 "subscription {name:?} is not {identity}'s"
             )));
         }
+        if let Some(webhook) = &subscription.webhook {
+            return Err(NotifierError::DeliveredToWebhook(name, webhook.url.clone()));
+        }
         let filter = Filter {
             regions: subscription.regions,
             agencies: subscription.agencies,

@@ -9,6 +9,7 @@
 //! told so (RESOURCE_EXHAUSTED) rather than silently skipped.
 
 mod durable;
+mod webhooks;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,6 +29,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+
+pub use webhooks::WebhookSettings;
 
 /// Largest request a notifier reads: subscription filters.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -76,6 +79,11 @@ pub struct NotifierConfig {
     #[command(flatten)]
     #[serde(default)]
     pub events: EventBusSettings,
+    /// How subscriptions' webhooks are called (`[webhooks]` in the config
+    /// file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub webhooks: WebhookSettings,
 }
 
 impl Default for NotifierConfig {
@@ -95,6 +103,7 @@ impl NotifierConfig {
             1..=1_000_000,
         )?;
         self.connections.validate()?;
+        self.webhooks.validate()?;
         self.events.validate()
     }
 
@@ -137,6 +146,9 @@ pub enum NotifierError {
     /// This notifier serves no durable subscriptions.
     #[error("this notifier has no event bus, so no durable subscriptions")]
     NoBus,
+    /// The subscription's events go to a webhook, not to streams.
+    #[error("subscription {0:?} delivers its events to the webhook {1}, not to Consume streams")]
+    DeliveredToWebhook(String, String),
     /// The coordinator, which knows the subscriptions, did not answer.
     #[error(
         "this notifier cannot reach the coordinator to look the subscription up; retry shortly"
@@ -166,7 +178,9 @@ impl ServiceError for NotifierError {
             NotifierError::SubscriptionNotFound(_) | NotifierError::SubscriptionGone => {
                 ErrorKind::NotFound
             }
-            NotifierError::NoBus => ErrorKind::FailedPrecondition,
+            NotifierError::NoBus | NotifierError::DeliveredToWebhook(..) => {
+                ErrorKind::FailedPrecondition
+            }
         }
     }
 
@@ -312,6 +326,17 @@ pub async fn run(
         address: address.clone(),
         last_seen: None,
     };
+    let webhooks = queues.as_ref().map(|queues| {
+        tokio::spawn(
+            webhooks::Webhooks {
+                settings: config.webhooks.clone(),
+                directory: directory.clone(),
+                queues: Arc::clone(queues),
+                shutdown: shutdown.clone(),
+            }
+            .run(),
+        )
+    });
     let durable = durable::Durable {
         queues,
         directory: directory.clone(),
@@ -347,6 +372,9 @@ pub async fn run(
     let served = fedmesh_common::server::serve(routes, listener, options, shutdown.clone()).await;
     shutdown.cancel();
     let _ = reporter.await;
+    if let Some(webhooks) = webhooks {
+        let _ = webhooks.await;
+    }
     tracing::info!(notifier_id = %config.id, "notifier stopped");
     Ok(served?)
 }

@@ -60,10 +60,9 @@ impl TestBroker {
     /// Deletes the queue of subscription `name` when the test ends, whether
     /// or not the test deleted the subscription.
     pub fn forget_subscription_at_end(&self, name: &str) {
-        self.subscriptions
-            .lock()
-            .unwrap()
-            .push(format!("{}.sub.{name}", self.exchange));
+        let mut subscriptions = self.subscriptions.lock().unwrap();
+        subscriptions.push(format!("{}.sub.{name}", self.exchange));
+        subscriptions.push(format!("{}.sub.{name}.dead", self.exchange));
     }
 
     /// Settings that put a mesh's events on this exchange.

@@ -9,9 +9,11 @@
 
 mod broker;
 mod proxy;
+mod webhook;
 
 pub use broker::{TestBroker, TestQueue, broker_url};
 pub use proxy::TcpProxy;
+pub use webhook::{Hook, WebhookReceiver};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -192,6 +194,7 @@ impl TestMesh {
             tune_gateway: None,
             events: EventBusSettings::default(),
             subscriber_buffer: fedmesh_notifier::NotifierConfig::default().subscriber_buffer,
+            webhooks: fedmesh_notifier::NotifierConfig::default().webhooks,
         };
         configure(&mut options);
         let mesh = Self::start_on(options.clone()).await;

@@ -2,7 +2,7 @@
 
 use clap::{CommandFactory, FromArgMatches};
 use fedmesh::cli::{Cli, run};
-use fedmesh_tests::TestMesh;
+use fedmesh_tests::{TestMesh, within};
 
 /// Runs `fedmesh ARGS --coordinator URL`: client commands need only the
 /// coordinator's address.
@@ -299,6 +299,103 @@ async fn a_send_whose_answer_was_lost_is_retried_and_stored_once() {
 }
 
 #[tokio::test]
+async fn a_webhook_subscription_and_its_dead_letters_from_the_command_line() {
+    let mesh = TestMesh::start_configured(fedmesh_tests::Backend::Sqlite, |options| {
+        options.webhooks.webhook_attempts = 2;
+        options.webhooks.webhook_backoff_ms = 10;
+        options.webhooks.webhook_poll_ms = 50;
+    })
+    .await;
+    mesh.register("tax-office", "east").await;
+    mesh.register("land-registry", "west").await;
+    let mut receiver = fedmesh_tests::WebhookReceiver::start().await;
+    receiver.answer(&[500, 500]);
+    let created = fedmesh(
+        &mesh,
+        &[
+            "subscription",
+            "create",
+            "audit",
+            "--webhook",
+            &receiver.url,
+            "--kind",
+            "message.accepted",
+            "--json",
+        ],
+    )
+    .await
+    .unwrap();
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    assert_eq!(created["webhook"]["url"], receiver.url.as_str());
+    let secret = created["webhook"]["secret"].as_str().unwrap().to_string();
+    let shown = fedmesh(&mesh, &["subscription", "show", "audit"])
+        .await
+        .unwrap();
+    assert!(
+        shown.contains(&format!("webhook {}", receiver.url)) && shown.contains(&secret),
+        "{shown}"
+    );
+
+    let sent = mesh
+        .send("east", "tax-office", "land-registry", "deed", None)
+        .await
+        .unwrap();
+    receiver.next().await;
+    receiver.next().await;
+    let listed = within("the dead letter", async {
+        loop {
+            let listed = fedmesh(&mesh, &["subscription", "dead-letters", "audit", "--json"])
+                .await
+                .unwrap();
+            if !listed.is_empty() {
+                return listed;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let dead: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
+    assert_eq!(dead["specversion"], "1.0", "CloudEvents JSON: {listed}");
+    assert_eq!(dead["data"]["message_id"], sent.message_id.as_str());
+
+    let replayed = fedmesh(
+        &mesh,
+        &["subscription", "dead-letters", "audit", "--replay"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        replayed.trim(),
+        "replayed 1 dead letters of subscription audit"
+    );
+    let delivered = receiver.next().await;
+    assert_eq!(delivered.json()["id"], dead["id"]);
+    delivered.verify(&secret).unwrap();
+    let empty = fedmesh(&mesh, &["subscription", "dead-letters", "audit"])
+        .await
+        .unwrap();
+    assert_eq!(empty.trim(), "no dead letters in subscription audit");
+
+    let refused = fedmesh(
+        &mesh,
+        &[
+            "subscription",
+            "create",
+            "plain",
+            "--webhook",
+            "http://receiver.example/hook",
+        ],
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("INVALID_ARGUMENT") && refused.contains("loopback"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
 async fn a_durable_subscription_from_the_command_line() {
     let mesh = TestMesh::start().await;
     mesh.register("tax-office", "east").await;
@@ -348,12 +445,14 @@ async fn a_durable_subscription_from_the_command_line() {
     };
     let printed = consume_one().await.unwrap();
     let event: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
-    assert_eq!(event["message_id"], first.message_id.as_str());
+    assert_eq!(event["specversion"], "1.0", "CloudEvents JSON: {printed}");
+    assert_eq!(event["type"], "message.accepted");
+    assert_eq!(event["data"]["message_id"], first.message_id.as_str());
     assert_eq!(event["redelivered"], false);
     // The first was acknowledged once printed: the next run starts after it.
     let printed = consume_one().await.unwrap();
     let event: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
-    assert_eq!(event["message_id"], second.message_id.as_str());
+    assert_eq!(event["data"]["message_id"], second.message_id.as_str());
 
     let listed = fedmesh(&mesh, &["subscription", "list"]).await.unwrap();
     assert!(
@@ -420,7 +519,8 @@ async fn subscribe_to_a_subscription_moves_to_another_notifier_when_its_own_is_g
     .await
     .unwrap();
     let event: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
-    assert_eq!(event["message_id"], sent.message_id.as_str());
+    assert_eq!(event["specversion"], "1.0", "CloudEvents JSON: {printed}");
+    assert_eq!(event["data"]["message_id"], sent.message_id.as_str());
 }
 
 #[tokio::test]

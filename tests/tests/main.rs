@@ -14,3 +14,4 @@ mod queues;
 mod scale;
 mod serving;
 mod subscriptions;
+mod webhooks;

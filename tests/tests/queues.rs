@@ -138,7 +138,64 @@ async fn competing_consumers_share_the_events(bus: Bus) {
     queues.delete(&spec.name).await.unwrap();
 }
 
+async fn dead_letters_stay_in_order_until_replayed_behind_what_waits(bus: Bus) {
+    let (publisher, queues, _broker) = bus.alone().await;
+    let spec = spec(true, &["#"]);
+    queues.declare(spec.clone()).await.unwrap();
+    let dead = [accepted("east", "a", "d1"), accepted("east", "a", "d2")];
+    for event in &dead {
+        queues.dead_letter(&spec.name, event).await.unwrap();
+    }
+    assert_eq!(queues.dead_letters(&spec.name, 10).await.unwrap(), dead);
+    assert_eq!(
+        queues.dead_letters(&spec.name, 1).await.unwrap(),
+        dead[..1],
+        "listing leaves them in place, oldest first"
+    );
+    publisher
+        .publish(vec![accepted("east", "a", "waiting")])
+        .await
+        .unwrap();
+
+    assert_eq!(queues.replay_dead_letters(&spec.name, 1).await.unwrap(), 1);
+    assert_eq!(
+        queues.dead_letters(&spec.name, 10).await.unwrap(),
+        dead[1..]
+    );
+    assert_eq!(queues.replay_dead_letters(&spec.name, 10).await.unwrap(), 1);
+    assert!(
+        queues
+            .dead_letters(&spec.name, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut consumer = queues.consume(&spec.name, 10).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let queued = next(&mut consumer).await;
+        order.push(queued.event.message_id.clone().unwrap());
+        consumer.ack(queued.tag).await.unwrap();
+    }
+    assert_eq!(order, ["waiting", "d1", "d2"]);
+    drop(consumer);
+
+    queues.dead_letter(&spec.name, &dead[0]).await.unwrap();
+    queues.delete(&spec.name).await.unwrap();
+    queues.declare(spec.clone()).await.unwrap();
+    assert!(
+        queues
+            .dead_letters(&spec.name, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "deleted with the queue"
+    );
+    queues.delete(&spec.name).await.unwrap();
+}
+
 fedmesh_tests::on_every_bus!(
+    dead_letters_stay_in_order_until_replayed_behind_what_waits,
     a_queue_keeps_what_it_selects_until_acknowledged,
     strict_order_hands_everything_to_one_consumer_at_a_time,
     competing_consumers_share_the_events,

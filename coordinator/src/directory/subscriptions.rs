@@ -3,12 +3,13 @@
 //! every event they select is kept.
 
 use fedmesh_common::Identity;
-use fedmesh_common::events::Filter;
+use fedmesh_common::error::InvalidField;
+use fedmesh_common::events::{Event, Filter};
 use fedmesh_common::validate;
 
 use super::Directory;
 use crate::error::{DirectoryError, StoreError};
-use crate::subscription::SubscriptionRecord;
+use crate::subscription::{SubscriptionRecord, WebhookTarget};
 
 /// What a caller asks a new subscription to be.
 #[derive(Debug, Clone, Default)]
@@ -23,13 +24,28 @@ pub struct NewSubscription {
     pub kinds: Vec<String>,
     /// One subscriber at a time, in order.
     pub strict_order: bool,
+    /// Deliver to this webhook URL rather than to Consume streams.
+    pub webhook_url: Option<String>,
 }
 
+/// Dead letters listed at once when the caller asks for none (0), and at
+/// most.
+const DEFAULT_DEAD_LETTERS_LISTED: u32 = 100;
+const MAX_DEAD_LETTERS_LISTED: u32 = 1000;
+/// Dead letters replayed at once, at most.
+const MAX_DEAD_LETTERS_REPLAYED: u32 = 100_000;
+
 /// Whether `identity` may see and change `subscription`: its owner and
-/// operators may; notifiers may see it, to serve its subscribers.
+/// operators may.
 fn may_use(identity: &Identity, subscription: &SubscriptionRecord) -> bool {
     matches!(identity, Identity::Operator(_) | Identity::Coordinator)
         || subscription.owner == identity.to_string()
+}
+
+/// Whether `identity` may see `subscription`: who may use it, and notifiers,
+/// which serve its subscribers and deliver to its webhook.
+fn may_see(identity: &Identity, subscription: &SubscriptionRecord) -> bool {
+    *identity == Identity::Notifier || may_use(identity, subscription)
 }
 
 impl Directory {
@@ -47,6 +63,18 @@ impl Directory {
             )));
         }
         let filter = Filter::for_caller(new.regions, new.agencies, new.kinds, identity)?;
+        let webhook = match new.webhook_url {
+            Some(url) => {
+                fedmesh_common::webhook::url("subscription.webhook.url", &url)?;
+                let secret = fedmesh_common::webhook::new_secret().map_err(|error| {
+                    DirectoryError::Store(StoreError::corrupt(format!(
+                        "no randomness for a webhook secret: {error}"
+                    )))
+                })?;
+                Some(WebhookTarget { url, secret })
+            }
+            None => None,
+        };
         let queues = self.queues.as_ref().ok_or(DirectoryError::NoBus)?;
         let record = SubscriptionRecord {
             name: new.name,
@@ -54,6 +82,7 @@ impl Directory {
             filter,
             strict_order: new.strict_order,
             created_at_micros: fedmesh_common::time::now_micros(),
+            webhook,
         };
         let mut subscriptions = self.subscriptions.lock().await;
         match self.store.insert_subscription(&record).await {
@@ -94,12 +123,34 @@ impl Directory {
         identity: &Identity,
         name: &str,
     ) -> Result<SubscriptionRecord, DirectoryError> {
+        self.subscription_for(identity, name, may_see).await
+    }
+
+    /// The subscriptions `identity` may see, by name; a notifier sees all
+    /// (it delivers those with webhooks).
+    pub async fn list_subscriptions(&self, identity: &Identity) -> Vec<SubscriptionRecord> {
+        self.subscriptions
+            .lock()
+            .await
+            .values()
+            .filter(|subscription| may_see(identity, subscription))
+            .cloned()
+            .collect()
+    }
+
+    /// The subscription `name` if `allowed` lets `identity` have it.
+    async fn subscription_for(
+        &self,
+        identity: &Identity,
+        name: &str,
+        allowed: fn(&Identity, &SubscriptionRecord) -> bool,
+    ) -> Result<SubscriptionRecord, DirectoryError> {
         validate::subscription_name("name", name)?;
         let subscriptions = self.subscriptions.lock().await;
         let subscription = subscriptions
             .get(name)
             .ok_or_else(|| DirectoryError::SubscriptionNotFound(name.to_string()))?;
-        if !may_use(identity, subscription) && *identity != Identity::Notifier {
+        if !allowed(identity, subscription) {
             return Err(DirectoryError::PermissionDenied(format!(
                 "subscription {name:?} is not {identity}'s"
             )));
@@ -107,15 +158,68 @@ impl Directory {
         Ok(subscription.clone())
     }
 
-    /// The subscriptions `identity` may use, by name.
-    pub async fn list_subscriptions(&self, identity: &Identity) -> Vec<SubscriptionRecord> {
-        self.subscriptions
-            .lock()
+    /// Up to `limit` (0: 100) dead letters of a subscription, oldest first.
+    pub async fn dead_letters(
+        &self,
+        identity: &Identity,
+        name: &str,
+        limit: u32,
+    ) -> Result<Vec<Event>, DirectoryError> {
+        let limit = match limit {
+            0 => DEFAULT_DEAD_LETTERS_LISTED,
+            1..=MAX_DEAD_LETTERS_LISTED => limit,
+            _ => {
+                return Err(InvalidField::new(
+                    "limit",
+                    format!("list 1 to {MAX_DEAD_LETTERS_LISTED} dead letters at once (0 means {DEFAULT_DEAD_LETTERS_LISTED})"),
+                )
+                .into());
+            }
+        };
+        self.subscription_for(identity, name, may_use).await?;
+        let queues = self.queues.as_ref().ok_or(DirectoryError::NoBus)?;
+        queues
+            .dead_letters(name, limit as usize)
             .await
-            .values()
-            .filter(|subscription| may_use(identity, subscription))
-            .cloned()
-            .collect()
+            .map_err(|error| {
+                tracing::warn!(subscription = %name, %error, "cannot list dead letters");
+                DirectoryError::BusUnavailable("nothing was listed")
+            })
+    }
+
+    /// Puts up to `limit` (0: all) dead letters of a subscription back on
+    /// it; how many.
+    pub async fn replay_dead_letters(
+        &self,
+        identity: &Identity,
+        name: &str,
+        limit: u32,
+    ) -> Result<usize, DirectoryError> {
+        if limit > MAX_DEAD_LETTERS_REPLAYED {
+            return Err(InvalidField::new(
+                "limit",
+                format!(
+                    "replay at most {MAX_DEAD_LETTERS_REPLAYED} dead letters at once (0 means all)"
+                ),
+            )
+            .into());
+        }
+        self.subscription_for(identity, name, may_use).await?;
+        let queues = self.queues.as_ref().ok_or(DirectoryError::NoBus)?;
+        let limit = if limit == 0 {
+            usize::MAX
+        } else {
+            limit as usize
+        };
+        let replayed = queues
+            .replay_dead_letters(name, limit)
+            .await
+            .map_err(|error| {
+                tracing::warn!(subscription = %name, %error, "cannot replay dead letters");
+                DirectoryError::BusUnavailable("some dead letters may have been replayed")
+            })?;
+        tracing::info!(subscription = %name, replayed, %identity, "dead letters replayed");
+        Ok(replayed)
     }
 
     /// Deletes a subscription and its queue with what it holds.

@@ -49,6 +49,10 @@ fn subscription_to_pb(subscription: &SubscriptionRecord) -> pb::Subscription {
         created_at: Some(fedmesh_common::time::timestamp_from_micros(
             subscription.created_at_micros,
         )),
+        webhook: subscription.webhook.as_ref().map(|webhook| pb::Webhook {
+            url: webhook.url.clone(),
+            secret: webhook.secret.clone(),
+        }),
     }
 }
 
@@ -149,6 +153,7 @@ impl pb::directory_server::Directory for DirectoryService {
             agencies: subscription.agencies,
             kinds: subscription.kinds,
             strict_order,
+            webhook_url: subscription.webhook.map(|webhook| webhook.url),
         };
         let created = self.directory.create_subscription(&identity, new).await?;
         Ok(Response::new(pb::CreateSubscriptionResponse {
@@ -190,6 +195,36 @@ impl pb::directory_server::Directory for DirectoryService {
             .delete_subscription(&identity, &request.get_ref().name)
             .await?;
         Ok(Response::new(pb::DeleteSubscriptionResponse {}))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let events = self
+            .directory
+            .dead_letters(&identity, &request.name, request.limit)
+            .await?;
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            events: events.into_iter().map(pb::Event::from).collect(),
+        }))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        request: Request<pb::ReplayDeadLettersRequest>,
+    ) -> Result<Response<pb::ReplayDeadLettersResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let replayed = self
+            .directory
+            .replay_dead_letters(&identity, &request.name, request.limit)
+            .await?;
+        Ok(Response::new(pb::ReplayDeadLettersResponse {
+            replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
+        }))
     }
 
     type WatchTopologyStream = TopologyStream;

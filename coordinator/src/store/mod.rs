@@ -17,7 +17,7 @@ use fedmesh_common::store::Backend;
 
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
-use crate::subscription::SubscriptionRecord;
+use crate::subscription::{SubscriptionRecord, WebhookTarget};
 
 /// Opens the control database at `url`: `postgres://...` or `sqlite://...`.
 pub async fn open_store(
@@ -77,13 +77,24 @@ fn subscription_from_columns(
     filter: &str,
     strict_order: bool,
     created_at_micros: i64,
+    webhook: (Option<String>, Option<String>),
 ) -> Result<SubscriptionRecord, StoreError> {
+    let webhook = match webhook {
+        (Some(url), Some(secret)) => Some(WebhookTarget { url, secret }),
+        (None, None) => None,
+        _ => {
+            return Err(StoreError::corrupt(format!(
+                "subscription {name:?} has a webhook URL or secret without the other"
+            )));
+        }
+    };
     Ok(SubscriptionRecord {
         name,
         owner,
         filter: serde_json::from_str(filter).map_err(StoreError::corrupt)?,
         strict_order,
         created_at_micros,
+        webhook,
     })
 }
 

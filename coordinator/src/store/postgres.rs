@@ -106,14 +106,17 @@ impl DirectoryStore for PgDirectoryStore {
         subscription: &SubscriptionRecord,
     ) -> Result<(), StoreError> {
         let inserted = sqlx::query(
-            "INSERT INTO subscriptions (name, owner, filter, strict_order, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO subscriptions \
+             (name, owner, filter, strict_order, created_at, webhook_url, webhook_secret) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
         )
         .bind(&subscription.name)
         .bind(&subscription.owner)
         .bind(super::filter_to_text(&subscription.filter)?)
         .bind(subscription.strict_order)
         .bind(subscription.created_at_micros)
+        .bind(subscription.webhook.as_ref().map(|webhook| &webhook.url))
+        .bind(subscription.webhook.as_ref().map(|webhook| &webhook.secret))
         .execute(&self.pool)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -132,7 +135,8 @@ impl DirectoryStore for PgDirectoryStore {
 
     async fn all_subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT name, owner, filter, strict_order, created_at FROM subscriptions ORDER BY name",
+            "SELECT name, owner, filter, strict_order, created_at, webhook_url, webhook_secret \
+             FROM subscriptions ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -145,6 +149,7 @@ impl DirectoryStore for PgDirectoryStore {
                     &filter,
                     row.try_get("strict_order")?,
                     row.try_get("created_at")?,
+                    (row.try_get("webhook_url")?, row.try_get("webhook_secret")?),
                 )
             })
             .collect()

@@ -100,14 +100,17 @@ impl DirectoryStore for SqliteDirectoryStore {
         subscription: &SubscriptionRecord,
     ) -> Result<(), StoreError> {
         let inserted = sqlx::query(
-            "INSERT INTO subscriptions (name, owner, filter, strict_order, created_at) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO subscriptions \
+             (name, owner, filter, strict_order, created_at, webhook_url, webhook_secret) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
         )
         .bind(&subscription.name)
         .bind(&subscription.owner)
         .bind(super::filter_to_text(&subscription.filter)?)
         .bind(subscription.strict_order)
         .bind(subscription.created_at_micros)
+        .bind(subscription.webhook.as_ref().map(|webhook| &webhook.url))
+        .bind(subscription.webhook.as_ref().map(|webhook| &webhook.secret))
         .execute(&self.pool)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -126,7 +129,8 @@ impl DirectoryStore for SqliteDirectoryStore {
 
     async fn all_subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT name, owner, filter, strict_order, created_at FROM subscriptions ORDER BY name",
+            "SELECT name, owner, filter, strict_order, created_at, webhook_url, webhook_secret \
+             FROM subscriptions ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -139,6 +143,7 @@ impl DirectoryStore for SqliteDirectoryStore {
                     &filter,
                     row.try_get("strict_order")?,
                     row.try_get("created_at")?,
+                    (row.try_get("webhook_url")?, row.try_get("webhook_secret")?),
                 )
             })
             .collect()

@@ -47,6 +47,7 @@ macro_rules! directory_store_suite {
                     },
                     strict_order: false,
                     created_at_micros: 42,
+                    webhook: None,
                 };
                 store
                     .insert_subscription(&subscription)
@@ -54,10 +55,20 @@ macro_rules! directory_store_suite {
                     .expect("insert");
                 let again = store.insert_subscription(&subscription).await;
                 assert!(matches!(again, Err(StoreError::Conflict)), "{again:?}");
+                let hooked = SubscriptionRecord {
+                    name: "hooked".into(),
+                    webhook: Some(crate::subscription::WebhookTarget {
+                        url: "https://receiver.example/events".into(),
+                        secret: "whsec_c2VjcmV0".into(),
+                    }),
+                    ..subscription.clone()
+                };
+                store.insert_subscription(&hooked).await.expect("insert");
                 assert_eq!(
                     store.all_subscriptions().await.expect("list"),
-                    vec![subscription.clone()]
+                    vec![subscription.clone(), hooked]
                 );
+                assert!(store.delete_subscription("hooked").await.expect("delete"));
                 assert!(
                     store
                         .delete_subscription("deliveries")
