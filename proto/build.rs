@@ -4,6 +4,7 @@
 use prost::Message;
 
 const PROTOS: &[&str] = &[
+    "io/cloudevents/v1/cloudevents.proto",
     "fedmesh/v1/types.proto",
     "fedmesh/v1/exchange.proto",
     "fedmesh/v1/relay.proto",

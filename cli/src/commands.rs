@@ -572,6 +572,7 @@ pub async fn subscribe(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> any
             regions: args.regions.clone(),
             agencies: args.agencies.clone(),
             kinds: args.kinds.clone(),
+            cloudevents: false,
         })
         .await
         .map_err(|status| rpc_error(status, "cannot subscribe"))?

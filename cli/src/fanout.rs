@@ -243,6 +243,7 @@ async fn ephemeral(
                 agencies: vec![AGENCY.into()],
                 kinds: vec![MESSAGE_ACCEPTED.into()],
                 regions: vec![REGION.into()],
+                cloudevents: false,
             })
             .await
             .map_err(|status| anyhow::anyhow!("cannot subscribe: {}", status.message()))?
@@ -338,6 +339,7 @@ async fn durable(
             request: Some(pb::consume_request::Request::Start(pb::ConsumeStart {
                 subscription: name.clone(),
                 prefetch: 500,
+                cloudevents: false,
             })),
         };
         requests

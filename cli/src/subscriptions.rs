@@ -427,6 +427,7 @@ async fn consume_from(
         request: Some(pb::consume_request::Request::Start(pb::ConsumeStart {
             subscription: name.to_string(),
             prefetch: args.prefetch,
+            cloudevents: false,
         })),
     };
     requests

@@ -15,7 +15,8 @@
 //! with backoff), the source reconnects with backoff and, since events may
 //! have passed meanwhile, ends its subscribers' feeds so they know.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -648,6 +649,29 @@ impl AmqpQueues {
         format!("{}.sub.{subscription}.dead", self.exchange)
     }
 
+    /// Runs `operation` on the broker, giving up after [`BROKER_TIMEOUT`]:
+    /// the connection is then dropped (a broker that stopped answering on it
+    /// may never answer), so the next operation connects anew.
+    fn bounded<'a, T: Send + 'a>(
+        &'a self,
+        what: &'static str,
+        operation: impl Future<Output = Result<T, BusError>> + Send + 'a,
+    ) -> BoxFuture<'a, Result<T, BusError>> {
+        Box::pin(async move {
+            match tokio::time::timeout(BROKER_TIMEOUT, operation).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    if let Some(connection) = self.connection.lock().await.take() {
+                        close_quietly(&connection, "no answer").await;
+                    }
+                    Err(BusError(format!(
+                        "the broker did not answer within {BROKER_TIMEOUT:?} ({what})"
+                    )))
+                }
+            }
+        })
+    }
+
     /// A new channel in confirm mode.
     async fn confirm_channel(&self) -> Result<Channel, BusError> {
         let channel = self.channel().await?;
@@ -680,7 +704,7 @@ impl AmqpQueues {
 
 impl DurableQueues for AmqpQueues {
     fn declare(&self, spec: QueueSpec) -> BoxFuture<'_, Result<(), BusError>> {
-        Box::pin(async move {
+        self.bounded("declaring a queue", async move {
             let channel = self.channel().await?;
             let queue = self.queue_name(&spec.name);
             let mut arguments = FieldTable::default();
@@ -729,7 +753,7 @@ impl DurableQueues for AmqpQueues {
     }
 
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
-        Box::pin(async move {
+        self.bounded("deleting a queue", async move {
             let channel = self.channel().await?;
             let queue = self.queue_name(name);
             let dead_letters = self.dead_letter_queue_name(name);
@@ -754,7 +778,7 @@ impl DurableQueues for AmqpQueues {
         name: &'a str,
         prefetch: u16,
     ) -> BoxFuture<'a, Result<Box<dyn QueueConsumer>, BusError>> {
-        Box::pin(async move {
+        self.bounded("consuming a queue", async move {
             let channel = self.channel().await?;
             let queue = self.queue_name(name);
             let consumer = async {
@@ -775,6 +799,7 @@ impl DurableQueues for AmqpQueues {
                 Ok(deliveries) => Ok(Box::new(AmqpConsumer {
                     channel,
                     deliveries,
+                    outstanding: BTreeSet::new(),
                 }) as Box<dyn QueueConsumer>),
                 Err(error) => {
                     let _ = channel.close(200, "not consumed".into()).await;
@@ -788,7 +813,7 @@ impl DurableQueues for AmqpQueues {
         name: &'a str,
         event: &'a Event,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        Box::pin(async move {
+        self.bounded("keeping a dead letter", async move {
             let channel = self.confirm_channel().await?;
             let queue = self.dead_letter_queue_name(name);
             let kept = publish_to_queue(&channel, &queue, event).await;
@@ -802,7 +827,7 @@ impl DurableQueues for AmqpQueues {
         name: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Event>, BusError>> {
-        Box::pin(async move {
+        self.bounded("listing dead letters", async move {
             let channel = self.channel().await?;
             let queue = self.dead_letter_queue_name(name);
             let mut events = Vec::new();
@@ -844,9 +869,13 @@ impl DurableQueues for AmqpQueues {
             let mut replayed = 0;
             let outcome = async {
                 while replayed < limit {
-                    let Some(message) = channel
-                        .basic_get(dead_letters.as_str().into(), BasicGetOptions::default())
-                        .await
+                    let got = tokio::time::timeout(
+                        BROKER_TIMEOUT,
+                        channel.basic_get(dead_letters.as_str().into(), BasicGetOptions::default()),
+                    )
+                    .await
+                    .map_err(|_| BusError(format!("no answer from {dead_letters} within {BROKER_TIMEOUT:?}")))?;
+                    let Some(message) = got
                         .map_err(|error| bus_error(&format!("cannot read {dead_letters}"), error))?
                     else {
                         break;
@@ -916,6 +945,8 @@ async fn publish_to_queue(channel: &Channel, queue: &str, event: &Event) -> Resu
 struct AmqpConsumer {
     channel: Channel,
     deliveries: Consumer,
+    /// Delivery tags handed out and not acknowledged, oldest first.
+    outstanding: BTreeSet<u64>,
 }
 
 impl QueueConsumer for AmqpConsumer {
@@ -928,6 +959,7 @@ impl QueueConsumer for AmqpConsumer {
                 };
                 match Event::from_cloudevent_json(&delivery.data) {
                     Ok(event) => {
+                        self.outstanding.insert(delivery.delivery_tag);
                         return Some(Ok(QueuedEvent {
                             tag: delivery.delivery_tag,
                             event,
@@ -951,11 +983,46 @@ impl QueueConsumer for AmqpConsumer {
     }
 
     fn ack(&mut self, tag: u64) -> BoxFuture<'_, Result<(), BusError>> {
+        self.ack_all_owned(vec![tag])
+    }
+
+    fn ack_all<'a>(&'a mut self, tags: &'a [u64]) -> BoxFuture<'a, Result<(), BusError>> {
+        self.ack_all_owned(tags.to_vec())
+    }
+}
+
+impl AmqpConsumer {
+    /// Acknowledges `tags` (those outstanding): the run of outstanding tags
+    /// from the oldest that are all acknowledged now goes as one `multiple`
+    /// ack, the rest one by one.
+    fn ack_all_owned(&mut self, tags: Vec<u64>) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            self.channel
-                .basic_ack(tag, BasicAckOptions::default())
-                .await
-                .map_err(|error| bus_error("ack failed", error))
+            let wanted: BTreeSet<u64> = tags
+                .into_iter()
+                .filter(|tag| self.outstanding.contains(tag))
+                .collect();
+            let through = self
+                .outstanding
+                .iter()
+                .take_while(|tag| wanted.contains(tag))
+                .last()
+                .copied();
+            let acked = |error| bus_error("ack failed", error);
+            if let Some(through) = through {
+                self.channel
+                    .basic_ack(through, BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(acked)?;
+                self.outstanding = self.outstanding.split_off(&(through + 1));
+            }
+            for tag in wanted.range(through.map_or(0, |through| through + 1)..) {
+                self.channel
+                    .basic_ack(*tag, BasicAckOptions::default())
+                    .await
+                    .map_err(acked)?;
+                self.outstanding.remove(tag);
+            }
+            Ok(())
         })
     }
 }

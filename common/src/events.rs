@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use fedmesh_proto::io::cloudevents::v1 as cloudevents;
 use fedmesh_proto::pb;
 use tokio::sync::broadcast;
 
@@ -144,6 +145,10 @@ impl Event {
 pub const CLOUDEVENTS_VERSION: &str = "1.0";
 /// Media type of an event in the CloudEvents JSON format (structured mode).
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+/// `datacontenttype` of the protobuf form's data.
+pub const PROTOBUF_DATA: &str = "application/protobuf";
+/// Type URL of the protobuf form's data.
+pub const EVENT_DATA_TYPE_URL: &str = "type.googleapis.com/fedmesh.v1.EventData";
 
 /// An event in the CloudEvents 1.0 JSON format: the context attributes
 /// every CloudEvents tool reads, and the rest of the event as JSON `data`.
@@ -222,6 +227,58 @@ impl Event {
         serde_json::to_vec(&cloud_event).unwrap_or_default()
     }
 
+    /// The event in the CloudEvents 1.0 protobuf format: the context
+    /// attributes of the JSON format (time, subject and datacontenttype in
+    /// the attribute map), the data a `fedmesh.v1.EventData`.
+    pub fn to_cloudevent_proto(&self) -> cloudevents::CloudEvent {
+        use cloudevents::cloud_event::cloud_event_attribute_value::Attr;
+        use cloudevents::cloud_event::{CloudEventAttributeValue, Data};
+        let value = |attr| CloudEventAttributeValue { attr: Some(attr) };
+        let attributes = [
+            (
+                "time",
+                value(Attr::CeTimestamp(timestamp_from_micros(
+                    self.occurred_at_micros,
+                ))),
+            ),
+            ("subject", value(Attr::CeString(self.agency_id.clone()))),
+            (
+                "datacontenttype",
+                value(Attr::CeString(PROTOBUF_DATA.to_string())),
+            ),
+        ];
+        let data = pb::EventData {
+            region: self.region.clone(),
+            agency_id: self.agency_id.clone(),
+            message_id: self.message_id.clone().unwrap_or_default(),
+            attributes: self.attributes.clone().into_iter().collect(),
+        };
+        cloudevents::CloudEvent {
+            id: self.event_id.clone(),
+            source: self.source(),
+            spec_version: CLOUDEVENTS_VERSION.to_string(),
+            r#type: self.kind.clone(),
+            attributes: attributes
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect(),
+            data: Some(Data::ProtoData(prost_types::Any {
+                type_url: EVENT_DATA_TYPE_URL.to_string(),
+                value: prost::Message::encode_to_vec(&data),
+            })),
+        }
+    }
+
+    /// The event as gRPC carries it; with its CloudEvents protobuf form
+    /// too if `cloudevents`.
+    pub fn to_pb(self, cloudevents: bool) -> pb::Event {
+        let cloud_event = cloudevents.then(|| self.to_cloudevent_proto());
+        pb::Event {
+            cloud_event,
+            ..pb::Event::from(self)
+        }
+    }
+
     /// Reads an event written by [`Event::to_cloudevent_json`].
     pub fn from_cloudevent_json(body: &[u8]) -> Result<Event, NotAnEvent> {
         let cloud_event: CloudEvent =
@@ -258,6 +315,7 @@ impl From<Event> for pb::Event {
             message_id: event.message_id.unwrap_or_default(),
             occurred_at: Some(timestamp_from_micros(event.occurred_at_micros)),
             attributes: event.attributes.into_iter().collect(),
+            cloud_event: None,
         }
     }
 }
@@ -545,6 +603,17 @@ pub trait QueueConsumer: Send {
 
     /// Acknowledges the event handed out as `tag`: the queue forgets it.
     fn ack(&mut self, tag: u64) -> BoxFuture<'_, Result<(), BusError>>;
+
+    /// Acknowledges every event handed out as one of `tags`, at once where
+    /// the queue can.
+    fn ack_all<'a>(&'a mut self, tags: &'a [u64]) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            for tag in tags {
+                self.ack(*tag).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Whether the routing key `key` matches the topic pattern `pattern`: words

@@ -116,7 +116,10 @@ impl Durable {
         tracing::debug!(%identity, subscription = %name, prefetch, "consumer joined");
         tokio::spawn(serve(
             consumer,
-            filter,
+            Wanted {
+                filter,
+                cloudevents: start.cloudevents,
+            },
             requests,
             sender,
             self.shutdown.clone(),
@@ -132,9 +135,17 @@ type Sender = mpsc::Sender<Result<pb::EventDelivery, Status>>;
 /// Hands the queue's events to the subscriber and its acks to the queue
 /// until either side ends; dropping the consumer gives back what is
 /// unacknowledged.
+/// What a subscriber wants of the queue's events.
+struct Wanted {
+    /// Which.
+    filter: Filter,
+    /// Also in the CloudEvents protobuf format.
+    cloudevents: bool,
+}
+
 async fn serve(
     mut consumer: Box<dyn QueueConsumer>,
-    filter: Filter,
+    wanted: Wanted,
     mut requests: Streaming<pb::ConsumeRequest>,
     sender: Sender,
     shutdown: CancellationToken,
@@ -153,7 +164,7 @@ async fn serve(
                 Some(Ok(queued)) => {
                     // Bindings may select more than the filter (a wide
                     // filter is widened): what it does not want is done.
-                    if !filter.matches(&queued.event) {
+                    if !wanted.filter.matches(&queued.event) {
                         if let Err(error) = consumer.ack(queued.tag).await {
                             tracing::warn!(%error, "acknowledging a filtered event failed");
                             break NotifierError::NoFeed(" (its connection was lost)");
@@ -164,7 +175,7 @@ async fn serve(
                     let delivery = pb::EventDelivery {
                         delivery_id: queued.tag,
                         redelivered: queued.redelivered,
-                        event: Some(queued.event.into()),
+                        event: Some(queued.event.to_pb(wanted.cloudevents)),
                     };
                     if sender.send(Ok(delivery)).await.is_err() {
                         return;
@@ -197,18 +208,17 @@ async fn acknowledge(
     unacked: &mut HashSet<u64>,
     ack: pb::ConsumeAck,
 ) -> Result<(), NotifierError> {
-    for delivery_id in ack.delivery_ids {
-        if !unacked.remove(&delivery_id) {
+    for delivery_id in &ack.delivery_ids {
+        if !unacked.remove(delivery_id) {
             return Err(InvalidField::new(
                 "ack.delivery_ids",
                 format!("{delivery_id} is not an unacknowledged delivery of this stream"),
             )
             .into());
         }
-        consumer.ack(delivery_id).await.map_err(|error| {
-            tracing::warn!(%error, "acknowledging failed");
-            NotifierError::NoFeed(" (its connection was lost)")
-        })?;
     }
-    Ok(())
+    consumer.ack_all(&ack.delivery_ids).await.map_err(|error| {
+        tracing::warn!(%error, "acknowledging failed");
+        NotifierError::NoFeed(" (its connection was lost)")
+    })
 }

@@ -235,6 +235,7 @@ impl pb::notifications_server::Notifications for NotificationsService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let identity = caller(&request)?;
         let request = request.into_inner();
+        let cloudevents = request.cloudevents;
         let filter =
             Filter::for_caller(request.regions, request.agencies, request.kinds, &identity)
                 .map_err(NotifierError::from)?;
@@ -271,7 +272,7 @@ impl pb::notifications_server::Notifications for NotificationsService {
                 };
                 match event {
                     Ok(event) if filter.matches(&event) => {
-                        if sender.send(Ok(event.into())).await.is_err() {
+                        if sender.send(Ok(event.to_pb(cloudevents))).await.is_err() {
                             return;
                         }
                     }

@@ -634,16 +634,29 @@ impl Consumer {
     /// Starts consuming `subscription` through `notifications`, at most
     /// `prefetch` deliveries unacknowledged.
     pub async fn open(
-        mut notifications: pb::notifications_client::NotificationsClient<Authenticated>,
+        notifications: pb::notifications_client::NotificationsClient<Authenticated>,
         subscription: &str,
         prefetch: u32,
     ) -> Result<Consumer, Status> {
-        let (requests, outgoing) = mpsc::channel(16);
-        let start = pb::ConsumeRequest {
-            request: Some(pb::consume_request::Request::Start(pb::ConsumeStart {
+        Consumer::start(
+            notifications,
+            pb::ConsumeStart {
                 subscription: subscription.into(),
                 prefetch,
-            })),
+                cloudevents: false,
+            },
+        )
+        .await
+    }
+
+    /// Starts consuming as `start` asks.
+    pub async fn start(
+        mut notifications: pb::notifications_client::NotificationsClient<Authenticated>,
+        start: pb::ConsumeStart,
+    ) -> Result<Consumer, Status> {
+        let (requests, outgoing) = mpsc::channel(16);
+        let start = pb::ConsumeRequest {
+            request: Some(pb::consume_request::Request::Start(start)),
         };
         requests.send(start).await.unwrap();
         let deliveries = notifications

@@ -16,6 +16,7 @@ async fn a_subscriber_sees_message_accepted_and_delivered(bus: Bus) {
             agencies: vec!["reader".into()],
             kinds: vec![MESSAGE_ACCEPTED.into(), MESSAGE_DELIVERED.into()],
             regions: vec![],
+            cloudevents: true,
         })
         .await
         .unwrap()
@@ -36,6 +37,7 @@ async fn a_subscriber_sees_message_accepted_and_delivered(bus: Bus) {
         accepted.attributes.get("sender").map(String::as_str),
         Some("sender")
     );
+    assert_is_cloudevent_of(&accepted);
 
     let mut inbox = mesh.open_inbox("west", "reader", 0).await.unwrap();
     let delivery = inbox.next_delivery().await;
@@ -47,6 +49,48 @@ async fn a_subscriber_sees_message_accepted_and_delivered(bus: Bus) {
     assert_eq!(delivered.kind, MESSAGE_DELIVERED);
     assert_eq!(delivered.message_id, receipt.message_id);
     assert_ne!(delivered.event_id, accepted.event_id);
+}
+
+/// The event's CloudEvents protobuf form says what the event says.
+fn assert_is_cloudevent_of(event: &pb::Event) {
+    use fedmesh_proto::io::cloudevents::v1::cloud_event::Data;
+    use fedmesh_proto::io::cloudevents::v1::cloud_event::cloud_event_attribute_value::Attr;
+    use prost::Message;
+    let cloud_event = event.cloud_event.as_ref().expect("asked for CloudEvents");
+    assert_eq!(cloud_event.id, event.event_id);
+    assert_eq!(cloud_event.spec_version, "1.0");
+    assert_eq!(cloud_event.r#type, event.kind);
+    assert_eq!(
+        cloud_event.source,
+        format!("/fedmesh/{}/gateway", event.region)
+    );
+    let attribute = |name: &str| {
+        cloud_event.attributes[name]
+            .attr
+            .clone()
+            .unwrap_or_else(|| panic!("{name} has a value"))
+    };
+    assert_eq!(
+        attribute("subject"),
+        Attr::CeString(event.agency_id.clone())
+    );
+    assert_eq!(
+        attribute("datacontenttype"),
+        Attr::CeString("application/protobuf".into())
+    );
+    assert_eq!(
+        attribute("time"),
+        Attr::CeTimestamp(event.occurred_at.unwrap())
+    );
+    let Some(Data::ProtoData(data)) = &cloud_event.data else {
+        panic!("protobuf data: {cloud_event:?}");
+    };
+    assert_eq!(data.type_url, "type.googleapis.com/fedmesh.v1.EventData");
+    let data = pb::EventData::decode(data.value.as_slice()).unwrap();
+    assert_eq!(data.region, event.region);
+    assert_eq!(data.agency_id, event.agency_id);
+    assert_eq!(data.message_id, event.message_id);
+    assert_eq!(data.attributes, event.attributes);
 }
 
 async fn a_subscriber_sees_registrations_of_its_regions_only(bus: Bus) {
@@ -75,6 +119,7 @@ async fn a_subscriber_sees_registrations_of_its_regions_only(bus: Bus) {
         event.attributes.get("shard").map(String::as_str),
         Some("central-1")
     );
+    assert!(event.cloud_event.is_none(), "not asked for");
 }
 
 async fn a_slow_subscriber_is_cut_off_without_slowing_the_others(bus: Bus) {

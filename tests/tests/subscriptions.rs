@@ -58,12 +58,30 @@ async fn a_durable_subscription_keeps_events_until_acknowledged(bus: Bus) {
     consumer.ack(&[one.delivery_id]).await;
     consumer.close().await;
 
-    // The unacknowledged one comes back, and only it.
-    let mut consumer = Consumer::open(notifications(), "deliveries", 10)
-        .await
-        .unwrap();
+    // The unacknowledged one comes back, and only it; this time in the
+    // CloudEvents protobuf format too.
+    let mut consumer = Consumer::start(
+        notifications(),
+        pb::ConsumeStart {
+            subscription: "deliveries".into(),
+            prefetch: 10,
+            cloudevents: true,
+        },
+    )
+    .await
+    .unwrap();
     let again = consumer.next().await;
     assert_eq!(message_id(&again), second.message_id);
+    let event = again.event.as_ref().unwrap();
+    let cloud_event = event.cloud_event.as_ref().expect("asked for CloudEvents");
+    assert_eq!(
+        (cloud_event.id.as_str(), cloud_event.r#type.as_str()),
+        (event.event_id.as_str(), MESSAGE_ACCEPTED)
+    );
+    assert!(
+        one.event.as_ref().unwrap().cloud_event.is_none(),
+        "not asked for"
+    );
     assert!(again.redelivered, "it was handed out before");
     consumer.ack(&[again.delivery_id]).await;
     let third = mesh
