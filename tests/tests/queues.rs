@@ -194,7 +194,45 @@ async fn dead_letters_stay_in_order_until_replayed_behind_what_waits(bus: Bus) {
     queues.delete(&spec.name).await.unwrap();
 }
 
+async fn acks_in_any_order_and_grouping_take_exactly_those_events(bus: Bus) {
+    let (publisher, queues, _broker) = bus.alone().await;
+    let spec = spec(true, &["#"]);
+    queues.declare(spec.clone()).await.unwrap();
+    let events: Vec<Event> = (1..=6)
+        .map(|n| accepted("east", "a", &format!("m{n}")))
+        .collect();
+    publisher.publish(events).await.unwrap();
+    let mut consumer = queues.consume(&spec.name, 10).await.unwrap();
+    let mut tags = Vec::new();
+    for _ in 0..6 {
+        tags.push(next(&mut consumer).await.tag);
+    }
+    // Not from the oldest, then the oldest alone, then a run from the
+    // oldest outstanding with a gap after it.
+    consumer.ack_all(&[tags[1], tags[2]]).await.unwrap();
+    consumer.ack_all(&[tags[0]]).await.unwrap();
+    consumer.ack_all(&[tags[3], tags[5]]).await.unwrap();
+    drop(consumer);
+
+    let mut again = queues.consume(&spec.name, 10).await.unwrap();
+    let back = next(&mut again).await;
+    assert_eq!(
+        back.event.message_id.as_deref(),
+        Some("m5"),
+        "only the one left unacknowledged comes back"
+    );
+    again.ack_all(&[back.tag]).await.unwrap();
+    publisher
+        .publish(vec![accepted("east", "a", "m7")])
+        .await
+        .unwrap();
+    assert_eq!(next(&mut again).await.event.message_id.as_deref(), Some("m7"));
+    drop(again);
+    queues.delete(&spec.name).await.unwrap();
+}
+
 fedmesh_tests::on_every_bus!(
+    acks_in_any_order_and_grouping_take_exactly_those_events,
     dead_letters_stay_in_order_until_replayed_behind_what_waits,
     a_queue_keeps_what_it_selects_until_acknowledged,
     strict_order_hands_everything_to_one_consumer_at_a_time,
