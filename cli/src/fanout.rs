@@ -555,7 +555,11 @@ async fn idle(
 ) -> anyhow::Result<()> {
     let pid = pid.context("--idle needs --pid of the process serving the notifier")?;
     let before = resident_kib(pid)?;
-    let clients: Vec<_> = (0..streams.div_ceil(500).max(1))
+    // Under the 256 calls a server takes per connection by default
+    // (`--max-concurrent-streams`): a call past it would wait for a slot
+    // that idle streams never free.
+    const STREAMS_PER_CONNECTION: usize = 200;
+    let clients: Vec<_> = (0..streams.div_ceil(STREAMS_PER_CONNECTION).max(1))
         .map(|_| notifications(endpoints, url, operator))
         .collect::<anyhow::Result<_>>()?;
     let mut open = Vec::with_capacity(streams);

@@ -726,13 +726,15 @@ impl DurableQueues for AmqpQueues {
                     .await?;
                 // Few events and listed in place: a classic queue, which
                 // keeps their order when a listing hands them back.
-                channel
-                    .queue_declare(
-                        self.dead_letter_queue_name(&spec.name).as_str().into(),
-                        QueueDeclareOptions::durable(),
-                        FieldTable::default(),
-                    )
-                    .await?;
+                if spec.dead_letters {
+                    channel
+                        .queue_declare(
+                            self.dead_letter_queue_name(&spec.name).as_str().into(),
+                            QueueDeclareOptions::durable(),
+                            FieldTable::default(),
+                        )
+                        .await?;
+                }
                 for binding in &spec.bindings {
                     channel
                         .queue_bind(

@@ -538,6 +538,9 @@ pub struct QueueSpec {
     /// One consumer at a time receives its events, in order (else
     /// consumers compete for them).
     pub strict_order: bool,
+    /// It keeps dead letters beside it (a webhook subscription's events
+    /// that every attempt failed to deliver).
+    pub dead_letters: bool,
 }
 
 /// An event handed to the consumer of a durable queue.

@@ -35,6 +35,11 @@ pub enum DirectoryError {
     /// Durable subscriptions need the event bus, which this coordinator has not.
     #[error("this coordinator has no event bus (--amqp), so it keeps no durable subscriptions")]
     NoBus,
+    /// Only webhook subscriptions have dead letters.
+    #[error(
+        "subscription {0:?} is delivered to streams, which acknowledge what they take: it has no dead letters (only webhook subscriptions do)"
+    )]
+    NoDeadLetters(String),
     /// The bus did not take the change (logged where it happened).
     #[error("the event bus did not answer; {0}; retry")]
     BusUnavailable(&'static str),
@@ -57,7 +62,9 @@ impl ServiceError for DirectoryError {
                 ErrorKind::AlreadyExists
             }
             DirectoryError::SubscriptionNotFound(_) => ErrorKind::NotFound,
-            DirectoryError::NoBus => ErrorKind::FailedPrecondition,
+            DirectoryError::NoBus | DirectoryError::NoDeadLetters(_) => {
+                ErrorKind::FailedPrecondition
+            }
             DirectoryError::BusUnavailable(_) => ErrorKind::Unavailable,
             DirectoryError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             DirectoryError::ShuttingDown => ErrorKind::Unavailable,

@@ -47,6 +47,7 @@ impl SubscriptionRecord {
             name: self.name.clone(),
             bindings: self.filter.binding_keys(),
             strict_order: self.strict_order,
+            dead_letters: self.webhook.is_some(),
         }
     }
 }

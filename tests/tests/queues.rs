@@ -12,6 +12,7 @@ fn spec(strict_order: bool, bindings: &[&str]) -> QueueSpec {
         name: format!("test-{}", uuid::Uuid::now_v7().simple()),
         bindings: bindings.iter().map(|binding| binding.to_string()).collect(),
         strict_order,
+        dead_letters: true,
     }
 }
 
@@ -226,7 +227,10 @@ async fn acks_in_any_order_and_grouping_take_exactly_those_events(bus: Bus) {
         .publish(vec![accepted("east", "a", "m7")])
         .await
         .unwrap();
-    assert_eq!(next(&mut again).await.event.message_id.as_deref(), Some("m7"));
+    assert_eq!(
+        next(&mut again).await.event.message_id.as_deref(),
+        Some("m7")
+    );
     drop(again);
     queues.delete(&spec.name).await.unwrap();
 }

@@ -251,6 +251,26 @@ async fn webhook_subscriptions_refuse_what_cannot_work(bus: Bus) {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
+    if let Some(broker) = &broker {
+        broker.forget_subscription_at_end("streamed");
+    }
+    mesh.create_subscription(&operator(), subscription("streamed", &["reader"], &[]))
+        .await
+        .unwrap();
+    let no_dead_letters = directory
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            name: "streamed".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_dead_letters.code(), Code::FailedPrecondition);
+    assert!(
+        no_dead_letters
+            .message()
+            .contains("only webhook subscriptions"),
+        "{no_dead_letters:?}"
+    );
     let stranger = mesh
         .directory_as(&Identity::Agency("other".into()))
         .replay_dead_letters(pb::ReplayDeadLettersRequest {

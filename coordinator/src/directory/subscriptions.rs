@@ -176,7 +176,10 @@ impl Directory {
                 .into());
             }
         };
-        self.subscription_for(identity, name, may_use).await?;
+        let subscription = self.subscription_for(identity, name, may_use).await?;
+        if subscription.webhook.is_none() {
+            return Err(DirectoryError::NoDeadLetters(subscription.name));
+        }
         let queues = self.queues.as_ref().ok_or(DirectoryError::NoBus)?;
         queues
             .dead_letters(name, limit as usize)
@@ -204,7 +207,10 @@ impl Directory {
             )
             .into());
         }
-        self.subscription_for(identity, name, may_use).await?;
+        let subscription = self.subscription_for(identity, name, may_use).await?;
+        if subscription.webhook.is_none() {
+            return Err(DirectoryError::NoDeadLetters(subscription.name));
+        }
         let queues = self.queues.as_ref().ok_or(DirectoryError::NoBus)?;
         let limit = if limit == 0 {
             usize::MAX
