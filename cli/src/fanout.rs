@@ -309,81 +309,86 @@ async fn durable(
     let names: Vec<String> = (0..args.subscribers)
         .map(|subscriber| format!("bench-fanout-{subscriber}"))
         .collect();
-    for name in &names {
-        // Left over from an interrupted run: start empty.
-        let _ = directory
-            .delete_subscription(pb::DeleteSubscriptionRequest { name: name.clone() })
-            .await;
-        directory
-            .create_subscription(pb::CreateSubscriptionRequest {
-                subscription: Some(pb::Subscription {
-                    name: name.clone(),
-                    agencies: vec![AGENCY.into()],
-                    kinds: vec![MESSAGE_ACCEPTED.into()],
-                    regions: vec![REGION.into()],
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map_err(|status| anyhow::anyhow!("cannot create {name}: {}", status.message()))?;
-    }
-    let delivered = Arc::new(AtomicU64::new(0));
-    let mut readers = tokio::task::JoinSet::new();
-    let clients: Vec<_> = (0..args.subscribers.clamp(1, 16))
-        .map(|_| notifications(endpoints, url, operator))
-        .collect::<anyhow::Result<_>>()?;
-    for (subscriber, name) in names.iter().enumerate() {
-        let mut client = clients[subscriber % clients.len()].clone();
-        let (requests, outgoing) = mpsc::channel(64);
-        let start = pb::ConsumeRequest {
-            request: Some(pb::consume_request::Request::Start(pb::ConsumeStart {
-                subscription: name.clone(),
-                prefetch: 500,
-                cloudevents: false,
-            })),
-        };
-        requests
-            .send(start)
-            .await
-            .map_err(|_| anyhow::anyhow!("cannot start consuming"))?;
-        let mut stream = client
-            .consume(tokio_stream::wrappers::ReceiverStream::new(outgoing))
-            .await
-            .map_err(|status| anyhow::anyhow!("cannot consume {name}: {}", status.message()))?
-            .into_inner();
-        let delivered = Arc::clone(&delivered);
-        let events = args.events;
-        readers.spawn(async move {
-            let mut latency = histogram()?;
-            let mut unacked = Vec::new();
-            for _ in 0..events {
-                let delivery = stream
-                    .message()
-                    .await
-                    .map_err(|status| anyhow::anyhow!("subscriber: {}", status.message()))?
-                    .context("the notifier ended a subscription")?;
-                let event = delivery.event.unwrap_or_default();
-                let stamped =
-                    fedmesh_common::time::micros_from_timestamp(event.occurred_at.as_ref());
-                record_age(&mut latency, stamped);
-                delivered.fetch_add(1, Ordering::Relaxed);
-                unacked.push(delivery.delivery_id);
-                if unacked.len() >= 50 {
-                    let ack = pb::ConsumeRequest {
-                        request: Some(pb::consume_request::Request::Ack(pb::ConsumeAck {
-                            delivery_ids: std::mem::take(&mut unacked),
-                        })),
-                    };
-                    requests
-                        .send(ack)
+    // Whatever happens, the subscriptions go at the end: each holds a
+    // queue on the broker.
+    let run = async {
+        for name in &names {
+            // Left over from an interrupted run: start empty.
+            let _ = directory
+                .delete_subscription(pb::DeleteSubscriptionRequest { name: name.clone() })
+                .await;
+            directory
+                .create_subscription(pb::CreateSubscriptionRequest {
+                    subscription: Some(pb::Subscription {
+                        name: name.clone(),
+                        agencies: vec![AGENCY.into()],
+                        kinds: vec![MESSAGE_ACCEPTED.into()],
+                        regions: vec![REGION.into()],
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map_err(|status| anyhow::anyhow!("cannot create {name}: {}", status.message()))?;
+        }
+        let delivered = Arc::new(AtomicU64::new(0));
+        let mut readers = tokio::task::JoinSet::new();
+        let clients: Vec<_> = (0..args.subscribers.clamp(1, 16))
+            .map(|_| notifications(endpoints, url, operator))
+            .collect::<anyhow::Result<_>>()?;
+        for (subscriber, name) in names.iter().enumerate() {
+            let mut client = clients[subscriber % clients.len()].clone();
+            let (requests, outgoing) = mpsc::channel(64);
+            let start = pb::ConsumeRequest {
+                request: Some(pb::consume_request::Request::Start(pb::ConsumeStart {
+                    subscription: name.clone(),
+                    prefetch: 500,
+                    cloudevents: false,
+                })),
+            };
+            requests
+                .send(start)
+                .await
+                .map_err(|_| anyhow::anyhow!("cannot start consuming"))?;
+            let mut stream = client
+                .consume(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+                .await
+                .map_err(|status| anyhow::anyhow!("cannot consume {name}: {}", status.message()))?
+                .into_inner();
+            let delivered = Arc::clone(&delivered);
+            let events = args.events;
+            readers.spawn(async move {
+                let mut latency = histogram()?;
+                let mut unacked = Vec::new();
+                for _ in 0..events {
+                    let delivery = stream
+                        .message()
                         .await
-                        .map_err(|_| anyhow::anyhow!("the stream ended"))?;
+                        .map_err(|status| anyhow::anyhow!("subscriber: {}", status.message()))?
+                        .context("the notifier ended a subscription")?;
+                    let event = delivery.event.unwrap_or_default();
+                    let stamped =
+                        fedmesh_common::time::micros_from_timestamp(event.occurred_at.as_ref());
+                    record_age(&mut latency, stamped);
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    unacked.push(delivery.delivery_id);
+                    if unacked.len() >= 50 {
+                        let ack = pb::ConsumeRequest {
+                            request: Some(pb::consume_request::Request::Ack(pb::ConsumeAck {
+                                delivery_ids: std::mem::take(&mut unacked),
+                            })),
+                        };
+                        requests
+                            .send(ack)
+                            .await
+                            .map_err(|_| anyhow::anyhow!("the stream ended"))?;
+                    }
                 }
-            }
-            Ok::<_, anyhow::Error>(latency)
-        });
+                Ok::<_, anyhow::Error>(latency)
+            });
+        }
+        run_publisher_and(readers, delivered, args).await
     }
-    let run = run_publisher_and(readers, delivered, args).await;
+    .await;
     for name in &names {
         let _ = directory
             .delete_subscription(pb::DeleteSubscriptionRequest { name: name.clone() })
