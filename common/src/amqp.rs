@@ -619,6 +619,8 @@ pub struct AmqpQueues {
     exchange: String,
     name: String,
     connection: tokio::sync::Mutex<Option<Connection>>,
+    /// How long one operation may wait for the broker.
+    timeout: Duration,
 }
 
 impl AmqpQueues {
@@ -630,7 +632,14 @@ impl AmqpQueues {
             exchange: exchange.to_string(),
             name: name.to_string(),
             connection: tokio::sync::Mutex::new(None),
+            timeout: BROKER_TIMEOUT,
         }
+    }
+
+    /// The same queues, each operation giving up after `timeout` rather
+    /// than 30 s.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        AmqpQueues { timeout, ..self }
     }
 
     /// The queues of `settings`, if they name a broker.
@@ -649,7 +658,7 @@ impl AmqpQueues {
         format!("{}.sub.{subscription}.dead", self.exchange)
     }
 
-    /// Runs `operation` on the broker, giving up after [`BROKER_TIMEOUT`]:
+    /// Runs `operation` on the broker, giving up after its timeout (30 s):
     /// the connection is then dropped (a broker that stopped answering on it
     /// may never answer), so the next operation connects anew.
     fn bounded<'a, T: Send + 'a>(
@@ -658,14 +667,15 @@ impl AmqpQueues {
         operation: impl Future<Output = Result<T, BusError>> + Send + 'a,
     ) -> BoxFuture<'a, Result<T, BusError>> {
         Box::pin(async move {
-            match tokio::time::timeout(BROKER_TIMEOUT, operation).await {
+            match tokio::time::timeout(self.timeout, operation).await {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     if let Some(connection) = self.connection.lock().await.take() {
                         close_quietly(&connection, "no answer").await;
                     }
                     Err(BusError(format!(
-                        "the broker did not answer within {BROKER_TIMEOUT:?} ({what})"
+                        "the broker did not answer within {:?} ({what})",
+                        self.timeout
                     )))
                 }
             }

@@ -97,6 +97,12 @@ impl TcpProxy {
         self.frozen.send_replace(true);
     }
 
+    /// Forwards new connections again after [`TcpProxy::freeze`]; the
+    /// frozen ones stay silent until [`TcpProxy::stop`] closes them.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
     /// The next time a server starts answering a call (an HTTP/2 HEADERS
     /// frame on a stream), the connection is dropped instead: the call was
     /// served, its answer is lost.

@@ -2,10 +2,12 @@
 //! on RabbitMQ: kept until acknowledged, handed back when a consumer goes,
 //! one consumer at a time with strict order, shared otherwise.
 
+use fedmesh_common::amqp::AmqpQueues;
 use fedmesh_common::events::{
-    AGENCY_REGISTERED, Event, MESSAGE_ACCEPTED, QueueConsumer, QueueSpec, QueuedEvent,
+    AGENCY_REGISTERED, DurableQueues, Event, MESSAGE_ACCEPTED, QueueConsumer, QueueSpec,
+    QueuedEvent,
 };
-use fedmesh_tests::{Bus, within};
+use fedmesh_tests::{Bus, TcpProxy, TestBroker, within};
 
 fn spec(strict_order: bool, bindings: &[&str]) -> QueueSpec {
     QueueSpec {
@@ -232,6 +234,36 @@ async fn acks_in_any_order_and_grouping_take_exactly_those_events(bus: Bus) {
         Some("m7")
     );
     drop(again);
+    queues.delete(&spec.name).await.unwrap();
+}
+
+#[tokio::test]
+async fn queue_operations_on_a_broker_that_stopped_answering_fail_instead_of_hanging() {
+    let broker = TestBroker::start().await;
+    let proxy = TcpProxy::start(&broker.address()).await;
+    let url = broker.settings_through(&proxy).amqp.unwrap();
+    let queues = AmqpQueues::new(&url, &broker.exchange, "test")
+        .with_timeout(std::time::Duration::from_millis(500));
+    let spec = spec(true, &["#"]);
+    queues.declare(spec.clone()).await.unwrap();
+
+    proxy.freeze();
+    let stalled = within("the operation to give up", queues.declare(spec.clone()))
+        .await
+        .unwrap_err();
+    assert!(stalled.to_string().contains("did not answer"), "{stalled}");
+    let listed = within(
+        "the operation to give up",
+        queues.dead_letters(&spec.name, 10),
+    )
+    .await
+    .unwrap_err();
+    assert!(listed.to_string().contains("did not answer"), "{listed}");
+
+    // Once the broker answers again, the next operation connects anew.
+    proxy.stop();
+    proxy.thaw();
+    proxy.resume();
     queues.delete(&spec.name).await.unwrap();
 }
 
