@@ -13,7 +13,6 @@ use fedmesh_common::events::{DurableQueues, Filter, QueueConsumer};
 use fedmesh_common::identity::AttachIdentity;
 use fedmesh_common::validate;
 use fedmesh_proto::pb;
-use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::InterceptedService;
@@ -22,8 +21,6 @@ use tonic::{Code, Status, Streaming};
 
 use crate::NotifierError;
 
-/// Deliveries handed to a consumer's gRPC stream at once.
-const STREAM_BUFFER: usize = 32;
 /// Unacknowledged deliveries when the subscriber asks for none (0).
 const DEFAULT_PREFETCH: u16 = 100;
 /// Most unacknowledged deliveries a subscriber may ask for.
@@ -112,29 +109,21 @@ impl Durable {
             tracing::warn!(subscription = %name, %error, "cannot consume the subscription");
             NotifierError::NoFeed("")
         })?;
-        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         tracing::debug!(%identity, subscription = %name, prefetch, "consumer joined");
-        tokio::spawn(serve(
+        Ok(Serving {
             consumer,
-            Wanted {
+            wanted: Wanted {
                 filter,
                 cloudevents: start.cloudevents,
             },
             requests,
-            sender,
-            self.shutdown.clone(),
-        ));
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
-            receiver,
-        )))
+            unacked: HashSet::new(),
+            shutdown: self.shutdown.clone(),
+        }
+        .into_stream())
     }
 }
 
-type Sender = mpsc::Sender<Result<pb::EventDelivery, Status>>;
-
-/// Hands the queue's events to the subscriber and its acks to the queue
-/// until either side ends; dropping the consumer gives back what is
-/// unacknowledged.
 /// What a subscriber wants of the queue's events.
 struct Wanted {
     /// Which.
@@ -143,62 +132,88 @@ struct Wanted {
     cloudevents: bool,
 }
 
-async fn serve(
-    mut consumer: Box<dyn QueueConsumer>,
+/// One Consume stream: the queue's events go down, the subscriber's acks
+/// come up. Polled by the gRPC stream itself (no task between them);
+/// dropping it, when the subscriber goes, drops the consumer, which gives
+/// back what is unacknowledged.
+struct Serving {
+    consumer: Box<dyn QueueConsumer>,
     wanted: Wanted,
-    mut requests: Streaming<pb::ConsumeRequest>,
-    sender: Sender,
+    requests: Streaming<pb::ConsumeRequest>,
+    /// Deliveries made and not acknowledged.
+    unacked: HashSet<u64>,
     shutdown: CancellationToken,
-) {
-    let mut unacked: HashSet<u64> = HashSet::new();
-    let ended = loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break NotifierError::ShuttingDown,
-            () = sender.closed() => return,
-            delivery = consumer.next() => match delivery {
-                None => break NotifierError::SubscriptionGone,
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "consuming a subscription failed");
-                    break NotifierError::NoFeed(" (its connection was lost)");
+}
+
+/// What the stream does next.
+enum Step {
+    Deliver(Box<pb::EventDelivery>),
+    /// The subscriber is done: every ack it sent is applied, the stream
+    /// ends (OK).
+    End,
+    /// The stream ends with this status.
+    Fail(NotifierError),
+}
+
+impl Serving {
+    /// The deliveries of this stream, then its end.
+    fn into_stream(self) -> DeliveryStream {
+        Box::pin(futures_util::stream::unfold(
+            Some(self),
+            |serving| async move {
+                let mut serving = serving?;
+                match serving.step().await {
+                    Step::Deliver(delivery) => Some((Ok(*delivery), Some(serving))),
+                    Step::End => None,
+                    Step::Fail(error) => Some((Err(error.into()), None)),
                 }
-                Some(Ok(queued)) => {
-                    // Bindings may select more than the filter (a wide
-                    // filter is widened): what it does not want is done.
-                    if !wanted.filter.matches(&queued.event) {
-                        if let Err(error) = consumer.ack(queued.tag).await {
-                            tracing::warn!(%error, "acknowledging a filtered event failed");
-                            break NotifierError::NoFeed(" (its connection was lost)");
+            },
+        ))
+    }
+
+    /// Applies acks until the next delivery or the end.
+    async fn step(&mut self) -> Step {
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Step::Fail(NotifierError::ShuttingDown),
+                delivery = self.consumer.next() => match delivery {
+                    None => return Step::Fail(NotifierError::SubscriptionGone),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "consuming a subscription failed");
+                        return Step::Fail(NotifierError::NoFeed(" (its connection was lost)"));
+                    }
+                    Some(Ok(queued)) => {
+                        // Bindings may select more than the filter (a wide
+                        // filter is widened): what it does not want is done.
+                        if !self.wanted.filter.matches(&queued.event) {
+                            if let Err(error) = self.consumer.ack(queued.tag).await {
+                                tracing::warn!(%error, "acknowledging a filtered event failed");
+                                return Step::Fail(NotifierError::NoFeed(" (its connection was lost)"));
+                            }
+                            continue;
                         }
-                        continue;
+                        self.unacked.insert(queued.tag);
+                        return Step::Deliver(Box::new(pb::EventDelivery {
+                            delivery_id: queued.tag,
+                            redelivered: queued.redelivered,
+                            event: Some(queued.event.to_pb(self.wanted.cloudevents)),
+                        }));
                     }
-                    unacked.insert(queued.tag);
-                    let delivery = pb::EventDelivery {
-                        delivery_id: queued.tag,
-                        redelivered: queued.redelivered,
-                        event: Some(queued.event.to_pb(wanted.cloudevents)),
-                    };
-                    if sender.send(Ok(delivery)).await.is_err() {
-                        return;
+                },
+                request = self.requests.message() => match request {
+                    Ok(Some(pb::ConsumeRequest { request: Some(pb::consume_request::Request::Ack(ack)) })) => {
+                        if let Err(error) = acknowledge(self.consumer.as_mut(), &mut self.unacked, ack).await {
+                            return Step::Fail(error);
+                        }
                     }
-                }
-            },
-            request = requests.message() => match request {
-                Ok(Some(pb::ConsumeRequest { request: Some(pb::consume_request::Request::Ack(ack)) })) => {
-                    if let Err(error) = acknowledge(consumer.as_mut(), &mut unacked, ack).await {
-                        break error;
+                    Ok(Some(_)) => {
+                        return Step::Fail(InvalidField::new("ack", "after the start, requests only acknowledge deliveries").into());
                     }
-                }
-                Ok(Some(_)) => {
-                    break InvalidField::new("ack", "after the start, requests only acknowledge deliveries").into();
-                }
-                // The subscriber is done: every ack it sent is applied, the
-                // stream ends (OK) and what is unacknowledged goes back.
-                Ok(None) => return,
-                Err(_) => return,
-            },
+                    Ok(None) | Err(_) => return Step::End,
+                },
+            }
         }
-    };
-    let _ = sender.send(Err(ended.into())).await;
+    }
 }
 
 /// Acknowledges the deliveries `ack` names, each one this stream made and
