@@ -14,6 +14,7 @@
 //! `--webhook-poll-ms`; events published meanwhile wait in the queue.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ use futures_util::stream::FuturesUnordered;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +66,11 @@ pub struct WebhookSettings {
     /// once (a strict subscription: one).
     #[arg(long, env = "FEDMESH_WEBHOOK_CONCURRENCY", default_value_t = 16)]
     pub webhook_concurrency: u16,
+    /// PEM file of CA certificates to trust for webhook endpoints besides
+    /// Mozilla's root certificates (e.g. an agency's own PKI).
+    #[arg(long, env = "FEDMESH_WEBHOOK_CA", value_name = "PEM")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_ca: Option<PathBuf>,
 }
 
 impl Default for WebhookSettings {
@@ -83,7 +91,11 @@ impl WebhookSettings {
         )?;
         check_range("webhook_timeout_ms", self.webhook_timeout_ms, 1..=600_000)?;
         check_range("webhook_poll_ms", self.webhook_poll_ms, 1..=3_600_000)?;
-        check_range("webhook_concurrency", self.webhook_concurrency, 1..=1_000)
+        check_range("webhook_concurrency", self.webhook_concurrency, 1..=1_000)?;
+        if let Some(path) = &self.webhook_ca {
+            ca_certificates(path).map_err(|why| ConfigError::setting("webhook_ca", why))?;
+        }
+        Ok(())
     }
 
     /// The wait after failed attempt `attempt` (1-based): doubled each
@@ -126,7 +138,7 @@ struct Worker {
 impl Webhooks {
     /// Delivers to the webhooks of the mesh's subscriptions until shutdown.
     pub(crate) async fn run(self) {
-        let client = match https_client() {
+        let client = match https_client(&self.settings) {
             Ok(client) => client,
             Err(error) => {
                 tracing::error!(%error, "cannot set up TLS for webhooks; this notifier delivers none");
@@ -213,10 +225,40 @@ impl Webhooks {
     }
 }
 
-/// An HTTP/1.1 client for https:// (Mozilla's roots) and plain http://.
-fn https_client() -> Result<HttpsClient, rustls::Error> {
+/// The certificates of the PEM file `path`: at least one.
+fn ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem =
+        std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("{} is not PEM certificates: {error}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certificates)
+}
+
+/// An HTTP/1.1 client for https:// (Mozilla's roots and those of
+/// `--webhook-ca`) and plain http://.
+fn https_client(settings: &WebhookSettings) -> Result<HttpsClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &settings.webhook_ca {
+        for certificate in ca_certificates(path)? {
+            roots
+                .add(certificate)
+                .map_err(|error| format!("{}: {error}", path.display()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|error| error.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .build();

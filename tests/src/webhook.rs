@@ -48,10 +48,47 @@ pub struct WebhookReceiver {
 }
 
 impl WebhookReceiver {
-    /// Listens on an ephemeral loopback port.
+    /// Listens on an ephemeral loopback port, plain http://.
     pub async fn start() -> WebhookReceiver {
+        WebhookReceiver::listen(None).await
+    }
+
+    /// Listens on an ephemeral loopback port, https://localhost, with a
+    /// certificate of a CA of its own; returns that CA's certificate (PEM).
+    pub async fn start_https() -> (WebhookReceiver, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "webhook test CA");
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![certificate.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (WebhookReceiver::listen(Some(acceptor)).await, ca.pem())
+    }
+
+    async fn listen(tls: Option<tokio_rustls::TlsAcceptor>) -> WebhookReceiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}/hook"),
+            None => format!("http://127.0.0.1:{port}/hook"),
+        };
         let answers: Arc<Mutex<VecDeque<u16>>> = Arc::default();
         let (sender, received) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
@@ -84,10 +121,20 @@ impl WebhookReceiver {
                         Ok::<_, hyper::Error>(response)
                     }
                 });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
+                });
             }
         });
         WebhookReceiver {

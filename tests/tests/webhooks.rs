@@ -282,6 +282,61 @@ async fn webhook_subscriptions_refuse_what_cannot_work(bus: Bus) {
     assert_eq!(stranger.code(), Code::PermissionDenied);
 }
 
+#[tokio::test]
+async fn a_webhook_over_https_is_delivered_to_an_endpoint_its_ca_vouches_for() {
+    let (mut receiver, ca) = WebhookReceiver::start_https().await;
+    let ca_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca_file.path(), ca).unwrap();
+    let mesh = TestMesh::start_configured(fedmesh_tests::Backend::Sqlite, |options| {
+        options.webhooks.webhook_poll_ms = 50;
+        options.webhooks.webhook_ca = Some(ca_file.path().to_path_buf());
+    })
+    .await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    assert!(receiver.url.starts_with("https://"), "{}", receiver.url);
+    let secret = mesh
+        .create_subscription(&operator(), hooked("secure", &receiver.url))
+        .await
+        .unwrap()
+        .webhook
+        .unwrap()
+        .secret;
+    let sent = mesh
+        .send("east", "sender", "reader", "one", None)
+        .await
+        .unwrap();
+    let hook = receiver.next().await;
+    assert_eq!(hook.json()["data"]["message_id"], sent.message_id.as_str());
+    hook.verify(&secret).unwrap();
+}
+
+#[tokio::test]
+async fn a_webhook_over_https_is_not_delivered_to_an_endpoint_no_trusted_ca_vouches_for() {
+    let (mut receiver, _ca) = WebhookReceiver::start_https().await;
+    let mesh = TestMesh::start_configured(fedmesh_tests::Backend::Sqlite, |options| {
+        options.webhooks.webhook_attempts = 2;
+        options.webhooks.webhook_backoff_ms = 10;
+        options.webhooks.webhook_poll_ms = 50;
+    })
+    .await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    mesh.create_subscription(&operator(), hooked("untrusted", &receiver.url))
+        .await
+        .unwrap();
+    let sent = mesh
+        .send("east", "sender", "reader", "one", None)
+        .await
+        .unwrap();
+    let dead = dead_letters_become(&mesh, "untrusted", 1).await;
+    assert_eq!(dead[0].message_id, sent.message_id);
+    assert!(
+        receiver.try_next().is_none(),
+        "the endpoint got nothing over an unverified connection"
+    );
+}
+
 fedmesh_tests::on_every_bus!(
     a_webhook_that_fails_twice_gets_the_event_three_times_signed,
     an_event_refused_at_every_attempt_is_a_dead_letter_until_replayed,
