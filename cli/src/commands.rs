@@ -565,37 +565,70 @@ pub async fn subscribe(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> any
         Some(agency) => Identity::Agency(agency.clone()),
         None => Identity::Operator(endpoints.operator.clone()),
     };
-    let mut events = endpoints
-        .notifications(&identity)
-        .await?
-        .subscribe(pb::SubscribeRequest {
+    let mut n_events = 0_u64;
+    let interrupted = wait_for_signal();
+    tokio::pin!(interrupted);
+    let mut lost_at: Option<String> = None;
+    let mut delay = std::time::Duration::from_millis(100);
+    for attempt in 1..=crate::subscriptions::RECONNECTS {
+        let urls = endpoints.notifier_urls().await?;
+        // Another notifier than the one that just failed, if there is one.
+        let url = urls
+            .iter()
+            .find(|url| Some(*url) != lost_at.as_ref())
+            .or(urls.first())
+            .context("no notifier is running: the coordinator knows none")?
+            .clone();
+        let request = pb::SubscribeRequest {
             regions: args.regions.clone(),
             agencies: args.agencies.clone(),
             kinds: args.kinds.clone(),
             cloudevents: false,
-        })
-        .await
-        .map_err(|status| rpc_error(status, "cannot subscribe"))?
-        .into_inner();
-    if !args.json {
-        writeln!(out, "subscribed; waiting for events (Ctrl-C to stop)")?;
-        out.flush()?;
-    }
-    let mut n_events = 0_u64;
-    let interrupted = wait_for_signal();
-    tokio::pin!(interrupted);
-    loop {
-        let event = tokio::select! {
-            () = &mut interrupted => return Ok(()),
-            event = events.message() => event.map_err(|status| rpc_error(status, "event stream failed"))?,
         };
-        let Some(event) = event else { return Ok(()) };
-        print_event(out, &event, args.json, None)?;
-        n_events += 1;
-        if args.limit.is_some_and(|limit| n_events >= limit) {
-            return Ok(());
-        }
+        let subscribed = endpoints
+            .notifications_at(&url, &identity)?
+            .subscribe(request)
+            .await;
+        let lost = match subscribed {
+            Ok(events) => {
+                if attempt == 1 && !args.json {
+                    writeln!(out, "subscribed; waiting for events (Ctrl-C to stop)")?;
+                    out.flush()?;
+                }
+                let mut events = events.into_inner();
+                loop {
+                    let event = tokio::select! {
+                        () = &mut interrupted => return Ok(()),
+                        event = events.message() => event,
+                    };
+                    let event = match event {
+                        Ok(Some(event)) => event,
+                        Ok(None) => return Ok(()),
+                        Err(status) if status.code() == tonic::Code::Unavailable => break status,
+                        Err(status) => return Err(rpc_error(status, "event stream failed")),
+                    };
+                    print_event(out, &event, args.json, None)?;
+                    n_events += 1;
+                    if args.limit.is_some_and(|limit| n_events >= limit) {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => status,
+            Err(status) => return Err(rpc_error(status, "cannot subscribe")),
+        };
+        eprintln!(
+            "notifier {url} is gone or cannot serve ({}); subscribing through another: events meanwhile are not shown",
+            lost.message()
+        );
+        lost_at = Some(url);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
     }
+    anyhow::bail!(
+        "no notifier could serve the subscription after {} attempts",
+        crate::subscriptions::RECONNECTS
+    )
 }
 
 /// Prints `event` as one line (or one JSON object); `redelivered` is told

@@ -333,9 +333,8 @@ pub async fn subscription(
     Ok(())
 }
 
-/// How often `subscribe --subscription` moves to another notifier, in a
-/// row, before it gives up.
-const RECONNECTS: u32 = 10;
+/// How often `subscribe` moves to another notifier before it gives up.
+pub(crate) const RECONNECTS: u32 = 10;
 
 /// How one Consume stream ended.
 enum Ended {

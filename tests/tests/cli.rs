@@ -524,6 +524,49 @@ async fn subscribe_to_a_subscription_moves_to_another_notifier_when_its_own_is_g
 }
 
 #[tokio::test]
+async fn subscribe_moves_to_another_notifier_when_its_own_is_gone() {
+    let mut mesh = TestMesh::start().await;
+    // A replica the command would pick first (ids in order) goes away,
+    // while the coordinator still lists it.
+    mesh.add_notifier("a-replica").await;
+    mesh.notifier_known("a-replica").await;
+    mesh.stop_notifier("a-replica");
+    let subscribed = fedmesh(
+        &mesh,
+        &[
+            "subscribe",
+            "--kind",
+            "agency.registered",
+            "--limit",
+            "1",
+            "--json",
+        ],
+    );
+    tokio::pin!(subscribed);
+    // Live events reach a subscriber from the moment it subscribed, which
+    // the test cannot see: agencies register until one event is printed.
+    let mut registered = 0;
+    let printed = within("an event through the other notifier", async {
+        loop {
+            tokio::select! {
+                printed = &mut subscribed => return printed.unwrap(),
+                () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
+                    registered += 1;
+                    mesh.register(&format!("agency-{registered}"), "east").await;
+                }
+            }
+        }
+    })
+    .await;
+    let event: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(event["type"], "agency.registered", "{printed}");
+    assert!(
+        event["subject"].as_str().unwrap().starts_with("agency-"),
+        "{printed}"
+    );
+}
+
+#[tokio::test]
 async fn the_fanout_benchmark_runs_against_a_mesh_on_rabbitmq() {
     let broker = fedmesh_tests::TestBroker::start().await;
     let mesh = TestMesh::start_on_bus(fedmesh_tests::Backend::Sqlite, broker.settings()).await;
