@@ -875,18 +875,52 @@ impl DurableQueues for AmqpQueues {
         limit: usize,
     ) -> BoxFuture<'a, Result<usize, BusError>> {
         Box::pin(async move {
-            let channel = self.confirm_channel().await?;
+            let channel = tokio::time::timeout(self.timeout, self.confirm_channel())
+                .await
+                .map_err(|_| {
+                    BusError(format!(
+                        "the broker did not answer within {:?} (replaying)",
+                        self.timeout
+                    ))
+                })??;
             let dead_letters = self.dead_letter_queue_name(name);
             let queue = self.queue_name(name);
+            // Those there now: what fails again and comes back is not
+            // replayed again in the same call.
+            let waiting = tokio::time::timeout(
+                self.timeout,
+                channel.queue_declare(
+                    dead_letters.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await;
+            let limit = match waiting {
+                Ok(Ok(declared)) => limit.min(declared.message_count() as usize),
+                Ok(Err(error)) => {
+                    let _ = channel.close(200, "no dead letters".into()).await;
+                    return Err(bus_error(&format!("cannot read {dead_letters}"), error));
+                }
+                Err(_) => {
+                    return Err(BusError(format!(
+                        "the broker did not answer within {:?} (replaying)",
+                        self.timeout
+                    )));
+                }
+            };
             let mut replayed = 0;
             let outcome = async {
                 while replayed < limit {
                     let got = tokio::time::timeout(
-                        BROKER_TIMEOUT,
+                        self.timeout,
                         channel.basic_get(dead_letters.as_str().into(), BasicGetOptions::default()),
                     )
                     .await
-                    .map_err(|_| BusError(format!("no answer from {dead_letters} within {BROKER_TIMEOUT:?}")))?;
+                    .map_err(|_| BusError(format!("no answer from {dead_letters} within {:?}", self.timeout)))?;
                     let Some(message) = got
                         .map_err(|error| bus_error(&format!("cannot read {dead_letters}"), error))?
                     else {
@@ -965,9 +999,18 @@ impl QueueConsumer for AmqpConsumer {
     fn next(&mut self) -> BoxFuture<'_, Option<Result<QueuedEvent, BusError>>> {
         Box::pin(async move {
             loop {
-                let delivery = match self.deliveries.next().await? {
-                    Ok(delivery) => delivery,
-                    Err(error) => return Some(Err(bus_error("consuming failed", error))),
+                let delivery = match self.deliveries.next().await {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(error)) => return Some(Err(bus_error("consuming failed", error))),
+                    // The broker cancels a consumer whose queue is deleted,
+                    // its channel still open; a closed channel means the
+                    // connection went, not the queue.
+                    None if self.channel.status().connected() => return None,
+                    None => {
+                        return Some(Err(BusError(
+                            "the connection to the broker closed".to_string(),
+                        )));
+                    }
                 };
                 match Event::from_cloudevent_json(&delivery.data) {
                     Ok(event) => {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fedmesh_common::config::{ConfigError, check_range};
-use fedmesh_common::events::{CLOUDEVENTS_JSON, DurableQueues, Event, QueueConsumer};
+use fedmesh_common::events::{CLOUDEVENTS_JSON, DurableQueues, Event, Filter, QueueConsumer};
 use fedmesh_common::webhook;
 use fedmesh_proto::pb;
 use futures_util::StreamExt;
@@ -126,6 +126,9 @@ struct Target {
     url: String,
     secret: String,
     strict_order: bool,
+    /// What the subscription selects: its queue's bindings may select
+    /// more (a wide filter is widened).
+    filter: Filter,
 }
 
 /// The delivery of one subscription's events, while it runs.
@@ -182,6 +185,11 @@ impl Webhooks {
                     subscription: subscription.name.clone(),
                     url: webhook.url.clone(),
                     secret: webhook.secret.clone(),
+                    filter: Filter {
+                        regions: subscription.regions.clone(),
+                        agencies: subscription.agencies.clone(),
+                        kinds: subscription.kinds.clone(),
+                    },
                 })
             })
             .collect())
@@ -333,8 +341,14 @@ impl Delivery {
                         return false;
                     }
                     Some(Ok(queued)) => {
+                        let wanted = self.target.filter.matches(&queued.event);
                         in_flight.push(async move {
-                            let outcome = self.deliver(&queued.event).await;
+                            // What the filter does not want is done.
+                            let outcome = if wanted {
+                                self.deliver(&queued.event).await
+                            } else {
+                                Outcome::Delivered
+                            };
                             (queued, outcome)
                         });
                     }

@@ -213,6 +213,19 @@ async fn webhook_subscriptions_refuse_what_cannot_work(bus: Bus) {
             refused.message()
         );
     }
+    let receiver = WebhookReceiver::start().await;
+    let local = mesh
+        .create_subscription(
+            &Identity::Agency("reader".into()),
+            hooked("hooked", &receiver.url),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(local.code(), Code::InvalidArgument);
+    assert!(
+        local.message().contains("an agency's webhook is https://"),
+        "{local:?}"
+    );
     let listed = mesh
         .directory_as(&operator())
         .list_subscriptions(pb::ListSubscriptionsRequest {})
@@ -222,7 +235,6 @@ async fn webhook_subscriptions_refuse_what_cannot_work(bus: Bus) {
         .subscriptions;
     assert!(listed.is_empty(), "nothing was created: {listed:?}");
 
-    let receiver = WebhookReceiver::start().await;
     mesh.create_subscription(&operator(), hooked("hooked", &receiver.url))
         .await
         .unwrap();
@@ -337,7 +349,46 @@ async fn a_webhook_over_https_is_not_delivered_to_an_endpoint_no_trusted_ca_vouc
     );
 }
 
+async fn a_webhook_gets_only_what_its_filter_selects_when_its_bindings_are_wider(bus: Bus) {
+    let (mesh, broker) = mesh_with_attempts(bus, 3).await;
+    if let Some(broker) = &broker {
+        broker.forget_subscription_at_end("wide");
+    }
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    mesh.register("other", "west").await;
+    let mut receiver = WebhookReceiver::start().await;
+    // 3 regions x 22 agencies: more combinations than a queue is bound
+    // with, so its bindings take any agency of these regions.
+    let mut agencies = vec!["reader".to_string()];
+    agencies.extend((1..=21).map(|n| format!("a{n}")));
+    let agencies: Vec<&str> = agencies.iter().map(String::as_str).collect();
+    let wide = pb::Subscription {
+        regions: vec!["east".into(), "west".into(), "central".into()],
+        webhook: Some(pb::Webhook {
+            url: receiver.url.clone(),
+            ..Default::default()
+        }),
+        ..subscription("wide", &agencies, &[MESSAGE_ACCEPTED])
+    };
+    mesh.create_subscription(&operator(), wide).await.unwrap();
+    mesh.send("east", "sender", "other", "not selected", None)
+        .await
+        .unwrap();
+    let selected = mesh
+        .send("east", "sender", "reader", "selected", None)
+        .await
+        .unwrap();
+    let hook = receiver.next().await;
+    assert_eq!(hook.json()["subject"], "reader", "{:?}", hook.json());
+    assert_eq!(
+        hook.json()["data"]["message_id"],
+        selected.message_id.as_str()
+    );
+}
+
 fedmesh_tests::on_every_bus!(
+    a_webhook_gets_only_what_its_filter_selects_when_its_bindings_are_wider,
     a_webhook_that_fails_twice_gets_the_event_three_times_signed,
     an_event_refused_at_every_attempt_is_a_dead_letter_until_replayed,
     webhook_subscriptions_refuse_what_cannot_work,

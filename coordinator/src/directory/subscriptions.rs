@@ -65,7 +65,16 @@ impl Directory {
         let filter = Filter::for_caller(new.regions, new.agencies, new.kinds, identity)?;
         let webhook = match new.webhook_url {
             Some(url) => {
-                fedmesh_common::webhook::url("subscription.webhook.url", &url)?;
+                let uri = fedmesh_common::webhook::url("subscription.webhook.url", &url)?;
+                // Plain http reaches the notifiers' own host: operators
+                // only, never an agency (it could reach local services).
+                if uri.scheme_str() != Some("https") && !matches!(identity, Identity::Operator(_)) {
+                    return Err(InvalidField::new(
+                        "subscription.webhook.url",
+                        format!("{url:?} is plain http: an agency's webhook is https://"),
+                    )
+                    .into());
+                }
                 let secret = fedmesh_common::webhook::new_secret().map_err(|error| {
                     DirectoryError::Store(StoreError::corrupt(format!(
                         "no randomness for a webhook secret: {error}"
