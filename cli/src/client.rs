@@ -264,3 +264,95 @@ impl Endpoints {
             })
     }
 }
+
+/// Which notifier a subscribing command uses, and when it gives up: it
+/// moves to the next notifier the coordinator lists when its own goes, and
+/// gives up after [`Failover::MAX_IN_A_ROW`] losses with nothing received
+/// in between.
+#[derive(Debug)]
+pub struct Failover {
+    lost_at: Option<String>,
+    in_a_row: u32,
+    delay: std::time::Duration,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            lost_at: None,
+            in_a_row: 0,
+            delay: Failover::FIRST_DELAY,
+        }
+    }
+}
+
+impl Failover {
+    /// Losses in a row before giving up.
+    pub const MAX_IN_A_ROW: u32 = 10;
+    const FIRST_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// The notifier to use: the one listed after the one lost last (the
+    /// first if none was lost or it is no longer listed).
+    pub fn pick(&self, urls: &[String]) -> anyhow::Result<String> {
+        let after_lost = self
+            .lost_at
+            .as_ref()
+            .and_then(|lost| urls.iter().position(|url| url == lost))
+            .map_or(0, |lost| (lost + 1) % urls.len().max(1));
+        urls.get(after_lost)
+            .cloned()
+            .context("no notifier is running: the coordinator knows none")
+    }
+
+    /// The stream through `url` was lost: how long to wait before the
+    /// next, or None to give up.
+    pub fn lost(&mut self, url: String) -> Option<std::time::Duration> {
+        self.lost_at = Some(url);
+        self.in_a_row += 1;
+        if self.in_a_row >= Failover::MAX_IN_A_ROW {
+            return None;
+        }
+        let delay = self.delay;
+        self.delay = (delay * 2).min(Failover::MAX_DELAY);
+        Some(delay)
+    }
+
+    /// Something came through: losses count from zero again.
+    pub fn received(&mut self) {
+        self.in_a_row = 0;
+        self.delay = Failover::FIRST_DELAY;
+    }
+}
+
+#[cfg(test)]
+mod failover_tests {
+    use super::Failover;
+
+    #[test]
+    fn it_moves_round_the_notifiers_and_gives_up_only_after_losses_in_a_row() {
+        let urls: Vec<String> = ["a", "b", "c"].iter().map(|url| url.to_string()).collect();
+        let mut failover = Failover::default();
+        assert_eq!(failover.pick(&urls).expect("a notifier"), "a");
+        assert!(failover.lost("a".into()).is_some());
+        assert_eq!(failover.pick(&urls).expect("a notifier"), "b");
+        assert!(failover.lost("b".into()).is_some());
+        assert_eq!(
+            failover.pick(&urls).expect("a notifier"),
+            "c",
+            "a third one is tried"
+        );
+        assert!(failover.lost("c".into()).is_some());
+        assert_eq!(failover.pick(&urls).expect("a notifier"), "a");
+        for _ in 0..20 {
+            failover.received();
+            assert!(
+                failover.lost("a".into()).is_some(),
+                "losses far apart never give up"
+            );
+        }
+        let gave_up = (0..Failover::MAX_IN_A_ROW).any(|_| failover.lost("a".into()).is_none());
+        assert!(gave_up);
+        assert!(Failover::default().pick(&[]).is_err());
+    }
+}

@@ -11,7 +11,7 @@ use fedmesh_common::identity::Identity;
 use fedmesh_proto::pb;
 use serde_json::json;
 
-use crate::client::{Endpoints, GatewayOverride, MeshArgs, rpc_error, with_retries};
+use crate::client::{Endpoints, Failover, GatewayOverride, MeshArgs, rpc_error, with_retries};
 use crate::signal::wait_for_signal;
 
 #[derive(Debug, Args)]
@@ -568,17 +568,10 @@ pub async fn subscribe(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> any
     let mut n_events = 0_u64;
     let interrupted = wait_for_signal();
     tokio::pin!(interrupted);
-    let mut lost_at: Option<String> = None;
-    let mut delay = std::time::Duration::from_millis(100);
-    for attempt in 1..=crate::subscriptions::RECONNECTS {
-        let urls = endpoints.notifier_urls().await?;
-        // Another notifier than the one that just failed, if there is one.
-        let url = urls
-            .iter()
-            .find(|url| Some(*url) != lost_at.as_ref())
-            .or(urls.first())
-            .context("no notifier is running: the coordinator knows none")?
-            .clone();
+    let mut failover = Failover::default();
+    let mut first = true;
+    loop {
+        let url = failover.pick(&endpoints.notifier_urls().await?)?;
         let request = pb::SubscribeRequest {
             regions: args.regions.clone(),
             agencies: args.agencies.clone(),
@@ -591,10 +584,11 @@ pub async fn subscribe(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> any
             .await;
         let lost = match subscribed {
             Ok(events) => {
-                if attempt == 1 && !args.json {
+                if first && !args.json {
                     writeln!(out, "subscribed; waiting for events (Ctrl-C to stop)")?;
                     out.flush()?;
                 }
+                first = false;
                 let mut events = events.into_inner();
                 loop {
                     let event = tokio::select! {
@@ -608,6 +602,7 @@ pub async fn subscribe(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> any
                         Err(status) => return Err(rpc_error(status, "event stream failed")),
                     };
                     print_event(out, &event, args.json, None)?;
+                    failover.received();
                     n_events += 1;
                     if args.limit.is_some_and(|limit| n_events >= limit) {
                         return Ok(());
@@ -621,14 +616,17 @@ pub async fn subscribe(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> any
             "notifier {url} is gone or cannot serve ({}); subscribing through another: events meanwhile are not shown",
             lost.message()
         );
-        lost_at = Some(url);
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        let Some(delay) = failover.lost(url) else {
+            anyhow::bail!(
+                "no notifier could serve the subscription: {} lost in a row",
+                Failover::MAX_IN_A_ROW
+            );
+        };
+        tokio::select! {
+            () = &mut interrupted => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
     }
-    anyhow::bail!(
-        "no notifier could serve the subscription after {} attempts",
-        crate::subscriptions::RECONNECTS
-    )
 }
 
 /// Prints `event` as one line (or one JSON object); `redelivered` is told

@@ -3,14 +3,13 @@
 
 use std::io::Write;
 
-use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use fedmesh_common::Identity;
 use fedmesh_proto::pb;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::client::{Authenticated, MeshArgs, rpc_error};
+use crate::client::{Authenticated, Failover, MeshArgs, rpc_error};
 use crate::commands::{SubscribeArgs, print_event};
 use crate::signal::wait_for_signal;
 
@@ -333,9 +332,6 @@ pub async fn subscription(
     Ok(())
 }
 
-/// How often `subscribe` moves to another notifier before it gives up.
-pub(crate) const RECONNECTS: u32 = 10;
-
 /// How one Consume stream ended.
 enum Ended {
     /// Done (limit reached, interrupted, or the notifier closed it).
@@ -362,18 +358,12 @@ pub async fn consume(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> anyho
     };
     let interrupted = wait_for_signal();
     tokio::pin!(interrupted);
-    let mut lost_at: Option<String> = None;
-    let mut delay = std::time::Duration::from_millis(100);
-    for attempt in 1..=RECONNECTS {
-        let urls = endpoints.notifier_urls().await?;
-        // Another notifier than the one that just failed, if there is one.
-        let url = urls
-            .iter()
-            .find(|url| Some(*url) != lost_at.as_ref())
-            .or(urls.first())
-            .context("no notifier is running: the coordinator knows none")?
-            .clone();
+    let mut failover = Failover::default();
+    let mut first = true;
+    loop {
+        let url = failover.pick(&endpoints.notifier_urls().await?)?;
         let notifications = endpoints.notifications_at(&url, &identity)?;
+        let printed_before = progress.printed;
         let ended = consume_from(
             notifications,
             name,
@@ -381,9 +371,13 @@ pub async fn consume(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> anyho
             out,
             &mut progress,
             &mut interrupted,
-            attempt == 1,
+            first,
         )
         .await?;
+        first = false;
+        if progress.printed > printed_before {
+            failover.received();
+        }
         match ended {
             Ended::Done => return Ok(()),
             Ended::Lost(status) => {
@@ -391,13 +385,19 @@ pub async fn consume(args: SubscribeArgs, out: &mut (dyn Write + Send)) -> anyho
                     "notifier {url} is gone or cannot serve ({}); consuming through another",
                     status.message()
                 );
-                lost_at = Some(url);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                let Some(delay) = failover.lost(url) else {
+                    anyhow::bail!(
+                        "no notifier could serve subscription {name}: {} lost in a row",
+                        Failover::MAX_IN_A_ROW
+                    );
+                };
+                tokio::select! {
+                    () = interrupted.as_mut() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
             }
         }
     }
-    anyhow::bail!("no notifier could serve subscription {name} after {RECONNECTS} attempts")
 }
 
 /// What a `subscribe --subscription` run has done so far.

@@ -692,7 +692,10 @@ pub async fn run_outbox_relay(
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            // At most a few seconds: once the broker is back, events flow
+            // again soon; a connection attempt every few seconds per
+            // outbox costs a broker that is down nothing.
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             continue;
         }
         backoff = poll_interval;
