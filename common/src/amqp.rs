@@ -875,55 +875,45 @@ impl DurableQueues for AmqpQueues {
         limit: usize,
     ) -> BoxFuture<'a, Result<usize, BusError>> {
         Box::pin(async move {
-            let channel = tokio::time::timeout(self.timeout, self.confirm_channel())
-                .await
-                .map_err(|_| {
-                    BusError(format!(
-                        "the broker did not answer within {:?} (replaying)",
-                        self.timeout
-                    ))
-                })??;
             let dead_letters = self.dead_letter_queue_name(name);
             let queue = self.queue_name(name);
-            // Those there now: what fails again and comes back is not
-            // replayed again in the same call.
-            let waiting = tokio::time::timeout(
-                self.timeout,
-                channel.queue_declare(
-                    dead_letters.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                ),
-            )
-            .await;
-            let limit = match waiting {
-                Ok(Ok(declared)) => limit.min(declared.message_count() as usize),
-                Ok(Err(error)) => {
-                    let _ = channel.close(200, "no dead letters".into()).await;
-                    return Err(bus_error(&format!("cannot read {dead_letters}"), error));
-                }
-                Err(_) => {
-                    return Err(BusError(format!(
-                        "the broker did not answer within {:?} (replaying)",
-                        self.timeout
-                    )));
-                }
-            };
+            let (channel, limit) = self
+                .bounded("starting a replay", async {
+                    let channel = self.confirm_channel().await?;
+                    // Those there now: what fails again and comes back is
+                    // not replayed again in the same call.
+                    let waiting = channel
+                        .queue_declare(
+                            dead_letters.as_str().into(),
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..QueueDeclareOptions::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await;
+                    match waiting {
+                        Ok(declared) => Ok((channel, limit.min(declared.message_count() as usize))),
+                        Err(error) => {
+                            let _ = channel.close(200, "no dead letters".into()).await;
+                            Err(bus_error(&format!("cannot read {dead_letters}"), error))
+                        }
+                    }
+                })
+                .await?;
             let mut replayed = 0;
             let outcome = async {
                 while replayed < limit {
-                    let got = tokio::time::timeout(
-                        self.timeout,
-                        channel.basic_get(dead_letters.as_str().into(), BasicGetOptions::default()),
-                    )
-                    .await
-                    .map_err(|_| BusError(format!("no answer from {dead_letters} within {:?}", self.timeout)))?;
-                    let Some(message) = got
-                        .map_err(|error| bus_error(&format!("cannot read {dead_letters}"), error))?
-                    else {
+                    let read = channel
+                        .basic_get(dead_letters.as_str().into(), BasicGetOptions::default());
+                    let got = self
+                        .bounded("reading dead letters", async {
+                            read.await.map_err(|error| {
+                                bus_error(&format!("cannot read {dead_letters}"), error)
+                            })
+                        })
+                        .await?;
+                    let Some(message) = got else {
                         break;
                     };
                     let delivery = message.delivery;

@@ -15,15 +15,30 @@ fn operator() -> Identity {
     Identity::Operator("ops".into())
 }
 
-/// A mesh whose notifiers retry quickly and give up after `attempts`.
-async fn mesh_with_attempts(bus: Bus, attempts: u32) -> (TestMesh, Option<TestBroker>) {
-    bus.mesh_configured(|options| {
-        options.webhooks.webhook_attempts = attempts;
-        options.webhooks.webhook_backoff_ms = 10;
-        options.webhooks.webhook_backoff_max_ms = 40;
-        options.webhooks.webhook_poll_ms = 50;
-    })
-    .await
+/// A mesh whose notifiers retry quickly and give up after `attempts`,
+/// with agencies `sender` (east) and `reader` (west); on RabbitMQ the
+/// queues of `subscriptions` are removed at the end.
+async fn mesh_with_attempts(
+    bus: Bus,
+    attempts: u32,
+    subscriptions: &[&str],
+) -> (TestMesh, Option<TestBroker>) {
+    let (mesh, broker) = bus
+        .mesh_configured(|options| {
+            options.webhooks.webhook_attempts = attempts;
+            options.webhooks.webhook_backoff_ms = 10;
+            options.webhooks.webhook_backoff_max_ms = 40;
+            options.webhooks.webhook_poll_ms = 50;
+        })
+        .await;
+    if let Some(broker) = &broker {
+        for name in subscriptions {
+            broker.forget_subscription_at_end(name);
+        }
+    }
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    (mesh, broker)
 }
 
 /// A subscription to what `reader` is sent, delivered to `url`.
@@ -66,12 +81,7 @@ async fn dead_letters_become(mesh: &TestMesh, name: &str, count: usize) -> Vec<p
 }
 
 async fn a_webhook_that_fails_twice_gets_the_event_three_times_signed(bus: Bus) {
-    let (mesh, broker) = mesh_with_attempts(bus, 5).await;
-    if let Some(broker) = &broker {
-        broker.forget_subscription_at_end("hooked");
-    }
-    mesh.register("sender", "east").await;
-    mesh.register("reader", "west").await;
+    let (mesh, _broker) = mesh_with_attempts(bus, 5, &["hooked"]).await;
     let mut receiver = WebhookReceiver::start().await;
     receiver.answer(&[500, 503]);
     let created = mesh
@@ -128,12 +138,7 @@ async fn a_webhook_that_fails_twice_gets_the_event_three_times_signed(bus: Bus) 
 }
 
 async fn an_event_refused_at_every_attempt_is_a_dead_letter_until_replayed(bus: Bus) {
-    let (mesh, broker) = mesh_with_attempts(bus, 3).await;
-    if let Some(broker) = &broker {
-        broker.forget_subscription_at_end("hooked");
-    }
-    mesh.register("sender", "east").await;
-    mesh.register("reader", "west").await;
+    let (mesh, _broker) = mesh_with_attempts(bus, 3, &["hooked"]).await;
     let mut receiver = WebhookReceiver::start().await;
     receiver.answer(&[500, 500, 500]);
     let secret = mesh
@@ -190,11 +195,7 @@ async fn an_event_refused_at_every_attempt_is_a_dead_letter_until_replayed(bus: 
 }
 
 async fn webhook_subscriptions_refuse_what_cannot_work(bus: Bus) {
-    let (mesh, broker) = mesh_with_attempts(bus, 3).await;
-    if let Some(broker) = &broker {
-        broker.forget_subscription_at_end("hooked");
-    }
-    mesh.register("reader", "west").await;
+    let (mesh, _broker) = mesh_with_attempts(bus, 3, &["hooked", "streamed"]).await;
     mesh.register("other", "east").await;
     for (url, says) in [
         ("http://receiver.example/hook", "not a loopback address"),
@@ -263,9 +264,6 @@ async fn webhook_subscriptions_refuse_what_cannot_work(bus: Bus) {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
-    if let Some(broker) = &broker {
-        broker.forget_subscription_at_end("streamed");
-    }
     mesh.create_subscription(&operator(), subscription("streamed", &["reader"], &[]))
         .await
         .unwrap();
@@ -350,12 +348,7 @@ async fn a_webhook_over_https_is_not_delivered_to_an_endpoint_no_trusted_ca_vouc
 }
 
 async fn a_webhook_gets_only_what_its_filter_selects_when_its_bindings_are_wider(bus: Bus) {
-    let (mesh, broker) = mesh_with_attempts(bus, 3).await;
-    if let Some(broker) = &broker {
-        broker.forget_subscription_at_end("wide");
-    }
-    mesh.register("sender", "east").await;
-    mesh.register("reader", "west").await;
+    let (mesh, _broker) = mesh_with_attempts(bus, 3, &["wide"]).await;
     mesh.register("other", "west").await;
     let mut receiver = WebhookReceiver::start().await;
     // 3 regions x 22 agencies: more combinations than a queue is bound

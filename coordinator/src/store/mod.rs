@@ -70,16 +70,23 @@ fn filter_to_text(filter: &fedmesh_common::events::Filter) -> Result<String, Sto
     serde_json::to_string(filter).map_err(StoreError::corrupt)
 }
 
-/// A subscription from its stored columns.
-fn subscription_from_columns(
-    name: String,
-    owner: String,
-    filter: &str,
-    strict_order: bool,
-    created_at_micros: i64,
-    webhook: (Option<String>, Option<String>),
-) -> Result<SubscriptionRecord, StoreError> {
-    let webhook = match webhook {
+/// Every subscription, by name, on either backend.
+const ALL_SUBSCRIPTIONS: &str = "SELECT name, owner, filter, strict_order, created_at, \
+     webhook_url, webhook_secret FROM subscriptions ORDER BY name";
+
+/// A `subscriptions` row as a subscription, on either backend.
+fn subscription_from_row<R>(row: &R) -> Result<SubscriptionRecord, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let name: String = row.try_get("name")?;
+    let filter: String = row.try_get("filter")?;
+    let webhook = match (row.try_get("webhook_url")?, row.try_get("webhook_secret")?) {
         (Some(url), Some(secret)) => Some(WebhookTarget { url, secret }),
         (None, None) => None,
         _ => {
@@ -90,10 +97,10 @@ fn subscription_from_columns(
     };
     Ok(SubscriptionRecord {
         name,
-        owner,
-        filter: serde_json::from_str(filter).map_err(StoreError::corrupt)?,
-        strict_order,
-        created_at_micros,
+        owner: row.try_get("owner")?,
+        filter: serde_json::from_str(&filter).map_err(StoreError::corrupt)?,
+        strict_order: row.try_get("strict_order")?,
+        created_at_micros: row.try_get("created_at")?,
         webhook,
     })
 }

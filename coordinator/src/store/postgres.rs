@@ -134,25 +134,10 @@ impl DirectoryStore for PgDirectoryStore {
     }
 
     async fn all_subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT name, owner, filter, strict_order, created_at, webhook_url, webhook_secret \
-             FROM subscriptions ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let filter: String = row.try_get("filter")?;
-                super::subscription_from_columns(
-                    row.try_get("name")?,
-                    row.try_get("owner")?,
-                    &filter,
-                    row.try_get("strict_order")?,
-                    row.try_get("created_at")?,
-                    (row.try_get("webhook_url")?, row.try_get("webhook_secret")?),
-                )
-            })
-            .collect()
+        let rows = sqlx::query(super::ALL_SUBSCRIPTIONS)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(super::subscription_from_row).collect()
     }
 
     fn outbox(&self) -> Arc<dyn Outbox> {
