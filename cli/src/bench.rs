@@ -327,11 +327,22 @@ async fn drive(
     })
 }
 
-/// One lazily connected channel per connection of `load`.
-fn channels(url: &str, load: &LoadArgs) -> anyhow::Result<Vec<tonic::transport::Channel>> {
-    (0..load.connections)
-        .map(|_| Ok(fedmesh_common::server::lazy_channel(url)?))
-        .collect()
+/// One lazily connected channel per connection of `load`, on which calls
+/// are made as `identity`, and what to attach to them.
+fn channels(
+    endpoints: &Endpoints,
+    url: &str,
+    identity: &Identity,
+    load: &LoadArgs,
+) -> anyhow::Result<(Vec<tonic::transport::Channel>, AttachIdentity)> {
+    let mut channels = Vec::new();
+    let mut attach = AttachIdentity::none();
+    for _ in 0..load.connections {
+        let (channel, attached) = endpoints.channel_as(url, identity)?;
+        channels.push(channel);
+        attach = attached;
+    }
+    Ok((channels, attach))
 }
 
 fn write_json(path: &std::path::Path, result: &serde_json::Value) -> anyhow::Result<()> {
@@ -352,8 +363,13 @@ async fn send(
     ensure_agency(endpoints, &args.sender, &args.region).await?;
     ensure_agency(endpoints, &args.recipient, &recipient_region).await?;
     let url = endpoints.gateway_url_for(&args.sender).await?;
-    let identity = AttachIdentity::new(&Identity::Agency(args.sender.clone()));
-    let clients: Vec<_> = channels(&url, &args.load)?
+    let (channels, identity) = channels(
+        endpoints,
+        &url,
+        &Identity::Agency(args.sender.clone()),
+        &args.load,
+    )?;
+    let clients: Vec<_> = channels
         .into_iter()
         .map(|channel| {
             pb::exchange_client::ExchangeClient::with_interceptor(channel, identity.clone())
@@ -436,7 +452,13 @@ async fn health(
 ) -> anyhow::Result<()> {
     args.load.check()?;
     let url = endpoints.gateway_url_for(&args.agency).await?;
-    let clients: Vec<_> = channels(&url, &args.load)?
+    let (channels, _) = channels(
+        endpoints,
+        &url,
+        &Identity::Agency(args.agency.clone()),
+        &args.load,
+    )?;
+    let clients: Vec<_> = channels
         .into_iter()
         .map(tonic_health::pb::health_client::HealthClient::new)
         .collect();

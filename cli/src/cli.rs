@@ -10,6 +10,7 @@ use std::io::Write;
 use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand};
 
 use crate::bench::BenchArgs;
+use crate::certs::CertsArgs;
 use crate::commands::{AgencyArgs, InboxArgs, SendArgs, StatusArgs, SubscribeArgs};
 use crate::serve::{CoordinatorArgs, DevArgs, GatewayArgs, NotifierArgs};
 use crate::subscriptions::SubscriptionArgs;
@@ -84,6 +85,11 @@ pub enum Command {
     /// Regions, their shards, gateways and notifiers, and agency counts.
     #[command(after_help = "Examples:\n  fedmesh status\n  fedmesh status --json")]
     Status(StatusArgs),
+    /// Make a development CA and certificates, and inspect certificates.
+    #[command(
+        after_help = "Examples:\n  fedmesh certs init ./certs\n  fedmesh certs issue ./certs agency/tax-office\n  fedmesh certs rotate ./certs gateway/east\n  fedmesh certs inspect ./certs/agency/tax-office.crt"
+    )]
+    Certs(CertsArgs),
     /// Measure a running mesh (load generators; see README).
     #[command(
         after_help = "Examples:\n  fedmesh bench send --concurrency 64 --size 256 --duration 10\n  fedmesh bench receive"
@@ -129,6 +135,7 @@ pub async fn run(
             let endpoints = args.mesh.endpoints(args.gateway.gateway.as_deref(), None);
             crate::bench::run(&endpoints, args.command, out).await
         }
+        Command::Certs(args) => crate::certs::run(args, out),
         Command::Help(args) => help(&args.command, out),
     }
 }

@@ -2,12 +2,14 @@
 //! agency's home gateway and the notifiers; retrying what may be retried.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
 use fedmesh_common::error::code_name;
 use fedmesh_common::identity::{AttachIdentity, Identity};
+use fedmesh_common::tls::{CertificateFiles, DEFAULT_TRUST_DOMAIN, MeshTls, TlsSettings};
 use fedmesh_proto::pb;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -24,9 +26,57 @@ pub struct MeshArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub coordinator: String,
-    /// Operator name the CLI acts as for directory changes and status.
+    /// Operator name the CLI acts as for directory changes and status
+    /// (with --certs: the operator whose certificate to use, by default
+    /// the folder's only one).
     #[arg(long, global = true, env = "FEDMESH_OPERATOR", default_value = "cli")]
     pub operator: String,
+    /// A folder made by `fedmesh certs`: the CLI speaks mutual TLS with the
+    /// certificate of the identity it acts as (the agency of --as, else
+    /// the operator).
+    #[arg(long, global = true, env = "FEDMESH_CERTS", value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// One certificate to use for every call (with --key and --ca),
+    /// instead of --certs.
+    #[arg(long, global = true, env = "FEDMESH_CERT", value_name = "PEM", requires_all = ["key", "ca"], conflicts_with = "certs")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(
+        long,
+        global = true,
+        env = "FEDMESH_KEY",
+        value_name = "PEM",
+        requires = "cert"
+    )]
+    pub key: Option<PathBuf>,
+    /// The CA bundle the mesh's certificates chain to.
+    #[arg(
+        long,
+        global = true,
+        env = "FEDMESH_CA",
+        value_name = "PEM",
+        requires = "cert"
+    )]
+    pub ca: Option<PathBuf>,
+    /// The SPIFFE trust domain of the mesh.
+    #[arg(long, global = true, env = "FEDMESH_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+}
+
+/// How the CLI proves who it is.
+#[derive(Debug, Clone)]
+pub enum ClientTls {
+    /// Plaintext with identity headers (the dev mesh).
+    Plain,
+    /// The certificate of each identity in a `fedmesh certs` folder.
+    Folder {
+        /// The folder.
+        dir: PathBuf,
+        /// The trust domain.
+        trust_domain: String,
+    },
+    /// One certificate for every call.
+    Files(TlsSettings),
 }
 
 /// A gateway to use instead of the one the coordinator names.
@@ -45,6 +95,27 @@ impl MeshArgs {
             operator: self.operator.clone(),
             gateway: gateway.map(str::to_string),
             notifier: notifier.map(str::to_string),
+            tls: self.tls(),
+        }
+    }
+
+    fn tls(&self) -> ClientTls {
+        if let Some(dir) = &self.certs {
+            return ClientTls::Folder {
+                dir: dir.clone(),
+                trust_domain: self.trust_domain.clone(),
+            };
+        }
+        match (&self.cert, &self.key, &self.ca) {
+            (Some(cert), Some(key), Some(ca)) => ClientTls::Files(TlsSettings {
+                cert: Some(cert.clone()),
+                key: Some(key.clone()),
+                ca: Some(ca.clone()),
+                trust_domain: self.trust_domain.clone(),
+                allow_dev_ca: true,
+                ..TlsSettings::default()
+            }),
+            _ => ClientTls::Plain,
         }
     }
 }
@@ -67,6 +138,8 @@ pub struct Endpoints {
     pub gateway: Option<String>,
     /// Notifier URL overriding discovery, if given.
     pub notifier: Option<String>,
+    /// How calls prove who makes them.
+    pub tls: ClientTls,
 }
 
 /// Turns a failed call into one line that says what went wrong, with the
@@ -120,22 +193,72 @@ where
     }
 }
 
-fn channel(url: &str) -> anyhow::Result<Channel> {
-    fedmesh_common::server::lazy_channel(url)
-        .with_context(|| format!("{url:?} is not a usable URL"))
-}
-
 impl Endpoints {
+    /// A channel to `url` on which calls are made as `identity`, and what
+    /// to attach to them.
+    pub fn channel_as(
+        &self,
+        url: &str,
+        identity: &Identity,
+    ) -> anyhow::Result<(Channel, AttachIdentity)> {
+        let settings = match &self.tls {
+            ClientTls::Plain => {
+                let channel = fedmesh_common::server::lazy_channel(url)
+                    .with_context(|| format!("{url:?} is not a usable URL"))?;
+                return Ok((channel, AttachIdentity::new(identity)));
+            }
+            ClientTls::Folder { dir, trust_domain } => {
+                let identity = self.identity_in_folder(dir, identity)?;
+                TlsSettings {
+                    trust_domain: trust_domain.clone(),
+                    ..TlsSettings::from_folder(dir, &identity)
+                }
+            }
+            ClientTls::Files(settings) => settings.clone(),
+        };
+        let tls = MeshTls::load(&settings, None)?;
+        let channel = fedmesh_common::server::lazy_channel_with(url, tls)
+            .with_context(|| format!("{url:?} is not a usable URL"))?;
+        Ok((channel, AttachIdentity::none()))
+    }
+
+    /// The identity whose certificate in `dir` to use for `identity`: its
+    /// own, or for an operator without one, the folder's only operator.
+    fn identity_in_folder(&self, dir: &Path, identity: &Identity) -> anyhow::Result<Identity> {
+        let files = CertificateFiles::of(dir, identity);
+        if files.cert.exists() {
+            return Ok(identity.clone());
+        }
+        if let Identity::Operator(_) = identity {
+            let operators: Vec<String> = std::fs::read_dir(dir.join("operator"))
+                .into_iter()
+                .flatten()
+                .filter_map(|entry| {
+                    let name = entry.ok()?.file_name().into_string().ok()?;
+                    name.strip_suffix(".crt").map(str::to_string)
+                })
+                .collect();
+            if let [only] = operators.as_slice() {
+                return Ok(Identity::Operator(only.clone()));
+            }
+        }
+        anyhow::bail!(
+            "{} holds no certificate of {identity}: issue one with `fedmesh certs issue {} {identity}`",
+            dir.display(),
+            dir.display()
+        )
+    }
+
     /// The directory, as `identity`.
     pub fn directory(
         &self,
         identity: &Identity,
     ) -> anyhow::Result<pb::directory_client::DirectoryClient<Authenticated>> {
-        Ok(pb::directory_client::DirectoryClient::with_interceptor(
-            channel(&self.coordinator)?,
-            AttachIdentity::new(identity),
+        let (channel, attach) = self.channel_as(&self.coordinator, identity)?;
+        Ok(
+            pb::directory_client::DirectoryClient::with_interceptor(channel, attach)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .max_decoding_message_size(MAX_MESSAGE_BYTES))
     }
 
     /// The directory, as this operator.
@@ -166,12 +289,8 @@ impl Endpoints {
         url: &str,
         identity: &Identity,
     ) -> anyhow::Result<pb::notifications_client::NotificationsClient<Authenticated>> {
-        Ok(
-            pb::notifications_client::NotificationsClient::with_interceptor(
-                channel(url)?,
-                AttachIdentity::new(identity),
-            ),
-        )
+        let (channel, attach) = self.channel_as(url, identity)?;
+        Ok(pb::notifications_client::NotificationsClient::with_interceptor(channel, attach))
     }
 
     /// The URLs of the notifiers, by notifier id (the one given with
@@ -222,12 +341,12 @@ impl Endpoints {
         identity: &Identity,
     ) -> anyhow::Result<pb::exchange_client::ExchangeClient<Authenticated>> {
         let url = self.gateway_url_for(agency_id).await?;
-        Ok(pb::exchange_client::ExchangeClient::with_interceptor(
-            channel(&url)?,
-            AttachIdentity::new(identity),
+        let (channel, attach) = self.channel_as(&url, identity)?;
+        Ok(
+            pb::exchange_client::ExchangeClient::with_interceptor(channel, attach)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
     /// The Exchange of `agency_id`'s home gateway, acting as that agency.

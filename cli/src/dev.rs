@@ -13,9 +13,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use fedmesh_common::amqp::{AmqpPublisher, AmqpQueues, AmqpSource, EventBusSettings};
+use fedmesh_common::auth::RateLimitSettings;
 use fedmesh_common::events::{DurableQueues, EventBus, EventPublisher, EventSource};
+use fedmesh_common::identity::Identity;
 use fedmesh_common::in_process::InProcessBus;
 use fedmesh_common::store::redact_url;
+use fedmesh_common::tls::TlsSettings;
 use fedmesh_common::topology::Topology;
 use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};
 use fedmesh_gateway::{GatewayConfig, ShardConfig};
@@ -50,6 +53,76 @@ pub struct DevOptions {
     pub subscriber_buffer: usize,
     /// How notifiers call webhooks.
     pub webhooks: WebhookSettings,
+    /// A `fedmesh certs` folder: every component speaks mutual TLS with
+    /// its certificate from it (made by `certs init` when missing). None:
+    /// plaintext with identity headers on loopback.
+    pub certs: Option<PathBuf>,
+    /// Changes to every component's TLS settings (tests set a deny list
+    /// and a short reload period with it).
+    pub tune_tls: Option<TuneTls>,
+}
+
+/// A change to a component's TLS settings before it starts.
+pub type TuneTls = Arc<dyn Fn(&mut TlsSettings) + Send + Sync>;
+
+/// How a component of the dev mesh secures its connections.
+#[derive(Clone)]
+struct DevSecurity {
+    certs: Option<PathBuf>,
+    tune: Option<TuneTls>,
+}
+
+impl DevSecurity {
+    /// TLS settings and whether to trust identity headers, for `identity`.
+    fn for_identity(&self, identity: &Identity) -> (TlsSettings, bool) {
+        match &self.certs {
+            Some(dir) => {
+                let mut settings = TlsSettings::from_folder(dir, identity);
+                if let Some(tune) = &self.tune {
+                    tune(&mut settings);
+                }
+                (settings, false)
+            }
+            None => (TlsSettings::default(), true),
+        }
+    }
+
+    fn url_of(&self, listener: &TcpListener) -> anyhow::Result<String> {
+        let scheme = if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        Ok(format!("{scheme}://{}", listener.local_addr()?))
+    }
+
+    /// Makes the certificates folder when it is missing.
+    fn prepare(&self) -> anyhow::Result<()> {
+        let Some(dir) = &self.certs else {
+            return Ok(());
+        };
+        if dir.join(fedmesh_common::tls::CA_CERT).exists() {
+            return Ok(());
+        }
+        let mut identities = vec![
+            Identity::Coordinator,
+            Identity::Notifier,
+            Identity::Operator("admin".into()),
+        ];
+        identities.extend(
+            DEV_REGIONS
+                .iter()
+                .map(|region| Identity::Gateway(region.to_string())),
+        );
+        crate::certs::init(
+            dir,
+            fedmesh_common::tls::DEFAULT_TRUST_DOMAIN,
+            &identities,
+            365,
+        )?;
+        tracing::info!(folder = %dir.display(), "made a development CA and certificates");
+        Ok(())
+    }
 }
 
 /// A change to a gateway's settings before it starts.
@@ -66,6 +139,7 @@ impl std::fmt::Debug for DevOptions {
             .field("events", &self.events.redacted())
             .field("subscriber_buffer", &self.subscriber_buffer)
             .field("webhooks", &self.webhooks)
+            .field("certs", &self.certs)
             .finish()
     }
 }
@@ -89,6 +163,7 @@ pub struct DevMesh {
     webhooks: WebhookSettings,
     /// What stops each notifier started after the first.
     notifier_stops: std::collections::HashMap<String, CancellationToken>,
+    security: DevSecurity,
 }
 
 /// Where the dev mesh's events go, and where its notifier reads them.
@@ -147,6 +222,7 @@ struct GatewayStart {
     shard: ShardConfig,
     coordinator_url: String,
     tune: Option<TuneGateway>,
+    security: DevSecurity,
 }
 
 /// Starts a gateway in dev mode and adds it to `components`; returns its
@@ -164,7 +240,10 @@ async fn spawn_gateway(
         vec![gateway.shard],
         gateway.coordinator_url,
     );
-    config.dev_identity = true;
+    (config.tls, config.dev_identity) = gateway
+        .security
+        .for_identity(&Identity::Gateway(config.region().to_string()));
+    config.rate_limits = RateLimitSettings::unlimited();
     if let Some(tune) = &gateway.tune {
         tune(&mut config);
     }
@@ -191,6 +270,7 @@ struct NotifierStart {
     coordinator_url: String,
     subscriber_buffer: usize,
     webhooks: WebhookSettings,
+    security: DevSecurity,
 }
 
 /// Starts a notifier in dev mode, stopped by `shutdown`, and adds it to
@@ -202,10 +282,13 @@ fn spawn_notifier(
     shutdown: CancellationToken,
     components: &mut JoinSet<(String, anyhow::Result<()>)>,
 ) -> anyhow::Result<String> {
-    let url = url_of(&listener)?;
+    let url = notifier.security.url_of(&listener)?;
+    let (tls, dev_identity) = notifier.security.for_identity(&Identity::Notifier);
     let config = NotifierConfig {
         id: notifier.id.clone(),
-        dev_identity: true,
+        dev_identity,
+        tls,
+        rate_limits: RateLimitSettings::unlimited(),
         coordinator: notifier.coordinator_url,
         advertise: Some(url.clone()),
         subscriber_buffer: notifier.subscriber_buffer,
@@ -227,10 +310,6 @@ async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address} for the {what} (is another fedmesh dev running? try --base-port)"))
-}
-
-fn url_of(listener: &TcpListener) -> anyhow::Result<String> {
-    Ok(format!("http://{}", listener.local_addr()?))
 }
 
 fn sqlite_url(data_dir: &Path, name: &str) -> String {
@@ -262,13 +341,15 @@ impl DevMesh {
         }
         let notifier_listener = bind(port(4)?, "notifier").await?;
 
-        tracing::warn!(
-            "dev mode: no TLS; the caller identity is read from the x-fedmesh-identity header, from loopback only"
-        );
+        let security = DevSecurity {
+            certs: options.certs.clone(),
+            tune: options.tune_tls.clone(),
+        };
+        security.prepare()?;
         let shutdown = CancellationToken::new();
         let bus = DevBus::start(&options.events, options.subscriber_buffer, &shutdown).await?;
         let mut components = JoinSet::new();
-        let coordinator_url = url_of(&coordinator_listener)?;
+        let coordinator_url = security.url_of(&coordinator_listener)?;
 
         let regions = DEV_REGIONS
             .iter()
@@ -279,7 +360,8 @@ impl DevMesh {
             .collect();
         let mut coordinator =
             CoordinatorConfig::new(regions, sqlite_url(&options.data_dir, "control"));
-        coordinator.dev_identity = true;
+        (coordinator.tls, coordinator.dev_identity) = security.for_identity(&Identity::Coordinator);
+        coordinator.rate_limits = RateLimitSettings::unlimited();
         // Small intervals keep the dev mesh's view fresh after restarts.
         coordinator.report_interval_ms = 2_000;
         coordinator.expiry_ms = 6_000;
@@ -320,8 +402,9 @@ impl DevMesh {
                 shard: ShardConfig::new(shard, shard_url),
                 coordinator_url: coordinator_url.clone(),
                 tune: options.tune_gateway.clone(),
+                security: security.clone(),
             };
-            gateway_urls.push((region.to_string(), url_of(&listener)?));
+            gateway_urls.push((region.to_string(), security.url_of(&listener)?));
             let (topology, streams) =
                 spawn_gateway(gateway, listener, &bus, &shutdown, &mut components).await?;
             topologies.push(topology);
@@ -334,6 +417,7 @@ impl DevMesh {
                 coordinator_url: coordinator_url.clone(),
                 subscriber_buffer: options.subscriber_buffer,
                 webhooks: options.webhooks.clone(),
+                security: security.clone(),
             },
             notifier_listener,
             &bus,
@@ -355,6 +439,7 @@ impl DevMesh {
             subscriber_buffer: options.subscriber_buffer,
             webhooks: options.webhooks.clone(),
             notifier_stops: std::collections::HashMap::new(),
+            security,
         };
         if let Err(error) = mesh.wait_ready(topologies).await {
             mesh.shutdown.cancel();
@@ -407,13 +492,14 @@ impl DevMesh {
         shard: ShardConfig,
     ) -> anyhow::Result<String> {
         let listener = bind(0, &format!("gateway {gateway_id}")).await?;
-        let url = url_of(&listener)?;
+        let url = self.security.url_of(&listener)?;
         let gateway = GatewayStart {
             gateway_id: gateway_id.to_string(),
             region: region.to_string(),
             shard,
             coordinator_url: self.coordinator_url.clone(),
             tune: self.tune_gateway.clone(),
+            security: self.security.clone(),
         };
         let (mut topology, _) = spawn_gateway(
             gateway,
@@ -445,6 +531,7 @@ impl DevMesh {
                 coordinator_url: self.coordinator_url.clone(),
                 subscriber_buffer: self.subscriber_buffer,
                 webhooks: self.webhooks.clone(),
+                security: self.security.clone(),
             },
             listener,
             &self.bus,
@@ -499,6 +586,11 @@ impl DevMesh {
             "the {name} stopped instead of the coordinator"
         );
         outcome
+    }
+
+    /// The certificates folder of a mesh on TLS.
+    pub fn certs(&self) -> Option<&Path> {
+        self.security.certs.as_deref()
     }
 
     /// A token that stops the mesh when cancelled.

@@ -4,6 +4,7 @@
 //! end-to-end tests start the same [`dev::DevMesh`].
 
 pub mod bench;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod commands;

@@ -14,6 +14,8 @@ use clap::{ArgMatches, Args};
 use fedmesh_common::amqp::{AmqpPublisher, AmqpQueues, AmqpSource, EventBusSettings};
 use fedmesh_common::config::{ConfigError, load, to_toml};
 use fedmesh_common::events::{EventBus, EventPublisher};
+use fedmesh_common::server::check_security;
+use fedmesh_common::tls::TlsSettings;
 use fedmesh_coordinator::CoordinatorConfig;
 use fedmesh_gateway::GatewayConfig;
 use fedmesh_notifier::NotifierConfig;
@@ -38,6 +40,11 @@ pub struct DevArgs {
     /// repeatable. Shards are east-1, west-1 and central-1.
     #[arg(long = "shard", value_name = "NAME=URL")]
     pub shards: Vec<fedmesh_gateway::ShardConfig>,
+    /// Run every component over mutual TLS, with certificates from
+    /// DATA_DIR/certs (a development CA and certificates are made there
+    /// when missing); client commands then need --certs DATA_DIR/certs.
+    #[arg(long)]
+    pub tls: bool,
     /// The event bus: without --amqp, events travel in process.
     #[command(flatten)]
     pub events: EventBusSettings,
@@ -114,16 +121,9 @@ async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {listen}"))
 }
 
-fn warn_about_identity(dev_identity: bool) {
-    if dev_identity {
-        tracing::warn!(
-            "dev identity: the caller identity is read from the x-fedmesh-identity header, from loopback peers only; no TLS"
-        );
-    } else {
-        tracing::warn!(
-            "no authentication is configured yet (mutual TLS is not available): every call will be refused; use --dev-identity on a development machine"
-        );
-    }
+/// The scheme of a role's URL: https when it has TLS.
+fn scheme(tls: &TlsSettings) -> &'static str {
+    if tls.enabled() { "https" } else { "http" }
 }
 
 /// The publisher to the broker `events` name, if any; `name` is the
@@ -143,14 +143,13 @@ pub async fn coordinator(
         &args.flags,
         &args.settings,
         matches,
-        CoordinatorConfig::validate,
+        validate_coordinator,
         CoordinatorConfig::redacted,
         out,
     )?
     else {
         return Ok(());
     };
-    warn_about_identity(config.dev_identity);
     let listener = bind(&config.listen).await?;
     let bus = publisher(&config.events, "fedmesh-coordinator").and_then(|publisher| {
         let queues = AmqpQueues::from_settings(&config.events, "fedmesh-coordinator-queues")?;
@@ -173,16 +172,15 @@ pub async fn gateway(
         &args.flags,
         &args.settings,
         matches,
-        GatewayConfig::validate,
+        validate_gateway,
         GatewayConfig::redacted,
         out,
     )?
     else {
         return Ok(());
     };
-    warn_about_identity(config.dev_identity);
     if config.advertise.is_none() {
-        config.advertise = Some(format!("http://{}", config.listen));
+        config.advertise = Some(format!("{}://{}", scheme(&config.tls), config.listen));
     }
     let listener = bind(&config.listen).await?;
     let publisher = publisher(
@@ -203,7 +201,19 @@ fn validate_notifier(config: &NotifierConfig) -> Result<(), ConfigError> {
              (the dev mesh's notifier carries events in process)",
         ));
     }
-    Ok(())
+    check_security(&config.tls, config.dev_identity, &config.listen)
+}
+
+/// A stand-alone coordinator's settings must secure its connections.
+fn validate_coordinator(config: &CoordinatorConfig) -> Result<(), ConfigError> {
+    config.validate()?;
+    check_security(&config.tls, config.dev_identity, &config.listen)
+}
+
+/// A stand-alone gateway's settings must secure its connections.
+fn validate_gateway(config: &GatewayConfig) -> Result<(), ConfigError> {
+    config.validate()?;
+    check_security(&config.tls, config.dev_identity, &config.listen)
 }
 
 /// Runs a notifier until Ctrl-C or SIGTERM.
@@ -223,9 +233,8 @@ pub async fn notifier(
     else {
         return Ok(());
     };
-    warn_about_identity(config.dev_identity);
     if config.advertise.is_none() {
-        config.advertise = Some(format!("http://{}", config.listen));
+        config.advertise = Some(format!("{}://{}", scheme(&config.tls), config.listen));
     }
     let listener = bind(&config.listen).await?;
     let stop = stop_on_signal();
@@ -263,6 +272,8 @@ pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<
         events: args.events.clone(),
         subscriber_buffer: NotifierConfig::default().subscriber_buffer,
         webhooks: NotifierConfig::default().webhooks,
+        certs: args.tls.then(|| args.data_dir.join("certs")),
+        tune_tls: None,
     })
     .await?;
     writeln!(
@@ -275,6 +286,17 @@ pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<
         writeln!(out, "  gateway {region:<8} {url}")?;
     }
     writeln!(out, "  notifier         {}", mesh.notifier_url)?;
+    match mesh.certs() {
+        Some(dir) => writeln!(
+            out,
+            "  security         mutual TLS; client commands need:\n                   export FEDMESH_CERTS={}",
+            dir.display()
+        )?,
+        None => writeln!(
+            out,
+            "  security         plaintext with identity headers, loopback only (--tls for mutual TLS)"
+        )?,
+    }
     match &args.events.amqp {
         Some(url) => writeln!(
             out,
@@ -417,6 +439,62 @@ mod tests {
             "{printed}"
         );
         assert!(!printed.contains("rabbit-secret"), "{printed}");
+    }
+
+    #[test]
+    fn a_role_starts_only_on_tls_or_with_dev_identities_on_loopback() {
+        let check = |argv: &[&str]| {
+            let matches = Gateway::command().try_get_matches_from(argv)?;
+            let args = Gateway::from_arg_matches(&matches)?.args;
+            settings(
+                &args.flags,
+                &args.settings,
+                &matches,
+                validate_gateway,
+                Clone::clone,
+                &mut Vec::new(),
+            )
+        };
+        let base = [
+            "gateway",
+            "--region",
+            "east",
+            "--shard",
+            "east-1=sqlite:///tmp/e.sqlite",
+        ];
+        let error = check(&base).expect_err("no TLS, no dev identities");
+        assert!(
+            format!("{error:#}").contains("--cert, --key and --ca"),
+            "{error:#}"
+        );
+        let with = |extra: &[&'static str]| {
+            let mut argv = base.to_vec();
+            argv.extend_from_slice(extra);
+            check(&argv)
+        };
+        with(&["--dev-identity"]).expect("dev identities on the default loopback address");
+        let error = with(&["--dev-identity", "--listen", "0.0.0.0:50052"])
+            .expect_err("plaintext off loopback");
+        assert!(
+            format!("{error:#}").contains("not a loopback address"),
+            "{error:#}"
+        );
+        let error = with(&["--cert", "/etc/fedmesh/gateway.crt"]).expect_err("half of TLS");
+        assert!(
+            format!("{error:#}").contains("--cert, --key and --ca together"),
+            "{error:#}"
+        );
+        with(&[
+            "--listen",
+            "0.0.0.0:50052",
+            "--cert",
+            "gateway.crt",
+            "--key",
+            "gateway.key",
+            "--ca",
+            "ca.crt",
+        ])
+        .expect("TLS on any address");
     }
 
     #[test]

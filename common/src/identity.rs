@@ -1,14 +1,12 @@
 //! Who the caller is.
 //!
-//! Identities are SPIFFE-style paths: `agency/<id>`, `gateway/<region>`,
-//! `coordinator`, `notifier`, `operator/<name>`. Every server reads the
-//! caller's identity in one place, [`IdentityInterceptor`], and handlers find
-//! it in the request extensions through [`caller`].
-//!
-//! Until mutual TLS is in place the identity travels in the
-//! [`IDENTITY_HEADER`] metadata header. That is accepted only when the
-//! component runs in dev mode and the peer is on loopback; otherwise the call
-//! is refused with UNAUTHENTICATED.
+//! Identities are the paths of SPIFFE ids: `agency/<id>`, `gateway/<region>`,
+//! `coordinator`, `notifier`, `operator/<name>`. Every server learns the
+//! caller's identity in one place, the authorization layer of
+//! [`crate::auth`] (from the verified client certificate, see
+//! [`crate::tls`], or in dev mode from the [`IDENTITY_HEADER`] of a loopback
+//! peer), and handlers find it in the request extensions through
+//! [`caller`].
 
 use std::fmt;
 
@@ -72,39 +70,6 @@ impl fmt::Display for Identity {
     }
 }
 
-/// How a server learns who its callers are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdentityMode {
-    /// Dev mode: trust the [`IDENTITY_HEADER`] from loopback peers.
-    DevHeader,
-    /// No means of authentication is configured: every call is refused.
-    Refuse,
-}
-
-impl IdentityMode {
-    /// The mode a role's `dev_identity` setting asks for.
-    pub fn from_dev_identity(dev_identity: bool) -> Self {
-        if dev_identity {
-            IdentityMode::DevHeader
-        } else {
-            IdentityMode::Refuse
-        }
-    }
-}
-
-/// Reads the caller's identity and stores it in the request extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct IdentityInterceptor {
-    mode: IdentityMode,
-}
-
-impl IdentityInterceptor {
-    /// An interceptor for the given mode.
-    pub fn new(mode: IdentityMode) -> Self {
-        IdentityInterceptor { mode }
-    }
-}
-
 /// Why a caller could not be identified.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
@@ -118,11 +83,45 @@ pub enum IdentityError {
     #[error("missing {IDENTITY_HEADER} header (e.g. agency/<id> or operator/<name>)")]
     Missing,
     /// The header is not an identity.
-    #[error(
-        "{IDENTITY_HEADER} {0:?} is not agency/<id>, gateway/<region>, coordinator, notifier or operator/<name>"
-    )]
+    #[error("{0:?} is not agency/<id>, gateway/<region>, coordinator, notifier or operator/<name>")]
     Malformed(String),
-    /// The request passed no identity check (a server without the interceptor).
+    /// The connection did not present a verified certificate.
+    #[error("no client certificate was presented on this connection")]
+    NoCertificate,
+    /// The certificate cannot be read.
+    #[error("the client certificate cannot be read: {0}")]
+    BadCertificate(String),
+    /// A CA certificate presented as a leaf.
+    #[error(
+        "the client certificate is a CA certificate; present a leaf certificate of your identity"
+    )]
+    CaCertificate,
+    /// No URI SAN names the holder.
+    #[error(
+        "the client certificate has no URI SAN; a fedmesh identity is one URI SAN spiffe://<trust-domain>/<role>/<id>"
+    )]
+    NoUriSan,
+    /// More than one URI SAN: which identity is meant is unclear.
+    #[error("the client certificate has {0} URI SANs; a fedmesh identity is exactly one")]
+    SeveralUriSans(usize),
+    /// The URI SAN is not a SPIFFE id.
+    #[error("the certificate's URI SAN {0:?} is not spiffe://<trust-domain>/<role>/<id>")]
+    NotSpiffe(String),
+    /// The identity belongs to another trust domain.
+    #[error("the certificate is of trust domain {found:?}; this mesh trusts {expected:?}")]
+    ForeignTrustDomain {
+        /// Its trust domain.
+        found: String,
+        /// This mesh's.
+        expected: String,
+    },
+    /// A server presented the certificate of a client role.
+    #[error("the server presented the certificate of {0}, which serves nothing")]
+    NotAServer(String),
+    /// The identity or certificate is on the deny list.
+    #[error("{0} is revoked on this mesh")]
+    Revoked(String),
+    /// The request passed no identity check (a server without the layer).
     #[error("caller identity unknown")]
     Unknown,
 }
@@ -139,44 +138,8 @@ impl From<IdentityError> for tonic::Status {
     }
 }
 
-impl IdentityInterceptor {
-    fn identify<T>(&self, request: &tonic::Request<T>) -> Result<Identity, IdentityError> {
-        match self.mode {
-            IdentityMode::Refuse => Err(IdentityError::NotConfigured),
-            IdentityMode::DevHeader => {
-                let from_loopback = request
-                    .remote_addr()
-                    .is_some_and(|address| address.ip().is_loopback());
-                if !from_loopback {
-                    return Err(IdentityError::NotLoopback);
-                }
-                let header = request
-                    .metadata()
-                    .get(IDENTITY_HEADER)
-                    .ok_or(IdentityError::Missing)?;
-                let text = header.to_str().map_err(|_| {
-                    IdentityError::Malformed(
-                        String::from_utf8_lossy(header.as_bytes()).into_owned(),
-                    )
-                })?;
-                Identity::parse(text).ok_or_else(|| IdentityError::Malformed(text.to_string()))
-            }
-        }
-    }
-}
-
-impl tonic::service::Interceptor for IdentityInterceptor {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        let identity = self.identify(&request)?;
-        request.extensions_mut().insert(identity);
-        Ok(request)
-    }
-}
-
-/// The identity [`IdentityInterceptor`] stored for this request.
+/// The identity the authorization layer ([`crate::auth`]) stored for
+/// this request.
 pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, IdentityError> {
     request
         .extensions()
@@ -185,10 +148,12 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, IdentityError>
         .ok_or(IdentityError::Unknown)
 }
 
-/// Client side: attaches an identity to every outgoing call (dev mode).
+/// Client side: attaches an identity header to every outgoing call, for
+/// servers in dev mode (servers on TLS ignore it: the certificate says who
+/// calls).
 #[derive(Debug, Clone)]
 pub struct AttachIdentity {
-    value: MetadataValue<tonic::metadata::Ascii>,
+    value: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl AttachIdentity {
@@ -196,7 +161,12 @@ impl AttachIdentity {
     pub fn new(identity: &Identity) -> Self {
         let value = MetadataValue::try_from(identity.to_string())
             .unwrap_or_else(|_| MetadataValue::from_static("invalid"));
-        AttachIdentity { value }
+        AttachIdentity { value: Some(value) }
+    }
+
+    /// Attaches nothing: the connection's certificate says who calls.
+    pub fn none() -> Self {
+        AttachIdentity { value: None }
     }
 }
 
@@ -205,9 +175,11 @@ impl tonic::service::Interceptor for AttachIdentity {
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert(IDENTITY_HEADER, self.value.clone());
+        if let Some(value) = &self.value {
+            request
+                .metadata_mut()
+                .insert(IDENTITY_HEADER, value.clone());
+        }
         Ok(request)
     }
 }

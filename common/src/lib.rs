@@ -21,6 +21,7 @@
 //! Architecture Invariant: this crate depends on no role crate.
 
 pub mod amqp;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -33,6 +34,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
+pub mod tls;
 pub mod topology;
 pub mod validate;
 pub mod webhook;

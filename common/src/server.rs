@@ -7,6 +7,11 @@
 //! A request message over the server's size limit is refused before it is
 //! read, with the status the role builds for it (naming the limit that
 //! applies), instead of the codec's "message length too large".
+//!
+//! [`Security`] is how a role's server and clients protect their
+//! connections: mutual TLS ([`crate::tls`]) with the authorization layer of
+//! [`crate::auth`] in front of every service, or, for development only and
+//! only on loopback, plaintext with identity headers.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -22,7 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::service::Routes;
 
+use crate::auth::{AuthLayer, Authentication, DenyList, Guard, PeerInfo, RateLimitSettings};
 use crate::config::{ConfigError, check_range};
+use crate::identity::{AttachIdentity, Identity};
+use crate::tls::{MeshTls, TlsError, TlsSettings, certificate_identity};
 
 /// Builds the status for a request message of the given size over the limit.
 pub type RefuseOversized = Arc<dyn Fn(usize) -> tonic::Status + Send + Sync>;
@@ -42,6 +50,8 @@ pub struct ServeOptions {
     pub keepalive_timeout: Duration,
     /// Idle time before TCP keepalive probes start.
     pub tcp_keepalive: Duration,
+    /// TLS and the authorization layer.
+    pub security: Security,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -53,6 +63,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
             .field("tcp_keepalive", &self.tcp_keepalive)
+            .field("security", &self.security)
             .finish_non_exhaustive()
     }
 }
@@ -126,8 +137,12 @@ impl crate::error::ServiceError for RequestTooLarge {
 impl ServeOptions {
     /// Options from `connections` that refuse requests over `max_request_bytes`
     /// with [`RequestTooLarge`].
-    pub fn new(connections: ConnectionSettings, max_request_bytes: usize) -> Self {
-        ServeOptions::refusing(connections, max_request_bytes, move |size| {
+    pub fn new(
+        connections: ConnectionSettings,
+        security: Security,
+        max_request_bytes: usize,
+    ) -> Self {
+        ServeOptions::refusing(connections, security, max_request_bytes, move |size| {
             crate::error::to_status(&RequestTooLarge {
                 size,
                 limit: max_request_bytes,
@@ -139,6 +154,7 @@ impl ServeOptions {
     /// `max_request_bytes` with the status `refuse` builds.
     pub fn refusing(
         connections: ConnectionSettings,
+        security: Security,
         max_request_bytes: usize,
         refuse: impl Fn(usize) -> tonic::Status + Send + Sync + 'static,
     ) -> Self {
@@ -149,6 +165,7 @@ impl ServeOptions {
             keepalive_interval: Duration::from_millis(connections.keepalive_interval_ms),
             keepalive_timeout: Duration::from_millis(connections.keepalive_timeout_ms),
             tcp_keepalive: Duration::from_secs(connections.tcp_keepalive_secs),
+            security,
         }
     }
 }
@@ -172,15 +189,17 @@ pub async fn serve(
             routes
         }
     };
-    // TCP keepalive is set on the incoming stream: the server's own setting
-    // is ignored with `serve_with_incoming_shutdown`.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(options.tcp_keepalive));
+    let incoming = accept(
+        listener,
+        options.security.tls.clone(),
+        options.tcp_keepalive,
+        shutdown.clone(),
+    );
     tonic::transport::Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .layer(AuthLayer::new(options.security.guard.clone()))
         .layer(RequestSizeLayer {
             max_bytes: options.max_request_bytes,
             refuse: options.refuse_oversized,
@@ -190,14 +209,406 @@ pub async fn serve(
         .await
 }
 
-/// Opens a lazy channel to `address` (an `http://host:port` URL).
+/// Why a role cannot secure its connections as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    /// The TLS material cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A setting cannot be used.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Neither TLS nor dev identities are configured.
+    #[error(
+        "no TLS is configured: give --cert, --key and --ca (`fedmesh certs init DIR` makes a development set), or --dev-identity to serve plaintext on a loopback address for development"
+    )]
+    Unsecured,
+    /// Plaintext was asked for on an address other hosts reach.
+    #[error(
+        "{0} is not a loopback address: plaintext with --dev-identity is served only on loopback; configure TLS (--cert, --key, --ca) to listen there"
+    )]
+    PlaintextOffLoopback(String),
+}
+
+/// How a role protects its connections: its TLS material (None: plaintext
+/// with identity headers, development only), the layer in front of its
+/// services, and the identity its clients act as.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// The component's TLS material, if on TLS.
+    pub tls: Option<Arc<MeshTls>>,
+    /// What the authorization layer checks.
+    pub guard: Guard,
+    /// Who this component is when it calls others.
+    pub identity: Identity,
+}
+
+impl Security {
+    /// The security a role's settings ask for. `listen` is the address its
+    /// server listens on, if it serves. Starts the tasks that reload the
+    /// TLS files and the deny list until `shutdown`.
+    pub fn establish(
+        identity: Identity,
+        tls: &TlsSettings,
+        rate_limits: &RateLimitSettings,
+        dev_identity: bool,
+        listen: Option<std::net::SocketAddr>,
+        shutdown: &CancellationToken,
+    ) -> Result<Security, SecurityError> {
+        tls.validate()?;
+        rate_limits.validate()?;
+        let deny_list = tls.deny_list.clone().map(DenyList::load).transpose()?;
+        if let Some(deny_list) = &deny_list {
+            deny_list.watch(tls.reload_period(), shutdown.clone());
+        }
+        let material = MeshTls::load(tls, Some(&identity))?;
+        let authentication = match (&material, dev_identity) {
+            (Some(material), _) => {
+                material.watch(shutdown.clone());
+                if dev_identity {
+                    tracing::info!(
+                        "TLS is configured: identity headers are ignored, --dev-identity has no effect"
+                    );
+                }
+                Authentication::Tls
+            }
+            (None, true) => {
+                if let Some(listen) = listen
+                    && !listen.ip().is_loopback()
+                {
+                    return Err(SecurityError::PlaintextOffLoopback(listen.to_string()));
+                }
+                tracing::warn!(
+                    %identity,
+                    "serving plaintext and trusting identity headers from loopback peers: development only"
+                );
+                Authentication::DevHeader
+            }
+            (None, false) => return Err(SecurityError::Unsecured),
+        };
+        Ok(Security {
+            tls: material,
+            guard: Guard::new(authentication, deny_list, rate_limits.clone()),
+            identity,
+        })
+    }
+
+    /// Plaintext with identity headers from loopback and no rate limit:
+    /// the dev mesh and tests.
+    pub fn dev(identity: Identity) -> Security {
+        Security {
+            tls: None,
+            guard: Guard::new(
+                Authentication::DevHeader,
+                None,
+                RateLimitSettings::unlimited(),
+            ),
+            identity,
+        }
+    }
+
+    /// A lazy channel to `address` (`https://host:port`, or `http://` in
+    /// dev mode): over mutual TLS when this component has TLS, whatever the
+    /// URL's scheme.
+    pub fn channel(
+        &self,
+        address: &str,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        lazy_channel_with(address, self.tls.clone())
+    }
+
+    /// What to attach to calls so the peer knows who calls: the identity
+    /// header in dev mode, nothing on TLS (the certificate says).
+    pub fn attach(&self) -> AttachIdentity {
+        match self.tls {
+            Some(_) => AttachIdentity::none(),
+            None => AttachIdentity::new(&self.identity),
+        }
+    }
+
+    /// The scheme of this component's URLs: `https` on TLS.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+}
+
+/// Checks that a role's settings secure its connections: TLS, or
+/// `--dev-identity` on a loopback `listen` address.
+pub fn check_security(
+    tls: &TlsSettings,
+    dev_identity: bool,
+    listen: &str,
+) -> Result<(), ConfigError> {
+    tls.validate()?;
+    if tls.enabled() {
+        return Ok(());
+    }
+    if !dev_identity {
+        return Err(ConfigError::setting(
+            "cert",
+            SecurityError::Unsecured.to_string(),
+        ));
+    }
+    let loopback = listen
+        .parse::<std::net::SocketAddr>()
+        .map(|address| address.ip().is_loopback())
+        .unwrap_or_else(|_| listen.starts_with("localhost:"));
+    if !loopback {
+        return Err(ConfigError::setting(
+            "listen",
+            SecurityError::PlaintextOffLoopback(listen.to_string()).to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens a lazy plaintext channel to `address` (an `http://host:port` URL).
 pub fn lazy_channel(address: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    lazy_channel_with(address, None)
+}
+
+/// Opens a lazy channel to `address`, over mutual TLS with `tls` if given.
+pub fn lazy_channel_with(
+    address: &str,
+    tls: Option<Arc<MeshTls>>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5));
+    Ok(match tls {
+        Some(tls) => endpoint.connect_with_connector_lazy(TlsConnector {
+            config: ClientConfigSource::Mesh(tls),
+        }),
+        None => endpoint.connect_lazy(),
+    })
+}
+
+/// Opens a lazy channel to `address` over TLS with a fixed rustls client
+/// configuration (tests present certificates a component would not).
+pub fn lazy_channel_with_config(
+    address: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     Ok(
         tonic::transport::Endpoint::from_shared(address.to_string())?
-            .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
-            .connect_lazy(),
+            .connect_with_connector_lazy(TlsConnector {
+                config: ClientConfigSource::Fixed(config),
+            }),
     )
+}
+
+#[derive(Clone)]
+enum ClientConfigSource {
+    /// A component's material, as it is when a connection is made.
+    Mesh(Arc<MeshTls>),
+    Fixed(Arc<rustls::ClientConfig>),
+}
+
+/// Connects to a server over TCP and mutual TLS, with the client
+/// configuration current at connection time (rotated certificates are
+/// used by new connections).
+#[derive(Clone)]
+struct TlsConnector {
+    config: ClientConfigSource,
+}
+
+impl tower::Service<http::Uri> for TlsConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let config = match &self.config {
+            ClientConfigSource::Mesh(tls) => tls.client_config(),
+            ClientConfigSource::Fixed(config) => Arc::clone(config),
+        };
+        Box::pin(async move {
+            let invalid =
+                |problem: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, problem);
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid(format!("{uri} names no host")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            stream.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(host)
+                .map_err(|error| invalid(error.to_string()))?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connections `listener` accepts, each with its TCP options set and,
+/// on TLS, its handshake done (each in a task of its own, so a slow client
+/// holds up no other) and its peer's certificate read.
+fn accept(
+    listener: TcpListener,
+    tls: Option<Arc<MeshTls>>,
+    tcp_keepalive: Duration,
+    shutdown: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<MeshStream, std::io::Error>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, or a connection reset
+                    // before it was accepted: go on after a pause.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let keepalive = socket2::TcpKeepalive::new().with_time(tcp_keepalive);
+            if let Err(error) = stream
+                .set_nodelay(true)
+                .and_then(|()| socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive))
+            {
+                tracing::debug!(%error, "cannot set TCP options of a connection");
+            }
+            let Some(tls) = &tls else {
+                let plain = MeshStream {
+                    io: Io::Plain(stream),
+                    peer: PeerInfo {
+                        remote: Some(remote),
+                        certificate: None,
+                    },
+                };
+                if sender.send(Ok(plain)).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+            let trust_domain = tls.trust_domain().to_string();
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::info!(peer = %remote, %error, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(peer = %remote, "TLS handshake not finished in time");
+                            return;
+                        }
+                    };
+                let certificate = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|leaf| Arc::new(certificate_identity(leaf, &trust_domain)));
+                let tls = MeshStream {
+                    io: Io::Tls(Box::new(stream)),
+                    peer: PeerInfo {
+                        remote: Some(remote),
+                        certificate,
+                    },
+                };
+                let _ = sender.send(Ok(tls)).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// An accepted connection, plaintext or TLS, with what is known of its peer.
+struct MeshStream {
+    io: Io,
+    peer: PeerInfo,
+}
+
+enum Io {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tonic::transport::server::Connected for MeshStream {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for MeshStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => Pin::new(stream).poll_read(context, buffer),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_read(context, buffer),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for MeshStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => Pin::new(stream).poll_write(context, data),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write(context, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffers: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => Pin::new(stream).poll_write_vectored(context, buffers),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(context, buffers),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain(stream) => stream.is_write_vectored(),
+            Io::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => Pin::new(stream).poll_flush(context),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(context),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => Pin::new(stream).poll_shutdown(context),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(context),
+        }
+    }
 }
 
 /// Refuses requests whose first message is over a size, from the length

@@ -24,6 +24,24 @@ pub fn agency_id(field: &'static str, value: &str) -> Result<(), InvalidField> {
     name(field, value, "agency id")
 }
 
+/// Checks a SPIFFE trust domain: 1 to 255 characters of a-z, 0-9, '.',
+/// '-' and '_'.
+pub fn trust_domain(value: &str) -> Result<(), InvalidField> {
+    let valid = !value.is_empty()
+        && value.len() <= 255
+        && value.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || matches!(byte, b'.' | b'-' | b'_')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(InvalidField::new(
+            "trust_domain",
+            "a trust domain is 1 to 255 characters of a-z, 0-9, '.', '-' and '_'",
+        ))
+    }
+}
+
 /// Checks a durable subscription's name.
 pub fn subscription_name(field: &'static str, value: &str) -> Result<(), InvalidField> {
     name(field, value, "subscription name")

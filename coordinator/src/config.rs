@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use fedmesh_common::amqp::EventBusSettings;
+use fedmesh_common::auth::RateLimitSettings;
 use fedmesh_common::config::{ConfigError, check_range};
-use fedmesh_common::identity::IdentityMode;
 use fedmesh_common::server::ConnectionSettings;
+use fedmesh_common::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
 
 /// A region of the mesh and its shards.
@@ -93,9 +94,9 @@ pub struct CoordinatorConfig {
     /// Most connections to the control database.
     #[arg(long, env = "FEDMESH_DB_POOL_SIZE", default_value_t = 8)]
     pub pool_size: u32,
-    /// Trust the x-fedmesh-identity header from loopback peers (development
-    /// only). Without it every call is refused until mutual TLS is
-    /// configured.
+    /// Serve plaintext and trust the x-fedmesh-identity header from
+    /// loopback peers (development only: refused on a non-loopback listen
+    /// address, ignored when TLS is configured).
     #[arg(long, env = "FEDMESH_DEV_IDENTITY")]
     #[serde(default)]
     pub dev_identity: bool,
@@ -114,6 +115,14 @@ pub struct CoordinatorConfig {
     /// How the server treats client connections.
     #[command(flatten)]
     pub connections: ConnectionSettings,
+    /// Mutual TLS (`[tls]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub tls: TlsSettings,
+    /// Per-agency rate limits (`[rate_limits]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub rate_limits: RateLimitSettings,
     /// Where events go (`[events]` in the config file).
     #[command(flatten)]
     #[serde(default)]
@@ -182,6 +191,8 @@ impl CoordinatorConfig {
         check_range("expiry_ms", self.expiry_ms, 10..=86_400_000)?;
         check_range("outbox_poll_ms", self.outbox_poll_ms, 1..=3_600_000)?;
         self.connections.validate()?;
+        self.tls.validate()?;
+        self.rate_limits.validate()?;
         self.events.validate()
     }
 
@@ -198,11 +209,6 @@ impl CoordinatorConfig {
     /// The control database URL (empty before validation).
     pub fn database_url(&self) -> &str {
         self.db.as_deref().unwrap_or_default()
-    }
-
-    /// How callers are authenticated.
-    pub fn identity_mode(&self) -> IdentityMode {
-        IdentityMode::from_dev_identity(self.dev_identity)
     }
 
     /// How often gateways and notifiers report.

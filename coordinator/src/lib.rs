@@ -23,7 +23,8 @@ mod grpc;
 use std::sync::Arc;
 
 use fedmesh_common::events::{EventBus, run_outbox_relay};
-use fedmesh_common::identity::IdentityInterceptor;
+use fedmesh_common::identity::Identity;
+use fedmesh_common::server::{Security, SecurityError};
 use fedmesh_proto::pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,9 @@ pub enum RunError {
     /// A setting is out of range or missing.
     #[error(transparent)]
     Setting(#[from] fedmesh_common::config::ConfigError),
+    /// Connections cannot be secured as configured.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 /// Runs a coordinator on `listener` until `shutdown` is cancelled; events go
@@ -61,6 +65,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
+    let security = Security::establish(
+        Identity::Coordinator,
+        &config.tls,
+        &config.rate_limits,
+        config.dev_identity,
+        listener.local_addr().ok(),
+        &shutdown,
+    )?;
     let store = store::open_store(config.database_url(), config.pool_size).await?;
     let outbox = store.outbox();
     let tasks = TaskTracker::new();
@@ -98,14 +110,11 @@ pub async fn run(
         report_interval: config.report_interval(),
         shutdown: shutdown.clone(),
     };
-    let routes =
-        tonic::service::Routes::new(pb::directory_server::DirectoryServer::with_interceptor(
-            service,
-            IdentityInterceptor::new(config.identity_mode()),
-        ));
+    let routes = tonic::service::Routes::new(pb::directory_server::DirectoryServer::new(service));
     let local_address = listener.local_addr().ok();
     tracing::info!(address = ?local_address, "coordinator serving");
-    let options = fedmesh_common::server::ServeOptions::new(config.connections, MAX_REQUEST_BYTES);
+    let options =
+        fedmesh_common::server::ServeOptions::new(config.connections, security, MAX_REQUEST_BYTES);
     let served = fedmesh_common::server::serve(routes, listener, options, shutdown.clone()).await;
     shutdown.cancel();
     tasks.close();

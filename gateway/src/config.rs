@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use fedmesh_common::amqp::EventBusSettings;
+use fedmesh_common::auth::RateLimitSettings;
 use fedmesh_common::config::{ConfigError, check_range};
-use fedmesh_common::identity::IdentityMode;
 use fedmesh_common::server::ConnectionSettings;
+use fedmesh_common::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
 
 /// One shard database this gateway writes and reads.
@@ -114,13 +115,13 @@ pub struct GatewayConfig {
         default_value = "http://127.0.0.1:50051"
     )]
     pub coordinator: String,
-    /// URL other gateways reach this one at [default: http:// and the
-    /// listening address].
+    /// URL other gateways reach this one at [default: https:// (http://
+    /// without TLS) and the listening address].
     #[arg(long, env = "FEDMESH_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Trust the x-fedmesh-identity header from loopback peers (development
-    /// only). Without it every call is refused until mutual TLS is
-    /// configured.
+    /// Serve plaintext and trust the x-fedmesh-identity header from
+    /// loopback peers (development only: refused on a non-loopback listen
+    /// address, ignored when TLS is configured).
     #[arg(long, env = "FEDMESH_DEV_IDENTITY")]
     #[serde(default)]
     pub dev_identity: bool,
@@ -176,6 +177,14 @@ pub struct GatewayConfig {
     /// How the server treats client connections.
     #[command(flatten)]
     pub connections: ConnectionSettings,
+    /// Mutual TLS (`[tls]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub tls: TlsSettings,
+    /// Per-agency rate limits (`[rate_limits]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub rate_limits: RateLimitSettings,
     /// Where events go (`[events]` in the config file).
     #[command(flatten)]
     #[serde(default)]
@@ -256,6 +265,8 @@ impl GatewayConfig {
         )?;
         check_range("outbox_poll_ms", self.outbox_poll_ms, 1..=3_600_000)?;
         self.connections.validate()?;
+        self.tls.validate()?;
+        self.rate_limits.validate()?;
         self.events.validate()
     }
 
@@ -280,11 +291,6 @@ impl GatewayConfig {
         self.id
             .clone()
             .unwrap_or_else(|| format!("{}-0", self.region()))
-    }
-
-    /// How callers are authenticated.
-    pub fn identity_mode(&self) -> IdentityMode {
-        IdentityMode::from_dev_identity(self.dev_identity)
     }
 
     /// The largest gRPC message this gateway sends or receives: one

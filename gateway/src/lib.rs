@@ -36,7 +36,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use fedmesh_common::events::{EventPublisher, run_outbox_relay};
-use fedmesh_common::identity::{Identity, IdentityInterceptor};
+use fedmesh_common::identity::Identity;
+use fedmesh_common::server::{Security, SecurityError};
 use fedmesh_common::topology::Topology;
 use fedmesh_proto::pb;
 use tokio::net::TcpListener;
@@ -44,7 +45,6 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::service::interceptor::InterceptedService;
 
 pub use config::{GatewayConfig, ShardConfig};
 pub use store::{MessageStore, SqliteMessageStore};
@@ -78,6 +78,9 @@ pub enum RunError {
     /// A setting is out of range or missing.
     #[error(transparent)]
     Setting(#[from] fedmesh_common::config::ConfigError),
+    /// Connections cannot be secured as configured.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 /// A gateway started by [`start`].
@@ -104,14 +107,20 @@ pub async fn start(
     config.validate()?;
     let gateway_id = config.gateway_id();
     let region = config.region().to_string();
+    let local_address = listener
+        .local_addr()
+        .map_err(|error| RunError::Config(error.to_string()))?;
+    let security = Security::establish(
+        Identity::Gateway(region.clone()),
+        &config.tls,
+        &config.rate_limits,
+        config.dev_identity,
+        Some(local_address),
+        &shutdown,
+    )?;
     let advertise_url = match &config.advertise {
         Some(url) => url.clone(),
-        None => format!(
-            "http://{}",
-            listener
-                .local_addr()
-                .map_err(|error| RunError::Config(error.to_string()))?
-        ),
+        None => format!("{}://{local_address}", security.scheme()),
     };
     let tasks = TaskTracker::new();
     if publisher.is_none() {
@@ -179,12 +188,11 @@ pub async fn start(
     // stopped); the gateway's tasks include waiting for them.
     tasks.spawn(commit_thread.finished());
 
-    let identity = Identity::Gateway(region.clone());
     let relay_limits = RelayLimits {
         max_batch_bytes: config.max_message_bytes(),
         timeout: config.relay_timeout(),
     };
-    let upstream = Upstream::new(&config.coordinator, &identity, relay_limits)?;
+    let upstream = Upstream::new(&config.coordinator, &security, relay_limits)?;
     let (topology_sender, topology) = watch::channel(Arc::new(Topology::default()));
     let open_streams = hub.watch_open_streams();
     let shared = Arc::new(Shared::new(
@@ -223,7 +231,6 @@ pub async fn start(
             .await;
     });
 
-    let interceptor = IdentityInterceptor::new(config.identity_mode());
     // One message of the largest payload with its envelope, both ways; a
     // larger request is refused by the server with a status naming the
     // payload limit before it is read (see `ServeOptions`).
@@ -239,11 +246,10 @@ pub async fn start(
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
     let limit = config.max_payload_bytes;
-    let options = ServeOptions::refusing(config.connections, max_message, move |size| {
+    let options = ServeOptions::refusing(config.connections, security, max_message, move |size| {
         GatewayError::MessageTooLarge { size, limit }.into()
     });
-    let routes = tonic::service::Routes::new(InterceptedService::new(exchange, interceptor))
-        .add_service(InterceptedService::new(relay, interceptor));
+    let routes = tonic::service::Routes::new(exchange).add_service(relay);
     tracing::info!(%gateway_id, %region, address = %advertise_url, "gateway serving");
     let stopped = tokio::spawn(async move {
         let served =

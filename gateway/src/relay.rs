@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use fedmesh_common::error::ErrorKind;
 use fedmesh_common::identity::AttachIdentity;
+use fedmesh_common::server::Security;
 use fedmesh_proto::pb;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
@@ -48,16 +49,16 @@ pub(crate) struct RelayLimits {
 
 /// One lazily opened client per gateway address.
 pub(crate) struct RelayClients {
-    identity: AttachIdentity,
+    security: Security,
     limits: RelayLimits,
     clients: Mutex<HashMap<String, RelayClient>>,
 }
 
 impl RelayClients {
-    /// Clients that present `identity`.
-    pub(crate) fn new(identity: AttachIdentity, limits: RelayLimits) -> Self {
+    /// Clients secured by `security`.
+    pub(crate) fn new(security: Security, limits: RelayLimits) -> Self {
         RelayClients {
-            identity,
+            security,
             limits,
             clients: Mutex::new(HashMap::new()),
         }
@@ -71,9 +72,9 @@ impl RelayClients {
         if let Some(client) = clients.get(address) {
             return Ok(client.clone());
         }
-        let channel = fedmesh_common::server::lazy_channel(address)?;
+        let channel = self.security.channel(address)?;
         let client =
-            pb::relay_client::RelayClient::with_interceptor(channel, self.identity.clone())
+            pb::relay_client::RelayClient::with_interceptor(channel, self.security.attach())
                 .max_encoding_message_size(self.limits.max_batch_bytes);
         clients.insert(address.to_string(), client.clone());
         Ok(client)

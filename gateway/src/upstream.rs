@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fedmesh_common::identity::{AttachIdentity, Identity};
+use fedmesh_common::identity::AttachIdentity;
+use fedmesh_common::server::Security;
 use fedmesh_common::topology::{AgencyHome, Topology};
 use fedmesh_proto::pb;
 use tokio::sync::watch;
@@ -42,21 +43,20 @@ pub(crate) struct Upstream {
 }
 
 impl Upstream {
-    /// Lazy connections as `identity` (attached as a header in dev mode).
+    /// Lazy connections, secured by `security`.
     pub(crate) fn new(
         coordinator_url: &str,
-        identity: &Identity,
+        security: &Security,
         relay_limits: RelayLimits,
     ) -> Result<Self, tonic::transport::Error> {
-        let identity = AttachIdentity::new(identity);
-        let channel = fedmesh_common::server::lazy_channel(coordinator_url)?;
+        let channel = security.channel(coordinator_url)?;
         Ok(Upstream {
             directory: pb::directory_client::DirectoryClient::with_interceptor(
                 channel,
-                identity.clone(),
+                security.attach(),
             )
             .max_decoding_message_size(MAX_TOPOLOGY_BYTES),
-            relays: Arc::new(RelayClients::new(identity, relay_limits)),
+            relays: Arc::new(RelayClients::new(security.clone(), relay_limits)),
             batchers: Mutex::new(HashMap::new()),
         })
     }

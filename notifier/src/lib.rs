@@ -15,13 +15,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use fedmesh_common::amqp::EventBusSettings;
+use fedmesh_common::auth::RateLimitSettings;
 use fedmesh_common::config::ConfigError;
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError, to_status};
 use fedmesh_common::events::{DurableQueues, EventSource, Filter, FilterError};
-use fedmesh_common::identity::{
-    AttachIdentity, Identity, IdentityInterceptor, IdentityMode, caller,
-};
-use fedmesh_common::server::ConnectionSettings;
+use fedmesh_common::identity::{Identity, caller};
+use fedmesh_common::server::{ConnectionSettings, Security, SecurityError};
+use fedmesh_common::tls::TlsSettings;
 use fedmesh_proto::pb;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -57,13 +57,13 @@ pub struct NotifierConfig {
         default_value = "http://127.0.0.1:50051"
     )]
     pub coordinator: String,
-    /// URL clients reach this notifier at [default: http:// and the
-    /// listening address].
+    /// URL clients reach this notifier at [default: https:// (http://
+    /// without TLS) and the listening address].
     #[arg(long, env = "FEDMESH_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Trust the x-fedmesh-identity header from loopback peers (development
-    /// only). Without it every call is refused until mutual TLS is
-    /// configured.
+    /// Serve plaintext and trust the x-fedmesh-identity header from
+    /// loopback peers (development only: refused on a non-loopback listen
+    /// address, ignored when TLS is configured).
     #[arg(long, env = "FEDMESH_DEV_IDENTITY")]
     #[serde(default)]
     pub dev_identity: bool,
@@ -75,6 +75,14 @@ pub struct NotifierConfig {
     /// How the server treats client connections.
     #[command(flatten)]
     pub connections: ConnectionSettings,
+    /// Mutual TLS (`[tls]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub tls: TlsSettings,
+    /// Per-agency rate limits (`[rate_limits]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub rate_limits: RateLimitSettings,
     /// Where events go (`[events]` in the config file).
     #[command(flatten)]
     #[serde(default)]
@@ -103,6 +111,8 @@ impl NotifierConfig {
             1..=1_000_000,
         )?;
         self.connections.validate()?;
+        self.tls.validate()?;
+        self.rate_limits.validate()?;
         self.webhooks.validate()?;
         self.events.validate()
     }
@@ -114,11 +124,6 @@ impl NotifierConfig {
             events: self.events.redacted(),
             ..self.clone()
         }
-    }
-
-    /// How callers are authenticated.
-    pub fn identity_mode(&self) -> IdentityMode {
-        IdentityMode::from_dev_identity(self.dev_identity)
     }
 }
 
@@ -302,6 +307,9 @@ pub enum RunError {
     /// The listener has no address.
     #[error("listener: {0}")]
     Listener(#[from] std::io::Error),
+    /// Connections cannot be secured as configured.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 /// Runs a notifier on `listener`, consuming `source`, until `shutdown`; it
@@ -314,13 +322,22 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
+    let local_address = listener.local_addr()?;
+    let security = Security::establish(
+        Identity::Notifier,
+        &config.tls,
+        &config.rate_limits,
+        config.dev_identity,
+        Some(local_address),
+        &shutdown,
+    )?;
     let address = match &config.advertise {
         Some(url) => url.clone(),
-        None => format!("http://{}", listener.local_addr()?),
+        None => format!("{}://{local_address}", security.scheme()),
     };
     let directory = pb::directory_client::DirectoryClient::with_interceptor(
-        fedmesh_common::server::lazy_channel(&config.coordinator)?,
-        AttachIdentity::new(&Identity::Notifier),
+        security.channel(&config.coordinator)?,
+        security.attach(),
     );
     let notifier = pb::Notifier {
         notifier_id: config.id.clone(),
@@ -362,14 +379,11 @@ pub async fn run(
         durable,
         shutdown: shutdown.clone(),
     };
-    let routes = tonic::service::Routes::new(
-        pb::notifications_server::NotificationsServer::with_interceptor(
-            service,
-            IdentityInterceptor::new(config.identity_mode()),
-        ),
-    );
+    let routes =
+        tonic::service::Routes::new(pb::notifications_server::NotificationsServer::new(service));
     tracing::info!(notifier_id = %config.id, %address, "notifier serving");
-    let options = fedmesh_common::server::ServeOptions::new(config.connections, MAX_REQUEST_BYTES);
+    let options =
+        fedmesh_common::server::ServeOptions::new(config.connections, security, MAX_REQUEST_BYTES);
     let served = fedmesh_common::server::serve(routes, listener, options, shutdown.clone()).await;
     shutdown.cancel();
     let _ = reporter.await;

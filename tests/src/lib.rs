@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use fedmesh::client::Authenticated;
+use fedmesh::client::{Authenticated, ClientTls, Endpoints};
 use fedmesh::dev::{DevMesh, DevOptions, TuneGateway};
 use fedmesh_common::amqp::{AmqpPublisher, AmqpQueues, EventBusSettings};
 use fedmesh_common::events::{DurableQueues, EventPublisher};
@@ -195,6 +195,8 @@ impl TestMesh {
             events: EventBusSettings::default(),
             subscriber_buffer: fedmesh_notifier::NotifierConfig::default().subscriber_buffer,
             webhooks: fedmesh_notifier::NotifierConfig::default().webhooks,
+            certs: None,
+            tune_tls: None,
         };
         configure(&mut options);
         let mesh = Self::start_on(options.clone()).await;
@@ -238,12 +240,46 @@ impl TestMesh {
         url: &str,
         agency_id: &str,
     ) -> pb::exchange_client::ExchangeClient<Authenticated> {
-        pb::exchange_client::ExchangeClient::with_interceptor(
-            channel(url),
-            AttachIdentity::new(&Identity::Agency(agency_id.into())),
-        )
-        .max_encoding_message_size(16 * 1024 * 1024)
-        .max_decoding_message_size(16 * 1024 * 1024)
+        let (channel, attach) = self.channel_as(url, &Identity::Agency(agency_id.into()));
+        pb::exchange_client::ExchangeClient::with_interceptor(channel, attach)
+            .max_encoding_message_size(16 * 1024 * 1024)
+            .max_decoding_message_size(16 * 1024 * 1024)
+    }
+
+    /// A channel to `url` on which calls are made as `identity`: on a
+    /// mesh on TLS, with `identity`'s certificate (an agency's is issued
+    /// when missing), else with the identity header.
+    pub fn channel_as(
+        &self,
+        url: &str,
+        identity: &Identity,
+    ) -> (tonic::transport::Channel, AttachIdentity) {
+        let Some(dir) = &self.options.certs else {
+            return (channel(url), AttachIdentity::new(identity));
+        };
+        if let Identity::Agency(_) = identity
+            && !fedmesh_common::tls::CertificateFiles::of(dir, identity)
+                .cert
+                .exists()
+        {
+            fedmesh::certs::issue(dir, identity, 30, false).unwrap();
+        }
+        let endpoints = Endpoints {
+            coordinator: self.coordinator_url(),
+            operator: "test".into(),
+            gateway: None,
+            notifier: None,
+            tls: ClientTls::Folder {
+                dir: dir.clone(),
+                trust_domain: fedmesh_common::tls::DEFAULT_TRUST_DOMAIN.into(),
+            },
+        };
+        endpoints.channel_as(url, identity).unwrap()
+    }
+
+    /// The certificates folder of a mesh on TLS.
+    pub fn certs(&self) -> Option<&std::path::Path> {
+        self.options.certs.as_deref()
     }
 
     async fn start_on(options: DevOptions) -> DevMesh {
@@ -336,10 +372,8 @@ impl TestMesh {
         &self,
         identity: &Identity,
     ) -> pb::directory_client::DirectoryClient<Authenticated> {
-        pb::directory_client::DirectoryClient::with_interceptor(
-            channel(&self.mesh().coordinator_url),
-            AttachIdentity::new(identity),
-        )
+        let (channel, attach) = self.channel_as(&self.mesh().coordinator_url, identity);
+        pb::directory_client::DirectoryClient::with_interceptor(channel, attach)
     }
 
     /// The Exchange of `region`'s gateway, acting as agency `agency_id`.
@@ -353,10 +387,7 @@ impl TestMesh {
 
     /// The notifier, as an operator.
     pub fn notifications(&self) -> pb::notifications_client::NotificationsClient<Authenticated> {
-        pb::notifications_client::NotificationsClient::with_interceptor(
-            channel(&self.mesh().notifier_url),
-            AttachIdentity::new(&Identity::Operator("test".into())),
-        )
+        self.notifications_as(&Identity::Operator("test".into()))
     }
 
     /// Registers `agency_id` in `region`.
@@ -756,10 +787,8 @@ impl TestMesh {
         url: &str,
         identity: &Identity,
     ) -> pb::notifications_client::NotificationsClient<Authenticated> {
-        pb::notifications_client::NotificationsClient::with_interceptor(
-            channel(url),
-            AttachIdentity::new(identity),
-        )
+        let (channel, attach) = self.channel_as(url, identity);
+        pb::notifications_client::NotificationsClient::with_interceptor(channel, attach)
     }
 
     /// Starts another notifier replica; returns its URL.

@@ -12,6 +12,7 @@ mod limits;
 mod messaging;
 mod queues;
 mod scale;
+mod security;
 mod serving;
 mod subscriptions;
 mod webhooks;

@@ -17,13 +17,23 @@ pub(crate) struct RelayService {
 }
 
 impl RelayService {
-    /// Stores one relayed message in its home shard of this region.
+    /// Stores one relayed message in its home shard of this region, if
+    /// the gateway of `forwarder` (a region) may relay it: its sender must
+    /// be homed there.
     async fn forward_one(
         shared: &Shared,
+        forwarder: &str,
         request: pb::ForwardRequest,
     ) -> Result<pb::Receipt, GatewayError> {
         let message = convert::message_from_forward(request)?;
         shared.check_payload(message.payload.len())?;
+        let sender_home = shared.home_of(&message.sender_id).await?;
+        if sender_home.region != forwarder {
+            return Err(GatewayError::PermissionDenied(format!(
+                "gateway/{forwarder} may not relay a message of {}, who is homed in {}",
+                message.sender_id, sender_home.region
+            )));
+        }
         let home = shared.home_of(&message.recipient_id).await?;
         if home.region != shared.region {
             return Err(GatewayError::WrongRegion {
@@ -46,15 +56,16 @@ impl RelayService {
 /// Most messages in one ForwardBatch.
 const MAX_FORWARD_BATCH: usize = 1000;
 
-fn require_gateway<T>(request: &Request<T>) -> Result<(), Status> {
-    let identity = caller(request)?;
-    if !matches!(identity, Identity::Gateway(_)) {
-        return Err(GatewayError::PermissionDenied(format!(
-            "{identity} may not relay messages; only gateways may"
+/// The region of the gateway that relays (the authorization layer lets
+/// only gateways call Relay).
+fn forwarder<T>(request: &Request<T>) -> Result<String, Status> {
+    match caller(request)? {
+        Identity::Gateway(region) => Ok(region),
+        other => Err(GatewayError::PermissionDenied(format!(
+            "{other} may not relay messages; only gateways may"
         ))
-        .into());
+        .into()),
     }
-    Ok(())
 }
 
 /// One message's result, as the origin gateway reads it.
@@ -80,8 +91,8 @@ impl pb::relay_server::Relay for RelayService {
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
-        require_gateway(&request)?;
-        let receipt = Self::forward_one(&self.shared, request.into_inner()).await?;
+        let forwarder = forwarder(&request)?;
+        let receipt = Self::forward_one(&self.shared, &forwarder, request.into_inner()).await?;
         Ok(Response::new(pb::ForwardResponse {
             receipt: Some(receipt),
         }))
@@ -91,7 +102,7 @@ impl pb::relay_server::Relay for RelayService {
         &self,
         request: Request<pb::ForwardBatchRequest>,
     ) -> Result<Response<pb::ForwardBatchResponse>, Status> {
-        require_gateway(&request)?;
+        let forwarder = Arc::new(forwarder(&request)?);
         let messages = request.into_inner().messages;
         if messages.len() > MAX_FORWARD_BATCH {
             return Err(GatewayError::from(fedmesh_common::error::InvalidField::new(
@@ -107,7 +118,10 @@ impl pb::relay_server::Relay for RelayService {
         let mut tasks = tokio::task::JoinSet::new();
         for (index, message) in messages.into_iter().enumerate() {
             let shared = Arc::clone(&self.shared);
-            tasks.spawn(async move { (index, Self::forward_one(&shared, message).await) });
+            let forwarder = Arc::clone(&forwarder);
+            tasks.spawn(
+                async move { (index, Self::forward_one(&shared, &forwarder, message).await) },
+            );
         }
         let mut outcomes: Vec<Option<Result<pb::Receipt, GatewayError>>> =
             (0..tasks.len()).map(|_| None).collect();
