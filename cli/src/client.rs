@@ -202,6 +202,9 @@ impl Endpoints {
         identity: &Identity,
     ) -> anyhow::Result<(Channel, AttachIdentity)> {
         let settings = match &self.tls {
+            ClientTls::Plain if url.starts_with("https://") => anyhow::bail!(
+                "{url} speaks mutual TLS: give --certs DIR (FEDMESH_CERTS), or --cert, --key and --ca"
+            ),
             ClientTls::Plain => {
                 let channel = fedmesh_common::server::lazy_channel(url)
                     .with_context(|| format!("{url:?} is not a usable URL"))?;

@@ -504,6 +504,133 @@ async fn an_agency_acts_only_as_itself_and_a_gateway_relays_only_for_its_region(
 }
 
 #[tokio::test]
+async fn an_agency_sees_of_another_only_its_home_region() {
+    let mesh = TestMesh::start().await;
+    mesh.register("tax-office", "east").await;
+    mesh.register("land-registry", "west").await;
+    let mut directory = mesh.directory_as(&Identity::Agency("tax-office".into()));
+    let get = |agency_id: &str| pb::GetAgencyRequest {
+        agency_id: agency_id.into(),
+    };
+    let own = directory.get_agency(get("tax-office")).await.unwrap();
+    let own = own.into_inner().agency.unwrap();
+    assert_eq!(own.shard, "east-1", "its own entry whole");
+    let other = directory.get_agency(get("land-registry")).await.unwrap();
+    let other = other.into_inner().agency.unwrap();
+    assert_eq!(
+        other,
+        pb::Agency {
+            agency_id: "land-registry".into(),
+            region: "west".into(),
+            ..pb::Agency::default()
+        }
+    );
+    let listed = directory
+        .list_agencies(pb::ListAgenciesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(listed.code(), Code::PermissionDenied, "{listed:?}");
+}
+
+#[test]
+fn a_production_configuration_refuses_the_development_ca() {
+    let folder = tempfile::tempdir().unwrap();
+    let gateway = Identity::Gateway("east".into());
+    fedmesh::certs::init(
+        folder.path(),
+        "fedmesh.local",
+        std::slice::from_ref(&gateway),
+        30,
+    )
+    .unwrap();
+    let mut settings = TlsSettings::from_folder(folder.path(), &gateway);
+    assert!(
+        MeshTls::load(&settings, Some(&gateway)).is_ok(),
+        "allowed for trying out"
+    );
+    settings.allow_dev_ca = false;
+    let error = MeshTls::load(&settings, Some(&gateway)).unwrap_err();
+    assert!(error.to_string().contains("development CA"), "{error}");
+    settings.allow_dev_ca = true;
+    let error = MeshTls::load(&settings, Some(&Identity::Gateway("west".into()))).unwrap_err();
+    assert!(
+        error.to_string().contains("certificate of gateway/east"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn the_walkthrough_runs_on_mutual_tls_from_the_command_line() {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let mesh = mesh_on_tls(None).await;
+    let certs = mesh.certs().unwrap().display().to_string();
+    let coordinator = mesh.coordinator_url();
+    let run = async |argv: Vec<&str>| -> anyhow::Result<String> {
+        let matches = fedmesh::cli::Cli::command().try_get_matches_from(argv)?;
+        let cli = fedmesh::cli::Cli::from_arg_matches(&matches)?;
+        let mut out = Vec::new();
+        fedmesh::cli::run(cli, &matches, &mut out).await?;
+        Ok(String::from_utf8(out)?)
+    };
+    let fedmesh = async |args: &[&str]| {
+        let mut argv = vec!["fedmesh"];
+        argv.extend_from_slice(args);
+        argv.extend(["--coordinator", &coordinator, "--certs", &certs]);
+        run(argv).await
+    };
+    for agency in ["agency/tax-office", "agency/land-registry"] {
+        run(vec!["fedmesh", "certs", "issue", &certs, agency])
+            .await
+            .unwrap();
+    }
+    fedmesh(&["agency", "register", "tax-office", "--region", "east"])
+        .await
+        .unwrap();
+    fedmesh(&["agency", "register", "land-registry", "--region", "west"])
+        .await
+        .unwrap();
+    mesh.gateway_knows("east", &["land-registry"]).await;
+    let sent = fedmesh(&[
+        "send",
+        "--as",
+        "tax-office",
+        "--to",
+        "land-registry",
+        "--kind",
+        "tax.return.filed",
+        "--body",
+        "return 2026 filed",
+    ])
+    .await
+    .unwrap();
+    assert!(sent.starts_with("STORED"), "{sent}");
+    let read = fedmesh(&["inbox", "--as", "land-registry", "--ack"])
+        .await
+        .unwrap();
+    assert!(read.contains("return 2026 filed"), "{read}");
+    fedmesh(&["agency", "register", "city-hall", "--region", "east"])
+        .await
+        .unwrap();
+    let error = fedmesh(&[
+        "send",
+        "--as",
+        "city-hall",
+        "--to",
+        "tax-office",
+        "--kind",
+        "k",
+        "--body",
+        "b",
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{error:#}").contains("fedmesh certs issue"),
+        "an agency without a certificate is told how to get one: {error:#}"
+    );
+}
+
+#[tokio::test]
 async fn an_agency_over_its_rate_limit_is_told_when_to_retry() {
     let mesh = TestMesh::start_tuned(
         Backend::Sqlite,

@@ -79,10 +79,20 @@ impl pb::directory_server::Directory for DirectoryService {
         &self,
         request: Request<pb::GetAgencyRequest>,
     ) -> Result<Response<pb::GetAgencyResponse>, Status> {
-        caller(&request)?;
+        let identity = caller(&request)?;
         let agency = self.directory.get_agency(&request.get_ref().agency_id)?;
+        let mut agency = agency_to_pb(&agency);
+        // An agency sees its own entry whole, and of another only where it
+        // lives: its home region.
+        if matches!(&identity, Identity::Agency(_)) && !identity.is_agency(&agency.agency_id) {
+            agency = pb::Agency {
+                agency_id: agency.agency_id,
+                region: agency.region,
+                ..pb::Agency::default()
+            };
+        }
         Ok(Response::new(pb::GetAgencyResponse {
-            agency: Some(agency_to_pb(&agency)),
+            agency: Some(agency),
         }))
     }
 
