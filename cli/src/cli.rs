@@ -12,6 +12,7 @@ use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand};
 use crate::bench::BenchArgs;
 use crate::certs::CertsArgs;
 use crate::commands::{AgencyArgs, InboxArgs, SendArgs, StatusArgs, SubscribeArgs};
+use crate::governance::{AccessArgs, AuditArgs};
 use crate::serve::{CoordinatorArgs, DevArgs, GatewayArgs, NotifierArgs};
 use crate::subscriptions::SubscriptionArgs;
 
@@ -82,6 +83,14 @@ pub enum Command {
         after_help = "Examples:\n  fedmesh subscription create deliveries --kind message.delivered\n  fedmesh subscription list"
     )]
     Subscription(SubscriptionArgs),
+    /// Grant, revoke and list who may send whom which kinds of message.
+    #[command(
+        after_help = "Examples:\n  fedmesh access grant --from tax-office --to land-registry --kind tax.return.filed\n  fedmesh access list"
+    )]
+    Access(AccessArgs),
+    /// Read and verify the tamper-evident audit log.
+    #[command(after_help = "Examples:\n  fedmesh audit list --region east\n  fedmesh audit verify")]
+    Audit(AuditArgs),
     /// Regions, their shards, gateways and notifiers, and agency counts.
     #[command(after_help = "Examples:\n  fedmesh status\n  fedmesh status --json")]
     Status(StatusArgs),
@@ -131,6 +140,8 @@ pub async fn run(
         Command::Subscribe(args) => crate::commands::subscribe(args, out).await,
         Command::Subscription(args) => crate::subscriptions::subscription(args, out).await,
         Command::Status(args) => crate::commands::status(args, out).await,
+        Command::Access(args) => crate::governance::access(args, out).await,
+        Command::Audit(args) => crate::governance::audit(args, out).await,
         Command::Bench(args) => {
             let endpoints = args.mesh.endpoints(args.gateway.gateway.as_deref(), None);
             crate::bench::run(&endpoints, args.command, out).await

@@ -19,6 +19,7 @@ use fedmesh_common::identity::Identity;
 use fedmesh_common::in_process::InProcessBus;
 use fedmesh_common::store::redact_url;
 use fedmesh_common::tls::TlsSettings;
+use fedmesh_common::topology::AccessPolicy;
 use fedmesh_common::topology::Topology;
 use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};
 use fedmesh_gateway::{GatewayConfig, ShardConfig};
@@ -244,6 +245,7 @@ async fn spawn_gateway(
         .security
         .for_identity(&Identity::Gateway(config.region().to_string()));
     config.rate_limits = RateLimitSettings::unlimited();
+    config.access_policy = Some(AccessPolicy::Open);
     if let Some(tune) = &gateway.tune {
         tune(&mut config);
     }

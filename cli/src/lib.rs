@@ -10,6 +10,7 @@ pub mod client;
 pub mod commands;
 pub mod dev;
 pub mod fanout;
+pub mod governance;
 pub mod serve;
 pub mod signal;
 pub mod subscriptions;

@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 
+use crate::audit::AuditRecord;
 use crate::config::{ConfigError, check_range};
 use crate::error::{ErrorKind, ServiceError, to_status};
 use crate::identity::{IDENTITY_HEADER, Identity, IdentityError};
@@ -135,6 +136,11 @@ pub const METHODS: &[(&str, &[Role])] = &[
         "/fedmesh.v1.Directory/ReplayDeadLetters",
         &[Agency, Operator],
     ),
+    ("/fedmesh.v1.Directory/GrantAccess", &[Operator]),
+    ("/fedmesh.v1.Directory/RevokeAccess", &[Operator]),
+    ("/fedmesh.v1.Directory/ListAccess", &[Operator]),
+    ("/fedmesh.v1.Directory/ListAudit", &[Operator]),
+    ("/fedmesh.v1.Directory/RecordAudit", &[Gateway, Notifier]),
     ("/fedmesh.v1.Notifications/Subscribe", &[Agency, Operator]),
     ("/fedmesh.v1.Notifications/Consume", &[Agency, Operator]),
 ];
@@ -455,13 +461,43 @@ fn read_deny_list(path: &std::path::Path) -> Result<HashSet<String>, String> {
     Ok(entries)
 }
 
-/// What the layer needs: how callers are identified, the deny list and
-/// the rate limits.
-#[derive(Debug, Clone)]
+/// Where a component records what it refused or did, without waiting.
+pub trait AuditSink: Send + Sync + std::fmt::Debug {
+    /// Records `record` (a failure is logged by the sink).
+    fn record(&self, record: AuditRecord);
+}
+
+/// The audit sink of a component, set once its log is reachable (the
+/// coordinator's store, or the coordinator for the others).
+pub type AuditSlot = Arc<std::sync::OnceLock<Arc<dyn AuditSink>>>;
+
+/// Records `record` in the slot's sink, if one is set.
+pub fn audit_to(slot: &AuditSlot, record: AuditRecord) {
+    if let Some(sink) = slot.get() {
+        sink.record(record);
+    }
+}
+
+/// What the layer needs: how callers are identified, the deny list, the
+/// rate limits, and where refusals are recorded.
+#[derive(Clone)]
 pub struct Guard {
     authentication: Authentication,
     deny_list: Option<Arc<DenyList>>,
     limiter: Arc<RateLimiter>,
+    audit: AuditSlot,
+    chain: String,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Guard")
+            .field("authentication", &self.authentication)
+            .field("deny_list", &self.deny_list)
+            .field("chain", &self.chain)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Guard {
@@ -475,7 +511,37 @@ impl Guard {
             authentication,
             deny_list,
             limiter: Arc::new(RateLimiter::new(limits)),
+            audit: AuditSlot::default(),
+            chain: crate::audit::GLOBAL_CHAIN.to_string(),
         }
+    }
+
+    /// Records refusals in `audit`'s sink, in `chain`.
+    pub fn auditing(mut self, audit: AuditSlot, chain: String) -> Self {
+        self.audit = audit;
+        self.chain = chain;
+        self
+    }
+
+    /// Records a denied call.
+    fn record_denial(
+        &self,
+        actor: Option<&Identity>,
+        method: &str,
+        code: tonic::Code,
+        reason: &str,
+    ) {
+        audit_to(
+            &self.audit,
+            AuditRecord {
+                chain: self.chain.clone(),
+                actor: actor.map_or_else(|| "unknown".to_string(), ToString::to_string),
+                action: "denied".into(),
+                target: method.trim_start_matches('/').to_string(),
+                outcome: crate::error::code_name(code).into(),
+                detail: reason.to_string(),
+            },
+        );
     }
 
     /// The identity of the caller of `request`, and its certificate's
@@ -607,13 +673,34 @@ where
                     .and_then(|peer| peer.remote);
                 tracing::info!(method = %path, peer = ?peer, reason = %refusal, "call refused");
                 let status = to_status(&refusal);
+                if !matches!(refusal, Refusal::RateLimited { .. }) {
+                    let actor = self
+                        .guard
+                        .identify(&request)
+                        .ok()
+                        .map(|(identity, _)| identity);
+                    self.guard.record_denial(
+                        actor.as_ref(),
+                        &path,
+                        status.code(),
+                        &refusal.to_string(),
+                    );
+                }
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };
         request.extensions_mut().insert(identity.clone());
         let revocations = self.guard.deny_list.as_ref().map(|list| list.subscribe());
+        let guard = self.guard.clone();
         Box::pin(async move {
             let response = inner.call(request).await?;
+            // A handler's refusal of the call's objects (sending as
+            // another agency, without a grant) is recorded too.
+            if let Some(status) = tonic::Status::from_header_map(response.headers())
+                && status.code() == tonic::Code::PermissionDenied
+            {
+                guard.record_denial(Some(&identity), &path, status.code(), status.message());
+            }
             let Some(revocations) = revocations else {
                 return Ok(response);
             };

@@ -21,6 +21,7 @@
 //! Architecture Invariant: this crate depends on no role crate.
 
 pub mod amqp;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod error;

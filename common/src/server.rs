@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::service::Routes;
 
-use crate::auth::{AuthLayer, Authentication, DenyList, Guard, PeerInfo, RateLimitSettings};
+use crate::auth::{
+    AuditSink, AuditSlot, AuthLayer, Authentication, DenyList, Guard, PeerInfo, RateLimitSettings,
+};
 use crate::config::{ConfigError, check_range};
 use crate::identity::{AttachIdentity, Identity};
 use crate::tls::{MeshTls, TlsError, TlsSettings, certificate_identity};
@@ -241,6 +243,8 @@ pub struct Security {
     pub guard: Guard,
     /// Who this component is when it calls others.
     pub identity: Identity,
+    /// Where it records denied calls and certificate rotations.
+    pub audit: AuditSlot,
 }
 
 impl Security {
@@ -262,9 +266,10 @@ impl Security {
             deny_list.watch(tls.reload_period(), shutdown.clone());
         }
         let material = MeshTls::load(tls, Some(&identity))?;
+        let audit = AuditSlot::default();
         let authentication = match (&material, dev_identity) {
             (Some(material), _) => {
-                material.watch(shutdown.clone());
+                material.watch(shutdown.clone(), audit.clone());
                 if dev_identity {
                     tracing::info!(
                         "TLS is configured: identity headers are ignored, --dev-identity has no effect"
@@ -286,24 +291,37 @@ impl Security {
             }
             (None, false) => return Err(SecurityError::Unsecured),
         };
+        let chain = audit_chain(&identity);
         Ok(Security {
             tls: material,
-            guard: Guard::new(authentication, deny_list, rate_limits.clone()),
+            guard: Guard::new(authentication, deny_list, rate_limits.clone())
+                .auditing(audit.clone(), chain),
             identity,
+            audit,
         })
+    }
+
+    /// Records denied calls and certificate rotations in `sink` from now on.
+    pub fn set_audit(&self, sink: Arc<dyn AuditSink>) {
+        if self.audit.set(sink).is_err() {
+            tracing::warn!("the audit sink was set already");
+        }
     }
 
     /// Plaintext with identity headers from loopback and no rate limit:
     /// the dev mesh and tests.
     pub fn dev(identity: Identity) -> Security {
+        let audit = AuditSlot::default();
         Security {
             tls: None,
             guard: Guard::new(
                 Authentication::DevHeader,
                 None,
                 RateLimitSettings::unlimited(),
-            ),
+            )
+            .auditing(audit.clone(), audit_chain(&identity)),
             identity,
+            audit,
         }
     }
 
@@ -329,6 +347,15 @@ impl Security {
     /// The scheme of this component's URLs: `https` on TLS.
     pub fn scheme(&self) -> &'static str {
         if self.tls.is_some() { "https" } else { "http" }
+    }
+}
+
+/// The audit chain a component writes to: its region for a gateway, the
+/// global chain for the others.
+pub fn audit_chain(identity: &Identity) -> String {
+    match identity {
+        Identity::Gateway(region) => region.clone(),
+        _ => crate::audit::GLOBAL_CHAIN.to_string(),
     }
 }
 

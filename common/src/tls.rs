@@ -474,7 +474,7 @@ impl MeshTls {
     /// Reads the files again if they changed since last read; whether the
     /// material changed. Material that cannot be used is logged and the
     /// previous one kept.
-    pub fn reload_if_changed(&self) -> bool {
+    pub fn reload_if_changed(&self, audit: &crate::auth::AuditSlot) -> bool {
         let current = self.current();
         if Stamp::of(&self.source.paths()) == current.stamp {
             return false;
@@ -483,6 +483,22 @@ impl MeshTls {
             Ok(loaded) => {
                 let own = loaded.own.clone();
                 let changed = own != current.own;
+                if changed {
+                    crate::auth::audit_to(
+                        audit,
+                        crate::audit::AuditRecord {
+                            chain: crate::server::audit_chain(&own.identity),
+                            actor: own.identity.to_string(),
+                            action: "certificate-rotated".into(),
+                            target: own.identity.to_string(),
+                            outcome: "ok".into(),
+                            detail: format!(
+                                "serial {} replaced by {}, valid until {}",
+                                current.own.serial, own.serial, own.not_after
+                            ),
+                        },
+                    );
+                }
                 if let Ok(mut slot) = self.current.write() {
                     *slot = Arc::new(loaded);
                 }
@@ -511,8 +527,9 @@ impl MeshTls {
         }
     }
 
-    /// Checks the files every reload period until `shutdown`.
-    pub fn watch(self: &Arc<Self>, shutdown: CancellationToken) {
+    /// Checks the files every reload period until `shutdown`; a new
+    /// certificate is recorded in `audit`'s sink.
+    pub fn watch(self: &Arc<Self>, shutdown: CancellationToken, audit: crate::auth::AuditSlot) {
         let tls = Arc::clone(self);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(tls.reload_period);
@@ -521,7 +538,7 @@ impl MeshTls {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = ticks.tick() => {
-                        tls.reload_if_changed();
+                        tls.reload_if_changed(&audit);
                     }
                 }
             }

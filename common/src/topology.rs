@@ -39,6 +39,20 @@ pub struct Topology {
     pub gateways: BTreeMap<String, GatewayEntry>,
     /// Notifier id to the URL subscribers reach it at.
     pub notifiers: BTreeMap<String, String>,
+    /// Grant id to the access grant.
+    pub grants: BTreeMap<String, pb::AccessGrant>,
+}
+
+/// Whether agencies may send each other without a grant.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessPolicy {
+    /// Any agency may send any other.
+    Open,
+    /// A send needs a grant (`fedmesh access grant`).
+    Closed,
 }
 
 impl Topology {
@@ -78,6 +92,9 @@ impl Topology {
                 .notifiers
                 .insert(notifier.notifier_id, notifier.address);
         }
+        for grant in snapshot.grants {
+            topology.grants.insert(grant.grant_id.clone(), grant);
+        }
         topology
     }
 
@@ -98,6 +115,12 @@ impl Topology {
             }
             Some(Change::NotifierRemoved(notifier_id)) => {
                 self.notifiers.remove(&notifier_id);
+            }
+            Some(Change::GrantAdded(grant)) => {
+                self.grants.insert(grant.grant_id.clone(), grant);
+            }
+            Some(Change::GrantRemoved(grant_id)) => {
+                self.grants.remove(&grant_id);
             }
             None => {}
         }
@@ -122,6 +145,16 @@ impl Topology {
                 address: gateway.address,
             },
         );
+    }
+
+    /// Whether a grant allows `sender` to send `recipient` a message of
+    /// `kind`.
+    pub fn grants_access(&self, sender: &str, recipient: &str, kind: &str) -> bool {
+        self.grants.values().any(|grant| {
+            grant.recipient_id == recipient
+                && (grant.sender_id.is_empty() || grant.sender_id == sender)
+                && (grant.kinds.is_empty() || grant.kinds.iter().any(|allowed| allowed == kind))
+        })
     }
 
     /// Addresses of the gateways serving `region`, in gateway id order.
@@ -199,6 +232,7 @@ mod tests {
                     agencies: vec![agency("alpha", "east")],
                     gateways: vec![],
                     notifiers: vec![],
+                    grants: vec![],
                 },
             )),
         });
@@ -213,5 +247,38 @@ mod tests {
         assert!(!topology.agencies.contains_key("alpha"));
         assert!(topology.agencies.contains_key("beta"));
         assert!(!topology.agencies.contains_key("gamma"));
+
+        let grant = |id: &str, sender: &str, kinds: &[&str]| pb::AccessGrant {
+            grant_id: id.into(),
+            sender_id: sender.into(),
+            recipient_id: "beta".into(),
+            kinds: kinds.iter().map(|kind| kind.to_string()).collect(),
+            ..pb::AccessGrant::default()
+        };
+        assert!(!topology.grants_access("alpha", "beta", "tax.notice"));
+        topology.apply(change(
+            13,
+            Change::GrantAdded(grant("g1", "alpha", &["tax.notice"])),
+        ));
+        assert!(topology.grants_access("alpha", "beta", "tax.notice"));
+        assert!(
+            !topology.grants_access("alpha", "beta", "deed.scan"),
+            "another kind"
+        );
+        assert!(
+            !topology.grants_access("gamma", "beta", "tax.notice"),
+            "another sender"
+        );
+        assert!(
+            !topology.grants_access("beta", "alpha", "tax.notice"),
+            "the other way"
+        );
+        topology.apply(change(14, Change::GrantAdded(grant("g2", "", &[]))));
+        assert!(
+            topology.grants_access("gamma", "beta", "deed.scan"),
+            "any sender, any kind"
+        );
+        topology.apply(change(15, Change::GrantRemoved("g2".into())));
+        assert!(!topology.grants_access("gamma", "beta", "deed.scan"));
     }
 }

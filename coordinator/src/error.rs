@@ -26,6 +26,9 @@ pub enum DirectoryError {
     /// The caller may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// No grant has the id.
+    #[error("no access grant has id {0:?}; `fedmesh access list` lists them")]
+    GrantNotFound(String),
     /// The subscription is unknown.
     #[error("subscription {0:?} does not exist")]
     SubscriptionNotFound(String),
@@ -61,7 +64,9 @@ impl ServiceError for DirectoryError {
             DirectoryError::AgencyExists(_) | DirectoryError::SubscriptionExists(_) => {
                 ErrorKind::AlreadyExists
             }
-            DirectoryError::SubscriptionNotFound(_) => ErrorKind::NotFound,
+            DirectoryError::SubscriptionNotFound(_) | DirectoryError::GrantNotFound(_) => {
+                ErrorKind::NotFound
+            }
             DirectoryError::NoBus | DirectoryError::NoDeadLetters(_) => {
                 ErrorKind::FailedPrecondition
             }

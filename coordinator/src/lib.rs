@@ -11,6 +11,7 @@
 //! published to watchers, so a gateway never sees an agency that a crash
 //! could forget.
 
+pub mod access;
 pub mod agency;
 pub mod config;
 pub mod directory;
@@ -99,6 +100,9 @@ pub async fn run(
         directory::Directory::load(store, config.regions.clone(), outbox_wake, queues).await?;
     directory.declare_subscription_queues().await;
     let directory = Arc::new(directory);
+    security.set_audit(Arc::new(DirectoryAudit {
+        directory: Arc::clone(&directory),
+    }));
     tasks.spawn(expire_instances(
         Arc::clone(&directory),
         config.clone(),
@@ -121,6 +125,24 @@ pub async fn run(
     tasks.wait().await;
     tracing::info!("coordinator stopped");
     Ok(served?)
+}
+
+/// Records the coordinator's own refusals and rotations in its store.
+struct DirectoryAudit {
+    directory: Arc<directory::Directory>,
+}
+
+impl std::fmt::Debug for DirectoryAudit {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("DirectoryAudit")
+    }
+}
+
+impl fedmesh_common::auth::AuditSink for DirectoryAudit {
+    fn record(&self, record: fedmesh_common::audit::AuditRecord) {
+        let directory = Arc::clone(&self.directory);
+        tokio::spawn(async move { directory.audit(record).await });
+    }
 }
 
 async fn expire_instances(

@@ -11,6 +11,7 @@ use fedmesh_common::auth::RateLimitSettings;
 use fedmesh_common::config::{ConfigError, check_range};
 use fedmesh_common::server::ConnectionSettings;
 use fedmesh_common::tls::TlsSettings;
+use fedmesh_common::topology::AccessPolicy;
 use serde::{Deserialize, Serialize};
 
 /// One shard database this gateway writes and reads.
@@ -177,6 +178,12 @@ pub struct GatewayConfig {
     /// How the server treats client connections.
     #[command(flatten)]
     pub connections: ConnectionSettings,
+    /// Whether agencies may send each other without an access grant
+    /// (`fedmesh access grant`): open or closed [default: closed when TLS
+    /// is configured, open otherwise]. Checked at the origin gateway and
+    /// again at the recipient's home gateway.
+    #[arg(long, env = "FEDMESH_ACCESS_POLICY", value_enum)]
+    pub access_policy: Option<AccessPolicy>,
     /// Mutual TLS (`[tls]` in the config file).
     #[command(flatten)]
     #[serde(default)]
@@ -291,6 +298,15 @@ impl GatewayConfig {
         self.id
             .clone()
             .unwrap_or_else(|| format!("{}-0", self.region()))
+    }
+
+    /// Whether sends need a grant.
+    pub fn access_policy(&self) -> AccessPolicy {
+        self.access_policy.unwrap_or(if self.tls.enabled() {
+            AccessPolicy::Closed
+        } else {
+            AccessPolicy::Open
+        })
     }
 
     /// The largest gRPC message this gateway sends or receives: one

@@ -193,6 +193,10 @@ pub async fn start(
         timeout: config.relay_timeout(),
     };
     let upstream = Upstream::new(&config.coordinator, &security, relay_limits)?;
+    security.set_audit(fedmesh_common::audit::RemoteAudit::spawn(
+        upstream.directory(),
+        shutdown.clone(),
+    ));
     let (topology_sender, topology) = watch::channel(Arc::new(Topology::default()));
     let open_streams = hub.watch_open_streams();
     let shared = Arc::new(Shared::new(

@@ -26,6 +26,7 @@ pub(crate) async fn send(
     shared.check_payload(message.payload.len())?;
     let sender_home = shared.require_homed_here(&message.sender_id).await?;
     let recipient_home = shared.home_of(&message.recipient_id).await?;
+    shared.check_access(&message.sender_id, &message.recipient_id, &message.kind)?;
     let route = route(
         &shared.topology.borrow(),
         &shared.region,

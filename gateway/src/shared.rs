@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use fedmesh_common::identity::Identity;
-use fedmesh_common::topology::{AgencyHome, Topology};
+use fedmesh_common::topology::{AccessPolicy, AgencyHome, Topology};
 use fedmesh_proto::pb;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -56,6 +56,27 @@ impl Drop for InFlight<'_> {
 }
 
 impl Shared {
+    /// Refuses a message no access grant allows, when the access policy is
+    /// closed.
+    pub(crate) fn check_access(
+        &self,
+        sender_id: &str,
+        recipient_id: &str,
+        kind: &str,
+    ) -> Result<(), GatewayError> {
+        if self.config.access_policy() == AccessPolicy::Open
+            || self
+                .topology
+                .borrow()
+                .grants_access(sender_id, recipient_id, kind)
+        {
+            return Ok(());
+        }
+        Err(GatewayError::PermissionDenied(format!(
+            "no access grant lets {sender_id} send {recipient_id} messages of kind {kind}; an operator grants it with `fedmesh access grant --from {sender_id} --to {recipient_id} --kind {kind}`"
+        )))
+    }
+
     /// The state of a gateway about to serve.
     pub(crate) fn new(
         config: GatewayConfig,

@@ -61,6 +61,11 @@ impl Upstream {
         })
     }
 
+    /// The coordinator's directory, for recording in the audit log.
+    pub(crate) fn directory(&self) -> DirectoryClient {
+        self.directory.clone()
+    }
+
     /// Asks the coordinator where `agency_id` lives.
     pub(crate) async fn lookup(&self, agency_id: &str) -> Result<AgencyHome, GatewayError> {
         let mut request = tonic::Request::new(pb::GetAgencyRequest {

@@ -339,6 +339,10 @@ pub async fn run(
         security.channel(&config.coordinator)?,
         security.attach(),
     );
+    security.set_audit(fedmesh_common::audit::RemoteAudit::spawn(
+        directory.clone(),
+        shutdown.clone(),
+    ));
     let notifier = pb::Notifier {
         notifier_id: config.id.clone(),
         address: address.clone(),

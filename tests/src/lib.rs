@@ -316,6 +316,26 @@ impl TestMesh {
         .unwrap();
     }
 
+    /// Waits until the gateway of `region` routes with a topology that
+    /// holds the grant `grant_id` (or, when `present` is false, does not).
+    pub async fn gateway_knows_grant(&self, region: &str, grant_id: &str, present: bool) {
+        let mut topology = self.mesh().gateway_topology(region).unwrap();
+        within(
+            "the gateway's grants",
+            topology.wait_for(|topology| topology.grants.contains_key(grant_id) == present),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// The control database's URL (SQLite in the data folder).
+    pub fn control_database_url(&self) -> String {
+        format!(
+            "sqlite://{}",
+            self.data_dir.path().join("control.sqlite").display()
+        )
+    }
+
     /// The number of inboxes the gateway of `region` streams, as it changes.
     pub fn gateway_open_streams(&self, region: &str) -> tokio::sync::watch::Receiver<usize> {
         self.mesh().gateway_open_streams(region).unwrap()

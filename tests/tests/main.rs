@@ -7,6 +7,7 @@ mod bad_input;
 mod bus;
 mod cli;
 mod events;
+mod governance;
 mod inbox;
 mod limits;
 mod messaging;

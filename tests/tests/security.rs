@@ -711,6 +711,31 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
         }
     })
     .await;
+    // The rotation is in the audit log, in the gateway's region's chain.
+    let rotated = within("the rotation in the audit log", async {
+        loop {
+            let entries = mesh
+                .directory()
+                .list_audit(pb::ListAuditRequest {
+                    chain: "east".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .entries;
+            if let Some(entry) = entries
+                .into_iter()
+                .find(|entry| entry.action == "certificate-rotated")
+            {
+                return entry;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(rotated.actor, "gateway/east");
+    assert!(rotated.detail.contains(&after), "{rotated:?}");
     // The mesh goes on working: the other components trust it.
     mesh.register("tax-office", "east").await;
     mesh.register("land-registry", "west").await;

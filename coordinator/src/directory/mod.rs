@@ -9,8 +9,8 @@
 mod state;
 mod subscriptions;
 
-pub(crate) use state::agency_to_pb;
 pub use state::{GatewayRecord, NotifierRecord, TopologyState, WatchStart};
+pub(crate) use state::{agency_to_pb, grant_to_pb};
 pub use subscriptions::NewSubscription;
 
 use std::collections::BTreeMap;
@@ -19,6 +19,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fedmesh_common::events::{AGENCY_DEREGISTERED, AGENCY_REGISTERED, DurableQueues, Event};
 use fedmesh_common::validate;
 
+use fedmesh_common::audit::{AuditEntry, AuditRecord};
+use fedmesh_common::identity::Identity;
+
+use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::config::RegionConfig;
 use crate::error::{DirectoryError, StoreError};
@@ -56,9 +60,11 @@ impl Directory {
             .map(|subscription| (subscription.name.clone(), subscription))
             .collect();
         let initial_version = u64::try_from(fedmesh_common::time::now_micros()).unwrap_or(1);
+        let mut state = TopologyState::new(regions, agencies, initial_version);
+        state.load_grants(store.all_grants().await?);
         Ok(Directory {
             store,
-            state: Mutex::new(TopologyState::new(regions, agencies, initial_version)),
+            state: Mutex::new(state),
             outbox_wake,
             queues,
             subscriptions: tokio::sync::Mutex::new(subscriptions),
@@ -80,9 +86,11 @@ impl Directory {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Registers `agency_id` in `region` on the region's least-loaded shard.
+    /// Registers `agency_id` in `region` on the region's least-loaded shard,
+    /// as `actor` asked.
     pub async fn register_agency(
         &self,
+        actor: &Identity,
         agency_id: &str,
         region: &str,
         display_name: &str,
@@ -125,6 +133,15 @@ impl Directory {
         self.wake_outbox();
         self.state().upsert_agency(record.clone());
         tracing::info!(agency_id, region, shard = %record.shard, "agency registered");
+        self.audit(AuditRecord {
+            chain: region.to_string(),
+            actor: actor.to_string(),
+            action: "register".into(),
+            target: format!("agency/{agency_id}"),
+            outcome: "ok".into(),
+            detail: format!("shard {}", record.shard),
+        })
+        .await;
         Ok(record)
     }
 
@@ -137,8 +154,12 @@ impl Directory {
             .ok_or_else(|| DirectoryError::AgencyNotFound(agency_id.to_string()))
     }
 
-    /// Removes an agency.
-    pub async fn deregister_agency(&self, agency_id: &str) -> Result<(), DirectoryError> {
+    /// Removes an agency, as `actor` asked.
+    pub async fn deregister_agency(
+        &self,
+        actor: &Identity,
+        agency_id: &str,
+    ) -> Result<(), DirectoryError> {
         let record = self.get_agency(agency_id)?;
         let event = self
             .outbox_wake
@@ -150,6 +171,197 @@ impl Directory {
         self.wake_outbox();
         self.state().remove_agency(agency_id);
         tracing::info!(agency_id, "agency deregistered");
+        self.audit(AuditRecord {
+            chain: record.region.clone(),
+            actor: actor.to_string(),
+            action: "deregister".into(),
+            target: format!("agency/{agency_id}"),
+            outcome: "ok".into(),
+            detail: String::new(),
+        })
+        .await;
         Ok(())
     }
+
+    /// Appends `record` to the audit log; a failure is logged (the action
+    /// it records is done).
+    pub async fn audit(&self, record: AuditRecord) {
+        let at = fedmesh_common::time::now_micros();
+        if let Err(error) = self.store.append_audit(&record, at).await {
+            tracing::error!(%error, chain = %record.chain, action = %record.action, target = %record.target, "cannot append to the audit log");
+        }
+    }
+
+    /// Records what a gateway or notifier refused or did: a gateway only in
+    /// its region's chain, a notifier only in the global chain.
+    pub async fn record_audit(
+        &self,
+        caller: &Identity,
+        records: Vec<AuditRecord>,
+    ) -> Result<(), DirectoryError> {
+        const MAX_RECORDS: usize = 1000;
+        if records.len() > MAX_RECORDS {
+            return Err(fedmesh_common::error::InvalidField::new(
+                "records",
+                format!(
+                    "{} records given, at most {MAX_RECORDS} per call",
+                    records.len()
+                ),
+            )
+            .into());
+        }
+        let own_chain = match caller {
+            Identity::Gateway(region) => region.clone(),
+            _ => fedmesh_common::audit::GLOBAL_CHAIN.to_string(),
+        };
+        if let Some(other) = records.iter().find(|record| record.chain != own_chain) {
+            return Err(DirectoryError::PermissionDenied(format!(
+                "{caller} records only in the audit chain {own_chain:?}, not {:?}",
+                other.chain
+            )));
+        }
+        for record in records {
+            self.audit(record).await;
+        }
+        Ok(())
+    }
+
+    /// A page of the audit log (see `DirectoryStore::audit_page`).
+    pub async fn audit_page(
+        &self,
+        chain: Option<&str>,
+        after: Option<(&str, i64)>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, DirectoryError> {
+        Ok(self.store.audit_page(chain, after, limit).await?)
+    }
+
+    /// The chain of audit rows about an agency: its home region's if it is
+    /// registered, else the global one.
+    fn chain_of_agency(&self, agency_id: &str) -> String {
+        self.state()
+            .agency(agency_id)
+            .map_or(fedmesh_common::audit::GLOBAL_CHAIN.to_string(), |agency| {
+                agency.region.clone()
+            })
+    }
+
+    /// Allows `sender_id` (empty: any agency) to send `recipient_id`
+    /// messages of `kinds` (empty: any kind); a grant that allows that
+    /// already is returned instead of a new one.
+    pub async fn grant_access(
+        &self,
+        actor: &Identity,
+        sender_id: &str,
+        recipient_id: &str,
+        mut kinds: Vec<String>,
+    ) -> Result<GrantRecord, DirectoryError> {
+        if !sender_id.is_empty() {
+            validate::agency_id("sender_id", sender_id)?;
+        }
+        validate::agency_id("recipient_id", recipient_id)?;
+        for kind in &kinds {
+            validate::kind("kinds", kind)?;
+        }
+        kinds.sort();
+        kinds.dedup();
+        let existing = self
+            .state()
+            .grants()
+            .find(|grant| grant.covers(sender_id, recipient_id, &kinds))
+            .cloned();
+        if let Some(existing) = existing {
+            return Ok(existing);
+        }
+        let grant = GrantRecord {
+            grant_id: uuid::Uuid::now_v7().to_string(),
+            sender_id: sender_id.to_string(),
+            recipient_id: recipient_id.to_string(),
+            kinds,
+            granted_at_micros: fedmesh_common::time::now_micros(),
+            granted_by: actor.to_string(),
+        };
+        self.store.insert_grant(&grant).await?;
+        self.state().add_grant(grant.clone());
+        tracing::info!(grant_id = %grant.grant_id, sender = %grant.sender_id, recipient = %grant.recipient_id, kinds = ?grant.kinds, "access granted");
+        self.audit(AuditRecord {
+            chain: self.chain_of_agency(recipient_id),
+            actor: actor.to_string(),
+            action: "grant".into(),
+            target: format!("grant/{}", grant.grant_id),
+            outcome: "ok".into(),
+            detail: grant_detail(&grant),
+        })
+        .await;
+        Ok(grant)
+    }
+
+    /// Withdraws the grant `grant_id`.
+    pub async fn revoke_access(
+        &self,
+        actor: &Identity,
+        grant_id: &str,
+    ) -> Result<GrantRecord, DirectoryError> {
+        if uuid::Uuid::parse_str(grant_id).is_err() {
+            return Err(fedmesh_common::error::InvalidField::new(
+                "grant_id",
+                format!("{grant_id:?} is not a grant id (a UUID, as `fedmesh access list` prints)"),
+            )
+            .into());
+        }
+        if !self.store.delete_grant(grant_id).await? {
+            return Err(DirectoryError::GrantNotFound(grant_id.to_string()));
+        }
+        let Some(grant) = self.state().remove_grant(grant_id) else {
+            return Err(DirectoryError::GrantNotFound(grant_id.to_string()));
+        };
+        tracing::info!(grant_id, "access revoked");
+        self.audit(AuditRecord {
+            chain: self.chain_of_agency(&grant.recipient_id),
+            actor: actor.to_string(),
+            action: "revoke".into(),
+            target: format!("grant/{grant_id}"),
+            outcome: "ok".into(),
+            detail: grant_detail(&grant),
+        })
+        .await;
+        Ok(grant)
+    }
+
+    /// The grants of `sender_id` (with those to any agency) and to
+    /// `recipient_id`, each filter only if given.
+    pub fn list_access(&self, sender_id: &str, recipient_id: &str) -> Vec<GrantRecord> {
+        let mut grants: Vec<GrantRecord> = self
+            .state()
+            .grants()
+            .filter(|grant| {
+                (sender_id.is_empty() || grant.sender_id.is_empty() || grant.sender_id == sender_id)
+                    && (recipient_id.is_empty() || grant.recipient_id == recipient_id)
+            })
+            .cloned()
+            .collect();
+        grants.sort_by(|a, b| {
+            (&a.recipient_id, &a.sender_id, &a.grant_id).cmp(&(
+                &b.recipient_id,
+                &b.sender_id,
+                &b.grant_id,
+            ))
+        });
+        grants
+    }
+}
+
+/// What a grant allows, for the audit log.
+fn grant_detail(grant: &GrantRecord) -> String {
+    let sender = if grant.sender_id.is_empty() {
+        "any agency"
+    } else {
+        grant.sender_id.as_str()
+    };
+    let kinds = if grant.kinds.is_empty() {
+        "any kind".to_string()
+    } else {
+        grant.kinds.join(",")
+    };
+    format!("{sender} -> {}: {kinds}", grant.recipient_id)
 }

@@ -8,6 +8,7 @@ use fedmesh_proto::pb;
 use tokio::sync::broadcast;
 use tokio::time::{Duration, Instant};
 
+use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::config::RegionConfig;
 
@@ -60,6 +61,7 @@ pub struct TopologyState {
     agencies: BTreeMap<String, AgencyRecord>,
     gateways: BTreeMap<String, GatewayRecord>,
     notifiers: BTreeMap<String, NotifierRecord>,
+    grants: BTreeMap<String, GrantRecord>,
     changes: broadcast::Sender<pb::TopologyUpdate>,
 }
 
@@ -80,8 +82,39 @@ impl TopologyState {
                 .collect(),
             gateways: BTreeMap::new(),
             notifiers: BTreeMap::new(),
+            grants: BTreeMap::new(),
             changes,
         }
+    }
+
+    /// Starts from `grants`, as stored (not published: watchers have none
+    /// yet).
+    pub fn load_grants(&mut self, grants: Vec<GrantRecord>) {
+        self.grants = grants
+            .into_iter()
+            .map(|grant| (grant.grant_id.clone(), grant))
+            .collect();
+    }
+
+    /// Every grant, by id.
+    pub fn grants(&self) -> impl Iterator<Item = &GrantRecord> {
+        self.grants.values()
+    }
+
+    /// Adds a grant and publishes it.
+    pub fn add_grant(&mut self, grant: GrantRecord) {
+        let change = pb::topology_change::Change::GrantAdded(grant_to_pb(&grant));
+        self.grants.insert(grant.grant_id.clone(), grant);
+        self.publish(change);
+    }
+
+    /// Removes a grant and publishes it; the grant, if it existed.
+    pub fn remove_grant(&mut self, grant_id: &str) -> Option<GrantRecord> {
+        let removed = self.grants.remove(grant_id)?;
+        self.publish(pb::topology_change::Change::GrantRemoved(
+            grant_id.to_string(),
+        ));
+        Some(removed)
     }
 
     /// The current version.
@@ -264,6 +297,7 @@ impl TopologyState {
                     agencies: self.agencies.values().map(agency_to_pb).collect(),
                     gateways: self.gateways.values().map(gateway_to_pb).collect(),
                     notifiers: self.notifiers.values().map(notifier_to_pb).collect(),
+                    grants: self.grants.values().map(grant_to_pb).collect(),
                 },
             )),
         }
@@ -278,6 +312,18 @@ impl TopologyState {
                 change: Some(change),
             })),
         });
+    }
+}
+
+/// The wire form of an access grant.
+pub(crate) fn grant_to_pb(grant: &GrantRecord) -> pb::AccessGrant {
+    pb::AccessGrant {
+        grant_id: grant.grant_id.clone(),
+        sender_id: grant.sender_id.clone(),
+        recipient_id: grant.recipient_id.clone(),
+        kinds: grant.kinds.clone(),
+        granted_at: Some(timestamp_from_micros(grant.granted_at_micros)),
+        granted_by: grant.granted_by.clone(),
     }
 }
 

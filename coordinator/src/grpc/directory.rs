@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use fedmesh_common::audit::{AuditEntry, AuditRecord};
 use fedmesh_common::identity::{Identity, caller};
 use fedmesh_common::time::now_micros;
 use fedmesh_common::validate;
@@ -12,8 +13,8 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::directory::agency_to_pb;
 use crate::directory::{Directory, GatewayRecord, NewSubscription, NotifierRecord};
+use crate::directory::{agency_to_pb, grant_to_pb};
 use crate::error::DirectoryError;
 use crate::subscription::SubscriptionRecord;
 
@@ -31,6 +32,25 @@ fn require_operator(identity: &Identity) -> Result<(), Status> {
             "{other} may not change the directory; only operators may"
         ))
         .into()),
+    }
+}
+
+/// Most audit rows in one page.
+const MAX_AUDIT_PAGE: u32 = 1000;
+
+fn audit_to_pb(entry: &AuditEntry) -> pb::AuditEntry {
+    pb::AuditEntry {
+        chain: entry.record.chain.clone(),
+        seq: entry.seq,
+        at: Some(fedmesh_common::time::timestamp_from_micros(entry.at_micros)),
+        actor: entry.record.actor.clone(),
+        action: entry.record.action.clone(),
+        target: entry.record.target.clone(),
+        outcome: entry.record.outcome.clone(),
+        detail: entry.record.detail.clone(),
+        prev_hash: entry.prev_hash.clone(),
+        hash: entry.hash.clone(),
+        at_micros: entry.at_micros,
     }
 }
 
@@ -64,11 +84,17 @@ impl pb::directory_server::Directory for DirectoryService {
         &self,
         request: Request<pb::RegisterAgencyRequest>,
     ) -> Result<Response<pb::RegisterAgencyResponse>, Status> {
-        require_operator(&caller(&request)?)?;
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
         let request = request.into_inner();
         let agency = self
             .directory
-            .register_agency(&request.agency_id, &request.region, &request.display_name)
+            .register_agency(
+                &identity,
+                &request.agency_id,
+                &request.region,
+                &request.display_name,
+            )
             .await?;
         Ok(Response::new(pb::RegisterAgencyResponse {
             agency: Some(agency_to_pb(&agency)),
@@ -143,9 +169,10 @@ impl pb::directory_server::Directory for DirectoryService {
         &self,
         request: Request<pb::DeregisterAgencyRequest>,
     ) -> Result<Response<pb::DeregisterAgencyResponse>, Status> {
-        require_operator(&caller(&request)?)?;
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
         self.directory
-            .deregister_agency(&request.get_ref().agency_id)
+            .deregister_agency(&identity, &request.get_ref().agency_id)
             .await?;
         Ok(Response::new(pb::DeregisterAgencyResponse {}))
     }
@@ -321,6 +348,104 @@ impl pb::directory_server::Directory for DirectoryService {
         Ok(Response::new(pb::ReportGatewayResponse {
             report_interval_ms: u64::try_from(self.report_interval.as_millis()).unwrap_or(u64::MAX),
         }))
+    }
+
+    async fn grant_access(
+        &self,
+        request: Request<pb::GrantAccessRequest>,
+    ) -> Result<Response<pb::GrantAccessResponse>, Status> {
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
+        let request = request.into_inner();
+        let grant = self
+            .directory
+            .grant_access(
+                &identity,
+                &request.sender_id,
+                &request.recipient_id,
+                request.kinds,
+            )
+            .await?;
+        Ok(Response::new(pb::GrantAccessResponse {
+            grant: Some(grant_to_pb(&grant)),
+        }))
+    }
+
+    async fn revoke_access(
+        &self,
+        request: Request<pb::RevokeAccessRequest>,
+    ) -> Result<Response<pb::RevokeAccessResponse>, Status> {
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
+        self.directory
+            .revoke_access(&identity, &request.get_ref().grant_id)
+            .await?;
+        Ok(Response::new(pb::RevokeAccessResponse {}))
+    }
+
+    async fn list_access(
+        &self,
+        request: Request<pb::ListAccessRequest>,
+    ) -> Result<Response<pb::ListAccessResponse>, Status> {
+        require_operator(&caller(&request)?)?;
+        let request = request.into_inner();
+        let grants = self
+            .directory
+            .list_access(&request.sender_id, &request.recipient_id);
+        Ok(Response::new(pb::ListAccessResponse {
+            grants: grants.iter().map(grant_to_pb).collect(),
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        require_operator(&caller(&request)?)?;
+        let request = request.into_inner();
+        if request.limit > MAX_AUDIT_PAGE {
+            return Err(
+                DirectoryError::from(fedmesh_common::error::InvalidField::new(
+                    "limit",
+                    format!("at most {MAX_AUDIT_PAGE} rows per page"),
+                ))
+                .into(),
+            );
+        }
+        let limit = if request.limit == 0 {
+            100
+        } else {
+            request.limit
+        };
+        let chain = (!request.chain.is_empty()).then_some(request.chain.as_str());
+        let after = (!request.after_chain.is_empty())
+            .then_some((request.after_chain.as_str(), request.after_seq));
+        let entries = self.directory.audit_page(chain, after, limit).await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            entries: entries.iter().map(audit_to_pb).collect(),
+        }))
+    }
+
+    async fn record_audit(
+        &self,
+        request: Request<pb::RecordAuditRequest>,
+    ) -> Result<Response<pb::RecordAuditResponse>, Status> {
+        let identity = caller(&request)?;
+        let records = request
+            .into_inner()
+            .records
+            .into_iter()
+            .map(|record| AuditRecord {
+                chain: record.chain,
+                actor: record.actor,
+                action: record.action,
+                target: record.target,
+                outcome: record.outcome,
+                detail: record.detail,
+            })
+            .collect();
+        self.directory.record_audit(&identity, records).await?;
+        Ok(Response::new(pb::RecordAuditResponse {}))
     }
 
     async fn report_notifier(

@@ -15,6 +15,9 @@ use std::sync::Arc;
 use fedmesh_common::events::{Event, Outbox};
 use fedmesh_common::store::Backend;
 
+use fedmesh_common::audit::{AuditEntry, AuditRecord};
+
+use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
 use crate::subscription::{SubscriptionRecord, WebhookTarget};
@@ -61,6 +64,29 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// Every subscription, by name.
     async fn all_subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError>;
 
+    /// Inserts an access grant.
+    async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError>;
+    /// Deletes a grant; false if it did not exist.
+    async fn delete_grant(&self, grant_id: &str) -> Result<bool, StoreError>;
+    /// Every grant.
+    async fn all_grants(&self) -> Result<Vec<GrantRecord>, StoreError>;
+
+    /// Appends `record` to its chain of the audit log, after the chain's
+    /// last row (appends to one chain are serialized).
+    async fn append_audit(
+        &self,
+        record: &AuditRecord,
+        at_micros: i64,
+    ) -> Result<AuditEntry, StoreError>;
+    /// Up to `limit` rows in chain then seq order, of `chain` only if
+    /// given, after the row `after` (chain, seq) if given.
+    async fn audit_page(
+        &self,
+        chain: Option<&str>,
+        after: Option<(&str, i64)>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+
     /// This store's outbox, for the outbox relay.
     fn outbox(&self) -> Arc<dyn Outbox>;
 }
@@ -103,6 +129,91 @@ where
         created_at_micros: row.try_get("created_at")?,
         webhook,
     })
+}
+
+/// Every grant, on either backend.
+const ALL_GRANTS: &str = "SELECT grant_id, sender_id, recipient_id, kinds, granted_at, granted_by \
+     FROM access_grants ORDER BY recipient_id, sender_id, grant_id";
+
+/// An `access_grants` row as a grant, on either backend.
+fn grant_from_row<R>(row: &R) -> Result<GrantRecord, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let kinds: String = row.try_get("kinds")?;
+    Ok(GrantRecord {
+        grant_id: row.try_get("grant_id")?,
+        sender_id: row.try_get("sender_id")?,
+        recipient_id: row.try_get("recipient_id")?,
+        kinds: serde_json::from_str(&kinds).map_err(StoreError::corrupt)?,
+        granted_at_micros: row.try_get("granted_at")?,
+        granted_by: row.try_get("granted_by")?,
+    })
+}
+
+/// A grant's kinds as stored: a JSON array.
+fn kinds_to_text(kinds: &[String]) -> Result<String, StoreError> {
+    serde_json::to_string(kinds).map_err(StoreError::corrupt)
+}
+
+/// The columns of an audit row, in the order `audit_from_row` reads.
+const AUDIT_COLUMNS: &str =
+    "chain, seq, at, actor, action, target, outcome, detail, prev_hash, hash";
+
+/// An `audit_log` row, on either backend.
+fn audit_from_row<R>(row: &R) -> Result<AuditEntry, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(AuditEntry {
+        record: AuditRecord {
+            chain: row.try_get("chain")?,
+            actor: row.try_get("actor")?,
+            action: row.try_get("action")?,
+            target: row.try_get("target")?,
+            outcome: row.try_get("outcome")?,
+            detail: row.try_get("detail")?,
+        },
+        seq: row.try_get("seq")?,
+        at_micros: row.try_get("at")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+/// The `WHERE` clause of an audit page, with placeholders made by
+/// `placeholder(n)` for the chain, then the after-chain and after-seq.
+fn audit_page_query(chain: bool, after: bool, placeholder: impl Fn(usize) -> String) -> String {
+    let mut conditions = Vec::new();
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        placeholder(n)
+    };
+    if chain {
+        conditions.push(format!("chain = {}", next()));
+    }
+    if after {
+        let (after_chain, after_chain_again, after_seq) = (next(), next(), next());
+        conditions.push(format!(
+            "(chain > {after_chain} OR (chain = {after_chain_again} AND seq > {after_seq}))"
+        ));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    format!(
+        "SELECT {AUDIT_COLUMNS} FROM audit_log {filter} ORDER BY chain, seq LIMIT {}",
+        next()
+    )
 }
 
 #[cfg(test)]

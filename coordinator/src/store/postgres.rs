@@ -8,6 +8,9 @@ use sqlx::Row;
 use sqlx::postgres::PgPool;
 
 use super::DirectoryStore;
+use fedmesh_common::audit::{AuditEntry, AuditRecord};
+
+use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
 use crate::subscription::SubscriptionRecord;
@@ -138,6 +141,96 @@ impl DirectoryStore for PgDirectoryStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(super::subscription_from_row).collect()
+    }
+
+    async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO access_grants \
+             (grant_id, sender_id, recipient_id, kinds, granted_at, granted_by) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&grant.grant_id)
+        .bind(&grant.sender_id)
+        .bind(&grant.recipient_id)
+        .bind(super::kinds_to_text(&grant.kinds)?)
+        .bind(grant.granted_at_micros)
+        .bind(&grant.granted_by)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_grant(&self, grant_id: &str) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM access_grants WHERE grant_id = $1")
+            .bind(grant_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn all_grants(&self) -> Result<Vec<GrantRecord>, StoreError> {
+        let rows = sqlx::query(super::ALL_GRANTS).fetch_all(&self.pool).await?;
+        rows.iter().map(super::grant_from_row).collect()
+    }
+
+    async fn append_audit(
+        &self,
+        record: &AuditRecord,
+        at_micros: i64,
+    ) -> Result<AuditEntry, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(&record.chain)
+            .execute(&mut *transaction)
+            .await?;
+        let last = sqlx::query(
+            "SELECT seq, hash FROM audit_log WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(&record.chain)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let (seq, prev_hash) = match last {
+            Some(row) => (row.try_get::<i64, _>("seq")? + 1, row.try_get("hash")?),
+            None => (1, fedmesh_common::audit::GENESIS.to_string()),
+        };
+        let entry = AuditEntry::chain(record.clone(), seq, at_micros, prev_hash);
+        sqlx::query(
+            "INSERT INTO audit_log \
+             (chain, seq, at, actor, action, target, outcome, detail, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&entry.record.chain)
+        .bind(entry.seq)
+        .bind(entry.at_micros)
+        .bind(&entry.record.actor)
+        .bind(&entry.record.action)
+        .bind(&entry.record.target)
+        .bind(&entry.record.outcome)
+        .bind(&entry.record.detail)
+        .bind(&entry.prev_hash)
+        .bind(&entry.hash)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(entry)
+    }
+
+    async fn audit_page(
+        &self,
+        chain: Option<&str>,
+        after: Option<(&str, i64)>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let sql = super::audit_page_query(chain.is_some(), after.is_some(), |n| format!("${n}"));
+        let mut query = sqlx::query(&sql);
+        if let Some(chain) = chain {
+            query = query.bind(chain);
+        }
+        if let Some((after_chain, after_seq)) = after {
+            query = query.bind(after_chain).bind(after_chain).bind(after_seq);
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(super::audit_from_row).collect()
     }
 
     fn outbox(&self) -> Arc<dyn Outbox> {

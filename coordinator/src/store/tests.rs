@@ -106,6 +106,68 @@ macro_rules! directory_store_suite {
                 );
                 assert!(store.all_agencies().await.expect("list").is_empty());
             }
+
+            #[tokio::test]
+            async fn grants_are_kept_until_deleted() {
+                let (store, _guard) = $open.await;
+                let grant = GrantRecord {
+                    grant_id: uuid::Uuid::now_v7().to_string(),
+                    sender_id: String::new(),
+                    recipient_id: "beta".into(),
+                    kinds: vec!["tax.notice".into()],
+                    granted_at_micros: 7,
+                    granted_by: "operator/alice".into(),
+                };
+                store.insert_grant(&grant).await.expect("insert");
+                assert_eq!(store.all_grants().await.expect("list"), vec![grant.clone()]);
+                assert!(store.delete_grant(&grant.grant_id).await.expect("delete"));
+                assert!(!store.delete_grant(&grant.grant_id).await.expect("again"));
+                assert!(store.all_grants().await.expect("list").is_empty());
+            }
+
+            #[tokio::test]
+            async fn audit_rows_chain_per_region_even_when_appended_together() {
+                let (store, _guard) = $open.await;
+                let store = std::sync::Arc::new(store);
+                let record = |chain: &str, n: usize| AuditRecord {
+                    chain: chain.into(),
+                    actor: "operator/alice".into(),
+                    action: "register".into(),
+                    target: format!("agency/a{n}"),
+                    outcome: "ok".into(),
+                    detail: String::new(),
+                };
+                let mut appends = tokio::task::JoinSet::new();
+                for n in 0..20 {
+                    let store = std::sync::Arc::clone(&store);
+                    let chain = if n % 2 == 0 { "east" } else { "west" };
+                    let record = record(chain, n);
+                    appends.spawn(async move { store.append_audit(&record, 5).await });
+                }
+                while let Some(appended) = appends.join_next().await {
+                    appended.expect("task").expect("append");
+                }
+                let all = store.audit_page(None, None, 1000).await.expect("page");
+                assert_eq!(all.len(), 20);
+                assert_eq!(fedmesh_common::audit::verify(&all), Ok(20));
+                let west = store
+                    .audit_page(Some("west"), None, 1000)
+                    .await
+                    .expect("page");
+                assert_eq!(
+                    west.iter().map(|entry| entry.seq).collect::<Vec<_>>(),
+                    (1..=10).collect::<Vec<_>>()
+                );
+                let after = store
+                    .audit_page(None, Some(("east", 9)), 3)
+                    .await
+                    .expect("page");
+                let places: Vec<_> = after
+                    .iter()
+                    .map(|entry| (entry.record.chain.as_str(), entry.seq))
+                    .collect();
+                assert_eq!(places, [("east", 10), ("west", 1), ("west", 2)]);
+            }
         }
     };
 }

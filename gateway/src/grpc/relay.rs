@@ -34,6 +34,7 @@ impl RelayService {
                 message.sender_id, sender_home.region
             )));
         }
+        shared.check_access(&message.sender_id, &message.recipient_id, &message.kind)?;
         let home = shared.home_of(&message.recipient_id).await?;
         if home.region != shared.region {
             return Err(GatewayError::WrongRegion {
