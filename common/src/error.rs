@@ -171,6 +171,7 @@ fn causes(error: &(dyn std::error::Error + 'static)) -> String {
 #[allow(clippy::disallowed_methods)]
 pub fn to_status(error: &dyn ServiceError) -> tonic::Status {
     let kind = error.kind();
+    let described = bounded(error.to_string());
     let message = match (kind, error.source()) {
         (ErrorKind::Internal, _) => {
             let error_id = uuid::Uuid::now_v7();
@@ -182,12 +183,13 @@ pub fn to_status(error: &dyn ServiceError) -> tonic::Status {
             tracing::warn!(%error_id, error = %error, cause = %causes(cause), "request failed");
             format!("{error} (error id {error_id})")
         }
-        (_, None) => error.to_string(),
+        (_, None) => described.clone(),
     };
+    let message = bounded(message);
     let mut details = ErrorDetails::new();
     let mut has_details = false;
     if let (ErrorKind::InvalidArgument, Some(field)) = (kind, error.field()) {
-        details.add_bad_request_violation(field, error.to_string());
+        details.add_bad_request_violation(field, described);
         has_details = true;
     }
     if let Some(delay) = error.retry_after() {
@@ -201,9 +203,38 @@ pub fn to_status(error: &dyn ServiceError) -> tonic::Status {
     }
 }
 
+/// Most bytes of a status message (and of a field violation): it travels
+/// in an HTTP/2 header, and an error that quotes a huge value must not make
+/// the header too large for the client to read.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `text` cut to [`MAX_MESSAGE_BYTES`] at a character boundary, saying so.
+fn bounded(mut text: String) -> String {
+    if text.len() <= MAX_MESSAGE_BYTES {
+        return text;
+    }
+    let cut = text.len();
+    let mut end = MAX_MESSAGE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("... ({} more bytes)", cut - end));
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_message_is_bounded_at_a_character_boundary() {
+        let long = "é".repeat(2000);
+        let bounded = bounded(long);
+        assert!(bounded.len() < MAX_MESSAGE_BYTES + 40, "{}", bounded.len());
+        assert!(bounded.ends_with("more bytes)"), "{bounded}");
+        assert_eq!(super::bounded("short".into()), "short");
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("database on fire at /secret/path")]

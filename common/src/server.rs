@@ -120,6 +120,29 @@ impl ConnectionSettings {
     }
 }
 
+/// How prost's decode errors begin.
+const DECODE_ERROR: &str = "failed to decode Protobuf message";
+
+/// A request message that is not the protobuf message of its method.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the request is not a valid message of this method ({0}); check the client's .proto files")]
+pub struct MalformedRequest(String);
+
+impl MalformedRequest {
+    /// The malformed request a request stream's error reports, if it is
+    /// one (the codec's decode error), rather than the client going away.
+    pub fn in_stream(status: &tonic::Status) -> Option<MalformedRequest> {
+        (status.code() == tonic::Code::Internal && status.message().starts_with(DECODE_ERROR))
+            .then(|| MalformedRequest(status.message().to_string()))
+    }
+}
+
+impl crate::error::ServiceError for MalformedRequest {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::InvalidArgument
+    }
+}
+
 /// A request message over a server's size limit.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("request message is {size} bytes, this server reads at most {limit} bytes")]
@@ -704,9 +727,21 @@ where
                 return Ok(refuse(size).into_http());
             }
             replay.rest = body;
-            inner
+            let response = inner
                 .call(http::Request::from_parts(parts, Body::new(replay)))
-                .await
+                .await?;
+            // The codec answers a request that is not protobuf with
+            // INTERNAL; the caller is told it is its request that is wrong.
+            if let Some(status) = tonic::Status::from_header_map(response.headers())
+                && status.code() == tonic::Code::Internal
+                && status.message().starts_with(DECODE_ERROR)
+            {
+                return Ok(crate::error::to_status(&MalformedRequest(
+                    status.message().to_string(),
+                ))
+                .into_http());
+            }
+            Ok(response)
         })
     }
 }

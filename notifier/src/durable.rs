@@ -11,6 +11,7 @@ use fedmesh_common::Identity;
 use fedmesh_common::error::InvalidField;
 use fedmesh_common::events::{DurableQueues, Filter, QueueConsumer};
 use fedmesh_common::identity::AttachIdentity;
+use fedmesh_common::server::MalformedRequest;
 use fedmesh_common::validate;
 use fedmesh_proto::pb;
 use tokio_stream::Stream;
@@ -59,7 +60,12 @@ impl Durable {
                 )
                 .into());
             }
-            Err(_) => return Err(NotifierError::ClientGone),
+            Err(status) => {
+                return Err(match MalformedRequest::in_stream(&status) {
+                    Some(malformed) => NotifierError::Malformed(malformed),
+                    None => NotifierError::ClientGone,
+                });
+            }
         };
         validate::subscription_name("start.subscription", &start.subscription)?;
         let prefetch = match start.prefetch {

@@ -162,6 +162,9 @@ pub enum NotifierError {
     /// The subscriber went away before saying what it wants.
     #[error("the subscriber went away")]
     ClientGone,
+    /// The first request is not a `ConsumeRequest`.
+    #[error(transparent)]
+    Malformed(#[from] fedmesh_common::server::MalformedRequest),
     /// The notifier is not receiving the bus's events (it lost its broker,
     /// or has not reached it yet).
     #[error(
@@ -173,7 +176,9 @@ pub enum NotifierError {
 impl ServiceError for NotifierError {
     fn kind(&self) -> ErrorKind {
         match self {
-            NotifierError::InvalidField(_) => ErrorKind::InvalidArgument,
+            NotifierError::InvalidField(_) | NotifierError::Malformed(_) => {
+                ErrorKind::InvalidArgument
+            }
             NotifierError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             NotifierError::Lagged(_) => ErrorKind::ResourceExhausted,
             NotifierError::ShuttingDown

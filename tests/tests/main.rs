@@ -11,6 +11,7 @@ mod governance;
 mod inbox;
 mod limits;
 mod messaging;
+mod properties;
 mod queues;
 mod scale;
 mod security;

@@ -78,7 +78,10 @@ fn inbound_from_pb(request: Result<pb::ReceiveRequest, Status>) -> Inbound {
             "ack",
             "after `open`, only `ack` requests may be sent",
         )),
-        Err(status) => Inbound::Broken(status.message().to_string()),
+        Err(status) => match fedmesh_common::server::MalformedRequest::in_stream(&status) {
+            Some(malformed) => Inbound::Malformed(InvalidField::new("ack", malformed.to_string())),
+            None => Inbound::Broken(status.message().to_string()),
+        },
     }
 }
 
@@ -126,7 +129,13 @@ impl pb::exchange_server::Exchange for ExchangeService {
     ) -> Result<Response<Self::ReceiveStream>, Status> {
         let identity = caller(&request)?;
         let mut inbound = request.into_inner();
-        let open = match inbound.message().await? {
+        let first = inbound.message().await.map_err(|status| {
+            match fedmesh_common::server::MalformedRequest::in_stream(&status) {
+                Some(malformed) => fedmesh_common::error::to_status(&malformed),
+                None => status,
+            }
+        })?;
+        let open = match first {
             Some(pb::ReceiveRequest {
                 request: Some(pb::receive_request::Request::Open(open)),
             }) => open,
