@@ -338,7 +338,11 @@ fn channels(
     let mut channels = Vec::new();
     let mut attach = AttachIdentity::none();
     for _ in 0..load.connections {
-        let (channel, attached) = endpoints.channel_as(url, identity)?;
+        let (channel, attached) = endpoints.channel_as(
+            url,
+            identity,
+            fedmesh_common::tls::ExpectedServer::AnyGateway,
+        )?;
         channels.push(channel);
         attach = attached;
     }

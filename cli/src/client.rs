@@ -9,7 +9,9 @@ use anyhow::Context as _;
 use clap::Args;
 use fedmesh_common::error::code_name;
 use fedmesh_common::identity::{AttachIdentity, Identity};
-use fedmesh_common::tls::{CertificateFiles, DEFAULT_TRUST_DOMAIN, MeshTls, TlsSettings};
+use fedmesh_common::tls::{
+    CertificateFiles, DEFAULT_TRUST_DOMAIN, ExpectedServer, MeshTls, TlsSettings,
+};
 use fedmesh_proto::pb;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -147,6 +149,19 @@ pub struct Endpoints {
 pub fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
     let code = code_name(status.code());
     let mut text = format!("{what}: {} ({code})", status.message());
+    // A transport failure's cause (refused connection, TLS alert, the
+    // wrong server) is at the end of the status's source chain.
+    let mut cause = std::error::Error::source(&status);
+    let mut deepest = None;
+    while let Some(error) = cause {
+        deepest = Some(error.to_string());
+        cause = error.source();
+    }
+    if let Some(deepest) = deepest
+        && !text.contains(&deepest)
+    {
+        text = format!("{what}: {} ({code}): {deepest}", status.message());
+    }
     if is_transport_failure(&status) && status.message().contains("connect") {
         text.push_str("; is the mesh running? start it with `fedmesh dev`");
     }
@@ -200,6 +215,7 @@ impl Endpoints {
         &self,
         url: &str,
         identity: &Identity,
+        server: ExpectedServer,
     ) -> anyhow::Result<(Channel, AttachIdentity)> {
         let settings = match &self.tls {
             ClientTls::Plain if url.starts_with("https://") => anyhow::bail!(
@@ -220,7 +236,7 @@ impl Endpoints {
             ClientTls::Files(settings) => settings.clone(),
         };
         let tls = MeshTls::load(&settings, None)?;
-        let channel = fedmesh_common::server::lazy_channel_with(url, tls)
+        let channel = fedmesh_common::server::lazy_channel_with(url, tls, server)
             .with_context(|| format!("{url:?} is not a usable URL"))?;
         Ok((channel, AttachIdentity::none()))
     }
@@ -257,7 +273,11 @@ impl Endpoints {
         &self,
         identity: &Identity,
     ) -> anyhow::Result<pb::directory_client::DirectoryClient<Authenticated>> {
-        let (channel, attach) = self.channel_as(&self.coordinator, identity)?;
+        let (channel, attach) = self.channel_as(
+            &self.coordinator,
+            identity,
+            ExpectedServer::Is(Identity::Coordinator),
+        )?;
         Ok(
             pb::directory_client::DirectoryClient::with_interceptor(channel, attach)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -292,7 +312,8 @@ impl Endpoints {
         url: &str,
         identity: &Identity,
     ) -> anyhow::Result<pb::notifications_client::NotificationsClient<Authenticated>> {
-        let (channel, attach) = self.channel_as(url, identity)?;
+        let (channel, attach) =
+            self.channel_as(url, identity, ExpectedServer::Is(Identity::Notifier))?;
         Ok(pb::notifications_client::NotificationsClient::with_interceptor(channel, attach))
     }
 
@@ -344,7 +365,7 @@ impl Endpoints {
         identity: &Identity,
     ) -> anyhow::Result<pb::exchange_client::ExchangeClient<Authenticated>> {
         let url = self.gateway_url_for(agency_id).await?;
-        let (channel, attach) = self.channel_as(&url, identity)?;
+        let (channel, attach) = self.channel_as(&url, identity, ExpectedServer::AnyGateway)?;
         Ok(
             pb::exchange_client::ExchangeClient::with_interceptor(channel, attach)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

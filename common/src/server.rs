@@ -32,7 +32,7 @@ use crate::auth::{
 };
 use crate::config::{ConfigError, check_range};
 use crate::identity::{AttachIdentity, Identity};
-use crate::tls::{MeshTls, TlsError, TlsSettings, certificate_identity};
+use crate::tls::{ExpectedServer, MeshTls, TlsError, TlsSettings, certificate_identity};
 
 /// Builds the status for a request message of the given size over the limit.
 pub type RefuseOversized = Arc<dyn Fn(usize) -> tonic::Status + Send + Sync>;
@@ -350,12 +350,13 @@ impl Security {
 
     /// A lazy channel to `address` (`https://host:port`, or `http://` in
     /// dev mode): over mutual TLS when this component has TLS, whatever the
-    /// URL's scheme.
+    /// URL's scheme, to the `server` expected there and no other.
     pub fn channel(
         &self,
         address: &str,
+        server: ExpectedServer,
     ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-        lazy_channel_with(address, self.tls.clone())
+        lazy_channel_with(address, self.tls.clone(), server)
     }
 
     /// What to attach to calls so the peer knows who calls: the identity
@@ -414,13 +415,15 @@ pub fn check_security(
 
 /// Opens a lazy plaintext channel to `address` (an `http://host:port` URL).
 pub fn lazy_channel(address: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    lazy_channel_with(address, None)
+    lazy_channel_with(address, None, ExpectedServer::Any)
 }
 
-/// Opens a lazy channel to `address`, over mutual TLS with `tls` if given.
+/// Opens a lazy channel to `address`, over mutual TLS with `tls` if given,
+/// to the `server` expected there (a connection to another is refused).
 pub fn lazy_channel_with(
     address: &str,
     tls: Option<Arc<MeshTls>>,
+    server: ExpectedServer,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())?
         .tcp_nodelay(true)
@@ -428,6 +431,7 @@ pub fn lazy_channel_with(
     Ok(match tls {
         Some(tls) => endpoint.connect_with_connector_lazy(TlsConnector {
             config: ClientConfigSource::Mesh(tls),
+            server,
         }),
         None => endpoint.connect_lazy(),
     })
@@ -444,6 +448,7 @@ pub fn lazy_channel_with_config(
             .connect_timeout(Duration::from_secs(5))
             .connect_with_connector_lazy(TlsConnector {
                 config: ClientConfigSource::Fixed(config),
+                server: ExpectedServer::Any,
             }),
     )
 }
@@ -461,6 +466,7 @@ enum ClientConfigSource {
 #[derive(Clone)]
 struct TlsConnector {
     config: ClientConfigSource,
+    server: ExpectedServer,
 }
 
 impl tower::Service<http::Uri> for TlsConnector {
@@ -473,10 +479,13 @@ impl tower::Service<http::Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let config = match &self.config {
-            ClientConfigSource::Mesh(tls) => tls.client_config(),
-            ClientConfigSource::Fixed(config) => Arc::clone(config),
+        let (config, trust_domain) = match &self.config {
+            ClientConfigSource::Mesh(tls) => {
+                (tls.client_config(), Some(tls.trust_domain().to_string()))
+            }
+            ClientConfigSource::Fixed(config) => (Arc::clone(config), None),
         };
+        let server = self.server.clone();
         Box::pin(async move {
             let invalid =
                 |problem: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, problem);
@@ -494,6 +503,30 @@ impl tower::Service<http::Uri> for TlsConnector {
             let stream = tokio_rustls::TlsConnector::from(config)
                 .connect(name, stream)
                 .await?;
+            // The chain was verified in the handshake; here, whose it is.
+            if let Some(trust_domain) = trust_domain {
+                let found = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|leaf| certificate_identity(leaf, &trust_domain));
+                match found {
+                    Some(Ok(peer)) if server.admits(&peer.identity) => {}
+                    Some(Ok(peer)) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!("the server at {uri} is {}, not {server}", peer.identity),
+                        ));
+                    }
+                    _ => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!("the server at {uri} presented no identity of this mesh"),
+                        ));
+                    }
+                }
+            }
             Ok(hyper_util::rt::TokioIo::new(stream))
         })
     }

@@ -282,6 +282,39 @@ pub fn serial_hex(raw: &[u8]) -> String {
         .collect()
 }
 
+/// Which server a client expects at the other end of a connection: it
+/// refuses any other, so a component cannot stand in for another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpectedServer {
+    /// Exactly this identity (the coordinator, the gateway of a region).
+    Is(Identity),
+    /// A gateway of any region (an agency's gateway given by URL).
+    AnyGateway,
+    /// Any serving component.
+    Any,
+}
+
+impl ExpectedServer {
+    /// Whether `identity` is what is expected.
+    pub fn admits(&self, identity: &Identity) -> bool {
+        match self {
+            ExpectedServer::Is(expected) => expected == identity,
+            ExpectedServer::AnyGateway => matches!(identity, Identity::Gateway(_)),
+            ExpectedServer::Any => true,
+        }
+    }
+}
+
+impl std::fmt::Display for ExpectedServer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedServer::Is(identity) => write!(formatter, "{identity}"),
+            ExpectedServer::AnyGateway => formatter.write_str("a gateway"),
+            ExpectedServer::Any => formatter.write_str("a fedmesh server"),
+        }
+    }
+}
+
 /// When the files were last seen changed, to tell whether to reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp(Vec<Option<(SystemTime, u64)>>);
@@ -371,6 +404,21 @@ impl Source {
                 certificate_identity(leaf, &self.trust_domain)
                     .map_err(|error| file_error(&self.cert, error))
             })?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| {
+                i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+            });
+        if own.not_after < now {
+            return Err(file_error(
+                &self.cert,
+                format!(
+                    "the certificate of {} expired {} s ago; issue a new one (fedmesh certs rotate)",
+                    own.identity,
+                    now - own.not_after
+                ),
+            ));
+        }
         if let Some(expected) = &self.expected
             && own.identity != *expected
         {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use fedmesh_common::error::ErrorKind;
 use fedmesh_common::identity::AttachIdentity;
 use fedmesh_common::server::Security;
+use fedmesh_common::tls::ExpectedServer;
 use fedmesh_proto::pb;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
@@ -64,7 +65,7 @@ impl RelayClients {
         }
     }
 
-    fn client(&self, address: &str) -> Result<RelayClient, tonic::transport::Error> {
+    fn client(&self, region: &str, address: &str) -> Result<RelayClient, tonic::transport::Error> {
         let mut clients = self
             .clients
             .lock()
@@ -72,7 +73,12 @@ impl RelayClients {
         if let Some(client) = clients.get(address) {
             return Ok(client.clone());
         }
-        let channel = self.security.channel(address)?;
+        let channel = self.security.channel(
+            address,
+            ExpectedServer::Is(fedmesh_common::identity::Identity::Gateway(
+                region.to_string(),
+            )),
+        )?;
         let client =
             pb::relay_client::RelayClient::with_interceptor(channel, self.security.attach())
                 .max_encoding_message_size(self.limits.max_batch_bytes);
@@ -91,7 +97,7 @@ impl RelayClients {
         let request = pb::ForwardBatchRequest { messages };
         let mut last_failure = None;
         for address in gateways {
-            let mut client = match self.client(address) {
+            let mut client = match self.client(region, address) {
                 Ok(client) => client,
                 Err(error) => {
                     tracing::warn!(%region, %address, %error, "unusable gateway address");

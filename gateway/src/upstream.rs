@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use fedmesh_common::identity::AttachIdentity;
 use fedmesh_common::server::Security;
+use fedmesh_common::tls::ExpectedServer;
 use fedmesh_common::topology::{AgencyHome, Topology};
 use fedmesh_proto::pb;
 use tokio::sync::watch;
@@ -49,7 +50,10 @@ impl Upstream {
         security: &Security,
         relay_limits: RelayLimits,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = security.channel(coordinator_url)?;
+        let channel = security.channel(
+            coordinator_url,
+            ExpectedServer::Is(fedmesh_common::identity::Identity::Coordinator),
+        )?;
         Ok(Upstream {
             directory: pb::directory_client::DirectoryClient::with_interceptor(
                 channel,

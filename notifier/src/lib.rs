@@ -341,7 +341,10 @@ pub async fn run(
         None => format!("{}://{local_address}", security.scheme()),
     };
     let directory = pb::directory_client::DirectoryClient::with_interceptor(
-        security.channel(&config.coordinator)?,
+        security.channel(
+            &config.coordinator,
+            fedmesh_common::tls::ExpectedServer::Is(Identity::Coordinator),
+        )?,
         security.attach(),
     );
     security.set_audit(fedmesh_common::audit::RemoteAudit::spawn(

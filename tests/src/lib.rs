@@ -274,7 +274,9 @@ impl TestMesh {
                 trust_domain: fedmesh_common::tls::DEFAULT_TRUST_DOMAIN.into(),
             },
         };
-        endpoints.channel_as(url, identity).unwrap()
+        endpoints
+            .channel_as(url, identity, fedmesh_common::tls::ExpectedServer::Any)
+            .unwrap()
     }
 
     /// The certificates folder of a mesh on TLS.

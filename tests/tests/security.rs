@@ -66,6 +66,44 @@ async fn a_mesh_on_mutual_tls_carries_messages_between_regions() {
     );
 }
 
+#[tokio::test]
+async fn a_client_talks_only_to_the_server_it_expects() {
+    let mesh = mesh_on_tls(None).await;
+    let certs = mesh.certs().unwrap();
+    let tls = MeshTls::load(
+        &TlsSettings::from_folder(certs, &Identity::Operator("admin".into())),
+        None,
+    )
+    .unwrap();
+    let expecting = |server| {
+        fedmesh_common::server::lazy_channel_with(&mesh.gateway_url("east"), tls.clone(), server)
+            .unwrap()
+    };
+    // The east gateway's address given as the coordinator's.
+    let mut impostor = pb::directory_client::DirectoryClient::new(expecting(
+        fedmesh_common::tls::ExpectedServer::Is(Identity::Coordinator),
+    ));
+    let refused = impostor
+        .get_agency(pb::GetAgencyRequest {
+            agency_id: "tax-office".into(),
+        })
+        .await
+        .unwrap_err();
+    let chain = format!("{refused:?}");
+    assert!(
+        chain.contains("is gateway/east, not coordinator"),
+        "{chain}"
+    );
+    // The same address as a gateway's is fine.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(expecting(
+        fedmesh_common::tls::ExpectedServer::Is(Identity::Gateway("east".into())),
+    ));
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("the gateway it is");
+}
+
 /// Accepts any server: these tests are about what the server accepts.
 #[derive(Debug)]
 struct AnyServer;
@@ -557,6 +595,16 @@ fn a_production_configuration_refuses_the_development_ca() {
         error.to_string().contains("certificate of gateway/east"),
         "{error}"
     );
+    // An expired certificate is refused with a line that says so.
+    let mut params = fedmesh::certs::leaf_params(&gateway, "fedmesh.local", 30).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let (cert, key) = fedmesh::certs::sign_with_ca(folder.path(), params).unwrap();
+    let files = CertificateFiles::of(folder.path(), &gateway);
+    std::fs::write(&files.cert, cert).unwrap();
+    std::fs::write(&files.key, key).unwrap();
+    let error = MeshTls::load(&settings, Some(&gateway)).unwrap_err();
+    assert!(error.to_string().contains("expired"), "{error}");
 }
 
 #[tokio::test]
