@@ -164,10 +164,20 @@ async fn ensure_agency(endpoints: &Endpoints, agency_id: &str, region: &str) -> 
         })
         .await;
     match registered {
-        Ok(_) => Ok(()),
-        Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
-        Err(status) => Err(rpc_error(status, &format!("cannot register {agency_id}"))),
+        Ok(_) => {}
+        Err(status) if status.code() == tonic::Code::AlreadyExists => {}
+        Err(status) => return Err(rpc_error(status, &format!("cannot register {agency_id}"))),
     }
+    // On a mesh whose certificates folder holds its development CA (`fedmesh
+    // dev --tls`), the benchmark's agencies get certificates of their own.
+    if let crate::client::ClientTls::Folder { dir, .. } = &endpoints.tls {
+        let identity = fedmesh_common::identity::Identity::Agency(agency_id.to_string());
+        let files = fedmesh_common::tls::CertificateFiles::of(dir, &identity);
+        if !files.cert.exists() && dir.join(fedmesh_common::tls::CA_KEY).exists() {
+            crate::certs::issue(dir, &identity, 30, false)?;
+        }
+    }
+    Ok(())
 }
 
 fn progress(total: Option<u64>, duration: Duration) -> indicatif::ProgressBar {
