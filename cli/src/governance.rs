@@ -290,8 +290,19 @@ pub async fn audit(args: AuditArgs, out: &mut (dyn Write + Send)) -> anyhow::Res
                 out,
                 "the audit log is intact: {count} rows in {} chains ({})",
                 chains.len(),
-                chains.into_iter().collect::<Vec<_>>().join(", ")
+                chains.iter().copied().collect::<Vec<_>>().join(", ")
             )?;
+            // The heads, to keep elsewhere: rows cut off the end of a chain,
+            // or a chain rewritten whole, show only against them.
+            for chain in chains {
+                if let Some(head) = entries
+                    .iter()
+                    .rev()
+                    .find(|entry| entry.record.chain == chain)
+                {
+                    writeln!(out, "  head of {chain}: row {} {}", head.seq, head.hash)?;
+                }
+            }
         }
     }
     Ok(())

@@ -1,10 +1,29 @@
 //! The tamper-evident audit log: denied calls and privileged actions, each
 //! row chained to the one before it in its chain (a region, or `global`)
 //! by a SHA-256 hash over its fields and the previous row's hash. Editing,
-//! removing or inserting a row breaks the chain at that row, which
-//! [`verify`] finds. Rows never hold payloads or secrets.
+//! removing or inserting a row breaks the chain at the next row that
+//! follows, which [`verify`] finds. The rows alone cannot show that the
+//! newest rows of a chain were cut off, nor a chain rewritten whole and
+//! rehashed by someone with write access to the database: for that,
+//! `fedmesh audit verify` prints each chain's head (last row and hash), to
+//! be kept elsewhere and compared. Rows never hold payloads or secrets.
 
 use sha2::{Digest, Sha256};
+
+/// `text` cut to at most `max` bytes at a character boundary.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// Most bytes of a recorded field (`detail`; the others are shorter).
+pub const MAX_FIELD_BYTES: usize = 2048;
 
 /// The chain of what concerns no region.
 pub const GLOBAL_CHAIN: &str = "global";
@@ -173,7 +192,7 @@ impl RemoteAudit {
                     () = shutdown.cancelled() => None,
                 };
                 let mut batch: Vec<AuditRecord> = first.into_iter().collect();
-                while batch.len() < 500
+                while batch.len() < 200
                     && let Ok(record) = receiver.try_recv()
                 {
                     batch.push(record);

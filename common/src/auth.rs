@@ -450,7 +450,16 @@ fn read_deny_list(path: &std::path::Path) -> Result<HashSet<String>, String> {
             continue;
         }
         let is_serial = entry.bytes().all(|byte| byte.is_ascii_hexdigit());
-        if !is_serial && Identity::parse(entry).is_none() {
+        if is_serial {
+            // As `serial_hex` prints serials: no leading zero bytes.
+            let mut serial = entry.to_ascii_lowercase();
+            while serial.len() > 2 && serial.starts_with("00") {
+                serial.drain(..2);
+            }
+            entries.insert(serial);
+            continue;
+        }
+        if Identity::parse(entry).is_none() {
             return Err(format!(
                 "line {}: {entry:?} is neither an identity (agency/<id>...) nor a certificate serial (hex)",
                 number + 1
@@ -487,6 +496,8 @@ pub struct Guard {
     limiter: Arc<RateLimiter>,
     audit: AuditSlot,
     chain: String,
+    /// Denied calls recorded per actor.
+    denials: Arc<RateLimiter>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -513,6 +524,11 @@ impl Guard {
             limiter: Arc::new(RateLimiter::new(limits)),
             audit: AuditSlot::default(),
             chain: crate::audit::GLOBAL_CHAIN.to_string(),
+            denials: Arc::new(RateLimiter::new(RateLimitSettings {
+                rate_limit: 5,
+                rate_burst: Some(50),
+                agencies: Vec::new(),
+            })),
         }
     }
 
@@ -531,15 +547,22 @@ impl Guard {
         code: tonic::Code,
         reason: &str,
     ) {
+        let actor = actor.map_or_else(|| "unknown".to_string(), ToString::to_string);
+        // A caller repeating refused calls does not flood the log: at most
+        // a burst, then a few rows a second per actor (the rest are logged).
+        if self.denials.take(&actor, Instant::now()).is_err() {
+            tracing::debug!(%actor, method, "denied call not recorded: too many from this caller");
+            return;
+        }
         audit_to(
             &self.audit,
             AuditRecord {
                 chain: self.chain.clone(),
-                actor: actor.map_or_else(|| "unknown".to_string(), ToString::to_string),
+                actor,
                 action: "denied".into(),
-                target: method.trim_start_matches('/').to_string(),
+                target: crate::audit::bounded(method.trim_start_matches('/'), 256),
                 outcome: crate::error::code_name(code).into(),
-                detail: reason.to_string(),
+                detail: crate::audit::bounded(reason, 1024),
             },
         );
     }
@@ -557,6 +580,16 @@ impl Guard {
                     .and_then(|peer| peer.certificate.as_deref())
                     .ok_or(IdentityError::NoCertificate)?;
                 let certificate = certificate.as_ref().map_err(Clone::clone)?;
+                // A connection outlives nothing: a certificate that expired
+                // since its handshake proves nothing any more.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| {
+                        i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+                    });
+                if certificate.not_after < now {
+                    return Err(IdentityError::Expired(certificate.identity.to_string()));
+                }
                 Ok((
                     certificate.identity.clone(),
                     Some(certificate.serial.clone()),
@@ -722,11 +755,13 @@ async fn revoked(
     serial: Option<String>,
 ) -> Identity {
     loop {
-        if entries.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
+        // Checked before waiting too: the list may have changed between the
+        // call's admission and this subscription.
         if is_denied(&entries.borrow_and_update(), &identity, serial.as_deref()) {
             return identity;
+        }
+        if entries.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -797,13 +832,62 @@ mod tests {
         }
     }
 
+    #[derive(Debug, Default)]
+    struct Collect(Mutex<Vec<AuditRecord>>);
+
+    impl AuditSink for Collect {
+        fn record(&self, record: AuditRecord) {
+            if let Ok(mut records) = self.0.lock() {
+                records.push(record);
+            }
+        }
+    }
+
+    #[test]
+    fn a_caller_repeating_refused_calls_does_not_flood_the_audit_log() {
+        let sink = Arc::new(Collect::default());
+        let slot = AuditSlot::default();
+        assert!(slot.set(sink.clone()).is_ok());
+        let guard = Guard::new(Authentication::Tls, None, RateLimitSettings::unlimited())
+            .auditing(slot, "east".into());
+        let pest = Identity::Agency("pest".into());
+        let huge = "x".repeat(100_000);
+        for _ in 0..1000 {
+            guard.record_denial(Some(&pest), &huge, tonic::Code::PermissionDenied, &huge);
+        }
+        guard.record_denial(
+            None,
+            "/fedmesh.v1.Exchange/Send",
+            tonic::Code::Unauthenticated,
+            "no SAN",
+        );
+        let records = sink.0.lock().expect("records");
+        let from_pest = records
+            .iter()
+            .filter(|record| record.actor == "agency/pest")
+            .count();
+        assert!(
+            (1..=60).contains(&from_pest),
+            "{from_pest} rows from one caller"
+        );
+        assert!(
+            records
+                .iter()
+                .all(|record| record.detail.len() <= 1100 && record.target.len() <= 300)
+        );
+        assert!(
+            records.iter().any(|record| record.actor == "unknown"),
+            "another caller is still recorded"
+        );
+    }
+
     #[test]
     fn deny_lists_name_identities_and_serials() {
         let folder = tempfile::tempdir().expect("temporary folder");
         let path = folder.path().join("deny");
         std::fs::write(
             &path,
-            "# revoked\nagency/tax-office\n  0A1b # a lost laptop\n\n",
+            "# revoked\nagency/tax-office\n  000A1b # a lost laptop\n\n",
         )
         .expect("write");
         let list = DenyList::load(path.clone()).expect("a deny list");

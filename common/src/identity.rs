@@ -118,6 +118,9 @@ pub enum IdentityError {
     /// A server presented the certificate of a client role.
     #[error("the server presented the certificate of {0}, which serves nothing")]
     NotAServer(String),
+    /// The certificate expired while its connection was open.
+    #[error("the certificate of {0} has expired; reconnect with a valid one")]
+    Expired(String),
     /// The identity or certificate is on the deny list.
     #[error("{0} is revoked on this mesh")]
     Revoked(String),

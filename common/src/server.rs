@@ -532,6 +532,9 @@ impl tower::Service<http::Uri> for TlsConnector {
     }
 }
 
+/// Most TLS handshakes in progress at once on one listener.
+const MAX_HANDSHAKES: usize = 1024;
+
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -545,6 +548,7 @@ fn accept(
     shutdown: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<MeshStream, std::io::Error>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -581,10 +585,17 @@ fn accept(
                 }
                 continue;
             };
+            // At most so many handshakes at once: a flood of connections
+            // that never finish theirs is turned away, not queued.
+            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                tracing::warn!(peer = %remote, "too many TLS handshakes in progress; connection closed");
+                continue;
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
             let trust_domain = tls.trust_domain().to_string();
             let sender = sender.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let stream =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => stream,
@@ -721,6 +732,10 @@ struct RequestSize<S> {
     refuse: RefuseOversized,
 }
 
+/// Most frames read looking for the 5-byte prefix (empty DATA frames may
+/// come first).
+const MAX_PREFIX_FRAMES: usize = 16;
+
 /// The 5 bytes before each gRPC message: a compression flag and the length.
 const FRAME_PREFIX: usize = 5;
 
@@ -797,6 +812,11 @@ async fn first_message_size(
             read.push_back(frame);
             return None;
         };
+        if read.len() >= MAX_PREFIX_FRAMES {
+            // Empty frames without end: the service reads the rest.
+            read.push_back(frame);
+            return None;
+        }
         let taken = (FRAME_PREFIX - n_prefix).min(data.len());
         prefix[n_prefix..n_prefix + taken].copy_from_slice(&data[..taken]);
         n_prefix += taken;

@@ -92,7 +92,8 @@ impl TlsSettings {
         }
     }
 
-    /// Whether TLS is configured (all three files given).
+    /// Whether TLS is asked for (any of the three files given; `validate`
+    /// requires all three).
     pub fn enabled(&self) -> bool {
         self.cert.is_some() || self.key.is_some() || self.ca.is_some()
     }
@@ -315,19 +316,22 @@ impl std::fmt::Display for ExpectedServer {
     }
 }
 
-/// When the files were last seen changed, to tell whether to reload.
+/// What the files held when last read (SHA-256 of each), to tell whether
+/// to reload: contents, not timestamps, which a same-size rewrite within
+/// a coarse clock tick would leave unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Vec<Option<(SystemTime, u64)>>);
+struct Stamp(Vec<Option<[u8; 32]>>);
 
 impl Stamp {
     fn of(paths: &[&Path]) -> Stamp {
+        use sha2::Digest as _;
         Stamp(
             paths
                 .iter()
                 .map(|path| {
-                    std::fs::metadata(path)
+                    std::fs::read(path)
                         .ok()
-                        .and_then(|meta| Some((meta.modified().ok()?, meta.len())))
+                        .map(|contents| sha2::Sha256::digest(&contents).into())
                 })
                 .collect(),
         )
@@ -442,6 +446,10 @@ impl Source {
             .map_err(|error| file_error(&self.key, error))?;
         server.alpn_protocols = vec![H2.to_vec()];
         server.max_early_data_size = 0;
+        // No resumption: every connection presents (and has verified) its
+        // client certificate as it is now.
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let mut client = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(rustls_error)?
@@ -524,7 +532,8 @@ impl MeshTls {
     /// previous one kept.
     pub fn reload_if_changed(&self, audit: &crate::auth::AuditSlot) -> bool {
         let current = self.current();
-        if Stamp::of(&self.source.paths()) == current.stamp {
+        let stamp = Stamp::of(&self.source.paths());
+        if stamp == current.stamp {
             return false;
         }
         match self.source.read() {
@@ -566,7 +575,7 @@ impl MeshTls {
                         server: Arc::clone(&current.server),
                         client: Arc::clone(&current.client),
                         own: current.own.clone(),
-                        stamp: Stamp::of(&self.source.paths()),
+                        stamp,
                     });
                 }
                 tracing::warn!(%error, "changed TLS files cannot be used; keeping the previous ones");

@@ -49,7 +49,14 @@ pub fn subscription_name(field: &'static str, value: &str) -> Result<(), Invalid
 
 /// Checks a region name.
 pub fn region(field: &'static str, value: &str) -> Result<(), InvalidField> {
-    name(field, value, "region")
+    name(field, value, "region")?;
+    if value == crate::audit::GLOBAL_CHAIN {
+        return Err(InvalidField::new(
+            field,
+            "\"global\" is reserved (the audit log's chain of what concerns no region)",
+        ));
+    }
+    Ok(())
 }
 
 fn name(field: &'static str, value: &str, what: &str) -> Result<(), InvalidField> {

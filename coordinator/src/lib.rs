@@ -100,9 +100,7 @@ pub async fn run(
         directory::Directory::load(store, config.regions.clone(), outbox_wake, queues).await?;
     directory.declare_subscription_queues().await;
     let directory = Arc::new(directory);
-    security.set_audit(Arc::new(DirectoryAudit {
-        directory: Arc::clone(&directory),
-    }));
+    security.set_audit(DirectoryAudit::spawn(Arc::clone(&directory)));
     tasks.spawn(expire_instances(
         Arc::clone(&directory),
         config.clone(),
@@ -127,21 +125,30 @@ pub async fn run(
     Ok(served?)
 }
 
-/// Records the coordinator's own refusals and rotations in its store.
+/// Records the coordinator's own refusals and rotations in its store, one
+/// at a time from a bounded queue (a full queue drops, and says so).
+#[derive(Debug)]
 struct DirectoryAudit {
-    directory: Arc<directory::Directory>,
+    sender: tokio::sync::mpsc::Sender<fedmesh_common::audit::AuditRecord>,
 }
 
-impl std::fmt::Debug for DirectoryAudit {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("DirectoryAudit")
+impl DirectoryAudit {
+    fn spawn(directory: Arc<directory::Directory>) -> Arc<DirectoryAudit> {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(async move {
+            while let Some(record) = receiver.recv().await {
+                directory.audit(record).await;
+            }
+        });
+        Arc::new(DirectoryAudit { sender })
     }
 }
 
 impl fedmesh_common::auth::AuditSink for DirectoryAudit {
     fn record(&self, record: fedmesh_common::audit::AuditRecord) {
-        let directory = Arc::clone(&self.directory);
-        tokio::spawn(async move { directory.audit(record).await });
+        if self.sender.try_send(record).is_err() {
+            tracing::warn!("the audit queue is full: a record was dropped");
+        }
     }
 }
 

@@ -214,6 +214,27 @@ impl Directory {
             Identity::Gateway(region) => region.clone(),
             _ => fedmesh_common::audit::GLOBAL_CHAIN.to_string(),
         };
+        let oversized = records.iter().find(|record| {
+            [
+                &record.actor,
+                &record.action,
+                &record.target,
+                &record.outcome,
+                &record.detail,
+            ]
+            .iter()
+            .any(|field| field.len() > fedmesh_common::audit::MAX_FIELD_BYTES)
+        });
+        if oversized.is_some() {
+            return Err(fedmesh_common::error::InvalidField::new(
+                "records",
+                format!(
+                    "a record's field is over {} bytes",
+                    fedmesh_common::audit::MAX_FIELD_BYTES
+                ),
+            )
+            .into());
+        }
         if let Some(other) = records.iter().find(|record| record.chain != own_chain) {
             return Err(DirectoryError::PermissionDenied(format!(
                 "{caller} records only in the audit chain {own_chain:?}, not {:?}",

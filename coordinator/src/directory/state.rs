@@ -149,6 +149,13 @@ impl TopologyState {
             .cloned()
     }
 
+    /// The region of the gateway `gateway_id`, if it reports.
+    pub fn gateway_region(&self, gateway_id: &str) -> Option<String> {
+        self.gateways
+            .get(gateway_id)
+            .map(|gateway| gateway.region.clone())
+    }
+
     /// One agency.
     pub fn agency(&self, agency_id: &str) -> Option<&AgencyRecord> {
         self.agencies.get(agency_id)

@@ -334,6 +334,18 @@ impl pb::directory_server::Directory for DirectoryService {
             .into());
         }
         check_address("gateway.address", &gateway.address)?;
+        let owner = self
+            .directory
+            .state()
+            .gateway_region(&gateway.gateway_id)
+            .filter(|region| *region != gateway.region);
+        if let Some(region) = owner {
+            return Err(DirectoryError::PermissionDenied(format!(
+                "gateway id {:?} belongs to a gateway of region {region}; give this replica an id of its own (--id)",
+                gateway.gateway_id
+            ))
+            .into());
+        }
         let load = gateway.load.unwrap_or_default();
         self.directory.state().report_gateway(GatewayRecord {
             gateway_id: gateway.gateway_id,

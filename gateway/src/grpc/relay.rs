@@ -27,6 +27,12 @@ impl RelayService {
     ) -> Result<pb::Receipt, GatewayError> {
         let message = convert::message_from_forward(request)?;
         shared.check_payload(message.payload.len())?;
+        if message.origin_region != forwarder {
+            return Err(GatewayError::PermissionDenied(format!(
+                "gateway/{forwarder} may not relay a message accepted in {}",
+                message.origin_region
+            )));
+        }
         let sender_home = shared.home_of(&message.sender_id).await?;
         if sender_home.region != forwarder {
             return Err(GatewayError::PermissionDenied(format!(
