@@ -335,7 +335,7 @@ impl Endpoints {
     pub async fn topology(&self) -> anyhow::Result<pb::TopologySnapshot> {
         let mut stream = self
             .directory_as_operator()?
-            .watch_topology(pb::WatchTopologyRequest {})
+            .watch_topology(pb::WatchTopologyRequest::default())
             .await
             .map_err(|status| rpc_error(status, "cannot read the topology"))?
             .into_inner();

@@ -41,6 +41,10 @@ pub struct Topology {
     pub notifiers: BTreeMap<String, String>,
     /// Grant id to the access grant.
     pub grants: BTreeMap<String, pb::AccessGrant>,
+    /// The coordinator run the versions belong to (from the last snapshot).
+    pub epoch: String,
+    /// Snapshots applied so far (a resumed stream adds none).
+    pub snapshots: u64,
 }
 
 /// Whether agencies may send each other without a grant.
@@ -61,7 +65,9 @@ impl Topology {
     pub fn apply(&mut self, update: pb::TopologyUpdate) {
         match update.update {
             Some(pb::topology_update::Update::Snapshot(snapshot)) => {
+                let snapshots = self.snapshots + 1;
                 *self = Topology::from_snapshot(update.version, snapshot);
+                self.snapshots = snapshots;
             }
             Some(pb::topology_update::Update::Change(change)) if update.version > self.version => {
                 self.version = update.version;
@@ -74,6 +80,7 @@ impl Topology {
     fn from_snapshot(version: u64, snapshot: pb::TopologySnapshot) -> Topology {
         let mut topology = Topology {
             version,
+            epoch: snapshot.epoch,
             regions: snapshot
                 .regions
                 .into_iter()
@@ -233,6 +240,7 @@ mod tests {
                     gateways: vec![],
                     notifiers: vec![],
                     grants: vec![],
+                    epoch: "run-1".into(),
                 },
             )),
         });

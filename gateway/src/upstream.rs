@@ -36,6 +36,14 @@ use crate::relay::{RelayBatcher, RelayClients, RelayLimits};
 /// a large mesh, far above the 4 MiB tonic allows by default.
 const MAX_TOPOLOGY_BYTES: usize = 256 * 1024 * 1024;
 
+/// The request that resumes from `topology` (a snapshot if it has none).
+fn resume_from(topology: &Topology) -> pb::WatchTopologyRequest {
+    pb::WatchTopologyRequest {
+        epoch: topology.epoch.clone(),
+        from_version: topology.version,
+    }
+}
+
 /// Connections to the coordinator and to other gateways.
 pub(crate) struct Upstream {
     directory: DirectoryClient,
@@ -147,10 +155,12 @@ impl Upstream {
                 () = shutdown.cancelled() => return,
                 outcome = self.follow_topology(&topology, &mut backoff) => outcome,
             };
-            tracing::warn!(error = %outcome, retry_in = ?backoff, "topology stream lost, serving from the last topology");
+            // Jittered, so that gateways do not all come back at once.
+            let wait = backoff.mul_f64(0.5 + fastrand::f64());
+            tracing::warn!(error = %outcome, retry_in = ?wait, "topology stream lost, serving from the last topology");
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(wait) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
@@ -163,12 +173,8 @@ impl Upstream {
         topology: &watch::Sender<Arc<Topology>>,
         backoff: &mut Duration,
     ) -> String {
-        let mut stream = match self
-            .directory
-            .clone()
-            .watch_topology(pb::WatchTopologyRequest {})
-            .await
-        {
+        let resume = resume_from(&topology.borrow());
+        let mut stream = match self.directory.clone().watch_topology(resume).await {
             Ok(response) => response.into_inner(),
             Err(status) => return status.message().to_string(),
         };

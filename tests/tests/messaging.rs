@@ -338,3 +338,63 @@ async fn a_send_whose_deadline_passed_before_its_batch_is_not_stored() {
         "the late send was not stored"
     );
 }
+
+#[tokio::test]
+async fn a_topology_watcher_that_reconnects_receives_only_what_it_missed() {
+    let mesh = TestMesh::start().await;
+    let mut directory =
+        mesh.directory_as(&fedmesh_common::identity::Identity::Gateway("east".into()));
+    let mut stream = directory
+        .watch_topology(pb::WatchTopologyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the snapshot", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(pb::topology_update::Update::Snapshot(snapshot)) = first.update else {
+        panic!("a new watcher starts from a snapshot: {first:?}");
+    };
+    drop(stream);
+
+    mesh.register("late-comer", "west").await;
+    let mut resumed = directory
+        .watch_topology(pb::WatchTopologyRequest {
+            epoch: snapshot.epoch.clone(),
+            from_version: first.version,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = within("the missed change", resumed.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.version, first.version + 1, "the next version, no gap");
+    let Some(pb::topology_update::Update::Change(change)) = next.update else {
+        panic!("a resumed watcher gets changes, not a snapshot: {next:?}");
+    };
+    assert!(
+        matches!(&change.change, Some(pb::topology_change::Change::AgencyUpserted(agency)) if agency.agency_id == "late-comer"),
+        "{change:?}"
+    );
+
+    // Another run's epoch: a snapshot again.
+    let mut other = directory
+        .watch_topology(pb::WatchTopologyRequest {
+            epoch: "another-run".into(),
+            from_version: first.version,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let fresh = within("a snapshot", other.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        fresh.update,
+        Some(pb::topology_update::Update::Snapshot(_))
+    ));
+}

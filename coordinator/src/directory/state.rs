@@ -46,10 +46,15 @@ pub struct NotifierRecord {
     pub last_seen: Instant,
 }
 
-/// What a new watcher starts from: a snapshot and the changes after it.
+/// Changes kept to resume watchers from (about a minute of a busy mesh).
+const RECENT_CHANGES: usize = 4096;
+
+/// What a new watcher starts from: a snapshot, or the changes it missed,
+/// and the changes after them.
 pub struct WatchStart {
-    /// The full topology at its current version.
-    pub snapshot: pb::TopologyUpdate,
+    /// The full topology at its current version, or the changes after the
+    /// version the watcher resumes from.
+    pub first: Vec<pb::TopologyUpdate>,
     /// Every change after the snapshot.
     pub changes: broadcast::Receiver<pb::TopologyUpdate>,
 }
@@ -63,6 +68,10 @@ pub struct TopologyState {
     notifiers: BTreeMap<String, NotifierRecord>,
     grants: BTreeMap<String, GrantRecord>,
     changes: broadcast::Sender<pb::TopologyUpdate>,
+    /// This run's id: versions resume only within it.
+    epoch: String,
+    /// The latest changes, oldest first.
+    recent: std::collections::VecDeque<pb::TopologyUpdate>,
 }
 
 impl TopologyState {
@@ -84,6 +93,8 @@ impl TopologyState {
             notifiers: BTreeMap::new(),
             grants: BTreeMap::new(),
             changes,
+            epoch: uuid::Uuid::now_v7().to_string(),
+            recent: std::collections::VecDeque::new(),
         }
     }
 
@@ -281,9 +292,38 @@ impl TopologyState {
 
     /// A snapshot at the current version and a receiver of the changes after it.
     pub fn watch(&self) -> WatchStart {
+        self.watch_from(None)
+    }
+
+    /// For a watcher resuming from `(epoch, version)`: the changes after
+    /// that version when this run still has them all, else a snapshot; and
+    /// a receiver of the changes after those.
+    pub fn watch_from(&self, resume: Option<(&str, u64)>) -> WatchStart {
+        let changes = self.changes.subscribe();
+        if let Some((epoch, version)) = resume
+            && epoch == self.epoch
+            && version <= self.version
+        {
+            let oldest_kept = self
+                .recent
+                .front()
+                .map_or(self.version + 1, |update| update.version);
+            if version + 1 >= oldest_kept {
+                let missed = self
+                    .recent
+                    .iter()
+                    .filter(|update| update.version > version)
+                    .cloned()
+                    .collect();
+                return WatchStart {
+                    first: missed,
+                    changes,
+                };
+            }
+        }
         WatchStart {
-            snapshot: self.snapshot(),
-            changes: self.changes.subscribe(),
+            first: vec![self.snapshot()],
+            changes,
         }
     }
 
@@ -305,6 +345,7 @@ impl TopologyState {
                     gateways: self.gateways.values().map(gateway_to_pb).collect(),
                     notifiers: self.notifiers.values().map(notifier_to_pb).collect(),
                     grants: self.grants.values().map(grant_to_pb).collect(),
+                    epoch: self.epoch.clone(),
                 },
             )),
         }
@@ -312,13 +353,18 @@ impl TopologyState {
 
     fn publish(&mut self, change: pb::topology_change::Change) {
         self.version += 1;
-        // No watcher is not an error.
-        let _ = self.changes.send(pb::TopologyUpdate {
+        let update = pb::TopologyUpdate {
             version: self.version,
             update: Some(pb::topology_update::Update::Change(pb::TopologyChange {
                 change: Some(change),
             })),
-        });
+        };
+        if self.recent.len() == RECENT_CHANGES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(update.clone());
+        // No watcher is not an error.
+        let _ = self.changes.send(update);
     }
 }
 
@@ -390,6 +436,70 @@ mod tests {
             last_seen_micros: 0,
             last_seen,
         }
+    }
+
+    fn agency(agency_id: &str) -> AgencyRecord {
+        AgencyRecord {
+            agency_id: agency_id.into(),
+            region: "east".into(),
+            shard: "east-1".into(),
+            display_name: String::new(),
+            registered_at_micros: 0,
+        }
+    }
+
+    fn is_snapshot(update: &pb::TopologyUpdate) -> bool {
+        matches!(
+            update.update,
+            Some(pb::topology_update::Update::Snapshot(_))
+        )
+    }
+
+    #[test]
+    fn a_watcher_resumes_with_what_it_missed_or_starts_over_from_a_snapshot() {
+        let mut state = state();
+        let first = state.watch().first;
+        let [snapshot] = first.as_slice() else {
+            panic!("a new watcher starts from one snapshot: {first:?}");
+        };
+        let Some(pb::topology_update::Update::Snapshot(taken)) = &snapshot.update else {
+            panic!("not a snapshot");
+        };
+        let (epoch, version) = (taken.epoch.clone(), snapshot.version);
+        state.upsert_agency(agency("alpha"));
+        state.upsert_agency(agency("beta"));
+        let missed = state.watch_from(Some((&epoch, version))).first;
+        assert_eq!(
+            missed
+                .iter()
+                .map(|update| update.version)
+                .collect::<Vec<_>>(),
+            [version + 1, version + 2],
+            "only the changes missed"
+        );
+        assert!(missed.iter().all(|update| !is_snapshot(update)));
+        assert!(
+            state
+                .watch_from(Some((&epoch, version + 2)))
+                .first
+                .is_empty(),
+            "up to date: nothing to send"
+        );
+        let other_run = state.watch_from(Some(("another-run", version))).first;
+        assert!(other_run.len() == 1 && is_snapshot(&other_run[0]));
+        let ahead = state.watch_from(Some((&epoch, version + 50))).first;
+        assert!(
+            ahead.len() == 1 && is_snapshot(&ahead[0]),
+            "a version this run never had"
+        );
+        for n in 0..RECENT_CHANGES {
+            state.upsert_agency(agency(&format!("a{n}")));
+        }
+        let too_old = state.watch_from(Some((&epoch, version))).first;
+        assert!(
+            too_old.len() == 1 && is_snapshot(&too_old[0]),
+            "changes no longer kept"
+        );
     }
 
     #[test]

@@ -271,14 +271,21 @@ impl pb::directory_server::Directory for DirectoryService {
         request: Request<pb::WatchTopologyRequest>,
     ) -> Result<Response<Self::WatchTopologyStream>, Status> {
         caller(&request)?;
+        let request = request.into_inner();
         let directory = Arc::clone(&self.directory);
         let shutdown = self.shutdown.clone();
         let (sender, receiver) = tokio::sync::mpsc::channel(64);
-        let start = directory.state().watch();
+        let resume =
+            (!request.epoch.is_empty()).then_some((request.epoch.as_str(), request.from_version));
+        let start = directory.state().watch_from(resume);
         tokio::spawn(async move {
             let mut changes = start.changes;
-            if sender.send(Ok(start.snapshot)).await.is_err() {
-                return;
+            let mut last = 0;
+            for update in start.first {
+                last = update.version;
+                if sender.send(Ok(update)).await.is_err() {
+                    return;
+                }
             }
             loop {
                 let update = tokio::select! {
@@ -290,15 +297,21 @@ impl pb::directory_server::Directory for DirectoryService {
                     update = changes.recv() => update,
                 };
                 let update = match update {
+                    // Sent already among the missed changes.
+                    Ok(update) if update.version <= last => continue,
                     Ok(update) => update,
                     // The watcher fell behind: start it over from a snapshot.
                     Err(RecvError::Lagged(_)) => {
                         let start = directory.state().watch();
                         changes = start.changes;
-                        start.snapshot
+                        let Some(snapshot) = start.first.into_iter().next() else {
+                            return;
+                        };
+                        snapshot
                     }
                     Err(RecvError::Closed) => return,
                 };
+                last = update.version;
                 if sender.send(Ok(update)).await.is_err() {
                     return;
                 }
