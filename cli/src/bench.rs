@@ -161,6 +161,7 @@ async fn ensure_agency(endpoints: &Endpoints, agency_id: &str, region: &str) -> 
             agency_id: agency_id.to_string(),
             region: region.to_string(),
             display_name: "benchmark".to_string(),
+            shard: String::new(),
         })
         .await;
     match registered {

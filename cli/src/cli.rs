@@ -13,6 +13,7 @@ use crate::bench::BenchArgs;
 use crate::certs::CertsArgs;
 use crate::commands::{AgencyArgs, InboxArgs, SendArgs, StatusArgs, SubscribeArgs};
 use crate::governance::{AccessArgs, AuditArgs};
+use crate::regions::{RegionArgs, ShardArgs};
 use crate::serve::{CoordinatorArgs, DevArgs, GatewayArgs, NotifierArgs};
 use crate::subscriptions::SubscriptionArgs;
 
@@ -83,6 +84,14 @@ pub enum Command {
         after_help = "Examples:\n  fedmesh subscription create deliveries --kind message.delivered\n  fedmesh subscription list"
     )]
     Subscription(SubscriptionArgs),
+    /// Add, list and remove regions.
+    #[command(after_help = "Examples:\n  fedmesh region add north\n  fedmesh region list")]
+    Region(RegionArgs),
+    /// Add, list, drain and remove the shard databases of regions.
+    #[command(
+        after_help = "Examples:\n  fedmesh shard add east-2 --region east --capacity 5000\n  fedmesh shard drain east-1\n  fedmesh shard list"
+    )]
+    Shard(ShardArgs),
     /// Grant, revoke and list who may send whom which kinds of message.
     #[command(
         after_help = "Examples:\n  fedmesh access grant --from tax-office --to land-registry --kind tax.return.filed\n  fedmesh access list"
@@ -140,6 +149,8 @@ pub async fn run(
         Command::Subscribe(args) => crate::commands::subscribe(args, out).await,
         Command::Subscription(args) => crate::subscriptions::subscription(args, out).await,
         Command::Status(args) => crate::commands::status(args, out).await,
+        Command::Region(args) => crate::regions::region(args, out).await,
+        Command::Shard(args) => crate::regions::shard(args, out).await,
         Command::Access(args) => crate::governance::access(args, out).await,
         Command::Audit(args) => crate::governance::audit(args, out).await,
         Command::Bench(args) => {

@@ -45,6 +45,10 @@ pub enum AgencyCommand {
         /// Display name.
         #[arg(long, default_value = "")]
         name: String,
+        /// The shard to place it on [default: the region's active shard
+        /// with the most room, or the fewest agencies].
+        #[arg(long)]
+        shard: Option<String>,
         /// Print the registered agency as one JSON object.
         #[arg(long)]
         json: bool,
@@ -241,6 +245,7 @@ pub async fn agency(args: AgencyArgs, out: &mut (dyn Write + Send)) -> anyhow::R
             id,
             region,
             name,
+            shard,
             json,
         } => {
             let agency = directory
@@ -248,6 +253,7 @@ pub async fn agency(args: AgencyArgs, out: &mut (dyn Write + Send)) -> anyhow::R
                     agency_id: id.clone(),
                     region,
                     display_name: name,
+                    shard: shard.unwrap_or_default(),
                 })
                 .await
                 .map_err(|status| rpc_error(status, &format!("cannot register {id:?}")))?

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod dev;
 pub mod fanout;
 pub mod governance;
+pub mod regions;
 pub mod serve;
 pub mod signal;
 pub mod subscriptions;

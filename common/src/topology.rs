@@ -129,6 +129,12 @@ impl Topology {
             Some(Change::GrantRemoved(grant_id)) => {
                 self.grants.remove(&grant_id);
             }
+            Some(Change::RegionUpserted(region)) => {
+                self.regions.insert(region.name, region.shards);
+            }
+            Some(Change::RegionRemoved(name)) => {
+                self.regions.remove(&name);
+            }
             None => {}
         }
     }

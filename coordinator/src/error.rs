@@ -26,6 +26,26 @@ pub enum DirectoryError {
     /// The caller may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The region exists already.
+    #[error("region {0:?} exists already")]
+    RegionExists(String),
+    /// The shard name is taken.
+    #[error("shard {0:?} exists already")]
+    ShardExists(String),
+    /// No shard has the name.
+    #[error("shard {0:?} does not exist; `fedmesh shard list` lists them")]
+    ShardNotFound(String),
+    /// What still holds agencies cannot be removed.
+    #[error("{what} still holds {count} agencies: deregister or move them first")]
+    HoldsAgencies {
+        /// The region or shard.
+        what: String,
+        /// How many agencies.
+        count: usize,
+    },
+    /// No shard of the region takes new agencies.
+    #[error("{0}; add a shard (fedmesh shard add) or raise a capacity")]
+    NoShardFor(String),
     /// No grant has the id.
     #[error("no access grant has id {0:?}; `fedmesh access list` lists them")]
     GrantNotFound(String),
@@ -64,9 +84,15 @@ impl ServiceError for DirectoryError {
             DirectoryError::AgencyExists(_) | DirectoryError::SubscriptionExists(_) => {
                 ErrorKind::AlreadyExists
             }
-            DirectoryError::SubscriptionNotFound(_) | DirectoryError::GrantNotFound(_) => {
-                ErrorKind::NotFound
+            DirectoryError::RegionExists(_) | DirectoryError::ShardExists(_) => {
+                ErrorKind::AlreadyExists
             }
+            DirectoryError::HoldsAgencies { .. } | DirectoryError::NoShardFor(_) => {
+                ErrorKind::FailedPrecondition
+            }
+            DirectoryError::SubscriptionNotFound(_)
+            | DirectoryError::GrantNotFound(_)
+            | DirectoryError::ShardNotFound(_) => ErrorKind::NotFound,
             DirectoryError::NoBus | DirectoryError::NoDeadLetters(_) => {
                 ErrorKind::FailedPrecondition
             }

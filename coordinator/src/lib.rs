@@ -16,6 +16,7 @@ pub mod agency;
 pub mod config;
 pub mod directory;
 pub mod error;
+pub mod region;
 pub mod store;
 pub mod subscription;
 

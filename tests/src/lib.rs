@@ -330,6 +330,14 @@ impl TestMesh {
         .unwrap();
     }
 
+    /// The topology the gateway of `region` routes by, as it changes.
+    pub fn gateway_topology(
+        &self,
+        region: &str,
+    ) -> tokio::sync::watch::Receiver<std::sync::Arc<fedmesh_common::topology::Topology>> {
+        self.mesh().gateway_topology(region).unwrap()
+    }
+
     /// The control database's URL (SQLite in the data folder).
     pub fn control_database_url(&self) -> String {
         format!(
@@ -419,6 +427,7 @@ impl TestMesh {
                 agency_id: agency_id.into(),
                 region: region.into(),
                 display_name: String::new(),
+                shard: String::new(),
             })
             .await
             .unwrap();

@@ -10,6 +10,7 @@ fn register(agency_id: &str, region: &str) -> pb::RegisterAgencyRequest {
         agency_id: agency_id.into(),
         region: region.into(),
         display_name: String::new(),
+        shard: String::new(),
     }
 }
 

@@ -235,6 +235,7 @@ async fn privileged_actions_and_denied_calls_are_chained_and_an_edit_is_found() 
             agency_id: "intruder".into(),
             region: "east".into(),
             display_name: String::new(),
+            shard: String::new(),
         })
         .await
         .unwrap_err();
@@ -302,4 +303,113 @@ async fn privileged_actions_and_denied_calls_are_chained_and_an_edit_is_found() 
     let broken = format!("{broken:#}");
     assert!(broken.contains("chain east is broken at row 2"), "{broken}");
     assert!(broken.contains("edited"), "{broken}");
+}
+
+#[tokio::test]
+async fn regions_and_shards_change_at_run_time_and_outlive_a_restart() {
+    let mut mesh = TestMesh::start().await;
+    fedmesh(&mesh, &["region", "add", "north"]).await.unwrap();
+    fedmesh(&mesh, &["shard", "add", "north-1", "--region", "north"])
+        .await
+        .unwrap();
+    let mut topology = mesh.gateway_topology("east");
+    within(
+        "the gateways to learn of the region",
+        topology.wait_for(|topology| {
+            topology.regions.get("north") == Some(&vec!["north-1".to_string()])
+        }),
+    )
+    .await
+    .unwrap();
+    let registered = fedmesh(
+        &mesh,
+        &["agency", "register", "harbour", "--region", "north"],
+    )
+    .await
+    .unwrap();
+    assert!(registered.contains("(shard north-1)"), "{registered}");
+
+    // Placement: a draining shard takes no agency, a full one neither.
+    fedmesh(
+        &mesh,
+        &[
+            "shard",
+            "add",
+            "east-2",
+            "--region",
+            "east",
+            "--capacity",
+            "1",
+            "--address",
+            "db2/east_2",
+        ],
+    )
+    .await
+    .unwrap();
+    fedmesh(&mesh, &["shard", "drain", "east-1"]).await.unwrap();
+    let placed = fedmesh(&mesh, &["agency", "register", "mint", "--region", "east"])
+        .await
+        .unwrap();
+    assert!(placed.contains("(shard east-2)"), "{placed}");
+    let full = fedmesh(
+        &mesh,
+        &["agency", "register", "treasury", "--region", "east"],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{full:#}").contains("FAILED_PRECONDITION"),
+        "{full:#}"
+    );
+    let listed = fedmesh(&mesh, &["shard", "list", "--region", "east", "--json"])
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["name"], "east-1");
+    assert_eq!(listed[0]["state"], "draining");
+    assert_eq!(listed[1]["agencies"], 1);
+    assert_eq!(listed[1]["capacity"], 1);
+
+    // What holds agencies cannot be removed.
+    let refused = fedmesh(&mesh, &["shard", "remove", "east-2"])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("still holds 1 agencies"),
+        "{refused:#}"
+    );
+    let refused = fedmesh(&mesh, &["region", "remove", "north"])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("region north still holds"),
+        "{refused:#}"
+    );
+    let taken = fedmesh(&mesh, &["region", "add", "east"])
+        .await
+        .unwrap_err();
+    assert!(format!("{taken:#}").contains("ALREADY_EXISTS"), "{taken:#}");
+
+    // What the operators changed is data: it outlives a restart.
+    mesh.restart().await;
+    let regions = fedmesh(&mesh, &["region", "list", "--json"]).await.unwrap();
+    let regions: serde_json::Value = serde_json::from_str(&regions).unwrap();
+    let north = regions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|region| region["name"] == "north")
+        .expect("north is still there");
+    assert_eq!(north["shards"], serde_json::json!(["north-1"]));
+    fedmesh(&mesh, &["agency", "deregister", "harbour", "--force"])
+        .await
+        .unwrap();
+    fedmesh(&mesh, &["region", "remove", "north"])
+        .await
+        .unwrap();
+    let audit = fedmesh(&mesh, &["audit", "list", "--region", "north"])
+        .await
+        .unwrap();
+    assert!(audit.contains("region-add region/north"), "{audit}");
+    assert!(audit.contains("region-remove region/north"), "{audit}");
 }

@@ -52,6 +52,7 @@ async fn a_mesh_on_mutual_tls_carries_messages_between_regions() {
         agency_id: "intruder".into(),
         region: "east".into(),
         display_name: String::new(),
+        shard: String::new(),
     });
     request
         .metadata_mut()

@@ -10,7 +10,7 @@ mod state;
 mod subscriptions;
 
 pub use state::{GatewayRecord, NotifierRecord, TopologyState, WatchStart};
-pub(crate) use state::{agency_to_pb, grant_to_pb};
+pub(crate) use state::{agency_to_pb, grant_to_pb, shard_to_pb};
 pub use subscriptions::NewSubscription;
 
 use std::collections::BTreeMap;
@@ -26,7 +26,9 @@ use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::config::RegionConfig;
 use crate::error::{DirectoryError, StoreError};
+use crate::region::ShardRecord;
 use crate::store::DirectoryStore;
+use fedmesh_proto::pb as pb_region;
 
 /// The directory: store plus published topology.
 pub struct Directory {
@@ -52,6 +54,39 @@ impl Directory {
         outbox_wake: Option<Arc<tokio::sync::Notify>>,
         queues: Option<Arc<dyn DurableQueues>>,
     ) -> Result<Self, StoreError> {
+        // The --region flags seed regions and shards the database does not
+        // have yet; what it has stays (operators change it at run time).
+        let seeded_at = fedmesh_common::time::now_micros();
+        let mut order = 0;
+        for region in &regions {
+            order += 1;
+            match store.insert_region(&region.name, seeded_at + order).await {
+                Ok(()) | Err(StoreError::Conflict) => {}
+                Err(error) => return Err(error),
+            }
+            for shard in &region.shards {
+                order += 1;
+                let record = ShardRecord::seeded(shard, &region.name, seeded_at + order);
+                match store.insert_shard(&record).await {
+                    Ok(()) | Err(StoreError::Conflict) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        let shards = store.all_shards().await?;
+        let regions: Vec<RegionConfig> = store
+            .all_regions()
+            .await?
+            .into_iter()
+            .map(|name| RegionConfig {
+                shards: shards
+                    .iter()
+                    .filter(|shard| shard.region == name)
+                    .map(|shard| shard.name.clone())
+                    .collect(),
+                name,
+            })
+            .collect();
         let agencies = store.all_agencies().await?;
         let subscriptions = store
             .all_subscriptions()
@@ -62,6 +97,7 @@ impl Directory {
         let initial_version = u64::try_from(fedmesh_common::time::now_micros()).unwrap_or(1);
         let mut state = TopologyState::new(regions, agencies, initial_version);
         state.load_grants(store.all_grants().await?);
+        state.load_shards(shards);
         Ok(Directory {
             store,
             state: Mutex::new(state),
@@ -94,6 +130,7 @@ impl Directory {
         agency_id: &str,
         region: &str,
         display_name: &str,
+        shard: &str,
     ) -> Result<AgencyRecord, DirectoryError> {
         validate::agency_id("agency_id", agency_id)?;
         validate::region("region", region)?;
@@ -106,12 +143,32 @@ impl Directory {
         }
         let shard = {
             let state = self.state();
-            state
-                .pick_shard(region)
-                .ok_or_else(|| DirectoryError::RegionNotFound {
+            if !state.has_region(region) {
+                return Err(DirectoryError::RegionNotFound {
                     region: region.to_string(),
                     known: state.region_names().join(", "),
+                });
+            }
+            if shard.is_empty() {
+                state.pick_shard(region).ok_or_else(|| {
+                    DirectoryError::NoShardFor(format!(
+                        "no shard of region {region} takes new agencies"
+                    ))
                 })?
+            } else {
+                let named = state
+                    .shard(shard)
+                    .filter(|named| named.region == region)
+                    .ok_or_else(|| {
+                        DirectoryError::ShardNotFound(format!("{shard} (in {region})"))
+                    })?;
+                if !state.takes_agencies(named) {
+                    return Err(DirectoryError::NoShardFor(format!(
+                        "shard {shard} is draining or full"
+                    )));
+                }
+                shard.to_string()
+            }
         };
         let record = AgencyRecord {
             agency_id: agency_id.to_string(),
@@ -181,6 +238,202 @@ impl Directory {
         })
         .await;
         Ok(())
+    }
+
+    /// Adds a region (without shards yet).
+    pub async fn add_region(
+        &self,
+        actor: &Identity,
+        name: &str,
+    ) -> Result<pb_region::Region, DirectoryError> {
+        validate::region("name", name)?;
+        match self
+            .store
+            .insert_region(name, fedmesh_common::time::now_micros())
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => {
+                return Err(DirectoryError::RegionExists(name.to_string()));
+            }
+            Err(error) => return Err(error.into()),
+        }
+        self.state().add_region(name);
+        tracing::info!(region = name, "region added");
+        self.audit_change(
+            actor,
+            name,
+            "region-add",
+            &format!("region/{name}"),
+            String::new(),
+        )
+        .await;
+        Ok(pb_region::Region {
+            name: name.to_string(),
+            shards: Vec::new(),
+        })
+    }
+
+    /// Removes a region without agencies, and its shards.
+    pub async fn remove_region(&self, actor: &Identity, name: &str) -> Result<(), DirectoryError> {
+        validate::region("name", name)?;
+        {
+            let state = self.state();
+            if !state.has_region(name) {
+                return Err(DirectoryError::RegionNotFound {
+                    region: name.to_string(),
+                    known: state.region_names().join(", "),
+                });
+            }
+            let count = state
+                .agency_counts()
+                .into_iter()
+                .find(|(region, _)| region == name)
+                .map_or(0, |(_, count)| count);
+            if count > 0 {
+                return Err(DirectoryError::HoldsAgencies {
+                    what: format!("region {name}"),
+                    count,
+                });
+            }
+        }
+        self.store.delete_region(name).await?;
+        self.state().remove_region(name);
+        tracing::info!(region = name, "region removed");
+        self.audit_change(
+            actor,
+            name,
+            "region-remove",
+            &format!("region/{name}"),
+            String::new(),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Adds a shard to a region.
+    pub async fn add_shard(
+        &self,
+        actor: &Identity,
+        shard: ShardRecord,
+    ) -> Result<ShardRecord, DirectoryError> {
+        validate::agency_id("name", &shard.name).map_err(|invalid| {
+            fedmesh_common::error::InvalidField::new(
+                "name",
+                invalid.description.replace("agency id", "shard name"),
+            )
+        })?;
+        validate::region("region", &shard.region)?;
+        if shard.address.len() > 512 || shard.address.contains('@') {
+            return Err(fedmesh_common::error::InvalidField::new(
+                "address",
+                "an address is at most 512 characters, host and database, without credentials",
+            )
+            .into());
+        }
+        {
+            let state = self.state();
+            if !state.has_region(&shard.region) {
+                return Err(DirectoryError::RegionNotFound {
+                    region: shard.region.clone(),
+                    known: state.region_names().join(", "),
+                });
+            }
+        }
+        match self.store.insert_shard(&shard).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => {
+                return Err(DirectoryError::ShardExists(shard.name.clone()));
+            }
+            Err(error) => return Err(error.into()),
+        }
+        self.state().upsert_shard(shard.clone());
+        tracing::info!(shard = %shard.name, region = %shard.region, "shard added");
+        let detail = format!("capacity {}", shard.capacity);
+        self.audit_change(
+            actor,
+            &shard.region,
+            "shard-add",
+            &format!("shard/{}", shard.name),
+            detail,
+        )
+        .await;
+        Ok(shard)
+    }
+
+    /// Stops placing agencies on a shard.
+    pub async fn drain_shard(
+        &self,
+        actor: &Identity,
+        name: &str,
+    ) -> Result<ShardRecord, DirectoryError> {
+        let Some(mut shard) = self.state().shard(name).cloned() else {
+            return Err(DirectoryError::ShardNotFound(name.to_string()));
+        };
+        if !self.store.set_shard_draining(name, true).await? {
+            return Err(DirectoryError::ShardNotFound(name.to_string()));
+        }
+        shard.draining = true;
+        self.state().upsert_shard(shard.clone());
+        tracing::info!(shard = name, "shard draining: it takes no new agencies");
+        self.audit_change(
+            actor,
+            &shard.region,
+            "shard-drain",
+            &format!("shard/{name}"),
+            String::new(),
+        )
+        .await;
+        Ok(shard)
+    }
+
+    /// Removes a shard without agencies.
+    pub async fn remove_shard(&self, actor: &Identity, name: &str) -> Result<(), DirectoryError> {
+        let (shard, count) = {
+            let state = self.state();
+            let Some(shard) = state.shard(name).cloned() else {
+                return Err(DirectoryError::ShardNotFound(name.to_string()));
+            };
+            let count = state.agencies_on(name);
+            (shard, count)
+        };
+        if count > 0 {
+            return Err(DirectoryError::HoldsAgencies {
+                what: format!("shard {name}"),
+                count,
+            });
+        }
+        self.store.delete_shard(name).await?;
+        self.state().remove_shard(name);
+        tracing::info!(shard = name, "shard removed");
+        self.audit_change(
+            actor,
+            &shard.region,
+            "shard-remove",
+            &format!("shard/{name}"),
+            String::new(),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn audit_change(
+        &self,
+        actor: &Identity,
+        chain: &str,
+        action: &str,
+        target: &str,
+        detail: String,
+    ) {
+        self.audit(AuditRecord {
+            chain: chain.to_string(),
+            actor: actor.to_string(),
+            action: action.into(),
+            target: target.to_string(),
+            outcome: "ok".into(),
+            detail,
+        })
+        .await;
     }
 
     /// Appends `record` to the audit log; a failure is logged (the action

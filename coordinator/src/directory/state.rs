@@ -11,6 +11,7 @@ use tokio::time::{Duration, Instant};
 use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::config::RegionConfig;
+use crate::region::ShardRecord;
 
 /// A gateway as last reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +68,8 @@ pub struct TopologyState {
     gateways: BTreeMap<String, GatewayRecord>,
     notifiers: BTreeMap<String, NotifierRecord>,
     grants: BTreeMap<String, GrantRecord>,
+    /// Details of the shards of `regions`, by name.
+    shards: BTreeMap<String, ShardRecord>,
     changes: broadcast::Sender<pb::TopologyUpdate>,
     /// This run's id: versions resume only within it.
     epoch: String,
@@ -92,6 +95,7 @@ impl TopologyState {
             gateways: BTreeMap::new(),
             notifiers: BTreeMap::new(),
             grants: BTreeMap::new(),
+            shards: BTreeMap::new(),
             changes,
             epoch: uuid::Uuid::now_v7().to_string(),
             recent: std::collections::VecDeque::new(),
@@ -141,8 +145,53 @@ impl TopologyState {
             .collect()
     }
 
-    /// The shard of `region` holding the fewest agencies, or None if the
-    /// region does not exist.
+    /// Starts from the details of the shards (not published).
+    pub fn load_shards(&mut self, shards: Vec<ShardRecord>) {
+        self.shards = shards
+            .into_iter()
+            .map(|shard| (shard.name.clone(), shard))
+            .collect();
+    }
+
+    /// Whether `region` exists.
+    pub fn has_region(&self, region: &str) -> bool {
+        self.regions.iter().any(|known| known.name == region)
+    }
+
+    /// One shard's details.
+    pub fn shard(&self, name: &str) -> Option<&ShardRecord> {
+        self.shards.get(name)
+    }
+
+    /// The shards (of `region` only, if given), with their agency counts.
+    pub fn shards_with_counts(&self, region: Option<&str>) -> Vec<(ShardRecord, usize)> {
+        self.shards
+            .values()
+            .filter(|shard| region.is_none_or(|region| shard.region == region))
+            .map(|shard| (shard.clone(), self.agencies_on(&shard.name)))
+            .collect()
+    }
+
+    /// The number of agencies on `shard`.
+    pub fn agencies_on(&self, shard: &str) -> usize {
+        self.agencies
+            .values()
+            .filter(|agency| agency.shard == shard)
+            .count()
+    }
+
+    /// Whether `shard` takes a new agency: active, and below its capacity.
+    pub fn takes_agencies(&self, shard: &ShardRecord) -> bool {
+        !shard.draining
+            && (shard.capacity == 0
+                || self.agencies_on(&shard.name)
+                    < usize::try_from(shard.capacity).unwrap_or(usize::MAX))
+    }
+
+    /// The active shard of `region` for a new agency: with no capacity set,
+    /// the one holding the fewest agencies; shards with a capacity come
+    /// after those without, by most free room; None when the region
+    /// does not exist or has no shard that takes agencies.
     pub fn pick_shard(&self, region: &str) -> Option<String> {
         let region = self
             .regions
@@ -151,13 +200,82 @@ impl TopologyState {
         region
             .shards
             .iter()
-            .min_by_key(|shard| {
-                self.agencies
-                    .values()
-                    .filter(|agency| &agency.shard == *shard)
-                    .count()
+            .filter_map(|name| {
+                let count = self.agencies_on(name);
+                match self.shards.get(name) {
+                    Some(shard) if !self.takes_agencies(shard) => None,
+                    Some(shard) if shard.capacity > 0 => Some((
+                        name,
+                        (
+                            1,
+                            usize::try_from(shard.capacity).unwrap_or(usize::MAX) - count,
+                        ),
+                    )),
+                    _ => Some((name, (2, usize::MAX - count))),
+                }
             })
-            .cloned()
+            .max_by_key(|(_, room)| *room)
+            .map(|(name, _)| name.clone())
+    }
+
+    /// Adds a region without shards and publishes it.
+    pub fn add_region(&mut self, name: &str) {
+        let region = RegionConfig {
+            name: name.to_string(),
+            shards: Vec::new(),
+        };
+        let change = pb::topology_change::Change::RegionUpserted(region_to_pb(&region));
+        self.regions.push(region);
+        self.publish(change);
+    }
+
+    /// Removes a region and its shards and publishes it.
+    pub fn remove_region(&mut self, name: &str) {
+        self.regions.retain(|region| region.name != name);
+        self.shards.retain(|_, shard| shard.region != name);
+        self.publish(pb::topology_change::Change::RegionRemoved(name.to_string()));
+    }
+
+    /// Adds or replaces a shard's details; a new shard is published with
+    /// its region.
+    pub fn upsert_shard(&mut self, shard: ShardRecord) {
+        let Some(region) = self
+            .regions
+            .iter_mut()
+            .find(|region| region.name == shard.region)
+        else {
+            return;
+        };
+        let added = !region.shards.contains(&shard.name);
+        if added {
+            region.shards.push(shard.name.clone());
+        }
+        let change = pb::topology_change::Change::RegionUpserted(region_to_pb(region));
+        self.shards.insert(shard.name.clone(), shard);
+        if added {
+            self.publish(change);
+        }
+    }
+
+    /// Removes a shard and publishes its region without it.
+    pub fn remove_shard(&mut self, name: &str) {
+        let Some(shard) = self.shards.remove(name) else {
+            return;
+        };
+        if let Some(region) = self
+            .regions
+            .iter_mut()
+            .find(|region| region.name == shard.region)
+        {
+            region.shards.retain(|known| known != name);
+            let change = pb::topology_change::Change::RegionUpserted(region_to_pb(region));
+            self.publish(change);
+        }
+    }
+
+    /// The regions, with their shard names.
+    pub fn regions(&self) -> Vec<pb::Region> {
+        self.regions.iter().map(region_to_pb).collect()
     }
 
     /// The region of the gateway `gateway_id`, if it reports.
@@ -333,14 +451,7 @@ impl TopologyState {
             version: self.version,
             update: Some(pb::topology_update::Update::Snapshot(
                 pb::TopologySnapshot {
-                    regions: self
-                        .regions
-                        .iter()
-                        .map(|region| pb::Region {
-                            name: region.name.clone(),
-                            shards: region.shards.clone(),
-                        })
-                        .collect(),
+                    regions: self.regions(),
                     agencies: self.agencies.values().map(agency_to_pb).collect(),
                     gateways: self.gateways.values().map(gateway_to_pb).collect(),
                     notifiers: self.notifiers.values().map(notifier_to_pb).collect(),
@@ -365,6 +476,30 @@ impl TopologyState {
         self.recent.push_back(update.clone());
         // No watcher is not an error.
         let _ = self.changes.send(update);
+    }
+}
+
+/// The wire form of a region.
+fn region_to_pb(region: &RegionConfig) -> pb::Region {
+    pb::Region {
+        name: region.name.clone(),
+        shards: region.shards.clone(),
+    }
+}
+
+/// The wire form of a shard, with the agencies it holds.
+pub(crate) fn shard_to_pb(shard: &ShardRecord, agencies: usize) -> pb::Shard {
+    pb::Shard {
+        name: shard.name.clone(),
+        region: shard.region.clone(),
+        address: shard.address.clone(),
+        state: if shard.draining {
+            pb::ShardState::Draining
+        } else {
+            pb::ShardState::Active
+        } as i32,
+        capacity: shard.capacity,
+        agencies: u32::try_from(agencies).unwrap_or(u32::MAX),
     }
 }
 
@@ -500,6 +635,60 @@ mod tests {
             too_old.len() == 1 && is_snapshot(&too_old[0]),
             "changes no longer kept"
         );
+    }
+
+    #[test]
+    fn placement_skips_draining_and_full_shards_and_prefers_room() {
+        let mut state = state();
+        let shard = |name: &str, draining: bool, capacity: u32| ShardRecord {
+            name: name.into(),
+            region: "east".into(),
+            address: String::new(),
+            draining,
+            capacity,
+            created_at_micros: 0,
+        };
+        state.load_shards(vec![shard("east-1", true, 0), shard("east-2", false, 2)]);
+        assert_eq!(
+            state.pick_shard("east").as_deref(),
+            Some("east-2"),
+            "east-1 drains"
+        );
+        state.upsert_agency(AgencyRecord {
+            shard: "east-2".into(),
+            ..agency("alpha")
+        });
+        state.upsert_agency(AgencyRecord {
+            shard: "east-2".into(),
+            ..agency("beta")
+        });
+        assert_eq!(
+            state.pick_shard("east"),
+            None,
+            "east-2 is full, east-1 drains"
+        );
+        state.add_region("north");
+        assert_eq!(state.pick_shard("north"), None, "a region without shards");
+        state.upsert_shard(ShardRecord {
+            region: "north".into(),
+            ..shard("north-1", false, 0)
+        });
+        state.upsert_shard(ShardRecord {
+            region: "north".into(),
+            ..shard("north-2", false, 10)
+        });
+        assert_eq!(
+            state.pick_shard("north").as_deref(),
+            Some("north-1"),
+            "a shard without a limit comes before one with"
+        );
+        let regions = state.regions();
+        assert_eq!(
+            regions.last().map(|region| region.shards.clone()),
+            Some(vec!["north-1".to_string(), "north-2".to_string()])
+        );
+        state.remove_shard("north-1");
+        assert_eq!(state.pick_shard("north").as_deref(), Some("north-2"));
     }
 
     #[test]

@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::directory::{Directory, GatewayRecord, NewSubscription, NotifierRecord};
-use crate::directory::{agency_to_pb, grant_to_pb};
+use crate::directory::{agency_to_pb, grant_to_pb, shard_to_pb};
 use crate::error::DirectoryError;
+use crate::region::ShardRecord;
 use crate::subscription::SubscriptionRecord;
 
 /// The Directory service of one coordinator.
@@ -94,6 +95,7 @@ impl pb::directory_server::Directory for DirectoryService {
                 &request.agency_id,
                 &request.region,
                 &request.display_name,
+                &request.shard,
             )
             .await?;
         Ok(Response::new(pb::RegisterAgencyResponse {
@@ -373,6 +375,113 @@ impl pb::directory_server::Directory for DirectoryService {
         Ok(Response::new(pb::ReportGatewayResponse {
             report_interval_ms: u64::try_from(self.report_interval.as_millis()).unwrap_or(u64::MAX),
         }))
+    }
+
+    async fn add_region(
+        &self,
+        request: Request<pb::AddRegionRequest>,
+    ) -> Result<Response<pb::AddRegionResponse>, Status> {
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
+        let region = self
+            .directory
+            .add_region(&identity, &request.get_ref().name)
+            .await?;
+        Ok(Response::new(pb::AddRegionResponse {
+            region: Some(region),
+        }))
+    }
+
+    async fn list_regions(
+        &self,
+        request: Request<pb::ListRegionsRequest>,
+    ) -> Result<Response<pb::ListRegionsResponse>, Status> {
+        require_operator(&caller(&request)?)?;
+        let regions = self.directory.state().regions();
+        Ok(Response::new(pb::ListRegionsResponse { regions }))
+    }
+
+    async fn remove_region(
+        &self,
+        request: Request<pb::RemoveRegionRequest>,
+    ) -> Result<Response<pb::RemoveRegionResponse>, Status> {
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
+        self.directory
+            .remove_region(&identity, &request.get_ref().name)
+            .await?;
+        Ok(Response::new(pb::RemoveRegionResponse {}))
+    }
+
+    async fn add_shard(
+        &self,
+        request: Request<pb::AddShardRequest>,
+    ) -> Result<Response<pb::AddShardResponse>, Status> {
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
+        let request = request.into_inner();
+        let shard = self
+            .directory
+            .add_shard(
+                &identity,
+                ShardRecord {
+                    name: request.name,
+                    region: request.region,
+                    address: request.address,
+                    draining: false,
+                    capacity: request.capacity,
+                    created_at_micros: now_micros(),
+                },
+            )
+            .await?;
+        let agencies = self.directory.state().agencies_on(&shard.name);
+        Ok(Response::new(pb::AddShardResponse {
+            shard: Some(shard_to_pb(&shard, agencies)),
+        }))
+    }
+
+    async fn list_shards(
+        &self,
+        request: Request<pb::ListShardsRequest>,
+    ) -> Result<Response<pb::ListShardsResponse>, Status> {
+        require_operator(&caller(&request)?)?;
+        let region = &request.get_ref().region;
+        let shards = self
+            .directory
+            .state()
+            .shards_with_counts((!region.is_empty()).then_some(region.as_str()))
+            .iter()
+            .map(|(shard, agencies)| shard_to_pb(shard, *agencies))
+            .collect();
+        Ok(Response::new(pb::ListShardsResponse { shards }))
+    }
+
+    async fn drain_shard(
+        &self,
+        request: Request<pb::DrainShardRequest>,
+    ) -> Result<Response<pb::DrainShardResponse>, Status> {
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
+        let shard = self
+            .directory
+            .drain_shard(&identity, &request.get_ref().name)
+            .await?;
+        let agencies = self.directory.state().agencies_on(&shard.name);
+        Ok(Response::new(pb::DrainShardResponse {
+            shard: Some(shard_to_pb(&shard, agencies)),
+        }))
+    }
+
+    async fn remove_shard(
+        &self,
+        request: Request<pb::RemoveShardRequest>,
+    ) -> Result<Response<pb::RemoveShardResponse>, Status> {
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
+        self.directory
+            .remove_shard(&identity, &request.get_ref().name)
+            .await?;
+        Ok(Response::new(pb::RemoveShardResponse {}))
     }
 
     async fn grant_access(

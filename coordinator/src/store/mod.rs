@@ -20,6 +20,7 @@ use fedmesh_common::audit::{AuditEntry, AuditRecord};
 use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
+use crate::region::ShardRecord;
 use crate::subscription::{SubscriptionRecord, WebhookTarget};
 
 /// Opens the control database at `url`: `postgres://...` or `sqlite://...`.
@@ -63,6 +64,21 @@ pub trait DirectoryStore: Send + Sync + 'static {
     async fn delete_subscription(&self, name: &str) -> Result<bool, StoreError>;
     /// Every subscription, by name.
     async fn all_subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError>;
+
+    /// Adds a region; [`StoreError::Conflict`] if it exists.
+    async fn insert_region(&self, name: &str, created_at_micros: i64) -> Result<(), StoreError>;
+    /// Removes a region and its shards; false if it did not exist.
+    async fn delete_region(&self, name: &str) -> Result<bool, StoreError>;
+    /// Every region, oldest first.
+    async fn all_regions(&self) -> Result<Vec<String>, StoreError>;
+    /// Adds a shard; [`StoreError::Conflict`] if the name is taken.
+    async fn insert_shard(&self, shard: &ShardRecord) -> Result<(), StoreError>;
+    /// Marks a shard draining (or not); false if it does not exist.
+    async fn set_shard_draining(&self, name: &str, draining: bool) -> Result<bool, StoreError>;
+    /// Removes a shard; false if it did not exist.
+    async fn delete_shard(&self, name: &str) -> Result<bool, StoreError>;
+    /// Every shard, oldest first.
+    async fn all_shards(&self) -> Result<Vec<ShardRecord>, StoreError>;
 
     /// Inserts an access grant.
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError>;
@@ -128,6 +144,30 @@ where
         strict_order: row.try_get("strict_order")?,
         created_at_micros: row.try_get("created_at")?,
         webhook,
+    })
+}
+
+/// Every shard, on either backend.
+const ALL_SHARDS: &str = "SELECT name, region, address, draining, capacity, created_at \
+     FROM shards ORDER BY created_at, name";
+
+/// A `shards` row, on either backend.
+fn shard_from_row<R>(row: &R) -> Result<ShardRecord, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let capacity: i64 = row.try_get("capacity")?;
+    Ok(ShardRecord {
+        name: row.try_get("name")?,
+        region: row.try_get("region")?,
+        address: row.try_get("address")?,
+        draining: row.try_get("draining")?,
+        capacity: u32::try_from(capacity).map_err(StoreError::corrupt)?,
+        created_at_micros: row.try_get("created_at")?,
     })
 }
 

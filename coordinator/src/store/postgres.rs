@@ -13,6 +13,7 @@ use fedmesh_common::audit::{AuditEntry, AuditRecord};
 use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
+use crate::region::ShardRecord;
 use crate::subscription::SubscriptionRecord;
 
 /// The control database on PostgreSQL.
@@ -141,6 +142,84 @@ impl DirectoryStore for PgDirectoryStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(super::subscription_from_row).collect()
+    }
+
+    async fn insert_region(&self, name: &str, created_at_micros: i64) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO regions (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(created_at_micros)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn delete_region(&self, name: &str) -> Result<bool, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("DELETE FROM shards WHERE region = $1")
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM regions WHERE name = $1")
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn all_regions(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT name FROM regions ORDER BY created_at, name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get("name").map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn insert_shard(&self, shard: &ShardRecord) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO shards (name, region, address, draining, capacity, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&shard.name)
+        .bind(&shard.region)
+        .bind(&shard.address)
+        .bind(shard.draining)
+        .bind(i64::from(shard.capacity))
+        .bind(shard.created_at_micros)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn set_shard_draining(&self, name: &str, draining: bool) -> Result<bool, StoreError> {
+        let updated = sqlx::query("UPDATE shards SET draining = $1 WHERE name = $2")
+            .bind(draining)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(updated.rows_affected() > 0)
+    }
+
+    async fn delete_shard(&self, name: &str) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM shards WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn all_shards(&self) -> Result<Vec<ShardRecord>, StoreError> {
+        let rows = sqlx::query(super::ALL_SHARDS).fetch_all(&self.pool).await?;
+        rows.iter().map(super::shard_from_row).collect()
     }
 
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {

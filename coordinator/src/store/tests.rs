@@ -108,6 +108,57 @@ macro_rules! directory_store_suite {
             }
 
             #[tokio::test]
+            async fn regions_and_shards_are_data() {
+                let (store, _guard) = $open.await;
+                store.insert_region("east", 1).await.expect("region");
+                let again = store.insert_region("east", 2).await;
+                assert!(matches!(again, Err(StoreError::Conflict)), "{again:?}");
+                store.insert_region("west", 3).await.expect("region");
+                let shard = crate::region::ShardRecord {
+                    name: "east-1".into(),
+                    region: "east".into(),
+                    address: "db1/east_1".into(),
+                    draining: false,
+                    capacity: 500,
+                    created_at_micros: 4,
+                };
+                store.insert_shard(&shard).await.expect("shard");
+                let taken = store.insert_shard(&shard).await;
+                assert!(matches!(taken, Err(StoreError::Conflict)), "{taken:?}");
+                assert!(
+                    store
+                        .set_shard_draining("east-1", true)
+                        .await
+                        .expect("drain")
+                );
+                assert!(
+                    !store
+                        .set_shard_draining("nowhere", true)
+                        .await
+                        .expect("drain")
+                );
+                let shards = store.all_shards().await.expect("shards");
+                assert_eq!(
+                    shards,
+                    vec![crate::region::ShardRecord {
+                        draining: true,
+                        ..shard
+                    }]
+                );
+                assert_eq!(
+                    store.all_regions().await.expect("regions"),
+                    ["east", "west"]
+                );
+                assert!(store.delete_region("east").await.expect("remove"));
+                assert!(
+                    store.all_shards().await.expect("shards").is_empty(),
+                    "with its shards"
+                );
+                assert_eq!(store.all_regions().await.expect("regions"), ["west"]);
+                assert!(!store.delete_shard("east-1").await.expect("gone"));
+            }
+
+            #[tokio::test]
             async fn grants_are_kept_until_deleted() {
                 let (store, _guard) = $open.await;
                 let grant = GrantRecord {
