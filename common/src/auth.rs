@@ -94,7 +94,7 @@ impl Role {
     }
 }
 
-use Role::{Agency, Gateway, Notifier, Operator};
+use Role::{Agency, Coordinator, Gateway, Notifier, Operator};
 
 /// Who may call each method of the mesh's services (gRPC paths). A method
 /// not listed is refused to everyone; what a role may do with the objects
@@ -103,8 +103,8 @@ pub const METHODS: &[(&str, &[Role])] = &[
     ("/fedmesh.v1.Exchange/Send", &[Agency]),
     ("/fedmesh.v1.Exchange/Receive", &[Agency]),
     ("/fedmesh.v1.Exchange/GetInbox", &[Agency, Operator]),
-    ("/fedmesh.v1.Relay/Forward", &[Gateway]),
-    ("/fedmesh.v1.Relay/ForwardBatch", &[Gateway]),
+    ("/fedmesh.v1.Relay/Forward", &[Gateway, Coordinator]),
+    ("/fedmesh.v1.Relay/ForwardBatch", &[Gateway, Coordinator]),
     ("/fedmesh.v1.Directory/RegisterAgency", &[Operator]),
     (
         "/fedmesh.v1.Directory/GetAgency",

@@ -46,6 +46,14 @@ pub enum DirectoryError {
     /// No shard of the region takes new agencies.
     #[error("{0}; add a shard (fedmesh shard add) or raise a capacity")]
     NoShardFor(String),
+    /// A gateway's answer to a relayed message, passed on.
+    #[error("{message}")]
+    Relayed {
+        /// Its kind.
+        kind: ErrorKind,
+        /// Its text.
+        message: String,
+    },
     /// No grant has the id.
     #[error("no access grant has id {0:?}; `fedmesh access list` lists them")]
     GrantNotFound(String),
@@ -84,6 +92,7 @@ impl ServiceError for DirectoryError {
             DirectoryError::AgencyExists(_) | DirectoryError::SubscriptionExists(_) => {
                 ErrorKind::AlreadyExists
             }
+            DirectoryError::Relayed { kind, .. } => *kind,
             DirectoryError::RegionExists(_) | DirectoryError::ShardExists(_) => {
                 ErrorKind::AlreadyExists
             }

@@ -35,9 +35,10 @@ use tokio_util::task::TaskTracker;
 pub use config::{CoordinatorConfig, RegionConfig};
 pub use store::{DirectoryStore, PgDirectoryStore, SqliteDirectoryStore};
 
-/// Largest request the coordinator reads: its requests carry names and
-/// addresses, never payloads.
-const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest request the coordinator reads: the directory's requests carry
+/// names and addresses; a batch relayed through it carries messages (room
+/// for gateways whose payload limit is far above the default).
+const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why a coordinator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +114,18 @@ pub async fn run(
         report_interval: config.report_interval(),
         shutdown: shutdown.clone(),
     };
-    let routes = tonic::service::Routes::new(pb::directory_server::DirectoryServer::new(service));
+    let relay = grpc::CoordinatorRelay {
+        directory: Arc::clone(&service.directory),
+        security: security.clone(),
+        max_message_bytes: MAX_REQUEST_BYTES,
+        clients: std::sync::Mutex::new(std::collections::HashMap::new()),
+    };
+    let routes = tonic::service::Routes::new(pb::directory_server::DirectoryServer::new(service))
+        .add_service(
+            pb::relay_server::RelayServer::new(relay)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REQUEST_BYTES),
+        );
     let local_address = listener.local_addr().ok();
     tracing::info!(address = ?local_address, "coordinator serving");
     let options =

@@ -51,14 +51,28 @@ pub(crate) struct RelayLimits {
 /// One lazily opened client per gateway address.
 pub(crate) struct RelayClients {
     security: Security,
+    /// The coordinator's Relay, for a region none of whose gateways answers.
+    coordinator: Option<RelayClient>,
     limits: RelayLimits,
     clients: Mutex<HashMap<String, RelayClient>>,
 }
 
 impl RelayClients {
-    /// Clients secured by `security`.
-    pub(crate) fn new(security: Security, limits: RelayLimits) -> Self {
+    /// Clients secured by `security`; what no gateway of a region takes
+    /// goes through the coordinator at `coordinator_url`.
+    pub(crate) fn new(security: Security, limits: RelayLimits, coordinator_url: &str) -> Self {
+        let coordinator = security
+            .channel(
+                coordinator_url,
+                ExpectedServer::Is(fedmesh_common::identity::Identity::Coordinator),
+            )
+            .map(|channel| {
+                pb::relay_client::RelayClient::with_interceptor(channel, security.attach())
+                    .max_encoding_message_size(limits.max_batch_bytes)
+            })
+            .ok();
         RelayClients {
+            coordinator,
             security,
             limits,
             clients: Mutex::new(HashMap::new()),
@@ -134,6 +148,24 @@ impl RelayClients {
                         kind: ErrorKind::of_code(status.code()),
                         message: status.message().to_string(),
                     });
+                }
+            }
+        }
+        // No gateway of the region answered: the coordinator may reach it.
+        if let Some(coordinator) = &self.coordinator {
+            tracing::warn!(%region, "no gateway of the region answers; relaying through the coordinator");
+            let mut call = tonic::Request::new(request);
+            call.set_timeout(self.limits.timeout);
+            match coordinator.clone().forward_batch(call).await {
+                Ok(response) => {
+                    let results = response.into_inner().results;
+                    if results.len() == expected {
+                        return Ok(results);
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(%region, error = %status.message(), "relay through the coordinator failed");
+                    last_failure = Some(Arc::new(status));
                 }
             }
         }

@@ -68,7 +68,11 @@ impl Upstream {
                 security.attach(),
             )
             .max_decoding_message_size(MAX_TOPOLOGY_BYTES),
-            relays: Arc::new(RelayClients::new(security.clone(), relay_limits)),
+            relays: Arc::new(RelayClients::new(
+                security.clone(),
+                relay_limits,
+                coordinator_url,
+            )),
             batchers: Mutex::new(HashMap::new()),
         })
     }

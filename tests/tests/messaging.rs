@@ -398,3 +398,73 @@ async fn a_topology_watcher_that_reconnects_receives_only_what_it_missed() {
         Some(pb::topology_update::Update::Snapshot(_))
     ));
 }
+
+#[tokio::test]
+async fn the_coordinator_relays_for_a_gateway_only_what_its_region_accepted() {
+    let mesh = TestMesh::start().await;
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    let (channel, attach) = mesh.channel_as(
+        &mesh.coordinator_url(),
+        &fedmesh_common::identity::Identity::Gateway("east".into()),
+    );
+    let mut relay = pb::relay_client::RelayClient::with_interceptor(channel, attach);
+    let forward = |origin: &str, recipient: &str| pb::ForwardRequest {
+        message: Some(pb::Message {
+            message_id: uuid::Uuid::now_v7().to_string(),
+            sender_id: "sender".into(),
+            recipient_id: recipient.into(),
+            kind: "test.note".into(),
+            payload: b"through the coordinator".to_vec(),
+            accepted_at: Some(prost_types::Timestamp::default()),
+            origin_region: origin.into(),
+            ..Default::default()
+        }),
+        idempotency_key: None,
+    };
+    let results = relay
+        .forward_batch(pb::ForwardBatchRequest {
+            messages: vec![
+                forward("east", "reader"),
+                forward("west", "reader"),
+                forward("east", "nobody"),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let Some(pb::forward_result::Result::Receipt(receipt)) = &results[0].result else {
+        panic!("the coordinator did not relay: {results:?}");
+    };
+    assert_eq!(receipt.home_region, "west");
+    let codes: Vec<i32> = results[1..]
+        .iter()
+        .map(|result| match &result.result {
+            Some(pb::forward_result::Result::Error(error)) => error.code,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [Code::PermissionDenied as i32, Code::NotFound as i32],
+        "another region's message, an unknown recipient"
+    );
+    let mut inbox = mesh.open_inbox("west", "reader", 0).await.unwrap();
+    let delivered = inbox.next_delivery().await;
+    assert_eq!(
+        delivered.message.unwrap().message_id,
+        receipt.message_id,
+        "stored once, in the recipient's home"
+    );
+    // An agency may not relay through the coordinator.
+    let (channel, attach) = mesh.channel_as(
+        &mesh.coordinator_url(),
+        &fedmesh_common::identity::Identity::Agency("sender".into()),
+    );
+    let refused = pb::relay_client::RelayClient::with_interceptor(channel, attach)
+        .forward_batch(pb::ForwardBatchRequest { messages: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+}

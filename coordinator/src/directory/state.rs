@@ -278,6 +278,15 @@ impl TopologyState {
         self.regions.iter().map(region_to_pb).collect()
     }
 
+    /// The addresses of the gateways of `region`, in id order.
+    pub fn gateway_addresses(&self, region: &str) -> Vec<String> {
+        self.gateways
+            .values()
+            .filter(|gateway| gateway.region == region)
+            .map(|gateway| gateway.address.clone())
+            .collect()
+    }
+
     /// The region of the gateway `gateway_id`, if it reports.
     pub fn gateway_region(&self, gateway_id: &str) -> Option<String> {
         self.gateways

@@ -22,22 +22,24 @@ impl RelayService {
     /// be homed there.
     async fn forward_one(
         shared: &Shared,
-        forwarder: &str,
+        forwarder: Option<&str>,
         request: pb::ForwardRequest,
     ) -> Result<pb::Receipt, GatewayError> {
         let message = convert::message_from_forward(request)?;
         shared.check_payload(message.payload.len())?;
-        if message.origin_region != forwarder {
+        if let Some(forwarder) = forwarder
+            && message.origin_region != forwarder
+        {
             return Err(GatewayError::PermissionDenied(format!(
                 "gateway/{forwarder} may not relay a message accepted in {}",
                 message.origin_region
             )));
         }
         let sender_home = shared.home_of(&message.sender_id).await?;
-        if sender_home.region != forwarder {
+        if sender_home.region != message.origin_region {
             return Err(GatewayError::PermissionDenied(format!(
-                "gateway/{forwarder} may not relay a message of {}, who is homed in {}",
-                message.sender_id, sender_home.region
+                "gateway/{} may not relay a message of {}, who is homed in {}",
+                message.origin_region, message.sender_id, sender_home.region
             )));
         }
         shared.check_access(&message.sender_id, &message.recipient_id, &message.kind)?;
@@ -63,13 +65,15 @@ impl RelayService {
 /// Most messages in one ForwardBatch.
 const MAX_FORWARD_BATCH: usize = 1000;
 
-/// The region of the gateway that relays (the authorization layer lets
-/// only gateways call Relay).
-fn forwarder<T>(request: &Request<T>) -> Result<String, Status> {
+/// Who relays: a gateway (the region it serves) or the coordinator (None:
+/// relaying for a gateway that could not reach this region, it checked
+/// that gateway's region already).
+fn forwarder<T>(request: &Request<T>) -> Result<Option<String>, Status> {
     match caller(request)? {
-        Identity::Gateway(region) => Ok(region),
+        Identity::Gateway(region) => Ok(Some(region)),
+        Identity::Coordinator => Ok(None),
         other => Err(GatewayError::PermissionDenied(format!(
-            "{other} may not relay messages; only gateways may"
+            "{other} may not relay messages; only gateways and the coordinator may"
         ))
         .into()),
     }
@@ -99,7 +103,8 @@ impl pb::relay_server::Relay for RelayService {
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
         let forwarder = forwarder(&request)?;
-        let receipt = Self::forward_one(&self.shared, &forwarder, request.into_inner()).await?;
+        let receipt =
+            Self::forward_one(&self.shared, forwarder.as_deref(), request.into_inner()).await?;
         Ok(Response::new(pb::ForwardResponse {
             receipt: Some(receipt),
         }))
@@ -126,9 +131,12 @@ impl pb::relay_server::Relay for RelayService {
         for (index, message) in messages.into_iter().enumerate() {
             let shared = Arc::clone(&self.shared);
             let forwarder = Arc::clone(&forwarder);
-            tasks.spawn(
-                async move { (index, Self::forward_one(&shared, &forwarder, message).await) },
-            );
+            tasks.spawn(async move {
+                (
+                    index,
+                    Self::forward_one(&shared, forwarder.as_deref(), message).await,
+                )
+            });
         }
         let mut outcomes: Vec<Option<Result<pb::Receipt, GatewayError>>> =
             (0..tasks.len()).map(|_| None).collect();
