@@ -738,11 +738,42 @@ pub async fn status(args: StatusArgs, out: &mut (dyn Write + Send)) -> anyhow::R
             })
             .collect();
         return print_json(
-            &json!({ "coordinator": endpoints.coordinator, "regions": regions, "notifiers": notifiers }),
+            &json!({
+                "coordinator": endpoints.coordinator,
+                "leader": topology.leader.as_ref().map(|leader| json!({
+                    "holder": leader.holder,
+                    "token": leader.token,
+                    "held_since": leader.held_since.map(|at| at.to_string()),
+                    "expires_at": leader.expires_at.map(|at| at.to_string()),
+                })),
+                "regions": regions,
+                "notifiers": notifiers,
+            }),
             out,
         );
     }
     writeln!(out, "coordinator {}", endpoints.coordinator)?;
+    match &topology.leader {
+        Some(leader) => {
+            let since = leader
+                .held_since
+                .map(|at| at.to_string())
+                .unwrap_or_default();
+            let held = leader
+                .held_since
+                .map(|at| {
+                    let micros = fedmesh_common::time::micros_from_timestamp(Some(&at));
+                    (fedmesh_common::time::now_micros() - micros).max(0) / 1_000_000
+                })
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "leader {} (lease token {}, held since {since}, {held} s)",
+                leader.holder, leader.token
+            )?;
+        }
+        None => writeln!(out, "leader none (no coordinator holds the lease)")?,
+    }
     writeln!(
         out,
         "{:<10} {:<16} {:>8}  GATEWAYS",

@@ -38,12 +38,20 @@ pub const MESSAGE_ACCEPTED: &str = "message.accepted";
 /// `message.delivered`: the recipient acknowledged a message.
 pub const MESSAGE_DELIVERED: &str = "message.delivered";
 
+/// `gateway.down`: a gateway missed its reports (its id is the event's
+/// agency field).
+pub const GATEWAY_DOWN: &str = "gateway.down";
+/// `gateway.up`: a gateway marked down reports again.
+pub const GATEWAY_UP: &str = "gateway.up";
+
 /// Every kind of event the mesh reports.
-pub const EVENT_KINDS: [&str; 4] = [
+pub const EVENT_KINDS: [&str; 6] = [
     AGENCY_REGISTERED,
     AGENCY_DEREGISTERED,
     MESSAGE_ACCEPTED,
     MESSAGE_DELIVERED,
+    GATEWAY_DOWN,
+    GATEWAY_UP,
 ];
 
 /// The topic patterns that select, on the event exchange, the events of
@@ -188,7 +196,7 @@ pub struct NotAnEvent(String);
 impl Event {
     /// The component that reports events of this kind.
     fn component(&self) -> &'static str {
-        if self.kind.starts_with("agency.") {
+        if self.kind.starts_with("agency.") || self.kind.starts_with("gateway.") {
             "coordinator"
         } else {
             "gateway"

@@ -20,6 +20,15 @@ pub enum StoreError {
     /// A stored value could not be read back.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
+    /// A singleton write under a fencing token the lease no longer has:
+    /// its writer is not the leader any more.
+    #[error("fenced: the write carries lease token {token}, the lease has {current:?}")]
+    Fenced {
+        /// The write's token.
+        token: i64,
+        /// The lease's token now.
+        current: Option<i64>,
+    },
     /// The URL names no supported database.
     #[error("database URL {0:?} is neither postgres://... nor sqlite://...")]
     UnsupportedUrl(String),

@@ -247,6 +247,7 @@ mod tests {
                     notifiers: vec![],
                     grants: vec![],
                     epoch: "run-1".into(),
+                    leader: None,
                 },
             )),
         });

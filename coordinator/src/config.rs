@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use fedmesh_common::amqp::EventBusSettings;
 use fedmesh_common::auth::RateLimitSettings;
+
+use crate::lease::LeaseSettings;
 use fedmesh_common::config::{ConfigError, check_range};
 use fedmesh_common::server::ConnectionSettings;
 use fedmesh_common::tls::TlsSettings;
@@ -75,6 +77,14 @@ pub struct CoordinatorConfig {
     /// code serves on the listener it is given).
     #[arg(long, env = "FEDMESH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
+    /// Stable id of this replica, as the leader lease names its holder
+    /// [default: coordinator- and a random suffix, new at each start].
+    #[arg(long, env = "FEDMESH_COORDINATOR_ID")]
+    pub id: Option<String>,
+    /// The leader lease (`[lease]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub lease: LeaseSettings,
     /// Control database: postgres://user@host/db or
     /// sqlite:///path/control.sqlite (created if missing); migrations are
     /// applied at start (required).
@@ -193,6 +203,11 @@ impl CoordinatorConfig {
         self.connections.validate()?;
         self.tls.validate()?;
         self.rate_limits.validate()?;
+        self.lease.validate()?;
+        if let Some(id) = &self.id {
+            fedmesh_common::validate::agency_id("id", id)
+                .map_err(|invalid| ConfigError::setting("id", invalid.description))?;
+        }
         self.events.validate()
     }
 

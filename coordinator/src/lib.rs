@@ -16,6 +16,8 @@ pub mod agency;
 pub mod config;
 pub mod directory;
 pub mod error;
+pub mod leader;
+pub mod lease;
 pub mod region;
 pub mod store;
 pub mod subscription;
@@ -103,14 +105,29 @@ pub async fn run(
     directory.declare_subscription_queues().await;
     let directory = Arc::new(directory);
     security.set_audit(DirectoryAudit::spawn(Arc::clone(&directory)));
+    let holder = config.id.clone().unwrap_or_else(|| {
+        // The random end of a UUIDv7.
+        let suffix = uuid::Uuid::now_v7().simple().to_string();
+        format!("coordinator-{}", &suffix[suffix.len() - 8..])
+    });
+    let (leading, leadership) = tokio::sync::watch::channel(None);
+    tasks.spawn(leader::run_election(
+        Arc::clone(&directory),
+        holder,
+        config.lease,
+        leading,
+        shutdown.clone(),
+    ));
     tasks.spawn(expire_instances(
         Arc::clone(&directory),
+        leadership.clone(),
         config.clone(),
         shutdown.clone(),
     ));
 
     let service = grpc::DirectoryService {
         directory,
+        leadership,
         report_interval: config.report_interval(),
         shutdown: shutdown.clone(),
     };
@@ -167,6 +184,7 @@ impl fedmesh_common::auth::AuditSink for DirectoryAudit {
 
 async fn expire_instances(
     directory: Arc<directory::Directory>,
+    leadership: tokio::sync::watch::Receiver<Option<lease::Lease>>,
     config: CoordinatorConfig,
     shutdown: CancellationToken,
 ) {
@@ -175,7 +193,22 @@ async fn expire_instances(
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = interval.tick() => {
-                directory.state().expire(tokio::time::Instant::now(), config.expiry());
+                let expired = {
+                    let mut state = directory.state();
+                    let regions = state.gateway_regions();
+                    state
+                        .expire(tokio::time::Instant::now(), config.expiry())
+                        .into_iter()
+                        .filter_map(|gateway_id| {
+                            let region = regions.get(&gateway_id)?.clone();
+                            Some((gateway_id, region))
+                        })
+                        .collect::<Vec<_>>()
+                };
+                // Singleton work: the leader records the gateways down.
+                for (gateway_id, region) in expired {
+                    leader::gateway_changed(&directory, &leadership, &gateway_id, &region, false).await;
+                }
             }
         }
     }

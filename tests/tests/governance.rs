@@ -413,3 +413,29 @@ async fn regions_and_shards_change_at_run_time_and_outlive_a_restart() {
     assert!(audit.contains("region-add region/north"), "{audit}");
     assert!(audit.contains("region-remove region/north"), "{audit}");
 }
+
+#[tokio::test]
+async fn status_names_the_coordinator_that_holds_the_leader_lease() {
+    let mesh = TestMesh::start().await;
+    let leader = within("the coordinator to take the lease", async {
+        loop {
+            let status = fedmesh(&mesh, &["status", "--json"]).await.unwrap();
+            let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+            if !status["leader"].is_null() {
+                return status["leader"].clone();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        leader["holder"]
+            .as_str()
+            .unwrap()
+            .starts_with("coordinator-"),
+        "{leader}"
+    );
+    assert!(leader["token"].as_i64().unwrap() >= 1, "{leader}");
+    let text = fedmesh(&mesh, &["status"]).await.unwrap();
+    assert!(text.contains("leader coordinator-"), "{text}");
+}

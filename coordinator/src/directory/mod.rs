@@ -107,7 +107,18 @@ impl Directory {
         })
     }
 
-    fn wake_outbox(&self) {
+    /// The control database.
+    pub fn store(&self) -> &Arc<dyn DirectoryStore> {
+        &self.store
+    }
+
+    /// Whether events are on (an event bus is configured).
+    pub fn events_on(&self) -> bool {
+        self.outbox_wake.is_some()
+    }
+
+    /// Tells the outbox relay an event was written.
+    pub fn wake_outbox(&self) {
         if let Some(wake) = &self.outbox_wake {
             wake.notify_one();
         }

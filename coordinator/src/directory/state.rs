@@ -11,6 +11,7 @@ use tokio::time::{Duration, Instant};
 use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::config::RegionConfig;
+use crate::lease::Lease;
 use crate::region::ShardRecord;
 
 /// A gateway as last reported.
@@ -73,6 +74,8 @@ pub struct TopologyState {
     changes: broadcast::Sender<pb::TopologyUpdate>,
     /// This run's id: versions resume only within it.
     epoch: String,
+    /// The leader lease as this replica last saw it.
+    leader: Option<Lease>,
     /// The latest changes, oldest first.
     recent: std::collections::VecDeque<pb::TopologyUpdate>,
 }
@@ -98,6 +101,7 @@ impl TopologyState {
             shards: BTreeMap::new(),
             changes,
             epoch: uuid::Uuid::now_v7().to_string(),
+            leader: None,
             recent: std::collections::VecDeque::new(),
         }
     }
@@ -151,6 +155,19 @@ impl TopologyState {
             .into_iter()
             .map(|shard| (shard.name.clone(), shard))
             .collect();
+    }
+
+    /// Records the leader lease as last seen (for snapshots and status).
+    pub fn set_leader(&mut self, leader: Option<Lease>) {
+        self.leader = leader;
+    }
+
+    /// The regions of the gateways that report, by gateway id.
+    pub fn gateway_regions(&self) -> BTreeMap<String, String> {
+        self.gateways
+            .values()
+            .map(|gateway| (gateway.gateway_id.clone(), gateway.region.clone()))
+            .collect()
     }
 
     /// Whether `region` exists.
@@ -349,7 +366,7 @@ impl TopologyState {
 
     /// Records a gateway report. A new gateway or a changed address is
     /// published; a load change alone is kept for snapshots only.
-    pub fn report_gateway(&mut self, gateway: GatewayRecord) {
+    pub fn report_gateway(&mut self, gateway: GatewayRecord) -> bool {
         let changed = self
             .gateways
             .get(&gateway.gateway_id)
@@ -362,6 +379,7 @@ impl TopologyState {
         if changed {
             self.publish(change);
         }
+        changed
     }
 
     /// Records a notifier report; a new notifier or a changed address is
@@ -466,6 +484,12 @@ impl TopologyState {
                     notifiers: self.notifiers.values().map(notifier_to_pb).collect(),
                     grants: self.grants.values().map(grant_to_pb).collect(),
                     epoch: self.epoch.clone(),
+                    leader: self.leader.as_ref().map(|lease| pb::Leader {
+                        holder: lease.holder.clone(),
+                        token: lease.token,
+                        held_since: Some(timestamp_from_micros(lease.acquired_at_micros)),
+                        expires_at: Some(timestamp_from_micros(lease.expires_at_micros)),
+                    }),
                 },
             )),
         }

@@ -22,6 +22,8 @@ use crate::subscription::SubscriptionRecord;
 /// The Directory service of one coordinator.
 pub(crate) struct DirectoryService {
     pub(crate) directory: Arc<Directory>,
+    /// The lease this replica holds, if it leads.
+    pub(crate) leadership: tokio::sync::watch::Receiver<Option<crate::lease::Lease>>,
     pub(crate) report_interval: std::time::Duration,
     pub(crate) shutdown: CancellationToken,
 }
@@ -362,7 +364,8 @@ impl pb::directory_server::Directory for DirectoryService {
             .into());
         }
         let load = gateway.load.unwrap_or_default();
-        self.directory.state().report_gateway(GatewayRecord {
+        let (gateway_id, region) = (gateway.gateway_id.clone(), gateway.region.clone());
+        let joined = self.directory.state().report_gateway(GatewayRecord {
             gateway_id: gateway.gateway_id,
             region: gateway.region,
             address: gateway.address,
@@ -372,6 +375,15 @@ impl pb::directory_server::Directory for DirectoryService {
             last_seen_micros: now_micros(),
             last_seen: tokio::time::Instant::now(),
         });
+        if joined {
+            // Singleton work: the leader records the gateway up.
+            let directory = Arc::clone(&self.directory);
+            let leadership = self.leadership.clone();
+            tokio::spawn(async move {
+                crate::leader::gateway_changed(&directory, &leadership, &gateway_id, &region, true)
+                    .await;
+            });
+        }
         Ok(Response::new(pb::ReportGatewayResponse {
             report_interval_ms: u64::try_from(self.report_interval.as_millis()).unwrap_or(u64::MAX),
         }))

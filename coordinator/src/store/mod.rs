@@ -20,6 +20,7 @@ use fedmesh_common::audit::{AuditEntry, AuditRecord};
 use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
+use crate::lease::Lease;
 use crate::region::ShardRecord;
 use crate::subscription::{SubscriptionRecord, WebhookTarget};
 
@@ -79,6 +80,31 @@ pub trait DirectoryStore: Send + Sync + 'static {
     async fn delete_shard(&self, name: &str) -> Result<bool, StoreError>;
     /// Every shard, oldest first.
     async fn all_shards(&self) -> Result<Vec<ShardRecord>, StoreError>;
+
+    /// Takes or renews the lease `name` for `holder` at `now`: a lease
+    /// nobody holds, or that expired, is taken with the next token; the
+    /// holder's own is renewed. The lease as it is now, if `holder` holds it.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_micros: i64,
+        duration_micros: i64,
+    ) -> Result<Option<Lease>, StoreError>;
+    /// The lease `name`, if anyone ever held it.
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError>;
+    /// Marks a gateway down, or up again after down, and writes its event,
+    /// under the leader lease's `token`: refused ([`StoreError::Fenced`])
+    /// when the lease has another token now. Whether it was a change (a
+    /// gateway never marked down is up already).
+    async fn set_gateway_state(
+        &self,
+        token: i64,
+        gateway_id: &str,
+        region: &str,
+        up: bool,
+        event: Option<Event>,
+    ) -> Result<bool, StoreError>;
 
     /// Inserts an access grant.
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError>;
@@ -145,6 +171,54 @@ where
         created_at_micros: row.try_get("created_at")?,
         webhook,
     })
+}
+
+/// A `leases` row, on either backend.
+fn lease_from_row<R>(row: &R) -> Result<Lease, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Lease {
+        holder: row.try_get("holder")?,
+        token: row.try_get("token")?,
+        acquired_at_micros: row.try_get("acquired_at")?,
+        expires_at_micros: row.try_get("expires_at")?,
+    })
+}
+
+/// What a lease becomes when `holder` asks for it at `now`, given what it
+/// is (`current`): None when someone else holds it still.
+fn next_lease(
+    current: Option<Lease>,
+    holder: &str,
+    now_micros: i64,
+    duration_micros: i64,
+) -> Option<Lease> {
+    let expires_at_micros = now_micros.saturating_add(duration_micros);
+    match current {
+        None => Some(Lease {
+            holder: holder.to_string(),
+            token: 1,
+            acquired_at_micros: now_micros,
+            expires_at_micros,
+        }),
+        Some(lease) if lease.holder == holder && lease.expires_at_micros >= now_micros => {
+            Some(Lease {
+                expires_at_micros,
+                ..lease
+            })
+        }
+        Some(lease) if lease.expires_at_micros < now_micros => Some(Lease {
+            holder: holder.to_string(),
+            token: lease.token + 1,
+            acquired_at_micros: now_micros,
+            expires_at_micros,
+        }),
+        Some(_) => None,
+    }
 }
 
 /// Every shard, on either backend.

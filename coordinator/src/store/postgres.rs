@@ -13,6 +13,7 @@ use fedmesh_common::audit::{AuditEntry, AuditRecord};
 use crate::access::GrantRecord;
 use crate::agency::AgencyRecord;
 use crate::error::StoreError;
+use crate::lease::Lease;
 use crate::region::ShardRecord;
 use crate::subscription::SubscriptionRecord;
 
@@ -220,6 +221,110 @@ impl DirectoryStore for PgDirectoryStore {
     async fn all_shards(&self) -> Result<Vec<ShardRecord>, StoreError> {
         let rows = sqlx::query(super::ALL_SHARDS).fetch_all(&self.pool).await?;
         rows.iter().map(super::shard_from_row).collect()
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_micros: i64,
+        duration_micros: i64,
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        {
+            // A first lease is created by one replica only; the row is then
+            // locked (FOR UPDATE) by whoever reads it.
+            sqlx::query(
+                "INSERT INTO leases (name, holder, token, acquired_at, expires_at) \
+                 VALUES ($1, '', 0, 0, 0) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        let current = sqlx::query(
+            "SELECT holder, token, acquired_at, expires_at FROM leases WHERE name = $1 FOR UPDATE",
+        )
+        .bind(name)
+        .fetch_optional(&mut *transaction)
+        .await?
+        .map(|row| super::lease_from_row(&row))
+        .transpose()?
+        .filter(|lease| lease.token > 0);
+        let Some(next) = super::next_lease(current, holder, now_micros, duration_micros) else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "INSERT INTO leases (name, holder, token, acquired_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, token = excluded.token, \
+             acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
+        )
+        .bind(name)
+        .bind(&next.holder)
+        .bind(next.token)
+        .bind(next.acquired_at_micros)
+        .bind(next.expires_at_micros)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(Some(next))
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
+        let row = sqlx::query(
+            "SELECT holder, token, acquired_at, expires_at FROM leases WHERE name = $1 AND token > 0",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| super::lease_from_row(&row)).transpose()
+    }
+
+    async fn set_gateway_state(
+        &self,
+        token: i64,
+        gateway_id: &str,
+        region: &str,
+        up: bool,
+        event: Option<Event>,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT token FROM leases WHERE name = $1 FOR SHARE")
+                .bind(crate::lease::LEADER)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        if current != Some(token) {
+            return Err(StoreError::Fenced { token, current });
+        }
+        // Only a change is recorded: a gateway's first report is no "up".
+        let was_up: Option<bool> =
+            sqlx::query_scalar("SELECT up FROM gateway_states WHERE gateway_id = $1")
+                .bind(gateway_id)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        if was_up.unwrap_or(true) == up {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO gateway_states (gateway_id, region, up, changed_at, token) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (gateway_id) DO UPDATE SET region = excluded.region, up = excluded.up, \
+             changed_at = excluded.changed_at, token = excluded.token",
+        )
+        .bind(gateway_id)
+        .bind(region)
+        .bind(up)
+        .bind(fedmesh_common::time::now_micros())
+        .bind(token)
+        .execute(&mut *transaction)
+        .await?;
+        if let Some(event) = event {
+            insert_events(&mut transaction, &[event]).await?;
+        }
+        transaction.commit().await?;
+        Ok(true)
     }
 
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {

@@ -108,6 +108,79 @@ macro_rules! directory_store_suite {
             }
 
             #[tokio::test]
+            async fn a_lease_passes_on_only_once_expired_and_fences_its_old_holder() {
+                let (store, _guard) = $open.await;
+                let second = 1_000_000;
+                let lease = |holder: &'static str, now: i64| {
+                    store.acquire_lease(crate::lease::LEADER, holder, now, 10 * second)
+                };
+                let first = lease("a", 0).await.expect("acquire").expect("a takes it");
+                assert_eq!(first.token, 1);
+                assert_eq!(
+                    lease("b", 5 * second).await.expect("acquire"),
+                    None,
+                    "a holds it"
+                );
+                let renewed = lease("a", 8 * second)
+                    .await
+                    .expect("renew")
+                    .expect("a renews");
+                assert_eq!((renewed.token, renewed.expires_at_micros), (1, 18 * second));
+                assert_eq!(
+                    lease("b", 17 * second).await.expect("acquire"),
+                    None,
+                    "renewed"
+                );
+                assert!(
+                    !store
+                        .set_gateway_state(1, "east-0", "east", true, None)
+                        .await
+                        .expect("the leader's write"),
+                    "a gateway never down is up already"
+                );
+                assert!(
+                    store
+                        .set_gateway_state(1, "east-0", "east", false, None)
+                        .await
+                        .expect("the leader's write")
+                );
+                // a goes quiet; b takes over after the lease expired.
+                let taken = lease("b", 19 * second)
+                    .await
+                    .expect("acquire")
+                    .expect("b takes it");
+                assert_eq!((taken.holder.as_str(), taken.token), ("b", 2));
+                assert_eq!(
+                    lease("a", 20 * second).await.expect("renew"),
+                    None,
+                    "a is deposed"
+                );
+                let fenced = store
+                    .set_gateway_state(1, "east-0", "east", true, None)
+                    .await;
+                assert!(
+                    matches!(
+                        fenced,
+                        Err(StoreError::Fenced {
+                            token: 1,
+                            current: Some(2)
+                        })
+                    ),
+                    "{fenced:?}"
+                );
+                assert!(
+                    store
+                        .set_gateway_state(2, "east-0", "east", true, None)
+                        .await
+                        .expect("the new leader's write")
+                );
+                assert_eq!(
+                    store.lease(crate::lease::LEADER).await.expect("lease"),
+                    Some(taken)
+                );
+            }
+
+            #[tokio::test]
             async fn regions_and_shards_are_data() {
                 let (store, _guard) = $open.await;
                 store.insert_region("east", 1).await.expect("region");
