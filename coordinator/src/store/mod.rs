@@ -4,6 +4,139 @@
 //! Every change to the directory writes its event to the outbox in the same
 //! transaction.
 
+/// The methods of [`DirectoryStore`] whose SQL is the same on both
+/// backends (`$N` parameters, which SQLite reads as named parameters in
+/// order of first use), written once for both.
+macro_rules! directory_store_impl {
+    ($store:ty { $($own:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::store::DirectoryStore for $store {
+            $($own)*
+    async fn insert_region(&self, name: &str, created_at_micros: i64) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO regions (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(created_at_micros)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn all_regions(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT name FROM regions ORDER BY created_at, name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get("name").map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn insert_shard(&self, shard: &ShardRecord) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO shards (name, region, address, draining, capacity, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&shard.name)
+        .bind(&shard.region)
+        .bind(&shard.address)
+        .bind(shard.draining)
+        .bind(i64::from(shard.capacity))
+        .bind(shard.created_at_micros)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn set_shard_draining(&self, name: &str, draining: bool) -> Result<bool, StoreError> {
+        let updated = sqlx::query("UPDATE shards SET draining = $1 WHERE name = $2")
+            .bind(draining)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(updated.rows_affected() > 0)
+    }
+
+    async fn delete_shard(&self, name: &str) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM shards WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn all_shards(&self) -> Result<Vec<ShardRecord>, StoreError> {
+        let rows = sqlx::query($crate::store::ALL_SHARDS).fetch_all(&self.pool).await?;
+        rows.iter().map($crate::store::shard_from_row).collect()
+    }
+
+    async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO access_grants \
+             (grant_id, sender_id, recipient_id, kinds, granted_at, granted_by) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&grant.grant_id)
+        .bind(&grant.sender_id)
+        .bind(&grant.recipient_id)
+        .bind($crate::store::kinds_to_text(&grant.kinds)?)
+        .bind(grant.granted_at_micros)
+        .bind(&grant.granted_by)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_grant(&self, grant_id: &str) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM access_grants WHERE grant_id = $1")
+            .bind(grant_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn all_grants(&self) -> Result<Vec<GrantRecord>, StoreError> {
+        let rows = sqlx::query($crate::store::ALL_GRANTS).fetch_all(&self.pool).await?;
+        rows.iter().map($crate::store::grant_from_row).collect()
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
+        let row = sqlx::query(
+            "SELECT holder, token, acquired_at, expires_at FROM leases WHERE name = $1 AND token > 0",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| $crate::store::lease_from_row(&row)).transpose()
+    }
+
+    async fn audit_page(
+        &self,
+        chain: Option<&str>,
+        after: Option<(&str, i64)>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let sql = $crate::store::audit_page_query(chain.is_some(), after.is_some(), |n| format!("${n}"));
+        let mut query = sqlx::query(&sql);
+        if let Some(chain) = chain {
+            query = query.bind(chain);
+        }
+        if let Some((after_chain, after_seq)) = after {
+            query = query.bind(after_chain).bind(after_chain).bind(after_seq);
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map($crate::store::audit_from_row).collect()
+    }
+        }
+    };
+}
+
 mod postgres;
 mod sqlite;
 

@@ -7,7 +7,6 @@ use fedmesh_common::postgres::{PgOutbox, insert_events, pool_options};
 use sqlx::Row;
 use sqlx::postgres::PgPool;
 
-use super::DirectoryStore;
 use fedmesh_common::audit::{AuditEntry, AuditRecord};
 
 use crate::access::GrantRecord;
@@ -38,8 +37,7 @@ impl PgDirectoryStore {
     }
 }
 
-#[async_trait::async_trait]
-impl DirectoryStore for PgDirectoryStore {
+directory_store_impl!(PgDirectoryStore {
     async fn insert_agency(
         &self,
         agency: &AgencyRecord,
@@ -145,20 +143,6 @@ impl DirectoryStore for PgDirectoryStore {
         rows.iter().map(super::subscription_from_row).collect()
     }
 
-    async fn insert_region(&self, name: &str, created_at_micros: i64) -> Result<(), StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO regions (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(created_at_micros)
-        .execute(&self.pool)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(StoreError::Conflict);
-        }
-        Ok(())
-    }
-
     async fn delete_region(&self, name: &str) -> Result<bool, StoreError> {
         let mut transaction = self.pool.begin().await?;
         sqlx::query("DELETE FROM shards WHERE region = $1")
@@ -171,56 +155,6 @@ impl DirectoryStore for PgDirectoryStore {
             .await?;
         transaction.commit().await?;
         Ok(deleted.rows_affected() > 0)
-    }
-
-    async fn all_regions(&self) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT name FROM regions ORDER BY created_at, name")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| row.try_get("name").map_err(StoreError::from))
-            .collect()
-    }
-
-    async fn insert_shard(&self, shard: &ShardRecord) -> Result<(), StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO shards (name, region, address, draining, capacity, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(&shard.name)
-        .bind(&shard.region)
-        .bind(&shard.address)
-        .bind(shard.draining)
-        .bind(i64::from(shard.capacity))
-        .bind(shard.created_at_micros)
-        .execute(&self.pool)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(StoreError::Conflict);
-        }
-        Ok(())
-    }
-
-    async fn set_shard_draining(&self, name: &str, draining: bool) -> Result<bool, StoreError> {
-        let updated = sqlx::query("UPDATE shards SET draining = $1 WHERE name = $2")
-            .bind(draining)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        Ok(updated.rows_affected() > 0)
-    }
-
-    async fn delete_shard(&self, name: &str) -> Result<bool, StoreError> {
-        let deleted = sqlx::query("DELETE FROM shards WHERE name = $1")
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        Ok(deleted.rows_affected() > 0)
-    }
-
-    async fn all_shards(&self) -> Result<Vec<ShardRecord>, StoreError> {
-        let rows = sqlx::query(super::ALL_SHARDS).fetch_all(&self.pool).await?;
-        rows.iter().map(super::shard_from_row).collect()
     }
 
     async fn acquire_lease(
@@ -271,16 +205,6 @@ impl DirectoryStore for PgDirectoryStore {
         Ok(Some(next))
     }
 
-    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
-        let row = sqlx::query(
-            "SELECT holder, token, acquired_at, expires_at FROM leases WHERE name = $1 AND token > 0",
-        )
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| super::lease_from_row(&row)).transpose()
-    }
-
     async fn set_gateway_state(
         &self,
         token: i64,
@@ -327,36 +251,6 @@ impl DirectoryStore for PgDirectoryStore {
         Ok(true)
     }
 
-    async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO access_grants \
-             (grant_id, sender_id, recipient_id, kinds, granted_at, granted_by) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&grant.grant_id)
-        .bind(&grant.sender_id)
-        .bind(&grant.recipient_id)
-        .bind(super::kinds_to_text(&grant.kinds)?)
-        .bind(grant.granted_at_micros)
-        .bind(&grant.granted_by)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn delete_grant(&self, grant_id: &str) -> Result<bool, StoreError> {
-        let deleted = sqlx::query("DELETE FROM access_grants WHERE grant_id = $1")
-            .bind(grant_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(deleted.rows_affected() > 0)
-    }
-
-    async fn all_grants(&self) -> Result<Vec<GrantRecord>, StoreError> {
-        let rows = sqlx::query(super::ALL_GRANTS).fetch_all(&self.pool).await?;
-        rows.iter().map(super::grant_from_row).collect()
-    }
-
     async fn append_audit(
         &self,
         record: &AuditRecord,
@@ -399,25 +293,7 @@ impl DirectoryStore for PgDirectoryStore {
         Ok(entry)
     }
 
-    async fn audit_page(
-        &self,
-        chain: Option<&str>,
-        after: Option<(&str, i64)>,
-        limit: u32,
-    ) -> Result<Vec<AuditEntry>, StoreError> {
-        let sql = super::audit_page_query(chain.is_some(), after.is_some(), |n| format!("${n}"));
-        let mut query = sqlx::query(&sql);
-        if let Some(chain) = chain {
-            query = query.bind(chain);
-        }
-        if let Some((after_chain, after_seq)) = after {
-            query = query.bind(after_chain).bind(after_chain).bind(after_seq);
-        }
-        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
-        rows.iter().map(super::audit_from_row).collect()
-    }
-
     fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(PgOutbox::new(self.pool.clone()))
     }
-}
+});
