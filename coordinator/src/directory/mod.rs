@@ -566,7 +566,22 @@ impl Directory {
             granted_at_micros: fedmesh_common::time::now_micros(),
             granted_by: actor.to_string(),
         };
-        self.store.insert_grant(&grant).await?;
+        match self.store.insert_grant(&grant).await {
+            Ok(()) => {}
+            // The same right granted at the same instant: that grant.
+            Err(StoreError::Conflict) => {
+                let stored = self.store.all_grants().await?.into_iter().find(|stored| {
+                    stored.sender_id == grant.sender_id
+                        && stored.recipient_id == grant.recipient_id
+                        && stored.kinds == grant.kinds
+                });
+                if let Some(stored) = stored {
+                    return Ok(stored);
+                }
+                return Err(StoreError::Conflict.into());
+            }
+            Err(error) => return Err(error.into()),
+        }
         self.state().add_grant(grant.clone());
         tracing::info!(grant_id = %grant.grant_id, sender = %grant.sender_id, recipient = %grant.recipient_id, kinds = ?grant.kinds, "access granted");
         self.audit(AuditRecord {

@@ -77,10 +77,10 @@ macro_rules! directory_store_impl {
     }
 
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO access_grants \
              (grant_id, sender_id, recipient_id, kinds, granted_at, granted_by) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
         .bind(&grant.grant_id)
         .bind(&grant.sender_id)
@@ -90,6 +90,9 @@ macro_rules! directory_store_impl {
         .bind(&grant.granted_by)
         .execute(&self.pool)
         .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
         Ok(())
     }
 
@@ -239,7 +242,8 @@ pub trait DirectoryStore: Send + Sync + 'static {
         event: Option<Event>,
     ) -> Result<bool, StoreError>;
 
-    /// Inserts an access grant.
+    /// Inserts an access grant; [`StoreError::Conflict`] if a grant of the
+    /// same sender, recipient and kinds exists.
     async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError>;
     /// Deletes a grant; false if it did not exist.
     async fn delete_grant(&self, grant_id: &str) -> Result<bool, StoreError>;

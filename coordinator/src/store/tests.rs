@@ -243,6 +243,12 @@ macro_rules! directory_store_suite {
                     granted_by: "operator/alice".into(),
                 };
                 store.insert_grant(&grant).await.expect("insert");
+                let same_right = GrantRecord {
+                    grant_id: uuid::Uuid::now_v7().to_string(),
+                    ..grant.clone()
+                };
+                let again = store.insert_grant(&same_right).await;
+                assert!(matches!(again, Err(StoreError::Conflict)), "{again:?}");
                 assert_eq!(store.all_grants().await.expect("list"), vec![grant.clone()]);
                 assert!(store.delete_grant(&grant.grant_id).await.expect("delete"));
                 assert!(!store.delete_grant(&grant.grant_id).await.expect("again"));
