@@ -493,6 +493,39 @@ async fn an_agency_acts_only_as_itself_and_a_gateway_relays_only_for_its_region(
         Code::PermissionDenied,
         "{other_inbox:?}"
     );
+    // Acking another agency's delivery: a stream acks only its own inbox,
+    // and only what it delivered.
+    let pending = |agency: &'static str| {
+        let mut exchange = mesh.exchange("east", agency);
+        async move {
+            exchange
+                .get_inbox(pb::GetInboxRequest {
+                    agency_id: agency.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .unacknowledged
+        }
+    };
+    mesh.send(
+        "east",
+        "tax-office",
+        "land-registry",
+        "for the registry",
+        None,
+    )
+    .await
+    .expect("a send");
+    assert_eq!(pending("land-registry").await, 1);
+    let own = mesh.open_inbox("east", "tax-office", 8).await.unwrap();
+    own.ack(&[1]).await;
+    own.close().await;
+    assert_eq!(
+        pending("land-registry").await,
+        1,
+        "tax-office's ack of sequence 1 acked nothing of land-registry's"
+    );
 
     // The west gateway relays an east sender's message to central.
     let (channel, _) = mesh.channel_as(
