@@ -41,22 +41,22 @@ pub enum Command {
     /// Run the whole mesh in this process: a coordinator, gateways for east,
     /// west and central, and a notifier, on consecutive loopback ports.
     #[command(
-        after_help = "Examples:\n  fedmesh dev\n  fedmesh dev --base-port 0 --data-dir /tmp/mesh   # free ports; prints the export line to use"
+        after_help = "Examples:\n  fedmesh dev\n  fedmesh dev --tls   # every component on mutual TLS; certificates in ./fedmesh-data/certs\n  fedmesh dev --base-port 0 --data-dir /tmp/mesh   # free ports; prints the export line to use"
     )]
     Dev(DevArgs),
     /// Run a coordinator (one role per process, as in a deployment).
     #[command(
-        after_help = "Examples:\n  fedmesh coordinator --dev-identity --db sqlite:///var/lib/fedmesh/control.sqlite --region east=east-1 --region west=west-1\n  fedmesh coordinator --config coordinator.toml --check-config"
+        after_help = "Examples:\n  fedmesh coordinator --listen 0.0.0.0:50051 --cert certs/coordinator.crt --key certs/coordinator.key --ca certs/ca.crt --db postgres://fedmesh@db/control --region east=east-1\n  fedmesh coordinator --dev-identity --db sqlite:///var/lib/fedmesh/control.sqlite --region east=east-1 --region west=west-1\n  fedmesh coordinator --config coordinator.toml --check-config"
     )]
     Coordinator(CoordinatorArgs),
     /// Run a gateway of one region on its shard databases.
     #[command(
-        after_help = "Examples:\n  fedmesh gateway --dev-identity --region east --shard east-1=postgres://postgres@127.0.0.1/fedmesh_east_1\n  fedmesh gateway --config gateway.toml --check-config"
+        after_help = "Examples:\n  fedmesh gateway --listen 0.0.0.0:50052 --advertise https://gw1.east.example:50052 --cert certs/gateway/east.crt --key certs/gateway/east.key --ca certs/ca.crt --coordinator https://coordinator.example:50051 --region east --shard east-1=postgres://fedmesh@db/east_1\n  fedmesh gateway --dev-identity --region east --shard east-1=postgres://postgres@127.0.0.1/fedmesh_east_1\n  fedmesh gateway --config gateway.toml --check-config"
     )]
     Gateway(GatewayArgs),
     /// Run a notifier: serves subscriptions to the mesh's events.
     #[command(
-        after_help = "Examples:\n  fedmesh notifier --dev-identity --listen 127.0.0.1:50055\n  fedmesh notifier --config notifier.toml --check-config"
+        after_help = "Examples:\n  fedmesh notifier --listen 0.0.0.0:50055 --cert certs/notifier.crt --key certs/notifier.key --ca certs/ca.crt --coordinator https://coordinator.example:50051 --amqp amqp://fedmesh:secret@mq:5672/%2f\n  fedmesh notifier --dev-identity --listen 127.0.0.1:50055 --amqp amqp://guest:guest@127.0.0.1:5672/%2f\n  fedmesh notifier --config notifier.toml --check-config"
     )]
     Notifier(NotifierArgs),
     /// Register, list, show and deregister agencies.
