@@ -118,6 +118,10 @@ pub struct CoordinatorConfig {
     /// leaves the topology.
     #[arg(long, env = "FEDMESH_EXPIRY_MS", default_value_t = 15_000)]
     pub expiry_ms: u64,
+    /// How often the directory is read again for changes other replicas
+    /// made, in milliseconds (how long they may take to show here).
+    #[arg(long, env = "FEDMESH_SYNC_MS", default_value_t = 1_000)]
+    pub sync_ms: u64,
     /// How often the outbox is looked at even when no change woke it, in
     /// milliseconds.
     #[arg(long, env = "FEDMESH_OUTBOX_POLL_MS", default_value_t = 1_000)]
@@ -204,6 +208,7 @@ impl CoordinatorConfig {
         self.tls.validate()?;
         self.rate_limits.validate()?;
         self.lease.validate()?;
+        check_range("sync_ms", self.sync_ms, 10..=3_600_000)?;
         if let Some(id) = &self.id {
             fedmesh_common::validate::agency_id("id", id)
                 .map_err(|invalid| ConfigError::setting("id", invalid.description))?;
@@ -234,6 +239,11 @@ impl CoordinatorConfig {
     /// How long an instance may stay silent before it leaves the topology.
     pub fn expiry(&self) -> Duration {
         Duration::from_millis(self.expiry_ms)
+    }
+
+    /// How often the directory is read again for other replicas' changes.
+    pub fn sync_interval(&self) -> Duration {
+        Duration::from_millis(self.sync_ms)
     }
 
     /// How often the outbox is polled regardless of changes.

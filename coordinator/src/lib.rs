@@ -118,6 +118,11 @@ pub async fn run(
         leading,
         shutdown.clone(),
     ));
+    tasks.spawn(follow_directory(
+        Arc::clone(&directory),
+        config.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(expire_instances(
         Arc::clone(&directory),
         leadership.clone(),
@@ -178,6 +183,27 @@ impl fedmesh_common::auth::AuditSink for DirectoryAudit {
     fn record(&self, record: fedmesh_common::audit::AuditRecord) {
         if self.sender.try_send(record).is_err() {
             tracing::warn!("the audit queue is full: a record was dropped");
+        }
+    }
+}
+
+/// Keeps this replica in step with changes made through the others, every
+/// sync interval.
+async fn follow_directory(
+    directory: Arc<directory::Directory>,
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(config.sync_interval());
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {
+                if let Err(error) = directory.sync_from_store(config.expiry()).await {
+                    tracing::warn!(%error, "cannot read the directory's changes from the control database");
+                }
+            }
         }
     }
 }

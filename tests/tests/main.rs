@@ -13,6 +13,7 @@ mod limits;
 mod messaging;
 mod properties;
 mod queues;
+mod replicas;
 mod scale;
 mod security;
 mod serving;

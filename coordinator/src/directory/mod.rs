@@ -40,6 +40,31 @@ pub struct Directory {
     queues: Option<Arc<dyn DurableQueues>>,
     /// The durable subscriptions, as stored, by name.
     subscriptions: tokio::sync::Mutex<BTreeMap<String, crate::subscription::SubscriptionRecord>>,
+    /// The directory version this replica is in step with; held across a
+    /// change (store, then topology) and across a reload, so neither sees
+    /// the other half done.
+    synced: tokio::sync::Mutex<i64>,
+}
+
+/// The regions (with their shard names) and the shards, as stored.
+async fn regions_and_shards(
+    store: &dyn DirectoryStore,
+) -> Result<(Vec<RegionConfig>, Vec<ShardRecord>), StoreError> {
+    let shards = store.all_shards().await?;
+    let regions = store
+        .all_regions()
+        .await?
+        .into_iter()
+        .map(|name| RegionConfig {
+            shards: shards
+                .iter()
+                .filter(|shard| shard.region == name)
+                .map(|shard| shard.name.clone())
+                .collect(),
+            name,
+        })
+        .collect();
+    Ok((regions, shards))
 }
 
 impl Directory {
@@ -73,20 +98,8 @@ impl Directory {
                 }
             }
         }
-        let shards = store.all_shards().await?;
-        let regions: Vec<RegionConfig> = store
-            .all_regions()
-            .await?
-            .into_iter()
-            .map(|name| RegionConfig {
-                shards: shards
-                    .iter()
-                    .filter(|shard| shard.region == name)
-                    .map(|shard| shard.name.clone())
-                    .collect(),
-                name,
-            })
-            .collect();
+        let (regions, shards) = regions_and_shards(store.as_ref()).await?;
+        let version = store.directory_version().await?;
         let agencies = store.all_agencies().await?;
         let subscriptions = store
             .all_subscriptions()
@@ -104,7 +117,52 @@ impl Directory {
             outbox_wake,
             queues,
             subscriptions: tokio::sync::Mutex::new(subscriptions),
+            synced: tokio::sync::Mutex::new(version),
         })
+    }
+
+    /// Says a change was made through this replica, for the others; holds
+    /// the sync lock the caller took for the change.
+    async fn changed(&self, synced: &mut i64) {
+        match self.store.bump_directory_version().await {
+            // Nothing else changed meanwhile: no need to reload.
+            Ok(version) if version == *synced + 1 => *synced = version,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot count a directory change; other coordinator replicas see it at their next full reload");
+            }
+        }
+    }
+
+    /// Reloads the directory from the control database if another replica
+    /// changed it since, publishing the differences to this replica's
+    /// watchers; and adds the gateways that report to other replicas.
+    pub async fn sync_from_store(
+        &self,
+        gateway_expiry: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        {
+            let mut synced = self.synced.lock().await;
+            let version = self.store.directory_version().await?;
+            if version != *synced {
+                let (regions, shards) = regions_and_shards(self.store.as_ref()).await?;
+                let agencies = self.store.all_agencies().await?;
+                let grants = self.store.all_grants().await?;
+                let subscriptions = self.store.all_subscriptions().await?;
+                self.state().reconcile(agencies, grants, regions, shards);
+                *self.subscriptions.lock().await = subscriptions
+                    .into_iter()
+                    .map(|subscription| (subscription.name.clone(), subscription))
+                    .collect();
+                tracing::debug!(version, "directory reloaded: another replica changed it");
+                *synced = version;
+            }
+        }
+        let expiry = i64::try_from(gateway_expiry.as_micros()).unwrap_or(i64::MAX);
+        let since = fedmesh_common::time::now_micros().saturating_sub(expiry);
+        let reported = self.store.gateway_instances(since).await?;
+        self.state().reconcile_gateways(reported);
+        Ok(())
     }
 
     /// The control database.
@@ -143,6 +201,7 @@ impl Directory {
         display_name: &str,
         shard: &str,
     ) -> Result<AgencyRecord, DirectoryError> {
+        let mut synced = self.synced.lock().await;
         validate::agency_id("agency_id", agency_id)?;
         validate::region("region", region)?;
         if display_name.chars().count() > 200 {
@@ -210,6 +269,7 @@ impl Directory {
             detail: format!("shard {}", record.shard),
         })
         .await;
+        self.changed(&mut synced).await;
         Ok(record)
     }
 
@@ -228,6 +288,7 @@ impl Directory {
         actor: &Identity,
         agency_id: &str,
     ) -> Result<(), DirectoryError> {
+        let mut synced = self.synced.lock().await;
         let record = self.get_agency(agency_id)?;
         let event = self
             .outbox_wake
@@ -248,6 +309,7 @@ impl Directory {
             detail: String::new(),
         })
         .await;
+        self.changed(&mut synced).await;
         Ok(())
     }
 
@@ -257,6 +319,7 @@ impl Directory {
         actor: &Identity,
         name: &str,
     ) -> Result<pb_region::Region, DirectoryError> {
+        let mut synced = self.synced.lock().await;
         validate::region("name", name)?;
         match self
             .store
@@ -279,6 +342,7 @@ impl Directory {
             String::new(),
         )
         .await;
+        self.changed(&mut synced).await;
         Ok(pb_region::Region {
             name: name.to_string(),
             shards: Vec::new(),
@@ -287,6 +351,7 @@ impl Directory {
 
     /// Removes a region without agencies, and its shards.
     pub async fn remove_region(&self, actor: &Identity, name: &str) -> Result<(), DirectoryError> {
+        let mut synced = self.synced.lock().await;
         validate::region("name", name)?;
         {
             let state = self.state();
@@ -319,6 +384,7 @@ impl Directory {
             String::new(),
         )
         .await;
+        self.changed(&mut synced).await;
         Ok(())
     }
 
@@ -328,6 +394,7 @@ impl Directory {
         actor: &Identity,
         shard: ShardRecord,
     ) -> Result<ShardRecord, DirectoryError> {
+        let mut synced = self.synced.lock().await;
         validate::agency_id("name", &shard.name).map_err(|invalid| {
             fedmesh_common::error::InvalidField::new(
                 "name",
@@ -369,6 +436,7 @@ impl Directory {
             detail,
         )
         .await;
+        self.changed(&mut synced).await;
         Ok(shard)
     }
 
@@ -378,6 +446,7 @@ impl Directory {
         actor: &Identity,
         name: &str,
     ) -> Result<ShardRecord, DirectoryError> {
+        let mut synced = self.synced.lock().await;
         let Some(mut shard) = self.state().shard(name).cloned() else {
             return Err(DirectoryError::ShardNotFound(name.to_string()));
         };
@@ -395,11 +464,13 @@ impl Directory {
             String::new(),
         )
         .await;
+        self.changed(&mut synced).await;
         Ok(shard)
     }
 
     /// Removes a shard without agencies.
     pub async fn remove_shard(&self, actor: &Identity, name: &str) -> Result<(), DirectoryError> {
+        let mut synced = self.synced.lock().await;
         let (shard, count) = {
             let state = self.state();
             let Some(shard) = state.shard(name).cloned() else {
@@ -425,6 +496,7 @@ impl Directory {
             String::new(),
         )
         .await;
+        self.changed(&mut synced).await;
         Ok(())
     }
 
@@ -541,6 +613,7 @@ impl Directory {
         recipient_id: &str,
         mut kinds: Vec<String>,
     ) -> Result<GrantRecord, DirectoryError> {
+        let mut synced = self.synced.lock().await;
         if !sender_id.is_empty() {
             validate::agency_id("sender_id", sender_id)?;
         }
@@ -593,6 +666,7 @@ impl Directory {
             detail: grant_detail(&grant),
         })
         .await;
+        self.changed(&mut synced).await;
         Ok(grant)
     }
 
@@ -602,6 +676,7 @@ impl Directory {
         actor: &Identity,
         grant_id: &str,
     ) -> Result<GrantRecord, DirectoryError> {
+        let mut synced = self.synced.lock().await;
         if uuid::Uuid::parse_str(grant_id).is_err() {
             return Err(fedmesh_common::error::InvalidField::new(
                 "grant_id",
@@ -625,6 +700,7 @@ impl Directory {
             detail: grant_detail(&grant),
         })
         .await;
+        self.changed(&mut synced).await;
         Ok(grant)
     }
 

@@ -157,6 +157,120 @@ impl TopologyState {
             .collect();
     }
 
+    /// Brings the directory to what the control database holds (changes
+    /// made through another replica), publishing each difference.
+    pub fn reconcile(
+        &mut self,
+        agencies: Vec<AgencyRecord>,
+        grants: Vec<GrantRecord>,
+        regions: Vec<RegionConfig>,
+        shards: Vec<ShardRecord>,
+    ) {
+        let stored: BTreeMap<String, AgencyRecord> = agencies
+            .into_iter()
+            .map(|agency| (agency.agency_id.clone(), agency))
+            .collect();
+        let gone: Vec<String> = self
+            .agencies
+            .keys()
+            .filter(|id| !stored.contains_key(*id))
+            .cloned()
+            .collect();
+        for agency_id in gone {
+            self.remove_agency(&agency_id);
+        }
+        for (agency_id, agency) in stored {
+            if self.agencies.get(&agency_id) != Some(&agency) {
+                self.upsert_agency(agency);
+            }
+        }
+        let stored: BTreeMap<String, GrantRecord> = grants
+            .into_iter()
+            .map(|grant| (grant.grant_id.clone(), grant))
+            .collect();
+        let gone: Vec<String> = self
+            .grants
+            .keys()
+            .filter(|id| !stored.contains_key(*id))
+            .cloned()
+            .collect();
+        for grant_id in gone {
+            self.remove_grant(&grant_id);
+        }
+        for (grant_id, grant) in stored {
+            if !self.grants.contains_key(&grant_id) {
+                self.add_grant(grant);
+            }
+        }
+        self.shards = shards
+            .into_iter()
+            .map(|shard| (shard.name.clone(), shard))
+            .collect();
+        let gone: Vec<String> = self
+            .regions
+            .iter()
+            .filter(|region| !regions.iter().any(|stored| stored.name == region.name))
+            .map(|region| region.name.clone())
+            .collect();
+        for name in gone {
+            self.regions.retain(|region| region.name != name);
+            self.publish(pb::topology_change::Change::RegionRemoved(name));
+        }
+        for region in regions {
+            match self
+                .regions
+                .iter_mut()
+                .find(|known| known.name == region.name)
+            {
+                Some(known) if *known == region => {}
+                Some(known) => {
+                    *known = region.clone();
+                    self.publish(pb::topology_change::Change::RegionUpserted(region_to_pb(
+                        &region,
+                    )));
+                }
+                None => {
+                    self.publish(pb::topology_change::Change::RegionUpserted(region_to_pb(
+                        &region,
+                    )));
+                    self.regions.push(region);
+                }
+            }
+        }
+    }
+
+    /// Adds the gateways that reported to other replicas, as of when they
+    /// last reported there.
+    pub fn reconcile_gateways(&mut self, reported: Vec<(String, String, String, i64)>) {
+        let now_micros = fedmesh_common::time::now_micros();
+        let now = Instant::now();
+        for (gateway_id, region, address, last_seen_micros) in reported {
+            let age =
+                Duration::from_micros(u64::try_from(now_micros - last_seen_micros).unwrap_or(0));
+            let last_seen = now.checked_sub(age).unwrap_or(now);
+            match self.gateways.get_mut(&gateway_id) {
+                Some(known) if known.address == address && known.region == region => {
+                    if last_seen > known.last_seen {
+                        known.last_seen = last_seen;
+                        known.last_seen_micros = last_seen_micros;
+                    }
+                }
+                _ => {
+                    self.report_gateway(GatewayRecord {
+                        gateway_id,
+                        region,
+                        address,
+                        open_streams: 0,
+                        in_flight: 0,
+                        shard_pools: Vec::new(),
+                        last_seen_micros,
+                        last_seen,
+                    });
+                }
+            }
+        }
+    }
+
     /// Records the leader lease as last seen (for snapshots and status).
     pub fn set_leader(&mut self, leader: Option<Lease>) {
         self.leader = leader;

@@ -93,6 +93,7 @@ impl Directory {
             created_at_micros: fedmesh_common::time::now_micros(),
             webhook,
         };
+        let mut synced = self.synced.lock().await;
         let mut subscriptions = self.subscriptions.lock().await;
         match self.store.insert_subscription(&record).await {
             Ok(()) => {}
@@ -109,6 +110,8 @@ impl Directory {
             return Err(DirectoryError::BusUnavailable("nothing was created"));
         }
         subscriptions.insert(record.name.clone(), record.clone());
+        drop(subscriptions);
+        self.changed(&mut synced).await;
         tracing::info!(subscription = %record.name, owner = %record.owner, "subscription created");
         Ok(record)
     }
@@ -244,6 +247,7 @@ impl Directory {
         name: &str,
     ) -> Result<(), DirectoryError> {
         validate::subscription_name("name", name)?;
+        let mut synced = self.synced.lock().await;
         let mut subscriptions = self.subscriptions.lock().await;
         let subscription = subscriptions
             .get(name)
@@ -262,6 +266,8 @@ impl Directory {
         }
         self.store.delete_subscription(name).await?;
         subscriptions.remove(name);
+        drop(subscriptions);
+        self.changed(&mut synced).await;
         tracing::info!(subscription = %name, "subscription deleted");
         Ok(())
     }

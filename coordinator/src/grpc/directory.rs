@@ -365,6 +365,21 @@ impl pb::directory_server::Directory for DirectoryService {
         }
         let load = gateway.load.unwrap_or_default();
         let (gateway_id, region) = (gateway.gateway_id.clone(), gateway.region.clone());
+        // Other replicas learn of it from the control database.
+        {
+            let directory = Arc::clone(&self.directory);
+            let (gateway_id, region, address) =
+                (gateway_id.clone(), region.clone(), gateway.address.clone());
+            tokio::spawn(async move {
+                if let Err(error) = directory
+                    .store()
+                    .report_gateway_instance(&gateway_id, &region, &address, now_micros())
+                    .await
+                {
+                    tracing::warn!(%gateway_id, %error, "cannot record the gateway's report");
+                }
+            });
+        }
         let joined = self.directory.state().report_gateway(GatewayRecord {
             gateway_id: gateway.gateway_id,
             region: gateway.region,

@@ -12,6 +12,67 @@ macro_rules! directory_store_impl {
         #[async_trait::async_trait]
         impl $crate::store::DirectoryStore for $store {
             $($own)*
+    async fn bump_directory_version(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE directory_version SET version = version + 1 WHERE id = 1 RETURNING version",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn directory_version(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT version FROM directory_version WHERE id = 1")
+                .fetch_optional(&self.pool)
+                .await?
+                .unwrap_or_default(),
+        )
+    }
+
+    async fn report_gateway_instance(
+        &self,
+        gateway_id: &str,
+        region: &str,
+        address: &str,
+        last_seen_micros: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO gateway_instances (gateway_id, region, address, last_seen) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (gateway_id) DO UPDATE SET \
+             region = excluded.region, address = excluded.address, last_seen = excluded.last_seen",
+        )
+        .bind(gateway_id)
+        .bind(region)
+        .bind(address)
+        .bind(last_seen_micros)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn gateway_instances(
+        &self,
+        seen_since_micros: i64,
+    ) -> Result<Vec<(String, String, String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT gateway_id, region, address, last_seen FROM gateway_instances \
+             WHERE last_seen >= $1 ORDER BY gateway_id",
+        )
+        .bind(seen_since_micros)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("gateway_id")?,
+                    row.try_get("region")?,
+                    row.try_get("address")?,
+                    row.try_get("last_seen")?,
+                ))
+            })
+            .collect()
+    }
+
     async fn insert_region(&self, name: &str, created_at_micros: i64) -> Result<(), StoreError> {
         let inserted = sqlx::query(
             "INSERT INTO regions (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
@@ -202,6 +263,25 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// Every subscription, by name.
     async fn all_subscriptions(&self) -> Result<Vec<SubscriptionRecord>, StoreError>;
 
+    /// Counts one more change of the directory, for the other replicas;
+    /// the count now.
+    async fn bump_directory_version(&self) -> Result<i64, StoreError>;
+    /// The count of directory changes so far.
+    async fn directory_version(&self) -> Result<i64, StoreError>;
+    /// Records that a gateway reported (to any replica).
+    async fn report_gateway_instance(
+        &self,
+        gateway_id: &str,
+        region: &str,
+        address: &str,
+        last_seen_micros: i64,
+    ) -> Result<(), StoreError>;
+    /// The gateways that reported since `seen_since_micros`: id, region,
+    /// address, last report.
+    async fn gateway_instances(
+        &self,
+        seen_since_micros: i64,
+    ) -> Result<Vec<(String, String, String, i64)>, StoreError>;
     /// Adds a region; [`StoreError::Conflict`] if it exists.
     async fn insert_region(&self, name: &str, created_at_micros: i64) -> Result<(), StoreError>;
     /// Removes a region and its shards; false if it did not exist.
