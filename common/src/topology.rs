@@ -183,7 +183,7 @@ impl Topology {
 /// Reports an instance (a gateway, a notifier) to the coordinator until
 /// `shutdown`: `report` makes one call and answers the interval the
 /// coordinator asks for, in milliseconds (0 keeps the last one). A failed
-/// report is logged and tried again after the interval.
+/// report is logged and tried again after at most a second.
 pub async fn report_periodically<Report, Call>(
     what: &'static str,
     mut report: Report,
@@ -194,16 +194,22 @@ pub async fn report_periodically<Report, Call>(
 {
     let mut interval = std::time::Duration::from_secs(5);
     loop {
-        match report().await {
-            Ok(0) => {}
-            Ok(asked) => interval = std::time::Duration::from_millis(asked),
-            Err(status) => {
-                tracing::warn!(what, error = %status.message(), "report to the coordinator failed")
+        // A failed report is tried again sooner: until it gets through,
+        // the instance is unknown to the mesh.
+        let wait = match report().await {
+            Ok(0) => interval,
+            Ok(asked) => {
+                interval = std::time::Duration::from_millis(asked);
+                interval
             }
-        }
+            Err(status) => {
+                tracing::warn!(what, error = %status.message(), "report to the coordinator failed");
+                interval.min(std::time::Duration::from_secs(1))
+            }
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -109,7 +109,8 @@ pub struct GatewayConfig {
     )]
     #[serde(default, with = "shard_table")]
     pub shards: Vec<ShardConfig>,
-    /// URL of the coordinator.
+    /// URL of the coordinator, or of its replicas separated by commas: the
+    /// gateway moves to the next when one does not answer.
     #[arg(
         long,
         env = "FEDMESH_COORDINATOR",

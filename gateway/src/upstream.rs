@@ -44,42 +44,76 @@ fn resume_from(topology: &Topology) -> pb::WatchTopologyRequest {
     }
 }
 
-/// Connections to the coordinator and to other gateways.
+/// Connections to the coordinator replicas and to other gateways.
 pub(crate) struct Upstream {
-    directory: DirectoryClient,
+    /// One client per coordinator replica; `current` is the one in use,
+    /// and a failure moves to the next.
+    directories: Vec<DirectoryClient>,
+    current: std::sync::atomic::AtomicUsize,
     relays: Arc<RelayClients>,
     batchers: Mutex<HashMap<String, RelayBatcher>>,
 }
 
 impl Upstream {
-    /// Lazy connections, secured by `security`.
+    /// Lazy connections, secured by `security`, to the coordinator
+    /// replicas at `coordinator_urls` (comma separated).
     pub(crate) fn new(
-        coordinator_url: &str,
+        coordinator_urls: &str,
         security: &Security,
         relay_limits: RelayLimits,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = security.channel(
-            coordinator_url,
-            ExpectedServer::Is(fedmesh_common::identity::Identity::Coordinator),
-        )?;
-        Ok(Upstream {
-            directory: pb::directory_client::DirectoryClient::with_interceptor(
-                channel,
+        let urls: Vec<&str> = coordinator_urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
+        let mut directories = Vec::new();
+        for url in &urls {
+            let channel = security.channel(
+                url,
+                ExpectedServer::Is(fedmesh_common::identity::Identity::Coordinator),
+            )?;
+            directories.push(
+                pb::directory_client::DirectoryClient::with_interceptor(channel, security.attach())
+                    .max_decoding_message_size(MAX_TOPOLOGY_BYTES),
+            );
+        }
+        let first_url = urls.first().copied().unwrap_or(coordinator_urls);
+        if directories.is_empty() {
+            directories.push(pb::directory_client::DirectoryClient::with_interceptor(
+                security.channel(
+                    first_url,
+                    ExpectedServer::Is(fedmesh_common::identity::Identity::Coordinator),
+                )?,
                 security.attach(),
-            )
-            .max_decoding_message_size(MAX_TOPOLOGY_BYTES),
-            relays: Arc::new(RelayClients::new(
-                security.clone(),
-                relay_limits,
-                coordinator_url,
-            )),
+            ));
+        }
+        Ok(Upstream {
+            directories,
+            current: std::sync::atomic::AtomicUsize::new(0),
+            relays: Arc::new(RelayClients::new(security.clone(), relay_limits, first_url)),
             batchers: Mutex::new(HashMap::new()),
         })
     }
 
     /// The coordinator's directory, for recording in the audit log.
     pub(crate) fn directory(&self) -> DirectoryClient {
-        self.directory.clone()
+        self.directory_now()
+    }
+
+    /// The coordinator replica in use.
+    fn directory_now(&self) -> DirectoryClient {
+        let index =
+            self.current.load(std::sync::atomic::Ordering::Relaxed) % self.directories.len().max(1);
+        self.directories[index].clone()
+    }
+
+    /// Moves to the next coordinator replica after a failure.
+    fn next_coordinator(&self) {
+        if self.directories.len() > 1 {
+            self.current
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Asks the coordinator where `agency_id` lives.
@@ -88,7 +122,7 @@ impl Upstream {
             agency_id: agency_id.to_string(),
         });
         request.set_timeout(Duration::from_secs(5));
-        match self.directory.clone().get_agency(request).await {
+        match self.directory_now().get_agency(request).await {
             Ok(response) => {
                 let agency = response.into_inner().agency.unwrap_or_default();
                 Ok(AgencyHome {
@@ -99,10 +133,13 @@ impl Upstream {
             Err(status) if status.code() == Code::NotFound => {
                 Err(GatewayError::AgencyNotFound(agency_id.to_string()))
             }
-            Err(status) => Err(GatewayError::CoordinatorUnavailable {
-                agency_id: agency_id.to_string(),
-                source: Arc::new(status),
-            }),
+            Err(status) => {
+                self.next_coordinator();
+                Err(GatewayError::CoordinatorUnavailable {
+                    agency_id: agency_id.to_string(),
+                    source: Arc::new(status),
+                })
+            }
         }
     }
 
@@ -117,12 +154,6 @@ impl Upstream {
         message: Message,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Receipt, GatewayError> {
-        if gateways.is_empty() {
-            return Err(GatewayError::RegionUnreachable {
-                region: region.to_string(),
-                source: None,
-            });
-        }
         let batcher = {
             let mut batchers = self
                 .batchers
@@ -159,7 +190,9 @@ impl Upstream {
                 () = shutdown.cancelled() => return,
                 outcome = self.follow_topology(&topology, &mut backoff) => outcome,
             };
-            // Jittered, so that gateways do not all come back at once.
+            // The next replica, after a pause jittered so that gateways do
+            // not all come back at once.
+            self.next_coordinator();
             let wait = backoff.mul_f64(0.5 + fastrand::f64());
             tracing::warn!(error = %outcome, retry_in = ?wait, "topology stream lost, serving from the last topology");
             tokio::select! {
@@ -178,7 +211,7 @@ impl Upstream {
         backoff: &mut Duration,
     ) -> String {
         let resume = resume_from(&topology.borrow());
-        let mut stream = match self.directory.clone().watch_topology(resume).await {
+        let mut stream = match self.directory_now().watch_topology(resume).await {
             Ok(response) => response.into_inner(),
             Err(status) => return status.message().to_string(),
         };
@@ -221,10 +254,13 @@ impl Upstream {
                     ..gateway.clone()
                 }),
             };
-            let mut directory = self.directory.clone();
+            let mut directory = self.directory_now();
             async move {
-                let response = directory.report_gateway(request).await?;
-                Ok(response.into_inner().report_interval_ms)
+                let response = directory.report_gateway(request).await;
+                if response.is_err() {
+                    self.next_coordinator();
+                }
+                Ok(response?.into_inner().report_interval_ms)
             }
         };
         fedmesh_common::topology::report_periodically("gateway", report, shutdown).await;

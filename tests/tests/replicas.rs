@@ -155,3 +155,25 @@ async fn a_change_through_one_replica_reaches_the_watchers_of_another() {
     assert_eq!(on_second.code(), tonic::Code::NotFound);
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_gateway_moves_to_the_next_coordinator_when_one_does_not_answer() {
+    // Every gateway is given a coordinator that is not there first.
+    let mesh = fedmesh_tests::TestMesh::start_tuned(
+        fedmesh_tests::Backend::Sqlite,
+        Some(std::sync::Arc::new(
+            |config: &mut fedmesh_gateway::GatewayConfig| {
+                config.coordinator = format!("http://127.0.0.1:1,{}", config.coordinator);
+            },
+        )),
+    )
+    .await;
+    // The mesh started: the gateways found each other through the replica
+    // that answers. A registration reaches them, and a relayed send works.
+    mesh.register("sender", "east").await;
+    mesh.register("reader", "west").await;
+    mesh.gateway_knows("east", &["sender", "reader"]).await;
+    mesh.send("east", "sender", "reader", "through the second", None)
+        .await
+        .expect("a relayed send");
+}
