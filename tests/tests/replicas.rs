@@ -122,6 +122,22 @@ async fn a_change_through_one_replica_reaches_the_watchers_of_another() {
     })
     .await;
 
+    // And so is a notifier.
+    directory(&first, &Identity::Notifier)
+        .report_notifier(pb::ReportNotifierRequest {
+            notifier: Some(pb::Notifier {
+                notifier_id: "notifier-0".into(),
+                address: "http://127.0.0.1:2".into(),
+                last_seen: None,
+            }),
+        })
+        .await
+        .unwrap();
+    change_seen(&mut updates, "the notifier on the other replica", |change| {
+        matches!(change, pb::topology_change::Change::NotifierUpserted(notifier) if notifier.notifier_id == "notifier-0")
+    })
+    .await;
+
     // A grant through the second replica; a deregistration through the
     // first: both reach the second's watchers.
     directory(&second, &operator)

@@ -160,8 +160,11 @@ impl Directory {
         }
         let expiry = i64::try_from(gateway_expiry.as_micros()).unwrap_or(i64::MAX);
         let since = fedmesh_common::time::now_micros().saturating_sub(expiry);
-        let reported = self.store.gateway_instances(since).await?;
-        self.state().reconcile_gateways(reported);
+        let gateways = self.store.gateway_instances(since).await?;
+        let notifiers = self.store.notifier_instances(since).await?;
+        let mut state = self.state();
+        state.reconcile_gateways(gateways);
+        state.reconcile_notifiers(notifiers);
         Ok(())
     }
 

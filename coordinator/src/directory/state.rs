@@ -271,6 +271,31 @@ impl TopologyState {
         }
     }
 
+    /// Adds the notifiers that report to other replicas.
+    pub fn reconcile_notifiers(&mut self, reported: Vec<(String, String, i64)>) {
+        let now_micros = fedmesh_common::time::now_micros();
+        let now = Instant::now();
+        for (notifier_id, address, last_seen_micros) in reported {
+            let age =
+                Duration::from_micros(u64::try_from(now_micros - last_seen_micros).unwrap_or(0));
+            let last_seen = now.checked_sub(age).unwrap_or(now);
+            match self.notifiers.get_mut(&notifier_id) {
+                Some(known) if known.address == address => {
+                    if last_seen > known.last_seen {
+                        known.last_seen = last_seen;
+                        known.last_seen_micros = last_seen_micros;
+                    }
+                }
+                _ => self.report_notifier(NotifierRecord {
+                    notifier_id,
+                    address,
+                    last_seen_micros,
+                    last_seen,
+                }),
+            }
+        }
+    }
+
     /// Records the leader lease as last seen (for snapshots and status).
     pub fn set_leader(&mut self, leader: Option<Lease>) {
         self.leader = leader;

@@ -624,6 +624,19 @@ impl pb::directory_server::Directory for DirectoryService {
         validate::agency_id("notifier.notifier_id", &notifier.notifier_id)
             .map_err(DirectoryError::from)?;
         check_address("notifier.address", &notifier.address)?;
+        {
+            let directory = Arc::clone(&self.directory);
+            let (notifier_id, address) = (notifier.notifier_id.clone(), notifier.address.clone());
+            tokio::spawn(async move {
+                if let Err(error) = directory
+                    .store()
+                    .report_notifier_instance(&notifier_id, &address, now_micros())
+                    .await
+                {
+                    tracing::warn!(%notifier_id, %error, "cannot record the notifier's report");
+                }
+            });
+        }
         self.directory.state().report_notifier(NotifierRecord {
             notifier_id: notifier.notifier_id,
             address: notifier.address,

@@ -73,6 +73,47 @@ macro_rules! directory_store_impl {
             .collect()
     }
 
+    async fn report_notifier_instance(
+        &self,
+        notifier_id: &str,
+        address: &str,
+        last_seen_micros: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO notifier_instances (notifier_id, address, last_seen) \
+             VALUES ($1, $2, $3) ON CONFLICT (notifier_id) DO UPDATE SET \
+             address = excluded.address, last_seen = excluded.last_seen",
+        )
+        .bind(notifier_id)
+        .bind(address)
+        .bind(last_seen_micros)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn notifier_instances(
+        &self,
+        seen_since_micros: i64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT notifier_id, address, last_seen FROM notifier_instances \
+             WHERE last_seen >= $1 ORDER BY notifier_id",
+        )
+        .bind(seen_since_micros)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("notifier_id")?,
+                    row.try_get("address")?,
+                    row.try_get("last_seen")?,
+                ))
+            })
+            .collect()
+    }
+
     async fn insert_region(&self, name: &str, created_at_micros: i64) -> Result<(), StoreError> {
         let inserted = sqlx::query(
             "INSERT INTO regions (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
@@ -282,6 +323,19 @@ pub trait DirectoryStore: Send + Sync + 'static {
         &self,
         seen_since_micros: i64,
     ) -> Result<Vec<(String, String, String, i64)>, StoreError>;
+    /// Records that a notifier reported (to any replica).
+    async fn report_notifier_instance(
+        &self,
+        notifier_id: &str,
+        address: &str,
+        last_seen_micros: i64,
+    ) -> Result<(), StoreError>;
+    /// The notifiers that reported since `seen_since_micros`: id, address,
+    /// last report.
+    async fn notifier_instances(
+        &self,
+        seen_since_micros: i64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError>;
     /// Adds a region; [`StoreError::Conflict`] if it exists.
     async fn insert_region(&self, name: &str, created_at_micros: i64) -> Result<(), StoreError>;
     /// Removes a region and its shards; false if it did not exist.
