@@ -249,11 +249,12 @@ impl TopologyState {
                 Duration::from_micros(u64::try_from(now_micros - last_seen_micros).unwrap_or(0));
             let last_seen = now.checked_sub(age).unwrap_or(now);
             match self.gateways.get_mut(&gateway_id) {
+                // What this replica heard is as new: the row is older (a
+                // previous run's address, say).
+                Some(known) if last_seen_micros <= known.last_seen_micros => {}
                 Some(known) if known.address == address && known.region == region => {
-                    if last_seen > known.last_seen {
-                        known.last_seen = last_seen;
-                        known.last_seen_micros = last_seen_micros;
-                    }
+                    known.last_seen = last_seen.max(known.last_seen);
+                    known.last_seen_micros = last_seen_micros;
                 }
                 _ => {
                     self.report_gateway(GatewayRecord {
@@ -280,11 +281,10 @@ impl TopologyState {
                 Duration::from_micros(u64::try_from(now_micros - last_seen_micros).unwrap_or(0));
             let last_seen = now.checked_sub(age).unwrap_or(now);
             match self.notifiers.get_mut(&notifier_id) {
+                Some(known) if last_seen_micros <= known.last_seen_micros => {}
                 Some(known) if known.address == address => {
-                    if last_seen > known.last_seen {
-                        known.last_seen = last_seen;
-                        known.last_seen_micros = last_seen_micros;
-                    }
+                    known.last_seen = last_seen.max(known.last_seen);
+                    known.last_seen_micros = last_seen_micros;
                 }
                 _ => self.report_notifier(NotifierRecord {
                     notifier_id,
@@ -861,6 +861,37 @@ mod tests {
         );
         state.remove_shard("north-1");
         assert_eq!(state.pick_shard("north").as_deref(), Some("north-2"));
+    }
+
+    #[test]
+    fn a_gateway_row_older_than_what_this_replica_heard_changes_nothing() {
+        let mut state = state();
+        let now = fedmesh_common::time::now_micros();
+        state.report_gateway(GatewayRecord {
+            address: "http://127.0.0.1:2".into(),
+            last_seen_micros: now,
+            ..gateway("east-0", Instant::now())
+        });
+        let row = |address: &str, at: i64| {
+            (
+                "east-0".to_string(),
+                "east".to_string(),
+                address.to_string(),
+                at,
+            )
+        };
+        state.reconcile_gateways(vec![row("http://127.0.0.1:1", now - 1_000_000)]);
+        assert_eq!(
+            state.gateway_addresses("east"),
+            ["http://127.0.0.1:2"],
+            "a stale row"
+        );
+        state.reconcile_gateways(vec![row("http://127.0.0.1:3", now + 1_000)]);
+        assert_eq!(
+            state.gateway_addresses("east"),
+            ["http://127.0.0.1:3"],
+            "a newer report elsewhere"
+        );
     }
 
     #[test]
