@@ -41,8 +41,14 @@ use crate::events::{
 use crate::store::redact_url;
 
 /// How long connecting to the broker, or its confirms of one publish, may
-/// take before the attempt counts as failed.
-const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// take before the attempt counts as failed (and is made again on a new
+/// connection): a broker answers in milliseconds, and a connection that
+/// died without a word must not hold events back for long.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one operation on the queues of durable subscriptions may take
+/// (declaring a quorum queue waits for its replicas).
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a role's events go: settings every role has, under `[events]` in
 /// its config file.
@@ -632,7 +638,7 @@ impl AmqpQueues {
             exchange: exchange.to_string(),
             name: name.to_string(),
             connection: tokio::sync::Mutex::new(None),
-            timeout: BROKER_TIMEOUT,
+            timeout: QUEUE_TIMEOUT,
         }
     }
 
