@@ -539,6 +539,11 @@ impl Guard {
         }
     }
 
+    /// The deny list, if one is configured.
+    pub fn deny_list(&self) -> Option<&Arc<DenyList>> {
+        self.deny_list.as_ref()
+    }
+
     /// Records refusals in `audit`'s sink, in `chain`.
     pub fn auditing(mut self, audit: AuditSlot, chain: String) -> Self {
         self.audit = audit;

@@ -356,7 +356,12 @@ impl Security {
         address: &str,
         server: ExpectedServer,
     ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-        lazy_channel_with(address, self.tls.clone(), server)
+        lazy_channel_checked(
+            address,
+            self.tls.clone(),
+            server,
+            self.guard.deny_list().cloned(),
+        )
     }
 
     /// What to attach to calls so the peer knows who calls: the identity
@@ -425,6 +430,17 @@ pub fn lazy_channel_with(
     tls: Option<Arc<MeshTls>>,
     server: ExpectedServer,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    lazy_channel_checked(address, tls, server, None)
+}
+
+/// As [`lazy_channel_with`], refusing also a server whose identity or
+/// certificate `deny_list` names (a stolen server key).
+pub fn lazy_channel_checked(
+    address: &str,
+    tls: Option<Arc<MeshTls>>,
+    server: ExpectedServer,
+    deny_list: Option<Arc<DenyList>>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5));
@@ -432,6 +448,7 @@ pub fn lazy_channel_with(
         Some(tls) => endpoint.connect_with_connector_lazy(TlsConnector {
             config: ClientConfigSource::Mesh(tls),
             server,
+            deny_list,
         }),
         None => endpoint.connect_lazy(),
     })
@@ -449,6 +466,7 @@ pub fn lazy_channel_with_config(
             .connect_with_connector_lazy(TlsConnector {
                 config: ClientConfigSource::Fixed(config),
                 server: ExpectedServer::Any,
+                deny_list: None,
             }),
     )
 }
@@ -467,6 +485,7 @@ enum ClientConfigSource {
 struct TlsConnector {
     config: ClientConfigSource,
     server: ExpectedServer,
+    deny_list: Option<Arc<DenyList>>,
 }
 
 impl tower::Service<http::Uri> for TlsConnector {
@@ -486,6 +505,7 @@ impl tower::Service<http::Uri> for TlsConnector {
             ClientConfigSource::Fixed(config) => (Arc::clone(config), None),
         };
         let server = self.server.clone();
+        let deny_list = self.deny_list.clone();
         Box::pin(async move {
             let invalid =
                 |problem: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, problem);
@@ -512,6 +532,16 @@ impl tower::Service<http::Uri> for TlsConnector {
                     .and_then(|chain| chain.first())
                     .map(|leaf| certificate_identity(leaf, &trust_domain));
                 match found {
+                    Some(Ok(peer))
+                        if deny_list.as_ref().is_some_and(|list| {
+                            list.denies(&peer.identity, Some(&peer.serial))
+                        }) =>
+                    {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!("the server at {uri} is {}, which is revoked", peer.identity),
+                        ));
+                    }
                     Some(Ok(peer)) if server.admits(&peer.identity) => {}
                     Some(Ok(peer)) => {
                         return Err(std::io::Error::new(

@@ -95,6 +95,28 @@ async fn a_client_talks_only_to_the_server_it_expects() {
         chain.contains("is gateway/east, not coordinator"),
         "{chain}"
     );
+    // A server whose identity is revoked is refused too.
+    let folder = tempfile::tempdir().unwrap();
+    let deny = folder.path().join("deny");
+    std::fs::write(&deny, "gateway/east\n").unwrap();
+    let deny_list = fedmesh_common::auth::DenyList::load(deny).unwrap();
+    let mut revoked = tonic_health::pb::health_client::HealthClient::new(
+        fedmesh_common::server::lazy_channel_checked(
+            &mesh.gateway_url("east"),
+            tls.clone(),
+            fedmesh_common::tls::ExpectedServer::Is(Identity::Gateway("east".into())),
+            Some(deny_list),
+        )
+        .unwrap(),
+    );
+    let refused = revoked
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:?}").contains("which is revoked"),
+        "{refused:?}"
+    );
     // The same address as a gateway's is fine.
     let mut health = tonic_health::pb::health_client::HealthClient::new(expecting(
         fedmesh_common::tls::ExpectedServer::Is(Identity::Gateway("east".into())),
