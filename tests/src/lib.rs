@@ -484,6 +484,29 @@ impl Drop for TestMesh {
     }
 }
 
+/// A message from `sender` to `recipient` of `kind`, as a gateway of
+/// `origin` relays it.
+pub fn forward_request(
+    sender: &str,
+    recipient: &str,
+    kind: &str,
+    origin: &str,
+) -> pb::ForwardRequest {
+    pb::ForwardRequest {
+        message: Some(pb::Message {
+            message_id: uuid::Uuid::now_v7().to_string(),
+            sender_id: sender.into(),
+            recipient_id: recipient.into(),
+            kind: kind.into(),
+            payload: b"relayed".to_vec(),
+            accepted_at: Some(prost_types::Timestamp::default()),
+            origin_region: origin.into(),
+            ..Default::default()
+        }),
+        idempotency_key: None,
+    }
+}
+
 /// A `Send` request with kind `test.note`.
 pub fn send_request(
     sender_id: &str,

@@ -6,7 +6,7 @@ use clap::{CommandFactory as _, FromArgMatches as _};
 use fedmesh_common::identity::Identity;
 use fedmesh_common::topology::AccessPolicy;
 use fedmesh_proto::pb;
-use fedmesh_tests::{Backend, TestMesh, send_request, within};
+use fedmesh_tests::{Backend, TestMesh, forward_request, send_request, within};
 use tonic::Code;
 
 async fn fedmesh(mesh: &TestMesh, args: &[&str]) -> anyhow::Result<String> {
@@ -107,19 +107,12 @@ async fn under_a_closed_policy_only_granted_sends_are_stored() {
     let mut relay = pb::relay_client::RelayClient::with_interceptor(channel, attach);
     let results = relay
         .forward_batch(pb::ForwardBatchRequest {
-            messages: vec![pb::ForwardRequest {
-                message: Some(pb::Message {
-                    message_id: uuid::Uuid::now_v7().to_string(),
-                    sender_id: "tax-office".into(),
-                    recipient_id: "land-registry".into(),
-                    kind: "deed.scan".into(),
-                    payload: b"not granted".to_vec(),
-                    accepted_at: Some(prost_types::Timestamp::default()),
-                    origin_region: "east".into(),
-                    ..Default::default()
-                }),
-                idempotency_key: None,
-            }],
+            messages: vec![forward_request(
+                "tax-office",
+                "land-registry",
+                "deed.scan",
+                "east",
+            )],
         })
         .await
         .unwrap()

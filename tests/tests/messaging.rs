@@ -409,18 +409,8 @@ async fn the_coordinator_relays_for_a_gateway_only_what_its_region_accepted() {
         &fedmesh_common::identity::Identity::Gateway("east".into()),
     );
     let mut relay = pb::relay_client::RelayClient::with_interceptor(channel, attach);
-    let forward = |origin: &str, recipient: &str| pb::ForwardRequest {
-        message: Some(pb::Message {
-            message_id: uuid::Uuid::now_v7().to_string(),
-            sender_id: "sender".into(),
-            recipient_id: recipient.into(),
-            kind: "test.note".into(),
-            payload: b"through the coordinator".to_vec(),
-            accepted_at: Some(prost_types::Timestamp::default()),
-            origin_region: origin.into(),
-            ..Default::default()
-        }),
-        idempotency_key: None,
+    let forward = |origin: &str, recipient: &str| {
+        fedmesh_tests::forward_request("sender", recipient, "test.note", origin)
     };
     let results = relay
         .forward_batch(pb::ForwardBatchRequest {

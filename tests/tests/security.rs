@@ -11,7 +11,7 @@ use fedmesh_common::auth::{METHODS, Role, allowed};
 use fedmesh_common::identity::Identity;
 use fedmesh_common::tls::{CA_CERT, CertificateFiles, MeshTls, TlsSettings, read_certificates};
 use fedmesh_proto::pb;
-use fedmesh_tests::{Backend, TestMesh, send_request, within};
+use fedmesh_tests::{Backend, TestMesh, forward_request, send_request, within};
 use prost::Message as _;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -560,19 +560,12 @@ async fn an_agency_acts_only_as_itself_and_a_gateway_relays_only_for_its_region(
     );
     let results = relay
         .forward_batch(pb::ForwardBatchRequest {
-            messages: vec![pb::ForwardRequest {
-                message: Some(pb::Message {
-                    message_id: uuid::Uuid::now_v7().to_string(),
-                    sender_id: "tax-office".into(),
-                    recipient_id: "city-hall".into(),
-                    kind: "tax.notice".into(),
-                    payload: b"relayed as someone else".to_vec(),
-                    accepted_at: Some(prost_types::Timestamp::default()),
-                    origin_region: "west".into(),
-                    ..Default::default()
-                }),
-                idempotency_key: None,
-            }],
+            messages: vec![forward_request(
+                "tax-office",
+                "city-hall",
+                "tax.notice",
+                "west",
+            )],
         })
         .await
         .unwrap()

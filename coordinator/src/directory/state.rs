@@ -242,12 +242,8 @@ impl TopologyState {
     /// Adds the gateways that reported to other replicas, as of when they
     /// last reported there.
     pub fn reconcile_gateways(&mut self, reported: Vec<(String, String, String, i64)>) {
-        let now_micros = fedmesh_common::time::now_micros();
-        let now = Instant::now();
         for (gateway_id, region, address, last_seen_micros) in reported {
-            let age =
-                Duration::from_micros(u64::try_from(now_micros - last_seen_micros).unwrap_or(0));
-            let last_seen = now.checked_sub(age).unwrap_or(now);
+            let last_seen = instant_of(last_seen_micros);
             match self.gateways.get_mut(&gateway_id) {
                 // What this replica heard is as new: the row is older (a
                 // previous run's address, say).
@@ -274,12 +270,8 @@ impl TopologyState {
 
     /// Adds the notifiers that report to other replicas.
     pub fn reconcile_notifiers(&mut self, reported: Vec<(String, String, i64)>) {
-        let now_micros = fedmesh_common::time::now_micros();
-        let now = Instant::now();
         for (notifier_id, address, last_seen_micros) in reported {
-            let age =
-                Duration::from_micros(u64::try_from(now_micros - last_seen_micros).unwrap_or(0));
-            let last_seen = now.checked_sub(age).unwrap_or(now);
+            let last_seen = instant_of(last_seen_micros);
             match self.notifiers.get_mut(&notifier_id) {
                 Some(known) if last_seen_micros <= known.last_seen_micros => {}
                 Some(known) if known.address == address => {
@@ -649,6 +641,15 @@ impl TopologyState {
         // No watcher is not an error.
         let _ = self.changes.send(update);
     }
+}
+
+/// The instant of a time stored in microseconds since the epoch (an
+/// instance's last report, heard by another replica).
+fn instant_of(micros: i64) -> Instant {
+    let now = Instant::now();
+    let age = fedmesh_common::time::now_micros().saturating_sub(micros);
+    now.checked_sub(Duration::from_micros(u64::try_from(age).unwrap_or(0)))
+        .unwrap_or(now)
 }
 
 /// The wire form of a region.

@@ -6,12 +6,166 @@
 
 /// The methods of [`DirectoryStore`] whose SQL is the same on both
 /// backends (`$N` parameters, which SQLite reads as named parameters in
-/// order of first use), written once for both.
+/// order of first use), written once for both. Each store has what
+/// differs: `begin_write` (a transaction that writes), `FOR_UPDATE` and
+/// `FOR_SHARE` (row locks where the backend has them), `lock_chain` (one
+/// appender per audit chain) and `write_event` (an outbox row).
 macro_rules! directory_store_impl {
     ($store:ty { $($own:tt)* }) => {
         #[async_trait::async_trait]
         impl $crate::store::DirectoryStore for $store {
             $($own)*
+    async fn delete_region(&self, name: &str) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        sqlx::query("DELETE FROM shards WHERE region = $1")
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM regions WHERE name = $1")
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_micros: i64,
+        duration_micros: i64,
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        {
+            // A first lease is created by one replica only; the row is then
+            // locked by whoever reads it (FOR UPDATE where there is one).
+            sqlx::query(
+                "INSERT INTO leases (name, holder, token, acquired_at, expires_at) \
+                 VALUES ($1, '', 0, 0, 0) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        let current = sqlx::query(&format!(
+            "SELECT holder, token, acquired_at, expires_at FROM leases WHERE name = $1{}",
+            Self::FOR_UPDATE
+        ))
+        .bind(name)
+        .fetch_optional(&mut *transaction)
+        .await?
+        .map(|row| $crate::store::lease_from_row(&row))
+        .transpose()?
+        .filter(|lease| lease.token > 0);
+        let Some(next) = $crate::store::next_lease(current, holder, now_micros, duration_micros) else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "INSERT INTO leases (name, holder, token, acquired_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, token = excluded.token, \
+             acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
+        )
+        .bind(name)
+        .bind(&next.holder)
+        .bind(next.token)
+        .bind(next.acquired_at_micros)
+        .bind(next.expires_at_micros)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(Some(next))
+    }
+
+    async fn set_gateway_state(
+        &self,
+        token: i64,
+        gateway_id: &str,
+        region: &str,
+        up: bool,
+        event: Option<Event>,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let current: Option<i64> =
+            sqlx::query_scalar(&format!(
+                "SELECT token FROM leases WHERE name = $1{}",
+                Self::FOR_SHARE
+            ))
+                .bind(crate::lease::LEADER)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        if current != Some(token) {
+            return Err(StoreError::Fenced { token, current });
+        }
+        // Only a change is recorded: a gateway's first report is no "up".
+        let was_up: Option<bool> =
+            sqlx::query_scalar("SELECT up FROM gateway_states WHERE gateway_id = $1")
+                .bind(gateway_id)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        if was_up.unwrap_or(true) == up {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO gateway_states (gateway_id, region, up, changed_at, token) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (gateway_id) DO UPDATE SET region = excluded.region, up = excluded.up, \
+             changed_at = excluded.changed_at, token = excluded.token",
+        )
+        .bind(gateway_id)
+        .bind(region)
+        .bind(up)
+        .bind(fedmesh_common::time::now_micros())
+        .bind(token)
+        .execute(&mut *transaction)
+        .await?;
+        if let Some(event) = event {
+            Self::write_event(&mut transaction, &event).await?;
+        }
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    async fn append_audit(
+        &self,
+        record: &AuditRecord,
+        at_micros: i64,
+    ) -> Result<AuditEntry, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        Self::lock_chain(&mut transaction, &record.chain).await?;
+        let last = sqlx::query(
+            "SELECT seq, hash FROM audit_log WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(&record.chain)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let (seq, prev_hash) = match last {
+            Some(row) => (row.try_get::<i64, _>("seq")? + 1, row.try_get("hash")?),
+            None => (1, fedmesh_common::audit::GENESIS.to_string()),
+        };
+        let entry = AuditEntry::chain(record.clone(), seq, at_micros, prev_hash);
+        sqlx::query(
+            "INSERT INTO audit_log \
+             (chain, seq, at, actor, action, target, outcome, detail, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&entry.record.chain)
+        .bind(entry.seq)
+        .bind(entry.at_micros)
+        .bind(&entry.record.actor)
+        .bind(&entry.record.action)
+        .bind(&entry.record.target)
+        .bind(&entry.record.outcome)
+        .bind(&entry.record.detail)
+        .bind(&entry.prev_hash)
+        .bind(&entry.hash)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(entry)
+    }
+
     async fn bump_directory_version(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(
             "UPDATE directory_version SET version = version + 1 WHERE id = 1 RETURNING version",

@@ -23,6 +23,31 @@ pub struct SqliteDirectoryStore {
 }
 
 impl SqliteDirectoryStore {
+    // SQLite has no row locks: a write transaction (BEGIN IMMEDIATE) holds
+    // the whole database.
+    const FOR_UPDATE: &str = "";
+    const FOR_SHARE: &str = "";
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, StoreError> {
+        Ok(begin_write(&self.pool).await?)
+    }
+
+    /// Appends to an audit chain one transaction at a time: the write
+    /// transaction does it already.
+    async fn lock_chain(
+        _transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        _chain: &str,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn write_event(
+        transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        event: &Event,
+    ) -> Result<(), StoreError> {
+        Ok(insert_event(transaction, event).await?)
+    }
+
     /// Opens (creating if missing) the database at `url` and applies migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let pool = open_pool(url, 4).await?;
@@ -135,139 +160,6 @@ directory_store_impl!(SqliteDirectoryStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(super::subscription_from_row).collect()
-    }
-
-    async fn delete_region(&self, name: &str) -> Result<bool, StoreError> {
-        let mut transaction = begin_write(&self.pool).await?;
-        sqlx::query("DELETE FROM shards WHERE region = ?")
-            .bind(name)
-            .execute(&mut *transaction)
-            .await?;
-        let deleted = sqlx::query("DELETE FROM regions WHERE name = ?")
-            .bind(name)
-            .execute(&mut *transaction)
-            .await?;
-        transaction.commit().await?;
-        Ok(deleted.rows_affected() > 0)
-    }
-
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        now_micros: i64,
-        duration_micros: i64,
-    ) -> Result<Option<Lease>, StoreError> {
-        let mut transaction = begin_write(&self.pool).await?;
-        let current =
-            sqlx::query("SELECT holder, token, acquired_at, expires_at FROM leases WHERE name = ?")
-                .bind(name)
-                .fetch_optional(&mut *transaction)
-                .await?
-                .map(|row| super::lease_from_row(&row))
-                .transpose()?
-                .filter(|lease| lease.token > 0);
-        let Some(next) = super::next_lease(current, holder, now_micros, duration_micros) else {
-            return Ok(None);
-        };
-        sqlx::query(
-            "INSERT INTO leases (name, holder, token, acquired_at, expires_at) \
-             VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, token = excluded.token, \
-             acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
-        )
-        .bind(name)
-        .bind(&next.holder)
-        .bind(next.token)
-        .bind(next.acquired_at_micros)
-        .bind(next.expires_at_micros)
-        .execute(&mut *transaction)
-        .await?;
-        transaction.commit().await?;
-        Ok(Some(next))
-    }
-
-    async fn set_gateway_state(
-        &self,
-        token: i64,
-        gateway_id: &str,
-        region: &str,
-        up: bool,
-        event: Option<Event>,
-    ) -> Result<bool, StoreError> {
-        let mut transaction = begin_write(&self.pool).await?;
-        let current: Option<i64> = sqlx::query_scalar("SELECT token FROM leases WHERE name = ?")
-            .bind(crate::lease::LEADER)
-            .fetch_optional(&mut *transaction)
-            .await?;
-        if current != Some(token) {
-            return Err(StoreError::Fenced { token, current });
-        }
-        // Only a change is recorded: a gateway's first report is no "up".
-        let was_up: Option<bool> =
-            sqlx::query_scalar("SELECT up FROM gateway_states WHERE gateway_id = ?")
-                .bind(gateway_id)
-                .fetch_optional(&mut *transaction)
-                .await?;
-        if was_up.unwrap_or(true) == up {
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO gateway_states (gateway_id, region, up, changed_at, token) \
-             VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (gateway_id) DO UPDATE SET region = excluded.region, up = excluded.up, \
-             changed_at = excluded.changed_at, token = excluded.token",
-        )
-        .bind(gateway_id)
-        .bind(region)
-        .bind(up)
-        .bind(fedmesh_common::time::now_micros())
-        .bind(token)
-        .execute(&mut *transaction)
-        .await?;
-        if let Some(event) = event {
-            insert_event(&mut transaction, &event).await?;
-        }
-        transaction.commit().await?;
-        Ok(true)
-    }
-
-    async fn append_audit(
-        &self,
-        record: &AuditRecord,
-        at_micros: i64,
-    ) -> Result<AuditEntry, StoreError> {
-        let mut transaction = begin_write(&self.pool).await?;
-        let last = sqlx::query(
-            "SELECT seq, hash FROM audit_log WHERE chain = ? ORDER BY seq DESC LIMIT 1",
-        )
-        .bind(&record.chain)
-        .fetch_optional(&mut *transaction)
-        .await?;
-        let (seq, prev_hash) = match last {
-            Some(row) => (row.try_get::<i64, _>("seq")? + 1, row.try_get("hash")?),
-            None => (1, fedmesh_common::audit::GENESIS.to_string()),
-        };
-        let entry = AuditEntry::chain(record.clone(), seq, at_micros, prev_hash);
-        sqlx::query(
-            "INSERT INTO audit_log \
-             (chain, seq, at, actor, action, target, outcome, detail, prev_hash, hash) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&entry.record.chain)
-        .bind(entry.seq)
-        .bind(entry.at_micros)
-        .bind(&entry.record.actor)
-        .bind(&entry.record.action)
-        .bind(&entry.record.target)
-        .bind(&entry.record.outcome)
-        .bind(&entry.record.detail)
-        .bind(&entry.prev_hash)
-        .bind(&entry.hash)
-        .execute(&mut *transaction)
-        .await?;
-        transaction.commit().await?;
-        Ok(entry)
     }
 
     fn outbox(&self) -> Arc<dyn Outbox> {
