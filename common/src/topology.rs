@@ -41,6 +41,9 @@ pub struct Topology {
     pub notifiers: BTreeMap<String, String>,
     /// Grant id to the access grant.
     pub grants: BTreeMap<String, pb::AccessGrant>,
+    /// Recipient to the ids of its grants: a send looks at its recipient's
+    /// grants only.
+    grants_to: HashMap<String, Vec<String>>,
     /// The coordinator run the versions belong to (from the last snapshot).
     pub epoch: String,
     /// Snapshots applied so far (a resumed stream adds none).
@@ -100,7 +103,7 @@ impl Topology {
                 .insert(notifier.notifier_id, notifier.address);
         }
         for grant in snapshot.grants {
-            topology.grants.insert(grant.grant_id.clone(), grant);
+            topology.add_grant(grant);
         }
         topology
     }
@@ -124,10 +127,10 @@ impl Topology {
                 self.notifiers.remove(&notifier_id);
             }
             Some(Change::GrantAdded(grant)) => {
-                self.grants.insert(grant.grant_id.clone(), grant);
+                self.add_grant(grant);
             }
             Some(Change::GrantRemoved(grant_id)) => {
-                self.grants.remove(&grant_id);
+                self.remove_grant(&grant_id);
             }
             Some(Change::RegionUpserted(region)) => {
                 self.regions.insert(region.name, region.shards);
@@ -160,14 +163,42 @@ impl Topology {
         );
     }
 
+    fn add_grant(&mut self, grant: pb::AccessGrant) {
+        self.remove_grant(&grant.grant_id);
+        self.grants_to
+            .entry(grant.recipient_id.clone())
+            .or_default()
+            .push(grant.grant_id.clone());
+        self.grants.insert(grant.grant_id.clone(), grant);
+    }
+
+    fn remove_grant(&mut self, grant_id: &str) {
+        if let Some(removed) = self.grants.remove(grant_id) {
+            self.unindex(&removed);
+        }
+    }
+
+    fn unindex(&mut self, grant: &pb::AccessGrant) {
+        if let Some(ids) = self.grants_to.get_mut(&grant.recipient_id) {
+            ids.retain(|id| *id != grant.grant_id);
+            if ids.is_empty() {
+                self.grants_to.remove(&grant.recipient_id);
+            }
+        }
+    }
+
     /// Whether a grant allows `sender` to send `recipient` a message of
     /// `kind`.
     pub fn grants_access(&self, sender: &str, recipient: &str, kind: &str) -> bool {
-        self.grants.values().any(|grant| {
-            grant.recipient_id == recipient
-                && (grant.sender_id.is_empty() || grant.sender_id == sender)
-                && (grant.kinds.is_empty() || grant.kinds.iter().any(|allowed| allowed == kind))
-        })
+        let Some(ids) = self.grants_to.get(recipient) else {
+            return false;
+        };
+        ids.iter()
+            .filter_map(|id| self.grants.get(id))
+            .any(|grant| {
+                (grant.sender_id.is_empty() || grant.sender_id == sender)
+                    && (grant.kinds.is_empty() || grant.kinds.iter().any(|allowed| allowed == kind))
+            })
     }
 
     /// Addresses of the gateways serving `region`, in gateway id order.

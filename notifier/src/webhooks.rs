@@ -29,7 +29,6 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -233,17 +232,9 @@ impl Webhooks {
     }
 }
 
-/// The certificates of the PEM file `path`: at least one.
+/// The certificates of a PEM file (at least one), or what is wrong with it.
 fn ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem =
-        std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| format!("{} is not PEM certificates: {error}", path.display()))?;
-    if certificates.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
-    Ok(certificates)
+    fedmesh_common::tls::read_certificates(path).map_err(|error| error.to_string())
 }
 
 /// An HTTP/1.1 client for https:// (Mozilla's roots and those of
