@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "fedmesh/v1/relay.proto",
     "fedmesh/v1/directory.proto",
     "fedmesh/v1/notifications.proto",
+    "fedmesh/v1/moves.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -91,6 +91,15 @@ pub enum AgencyCommand {
         #[command(flatten)]
         gateway: GatewayOverride,
     },
+    /// Move an agency to another shard or region while it keeps sending
+    /// and receiving: its unacknowledged messages, sequences and
+    /// idempotency keys move with it; its Receive streams end and it
+    /// reconnects (to the new region's gateway after a move between
+    /// regions). A move can be cancelled until its cut-over.
+    #[command(
+        after_help = "Examples:\n  fedmesh agency move tax-office --shard east-2 --wait\n  fedmesh agency move tax-office --region west\n  fedmesh agency move tax-office --show MOVE_ID\n  fedmesh agency move tax-office --cancel MOVE_ID"
+    )]
+    Move(crate::moves::MoveArgs),
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +333,7 @@ pub async fn agency(args: AgencyArgs, out: &mut (dyn Write + Send)) -> anyhow::R
                 .map_err(|status| rpc_error(status, &format!("cannot deregister {id:?}")))?;
             writeln!(out, "deregistered {id}")?;
         }
+        AgencyCommand::Move(args) => crate::moves::run(args, &mut directory, out).await?,
     }
     Ok(())
 }

@@ -31,6 +31,13 @@ use tokio_util::sync::CancellationToken;
 
 /// The regions of the dev mesh, in port order.
 pub const DEV_REGIONS: [&str; 3] = ["east", "west", "central"];
+/// The shards of `region` in a dev mesh of `count` shards per region.
+pub fn shard_names(region: &str, count: usize) -> Vec<String> {
+    (1..=count.max(1))
+        .map(|n| format!("{region}-{n}"))
+        .collect()
+}
+
 /// The coordinator's port; the gateways and the notifier take the next ones.
 pub const DEFAULT_BASE_PORT: u16 = 50051;
 
@@ -43,9 +50,12 @@ pub struct DevOptions {
     /// central), the notifier the one after. `None` binds every component to
     /// an ephemeral port (tests).
     pub base_port: Option<u16>,
-    /// Database URLs of shards (`east-1`, `west-1`, `central-1`) that are
-    /// not to be SQLite files in `data_dir`, e.g. PostgreSQL databases.
+    /// Database URLs of shards (`east-1`, `west-1`, `central-1`, ...) that
+    /// are not to be SQLite files in `data_dir`, e.g. PostgreSQL databases.
     pub shard_urls: std::collections::HashMap<String, String>,
+    /// Shards of each region (`east-1`, `east-2`, ...), all served by the
+    /// region's gateway; agencies are placed on the emptiest.
+    pub shards_per_region: usize,
     /// Changes to every gateway's settings (tests tune limits with it).
     pub tune_gateway: Option<TuneGateway>,
     /// The event bus: with a broker URL, RabbitMQ; without, in process.
@@ -136,6 +146,7 @@ impl std::fmt::Debug for DevOptions {
             .field("data_dir", &self.data_dir)
             .field("base_port", &self.base_port)
             .field("shard_urls", &self.shard_urls)
+            .field("shards_per_region", &self.shards_per_region)
             .field("tune_gateway", &self.tune_gateway.is_some())
             .field("events", &self.events.redacted())
             .field("subscriber_buffer", &self.subscriber_buffer)
@@ -220,7 +231,7 @@ impl DevBus {
 struct GatewayStart {
     gateway_id: String,
     region: String,
-    shard: ShardConfig,
+    shards: Vec<ShardConfig>,
     coordinator_url: String,
     tune: Option<TuneGateway>,
     security: DevSecurity,
@@ -238,7 +249,7 @@ async fn spawn_gateway(
     let mut config = GatewayConfig::new(
         gateway.gateway_id.clone(),
         gateway.region,
-        vec![gateway.shard],
+        gateway.shards,
         gateway.coordinator_url,
     );
     (config.tls, config.dev_identity) = gateway
@@ -357,7 +368,7 @@ impl DevMesh {
             .iter()
             .map(|region| RegionConfig {
                 name: region.to_string(),
-                shards: vec![format!("{region}-1")],
+                shards: shard_names(region, options.shards_per_region),
             })
             .collect();
         let mut coordinator =
@@ -392,16 +403,21 @@ impl DevMesh {
         let mut topologies: Vec<watch::Receiver<Arc<Topology>>> = Vec::new();
         let mut open_streams = Vec::new();
         for (region, listener) in gateway_listeners {
-            let shard = format!("{region}-1");
-            let shard_url = options
-                .shard_urls
-                .get(&shard)
-                .cloned()
-                .unwrap_or_else(|| sqlite_url(&options.data_dir, &shard));
+            let shards = shard_names(region, options.shards_per_region)
+                .into_iter()
+                .map(|shard| {
+                    let url = options
+                        .shard_urls
+                        .get(&shard)
+                        .cloned()
+                        .unwrap_or_else(|| sqlite_url(&options.data_dir, &shard));
+                    ShardConfig::new(shard, url)
+                })
+                .collect();
             let gateway = GatewayStart {
                 gateway_id: format!("{region}-0"),
                 region: region.to_string(),
-                shard: ShardConfig::new(shard, shard_url),
+                shards,
                 coordinator_url: coordinator_url.clone(),
                 tune: options.tune_gateway.clone(),
                 security: security.clone(),
@@ -498,7 +514,7 @@ impl DevMesh {
         let gateway = GatewayStart {
             gateway_id: gateway_id.to_string(),
             region: region.to_string(),
-            shard,
+            shards: vec![shard],
             coordinator_url: self.coordinator_url.clone(),
             tune: self.tune_gateway.clone(),
             security: self.security.clone(),

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod dev;
 pub mod fanout;
 pub mod governance;
+pub mod moves;
 pub mod regions;
 pub mod serve;
 pub mod signal;

@@ -37,9 +37,15 @@ pub struct DevArgs {
     pub data_dir: PathBuf,
     /// Keep a shard in another database instead of a SQLite file, e.g.
     /// `--shard west-1=postgres://postgres@127.0.0.1/fedmesh_west_1`;
-    /// repeatable. Shards are east-1, west-1 and central-1.
+    /// repeatable. Shards are east-1, west-1 and central-1 (and east-2...
+    /// with --shards-per-region).
     #[arg(long = "shard", value_name = "NAME=URL")]
     pub shards: Vec<fedmesh_gateway::ShardConfig>,
+    /// Shards of each region (east-1, east-2, ...), all served by the
+    /// region's gateway: agencies can then be moved between shards
+    /// (`fedmesh agency move ID --shard east-2`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub shards_per_region: u16,
     /// Run every component over mutual TLS, with certificates from
     /// DATA_DIR/certs (a development CA and certificates are made there
     /// when missing); client commands then need --certs DATA_DIR/certs.
@@ -268,6 +274,7 @@ pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<
         data_dir: args.data_dir.clone(),
         base_port: (args.base_port != 0).then_some(args.base_port),
         shard_urls,
+        shards_per_region: usize::from(args.shards_per_region),
         tune_gateway: None,
         events: args.events.clone(),
         subscriber_buffer: NotifierConfig::default().subscriber_buffer,

@@ -148,6 +148,12 @@ pub const METHODS: &[(&str, &[Role])] = &[
     ("/fedmesh.v1.Directory/ListAccess", &[Operator]),
     ("/fedmesh.v1.Directory/ListAudit", &[Operator]),
     ("/fedmesh.v1.Directory/RecordAudit", &[Gateway, Notifier]),
+    ("/fedmesh.v1.Directory/MoveAgency", &[Operator]),
+    ("/fedmesh.v1.Directory/GetMove", &[Operator]),
+    ("/fedmesh.v1.Directory/CancelMove", &[Operator]),
+    ("/fedmesh.v1.Moves/TransferAgency", &[Coordinator]),
+    ("/fedmesh.v1.Moves/ImportAgency", &[Gateway]),
+    ("/fedmesh.v1.Moves/ReleaseAgency", &[Coordinator]),
     ("/fedmesh.v1.Notifications/Subscribe", &[Agency, Operator]),
     ("/fedmesh.v1.Notifications/Consume", &[Agency, Operator]),
 ];

@@ -43,15 +43,19 @@ pub const MESSAGE_DELIVERED: &str = "message.delivered";
 pub const GATEWAY_DOWN: &str = "gateway.down";
 /// `gateway.up`: a gateway marked down reports again.
 pub const GATEWAY_UP: &str = "gateway.up";
+/// `agency.moved`: an agency's move cut over; the event's region is its new
+/// home region.
+pub const AGENCY_MOVED: &str = "agency.moved";
 
 /// Every kind of event the mesh reports.
-pub const EVENT_KINDS: [&str; 6] = [
+pub const EVENT_KINDS: [&str; 7] = [
     AGENCY_REGISTERED,
     AGENCY_DEREGISTERED,
     MESSAGE_ACCEPTED,
     MESSAGE_DELIVERED,
     GATEWAY_DOWN,
     GATEWAY_UP,
+    AGENCY_MOVED,
 ];
 
 /// The topic patterns that select, on the event exchange, the events of

@@ -15,6 +15,9 @@ pub struct AgencyHome {
     pub region: String,
     /// Shard of the home region that holds its inbox.
     pub shard: String,
+    /// A move of it is under way: writes to and from it wait for its new
+    /// home.
+    pub moving: bool,
 }
 
 /// A gateway others can reach.
@@ -149,6 +152,7 @@ impl Topology {
             AgencyHome {
                 region: agency.region,
                 shard: agency.shard,
+                moving: agency.moving,
             },
         );
     }

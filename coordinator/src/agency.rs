@@ -14,4 +14,6 @@ pub struct AgencyRecord {
     pub display_name: String,
     /// When it was registered, microseconds since the epoch.
     pub registered_at_micros: i64,
+    /// A move of it is under way: gateways hold writes to and from it.
+    pub moving: bool,
 }

@@ -77,6 +77,12 @@ pub enum DirectoryError {
     /// The coordinator is stopping.
     #[error("coordinator shutting down; reconnect (to another coordinator, if there is one)")]
     ShuttingDown,
+    /// No move has the id.
+    #[error("no move has id {0:?}")]
+    MoveNotFound(String),
+    /// The move cannot be made or changed as asked.
+    #[error("{0}")]
+    CannotMove(String),
     /// The control database failed.
     #[error("control database: {0}")]
     Store(#[from] StoreError),
@@ -101,7 +107,9 @@ impl ServiceError for DirectoryError {
             }
             DirectoryError::SubscriptionNotFound(_)
             | DirectoryError::GrantNotFound(_)
-            | DirectoryError::ShardNotFound(_) => ErrorKind::NotFound,
+            | DirectoryError::ShardNotFound(_)
+            | DirectoryError::MoveNotFound(_) => ErrorKind::NotFound,
+            DirectoryError::CannotMove(_) => ErrorKind::FailedPrecondition,
             DirectoryError::NoBus | DirectoryError::NoDeadLetters(_) => {
                 ErrorKind::FailedPrecondition
             }

@@ -18,6 +18,7 @@ pub mod directory;
 pub mod error;
 pub mod leader;
 pub mod lease;
+pub mod moves;
 pub mod region;
 pub mod store;
 pub mod subscription;
@@ -136,11 +137,18 @@ pub async fn run(
         report_interval: config.report_interval(),
         shutdown: shutdown.clone(),
     };
+    let channels = Arc::new(grpc::GatewayChannels::new(security.clone()));
+    tasks.spawn(grpc::run_moves(
+        Arc::clone(&service.directory),
+        Arc::clone(&channels),
+        MAX_REQUEST_BYTES,
+        service.leadership.clone(),
+        shutdown.clone(),
+    ));
     let relay = grpc::CoordinatorRelay {
         directory: Arc::clone(&service.directory),
-        security: security.clone(),
+        channels,
         max_message_bytes: MAX_REQUEST_BYTES,
-        clients: std::sync::Mutex::new(std::collections::HashMap::new()),
     };
     let routes = tonic::service::Routes::new(pb::directory_server::DirectoryServer::new(service))
         .add_service(

@@ -165,6 +165,12 @@ pub struct GatewayConfig {
     /// before the next gateway of the region is tried.
     #[arg(long, env = "FEDMESH_RELAY_TIMEOUT_MS", default_value_t = 10_000)]
     pub relay_timeout_ms: u64,
+    /// How long a send to or from an agency being moved waits for the
+    /// move's cut-over, in milliseconds (at most the caller's deadline);
+    /// after it the send is answered UNAVAILABLE, to retry with the same
+    /// idempotency key.
+    #[arg(long, env = "FEDMESH_MOVE_HOLD_MS", default_value_t = 10_000)]
+    pub move_hold_ms: u64,
     /// Days acknowledged messages are kept, and idempotency keys
     /// recognised, before they are deleted.
     #[arg(long, env = "FEDMESH_RETENTION_DAYS", default_value_t = 7)]
@@ -265,6 +271,7 @@ impl GatewayConfig {
         check_range("commit_lanes", self.commit_lanes, 1..=64)?;
         check_range("commit_linger_us", self.commit_linger_us, 0..=1_000_000)?;
         check_range("relay_timeout_ms", self.relay_timeout_ms, 1..=3_600_000)?;
+        check_range("move_hold_ms", self.move_hold_ms, 0..=3_600_000)?;
         check_range("retention_days", self.retention_days, 1..=36_500)?;
         check_range(
             "retention_interval_secs",

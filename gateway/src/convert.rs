@@ -11,7 +11,7 @@ use fedmesh_common::validate;
 use fedmesh_proto::pb;
 
 use crate::inbox::stream::Ack;
-use crate::message::{Message, Receipt};
+use crate::message::{Fingerprint, Message, MovedKey, MovedMessage, Receipt};
 
 fn checked_headers(
     field: &'static str,
@@ -153,6 +153,92 @@ pub(crate) fn receipt_to_pb(receipt: Receipt) -> pb::Receipt {
         stored_at: Some(timestamp_from_micros(receipt.stored_at_micros)),
         duplicate: receipt.duplicate,
     }
+}
+
+/// A moved message on the wire (its recipient is the request's agency).
+pub(crate) fn moved_message_to_pb(moved: MovedMessage) -> pb::MovedMessage {
+    let message = moved.message;
+    pb::MovedMessage {
+        message_id: message.message_id,
+        sender_id: message.sender_id,
+        kind: message.kind,
+        payload: message.payload,
+        headers: message.headers.into_iter().collect(),
+        idempotency_key: message.idempotency_key,
+        origin_region: message.origin_region,
+        accepted_at_micros: message.accepted_at_micros,
+        sequence: moved.sequence,
+        stored_at_micros: moved.stored_at_micros,
+        acked_at_micros: moved.acked_at_micros,
+    }
+}
+
+/// A moved message of `agency_id` from the wire, checked as a relayed one.
+pub(crate) fn moved_message_from_pb(
+    agency_id: &str,
+    moved: pb::MovedMessage,
+) -> Result<MovedMessage, InvalidField> {
+    let message = message_from_forward(pb::ForwardRequest {
+        message: Some(pb::Message {
+            message_id: moved.message_id,
+            sender_id: moved.sender_id,
+            recipient_id: agency_id.to_string(),
+            kind: moved.kind,
+            payload: moved.payload,
+            headers: moved.headers,
+            accepted_at: None,
+            origin_region: moved.origin_region,
+        }),
+        idempotency_key: moved.idempotency_key,
+    })?;
+    if moved.sequence == 0 || i64::try_from(moved.sequence).is_err() {
+        return Err(InvalidField::new(
+            "messages.sequence",
+            "a moved message's sequence is from 1 up",
+        ));
+    }
+    Ok(MovedMessage {
+        sequence: moved.sequence,
+        message: Message {
+            accepted_at_micros: moved.accepted_at_micros,
+            ..message
+        },
+        stored_at_micros: moved.stored_at_micros,
+        acked_at_micros: moved.acked_at_micros,
+    })
+}
+
+/// An idempotency key claim of a moving agency on the wire.
+pub(crate) fn moved_key_to_pb(key: MovedKey) -> pb::MovedKey {
+    pb::MovedKey {
+        idempotency_key: key.idempotency_key,
+        fingerprint: key.fingerprint.map(|fingerprint| fingerprint.0.to_vec()),
+        message_id: key.message_id,
+        claimed_at_micros: key.claimed_at_micros,
+    }
+}
+
+/// A key claim of `agency_id` (the sender) from the wire.
+pub(crate) fn moved_key_from_pb(
+    agency_id: &str,
+    key: pb::MovedKey,
+) -> Result<MovedKey, InvalidField> {
+    validate::idempotency_key("keys.idempotency_key", &key.idempotency_key)?;
+    let fingerprint = key
+        .fingerprint
+        .map(|bytes| {
+            <[u8; 32]>::try_from(bytes.as_slice())
+                .map(Fingerprint)
+                .map_err(|_| InvalidField::new("keys.fingerprint", "a fingerprint is 32 bytes"))
+        })
+        .transpose()?;
+    Ok(MovedKey {
+        sender_id: agency_id.to_string(),
+        idempotency_key: key.idempotency_key,
+        fingerprint,
+        message_id: key.message_id,
+        claimed_at_micros: key.claimed_at_micros,
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,62 @@
 use std::sync::Arc;
 
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError};
-pub use fedmesh_common::store::StoreError;
+
+/// A failure of a shard's store: what any store of the mesh may fail with,
+/// or what only a shard's inboxes refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The agency's inbox is frozen on this shard: it has moved, or is
+    /// moving, to another shard, so no stream reads it here.
+    #[error(
+        "the inbox of agency {0:?} is frozen on this shard: it has moved or is moving to another shard"
+    )]
+    InboxMoved(String),
+    /// The database failed, or returned what it should not have.
+    #[error(transparent)]
+    Common(#[from] fedmesh_common::store::StoreError),
+}
+
+impl StoreError {
+    /// A value read back that does not have the shape it was stored with.
+    pub fn corrupt(error: impl std::fmt::Display) -> Self {
+        StoreError::Common(fedmesh_common::store::StoreError::corrupt(error))
+    }
+
+    /// The row to create exists already; nothing was written.
+    pub fn conflict() -> Self {
+        StoreError::Common(fedmesh_common::store::StoreError::Conflict)
+    }
+
+    /// Whether the connection failed under the statement, so that what
+    /// failed may be tried again on another connection.
+    pub fn is_connection_loss(&self) -> bool {
+        match self {
+            StoreError::Common(common) => common.is_connection_loss(),
+            StoreError::InboxMoved(_) => false,
+        }
+    }
+
+    /// The SQLSTATE of a database error, if this is one.
+    pub fn sql_state(&self) -> Option<String> {
+        match self {
+            StoreError::Common(common) => common.sql_state(),
+            StoreError::InboxMoved(_) => None,
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::Common(error.into())
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Common(error.into())
+    }
+}
 
 /// Everything an Exchange or Relay call can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -77,6 +132,39 @@ pub enum GatewayError {
         key: String,
         /// The message the key names.
         message_id: String,
+    },
+    /// The recipient's inbox is being moved to another shard: its shard
+    /// takes no message for it until the move is done.
+    #[error(
+        "agency {agency_id:?} is moving to another shard; retry in a moment with the same idempotency key (a retry is never stored twice)"
+    )]
+    AgencyMoving {
+        /// The agency.
+        agency_id: String,
+    },
+    /// The recipient's home gateway says it does not live there (any more),
+    /// or is moving: its answer, passed on.
+    #[error("{0}")]
+    MovedAway(String),
+    /// A move step for an agency this gateway's topology does not show
+    /// moving.
+    #[error(
+        "agency {agency_id:?} is not moving as this gateway's topology shows it; a move step is taken only for a moving agency (the coordinator retries)"
+    )]
+    NotMoving {
+        /// The agency.
+        agency_id: String,
+    },
+    /// A release of a shard the agency still lives on, as this gateway's
+    /// topology shows it.
+    #[error(
+        "agency {agency_id:?} still lives on shard {shard} as this gateway's topology shows it; its rows there stay (the coordinator retries once the topology shows the move)"
+    )]
+    StillHome {
+        /// The agency.
+        agency_id: String,
+        /// The shard.
+        shard: String,
     },
     /// The caller's deadline passed before its message was committed.
     #[error(
@@ -159,6 +247,15 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// Whether the write went to where the recipient no longer lives, or
+    /// while it moved: sent again once the topology shows its new home.
+    pub(crate) fn moved_away(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::AgencyMoving { .. } | GatewayError::MovedAway(_)
+        )
+    }
+
     /// A store failure of `shard` that a retry may get past.
     pub(crate) fn shard_unavailable(
         shard: &str,
@@ -191,7 +288,12 @@ impl ServiceError for GatewayError {
             | GatewayError::ShardNotServed { .. }
             | GatewayError::ShardUnavailable { .. }
             | GatewayError::RegionUnreachable { .. }
-            | GatewayError::CoordinatorUnavailable { .. } => ErrorKind::Unavailable,
+            | GatewayError::CoordinatorUnavailable { .. }
+            | GatewayError::AgencyMoving { .. }
+            | GatewayError::MovedAway(_) => ErrorKind::Unavailable,
+            GatewayError::NotMoving { .. } | GatewayError::StillHome { .. } => {
+                ErrorKind::FailedPrecondition
+            }
             GatewayError::Relayed { kind, .. } => *kind,
             GatewayError::InvalidAnswer { .. }
             | GatewayError::Internal(_)

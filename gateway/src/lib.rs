@@ -25,6 +25,7 @@ mod commit_thread;
 mod committer;
 mod convert;
 mod grpc;
+mod moving;
 mod receive;
 mod relay;
 mod retention;
@@ -253,7 +254,14 @@ pub async fn start(
     let options = ServeOptions::refusing(config.connections, security, max_message, move |size| {
         GatewayError::MessageTooLarge { size, limit }.into()
     });
-    let routes = tonic::service::Routes::new(exchange).add_service(relay);
+    let moves = pb::moves_server::MovesServer::new(grpc::MovesService {
+        shared: Arc::clone(&shared),
+    })
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+    let routes = tonic::service::Routes::new(exchange)
+        .add_service(relay)
+        .add_service(moves);
     tracing::info!(%gateway_id, %region, address = %advertise_url, "gateway serving");
     let stopped = tokio::spawn(async move {
         let served =

@@ -7,6 +7,10 @@
 //! of what was sent under it: a retry with the same content is the same
 //! message (it reuses the message id the claim names), other content under
 //! the same key is refused.
+//!
+//! An inbox moves from one shard to another as [`MovedMessage`]s and
+//! [`MovedKey`]s copied over, then its [`InboxPosition`]; while it moves,
+//! its old shard refuses messages for it ([`Refused::Moved`]).
 
 use std::collections::BTreeMap;
 
@@ -131,8 +135,25 @@ pub struct KeyInUse {
     pub message_id: String,
 }
 
+/// Why a message was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The sender's key names another message.
+    KeyInUse(KeyInUse),
+    /// The recipient's inbox is frozen on this shard: it has moved, or is
+    /// moving, to another shard. Sent again with the same id or key once
+    /// the move is done, the message is stored once.
+    Moved,
+}
+
+impl From<KeyInUse> for Refused {
+    fn from(refused: KeyInUse) -> Self {
+        Refused::KeyInUse(refused)
+    }
+}
+
 /// What storing one message came to.
-pub type Outcome = Result<Stored, KeyInUse>;
+pub type Outcome = Result<Stored, Refused>;
 
 /// What storing a message in its home shard produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,4 +198,44 @@ pub struct InboxStats {
     pub unacknowledged: u64,
     /// The sequence of the newest message stored (0: none yet).
     pub last_sequence: u64,
+}
+
+/// A message of an inbox copied from one shard to another, as it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MovedMessage {
+    /// Its position in the recipient's inbox, kept by the move.
+    pub sequence: u64,
+    /// The message.
+    pub message: Message,
+    /// When its first shard committed it, microseconds since the epoch.
+    pub stored_at_micros: i64,
+    /// When the recipient acknowledged it, if it did.
+    pub acked_at_micros: Option<i64>,
+}
+
+/// A claim of an idempotency key copied from one shard to another with its
+/// sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MovedKey {
+    /// The sender.
+    pub sender_id: String,
+    /// Its key.
+    pub idempotency_key: String,
+    /// What was sent under it; None for keys claimed before fingerprints
+    /// were kept.
+    pub fingerprint: Option<Fingerprint>,
+    /// The message the key names.
+    pub message_id: String,
+    /// When the key was claimed, microseconds since the epoch.
+    pub claimed_at_micros: i64,
+}
+
+/// Where an inbox stands on its shard: what a shard it moves to continues
+/// from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxPosition {
+    /// The last sequence handed out (0: none yet).
+    pub last_sequence: u64,
+    /// The epoch of its newest Receive stream (0: none yet).
+    pub epoch: u64,
 }

@@ -76,6 +76,11 @@ impl Receiver {
         require_agency(caller, agency_id, "read the inbox of")?;
         let window = stream::window(requested_window, shared.config.default_window)?;
         let home = shared.require_homed_here(agency_id).await?;
+        if home.moving {
+            return Err(GatewayError::AgencyMoving {
+                agency_id: agency_id.to_string(),
+            });
+        }
         let shard = shared.shard(&home.shard)?;
         let max = shared.config.max_streams_per_agency;
         let lease =
@@ -87,9 +92,21 @@ impl Receiver {
                     open: refused.open,
                     max,
                 })?;
-        let epoch = shard.store.claim_inbox(agency_id).await.map_err(|source| {
-            GatewayError::shard_unavailable(&home.shard, "reconnect to read the inbox", source)
-        })?;
+        let epoch = shard
+            .store
+            .claim_inbox(agency_id)
+            .await
+            .map_err(|source| match source {
+                // Frozen by a move this gateway's topology does not show yet.
+                crate::error::StoreError::InboxMoved(_) => GatewayError::AgencyMoving {
+                    agency_id: agency_id.to_string(),
+                },
+                source => GatewayError::shard_unavailable(
+                    &home.shard,
+                    "reconnect to read the inbox",
+                    source,
+                ),
+            })?;
         lease.activate(epoch);
         tracing::debug!(agency_id, window, epoch, "inbox stream opened");
         Ok(Receiver {
@@ -133,7 +150,21 @@ impl Receiver {
             acks: &acks,
             acks_failed: &acks_failed,
         };
-        let outcome = delivery.deliver(inbound).await;
+        let outcome = match delivery.deliver(inbound).await {
+            // A move froze the inbox (and so took the stream over): the
+            // client reconnects once the move is done.
+            Err(GatewayError::TakenOver(agency_id))
+                if shared
+                    .topology
+                    .borrow()
+                    .agencies
+                    .get(&agency_id)
+                    .is_none_or(|home| home.moving || home.shard != shard_name) =>
+            {
+                Err(GatewayError::AgencyMoving { agency_id })
+            }
+            outcome => outcome,
+        };
         // Every ack received before the stream ended is stored before it ends.
         drop(acks);
         match ack_writer.await {

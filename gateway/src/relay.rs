@@ -28,6 +28,8 @@ use tonic::transport::Channel;
 use crate::error::GatewayError;
 
 type RelayClient = pb::relay_client::RelayClient<InterceptedService<Channel, AttachIdentity>>;
+pub(crate) type MovesClient =
+    pb::moves_client::MovesClient<InterceptedService<Channel, AttachIdentity>>;
 type Reply = oneshot::Sender<Result<pb::Receipt, GatewayError>>;
 
 /// Most messages in one relayed batch.
@@ -54,7 +56,7 @@ pub(crate) struct RelayClients {
     /// The coordinator's Relay, for a region none of whose gateways answers.
     coordinator: Option<RelayClient>,
     limits: RelayLimits,
-    clients: Mutex<HashMap<String, RelayClient>>,
+    channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl RelayClients {
@@ -75,17 +77,18 @@ impl RelayClients {
             coordinator,
             security,
             limits,
-            clients: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
         }
     }
 
-    fn client(&self, region: &str, address: &str) -> Result<RelayClient, tonic::transport::Error> {
-        let mut clients = self
-            .clients
+    /// The channel to the gateway of `region` at `address`, opened once.
+    fn channel(&self, region: &str, address: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self
+            .channels
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(client) = clients.get(address) {
-            return Ok(client.clone());
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
         }
         let channel = self.security.channel(
             address,
@@ -93,11 +96,35 @@ impl RelayClients {
                 region.to_string(),
             )),
         )?;
-        let client =
-            pb::relay_client::RelayClient::with_interceptor(channel, self.security.attach())
-                .max_encoding_message_size(self.limits.max_batch_bytes);
-        clients.insert(address.to_string(), client.clone());
-        Ok(client)
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn client(&self, region: &str, address: &str) -> Result<RelayClient, tonic::transport::Error> {
+        Ok(pb::relay_client::RelayClient::with_interceptor(
+            self.channel(region, address)?,
+            self.security.attach(),
+        )
+        .max_encoding_message_size(self.limits.max_batch_bytes))
+    }
+
+    /// A Moves client for the gateway of `region` at `address`, sending
+    /// requests of at most what a gateway decodes.
+    pub(crate) fn moves_client(
+        &self,
+        region: &str,
+        address: &str,
+    ) -> Result<MovesClient, tonic::transport::Error> {
+        Ok(pb::moves_client::MovesClient::with_interceptor(
+            self.channel(region, address)?,
+            self.security.attach(),
+        )
+        .max_encoding_message_size(self.limits.max_batch_bytes))
+    }
+
+    /// The most bytes of one request a gateway decodes.
+    pub(crate) fn max_request_bytes(&self) -> usize {
+        self.limits.max_batch_bytes
     }
 
     /// Sends `messages` to the first of `gateways` that answers.
@@ -312,6 +339,9 @@ async fn relay_loop(
 fn result_from_pb(result: pb::ForwardResult) -> Result<pb::Receipt, GatewayError> {
     match result.result {
         Some(pb::forward_result::Result::Receipt(receipt)) => Ok(receipt),
+        Some(pb::forward_result::Result::Error(error)) if error.moved => {
+            Err(GatewayError::MovedAway(error.message))
+        }
         Some(pb::forward_result::Result::Error(error)) => Err(GatewayError::Relayed {
             kind: ErrorKind::of_code(Code::from_i32(error.code)),
             message: error.message,

@@ -8,6 +8,7 @@
 //! content) travels with the id the key named, so its home shard finds it
 //! stored and answers with the first receipt.
 
+use fedmesh_common::topology::AgencyHome;
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
@@ -17,20 +18,57 @@ use crate::shared::Shared;
 
 /// Takes `message`, accepted from its sender by this gateway, to its
 /// recipient's home shard; a write whose `deadline` passes before its batch
-/// is taken is not stored.
+/// is taken is not stored. While the sender or the recipient is being
+/// moved, the send waits for the move's cut-over (see `crate::moving`).
 pub(crate) async fn send(
     shared: &Shared,
     message: Message,
     deadline: Option<Instant>,
 ) -> Result<Receipt, GatewayError> {
     shared.check_payload(message.payload.len())?;
-    let sender_home = shared.require_homed_here(&message.sender_id).await?;
-    let recipient_home = shared.home_of(&message.recipient_id).await?;
+    let hold = shared.hold_until(deadline);
+    loop {
+        let recipient_home = shared.settled_home(&message.recipient_id, hold).await?;
+        match send_once(shared, message.clone(), &recipient_home, deadline, hold).await {
+            Err(error) if error.moved_away() => {
+                if !shared
+                    .home_changes(&message.recipient_id, &recipient_home, hold)
+                    .await
+                {
+                    return Err(error);
+                }
+                tracing::debug!(
+                    message_id = %message.message_id,
+                    recipient_id = %message.recipient_id,
+                    "the recipient moved while its message was on the way: sending it again"
+                );
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// One attempt of `send`, to the recipient at `recipient_home`.
+async fn send_once(
+    shared: &Shared,
+    message: Message,
+    recipient_home: &AgencyHome,
+    deadline: Option<Instant>,
+    hold: Instant,
+) -> Result<Receipt, GatewayError> {
+    let sender_home = shared.settled_home(&message.sender_id, hold).await?;
+    if sender_home.region != shared.region {
+        return Err(GatewayError::WrongRegion {
+            agency_id: message.sender_id,
+            home_region: sender_home.region,
+            region: shared.region.clone(),
+        });
+    }
     shared.check_access(&message.sender_id, &message.recipient_id, &message.kind)?;
     let route = route(
         &shared.topology.borrow(),
         &shared.region,
-        &recipient_home,
+        recipient_home,
         shared.spread(),
     );
     let Some(fingerprint) = message

@@ -18,7 +18,7 @@ use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::inbox::InboxHub;
 use crate::message::{
-    Claimed, Fingerprint, InboxStats, KeyClaim, KeyInUse, Message, Receipt, ToStore,
+    Claimed, Fingerprint, InboxStats, KeyClaim, KeyInUse, Message, Receipt, Refused, ToStore,
 };
 use crate::store::MessageStore;
 use crate::upstream::Upstream;
@@ -160,6 +160,7 @@ impl Shared {
         deadline: Option<Instant>,
     ) -> Result<Receipt, GatewayError> {
         let sender_id = item.message.sender_id.clone();
+        let recipient_id = item.message.recipient_id.clone();
         let key = item.message.idempotency_key.clone();
         let outcome = self
             .shard(shard)?
@@ -174,10 +175,13 @@ impl Shared {
                 stored_at_micros: stored.stored_at_micros,
                 duplicate: stored.duplicate,
             }),
-            Err(KeyInUse { message_id }) => Err(GatewayError::KeyInUse {
+            Err(Refused::KeyInUse(KeyInUse { message_id })) => Err(GatewayError::KeyInUse {
                 sender_id,
                 key: key.unwrap_or_default(),
                 message_id,
+            }),
+            Err(Refused::Moved) => Err(GatewayError::AgencyMoving {
+                agency_id: recipient_id,
             }),
         }
     }

@@ -128,6 +128,7 @@ impl Upstream {
                 Ok(AgencyHome {
                     region: agency.region,
                     shard: agency.shard,
+                    moving: agency.moving,
                 })
             }
             Err(status) if status.code() == Code::NotFound => {
@@ -174,6 +175,11 @@ impl Upstream {
             )
             .await?;
         Ok(convert::receipt_from_pb(receipt, region))
+    }
+
+    /// The clients of other gateways, for moves.
+    pub(crate) fn gateways(&self) -> &RelayClients {
+        &self.relays
     }
 
     /// Follows the coordinator's topology stream into `topology` until

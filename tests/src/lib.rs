@@ -178,19 +178,11 @@ impl TestMesh {
     ) -> TestMesh {
         log_if_asked();
         let data_dir = tempfile::tempdir().unwrap();
-        let mut databases = Vec::new();
-        let mut shard_urls = HashMap::new();
-        if backend == Backend::Postgres {
-            for region in fedmesh::dev::DEV_REGIONS {
-                let database = TestDatabase::create().await;
-                shard_urls.insert(format!("{region}-1"), database.url.clone());
-                databases.push(database);
-            }
-        }
         let mut options = DevOptions {
             data_dir: data_dir.path().to_path_buf(),
             base_port: None,
-            shard_urls,
+            shard_urls: HashMap::new(),
+            shards_per_region: 1,
             tune_gateway: None,
             events: EventBusSettings::default(),
             subscriber_buffer: fedmesh_notifier::NotifierConfig::default().subscriber_buffer,
@@ -199,6 +191,16 @@ impl TestMesh {
             tune_tls: None,
         };
         configure(&mut options);
+        let mut databases = Vec::new();
+        if backend == Backend::Postgres {
+            for region in fedmesh::dev::DEV_REGIONS {
+                for shard in fedmesh::dev::shard_names(region, options.shards_per_region) {
+                    let database = TestDatabase::create().await;
+                    options.shard_urls.insert(shard, database.url.clone());
+                    databases.push(database);
+                }
+            }
+        }
         let mesh = Self::start_on(options.clone()).await;
         TestMesh {
             mesh: Some(mesh),

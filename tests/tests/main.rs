@@ -11,6 +11,7 @@ mod governance;
 mod inbox;
 mod limits;
 mod messaging;
+mod moves;
 mod properties;
 mod queues;
 mod replicas;

@@ -6,6 +6,7 @@
 //! [`TopologyState`], which numbers the change and broadcasts it to watchers.
 //! No tonic or sqlx types appear here: the store is reached through its trait.
 
+mod moves;
 mod state;
 mod subscriptions;
 
@@ -44,6 +45,8 @@ pub struct Directory {
     /// change (store, then topology) and across a reload, so neither sees
     /// the other half done.
     synced: tokio::sync::Mutex<i64>,
+    /// Wakes the leader's move driver.
+    moves_wake: tokio::sync::Notify,
 }
 
 /// The regions (with their shard names) and the shards, as stored.
@@ -118,6 +121,7 @@ impl Directory {
             queues,
             subscriptions: tokio::sync::Mutex::new(subscriptions),
             synced: tokio::sync::Mutex::new(version),
+            moves_wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -249,6 +253,7 @@ impl Directory {
             shard,
             display_name: display_name.to_string(),
             registered_at_micros: fedmesh_common::time::now_micros(),
+            moving: false,
         };
         let event = self.outbox_wake.as_ref().map(|_| {
             Event::new(AGENCY_REGISTERED, region, agency_id).with_attribute("shard", &record.shard)

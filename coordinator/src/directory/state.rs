@@ -696,6 +696,7 @@ pub(crate) fn agency_to_pb(agency: &AgencyRecord) -> pb::Agency {
         shard: agency.shard.clone(),
         display_name: agency.display_name.clone(),
         registered_at: Some(timestamp_from_micros(agency.registered_at_micros)),
+        moving: agency.moving,
     }
 }
 
@@ -753,6 +754,7 @@ mod tests {
             shard: "east-1".into(),
             display_name: String::new(),
             registered_at_micros: 0,
+            moving: false,
         }
     }
 
@@ -906,6 +908,7 @@ mod tests {
             shard: first.clone(),
             display_name: String::new(),
             registered_at_micros: 0,
+            moving: false,
         });
         let second = state.pick_shard("east").expect("shard");
         assert_ne!(first, second);
@@ -939,6 +942,7 @@ mod tests {
                 shard: "east-1".into(),
                 display_name: String::new(),
                 registered_at_micros: 0,
+                moving: false,
             });
         }
         let first = state.agencies_page("", None, 3);

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::directory::{Directory, GatewayRecord, NewSubscription, NotifierRecord};
 use crate::directory::{agency_to_pb, grant_to_pb, shard_to_pb};
 use crate::error::DirectoryError;
+use crate::moves::{MovePhase, MoveRecord};
 use crate::region::ShardRecord;
 use crate::subscription::SubscriptionRecord;
 
@@ -646,6 +647,85 @@ impl pb::directory_server::Directory for DirectoryService {
         Ok(Response::new(pb::ReportNotifierResponse {
             report_interval_ms: u64::try_from(self.report_interval.as_millis()).unwrap_or(u64::MAX),
         }))
+    }
+
+    async fn move_agency(
+        &self,
+        request: Request<pb::MoveAgencyRequest>,
+    ) -> Result<Response<pb::MoveAgencyResponse>, Status> {
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
+        let request = request.into_inner();
+        let record = self
+            .directory
+            .move_agency(
+                &identity,
+                &request.agency_id,
+                &request.shard,
+                &request.region,
+            )
+            .await?;
+        Ok(Response::new(pb::MoveAgencyResponse {
+            r#move: Some(move_to_pb(&record)),
+        }))
+    }
+
+    async fn get_move(
+        &self,
+        request: Request<pb::GetMoveRequest>,
+    ) -> Result<Response<pb::GetMoveResponse>, Status> {
+        require_operator(&caller(&request)?)?;
+        let record = self
+            .directory
+            .agency_move(&request.get_ref().move_id)
+            .await?;
+        Ok(Response::new(pb::GetMoveResponse {
+            r#move: Some(move_to_pb(&record)),
+        }))
+    }
+
+    async fn cancel_move(
+        &self,
+        request: Request<pb::CancelMoveRequest>,
+    ) -> Result<Response<pb::CancelMoveResponse>, Status> {
+        let identity = caller(&request)?;
+        require_operator(&identity)?;
+        let record = self
+            .directory
+            .cancel_move(&identity, &request.get_ref().move_id)
+            .await?;
+        Ok(Response::new(pb::CancelMoveResponse {
+            r#move: Some(move_to_pb(&record)),
+        }))
+    }
+}
+
+/// A move as the API shows it.
+pub(crate) fn move_to_pb(record: &MoveRecord) -> pb::Move {
+    let phase = match record.phase {
+        MovePhase::Copying => pb::MovePhase::Copying,
+        MovePhase::Releasing => pb::MovePhase::Releasing,
+        MovePhase::Done => pb::MovePhase::Done,
+        MovePhase::Cancelling => pb::MovePhase::Cancelling,
+        MovePhase::Cancelled => pb::MovePhase::Cancelled,
+    };
+    pb::Move {
+        move_id: record.move_id.clone(),
+        agency_id: record.agency_id.clone(),
+        from_region: record.from_region.clone(),
+        from_shard: record.from_shard.clone(),
+        to_region: record.to_region.clone(),
+        to_shard: record.to_shard.clone(),
+        phase: phase as i32,
+        messages_copied: record.messages_copied,
+        keys_copied: record.keys_copied,
+        last_error: record.last_error.clone(),
+        started_at: Some(fedmesh_common::time::timestamp_from_micros(
+            record.started_at_micros,
+        )),
+        updated_at: Some(fedmesh_common::time::timestamp_from_micros(
+            record.updated_at_micros,
+        )),
     }
 }
 

@@ -2,19 +2,18 @@
 //! region's gateways itself sends its batch here, and the coordinator
 //! forwards each message to a gateway of its recipient's home region.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fedmesh_common::error::ErrorKind;
 use fedmesh_common::identity::{AttachIdentity, Identity, caller};
-use fedmesh_common::server::Security;
-use fedmesh_common::tls::ExpectedServer;
 use fedmesh_proto::pb;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use super::GatewayChannels;
 use crate::directory::Directory;
 use crate::error::DirectoryError;
 
@@ -29,30 +28,18 @@ const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The Relay service of a coordinator.
 pub(crate) struct CoordinatorRelay {
     pub(crate) directory: Arc<Directory>,
-    pub(crate) security: Security,
+    pub(crate) channels: Arc<GatewayChannels>,
     pub(crate) max_message_bytes: usize,
-    pub(crate) clients: Mutex<HashMap<String, RelayClient>>,
 }
 
 impl CoordinatorRelay {
     fn client(&self, region: &str, address: &str) -> Result<RelayClient, tonic::transport::Error> {
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(client) = clients.get(address) {
-            return Ok(client.clone());
-        }
-        let channel = self.security.channel(
-            address,
-            ExpectedServer::Is(Identity::Gateway(region.to_string())),
-        )?;
-        let client =
-            pb::relay_client::RelayClient::with_interceptor(channel, self.security.attach())
+        let channel = self.channels.get(region, address)?;
+        Ok(
+            pb::relay_client::RelayClient::with_interceptor(channel, self.channels.attach())
                 .max_encoding_message_size(self.max_message_bytes)
-                .max_decoding_message_size(self.max_message_bytes);
-        clients.insert(address.to_string(), client.clone());
-        Ok(client)
+                .max_decoding_message_size(self.max_message_bytes),
+        )
     }
 
     /// Sends `messages` to the first gateway of `region` that answers.
@@ -98,6 +85,7 @@ fn error_result(kind: ErrorKind, message: String) -> pb::ForwardResult {
         result: Some(pb::forward_result::Result::Error(pb::ForwardError {
             code: kind.grpc_code() as i32,
             message,
+            moved: false,
         })),
     }
 }

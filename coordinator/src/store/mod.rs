@@ -4,6 +4,27 @@
 //! Every change to the directory writes its event to the outbox in the same
 //! transaction.
 
+/// Refuses a singleton write under `$token` when the leader lease has
+/// moved on to another token: the first statement of its transaction,
+/// which shares the lease's row until the write commits.
+macro_rules! check_lease_token {
+    ($transaction:ident, $token:expr) => {
+        let current: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT token FROM leases WHERE name = $1{}",
+            Self::FOR_SHARE
+        ))
+        .bind(crate::lease::LEADER)
+        .fetch_optional(&mut *$transaction)
+        .await?;
+        if current != Some($token) {
+            return Err(StoreError::Fenced {
+                token: $token,
+                current,
+            });
+        }
+    };
+}
+
 /// The methods of [`DirectoryStore`] whose SQL is the same on both
 /// backends (`$N` parameters, which SQLite reads as named parameters in
 /// order of first use), written once for both. Each store has what
@@ -15,6 +36,191 @@ macro_rules! directory_store_impl {
         #[async_trait::async_trait]
         impl $crate::store::DirectoryStore for $store {
             $($own)*
+
+    async fn all_agencies(&self) -> Result<Vec<AgencyRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT agency_id, region, shard, display_name, registered_at, moving \
+             FROM agencies ORDER BY agency_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| $crate::store::agency_from_row(row)).collect()
+    }
+
+    async fn begin_move(&self, record: &$crate::moves::MoveRecord) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let marked = sqlx::query(
+            "UPDATE agencies SET moving = TRUE \
+             WHERE agency_id = $1 AND region = $2 AND shard = $3 AND NOT moving",
+        )
+        .bind(&record.agency_id)
+        .bind(&record.from_region)
+        .bind(&record.from_shard)
+        .execute(&mut *transaction)
+        .await?;
+        if marked.rows_affected() == 0 {
+            let moving: Option<bool> =
+                sqlx::query_scalar("SELECT moving FROM agencies WHERE agency_id = $1")
+                    .bind(&record.agency_id)
+                    .fetch_optional(&mut *transaction)
+                    .await?;
+            return match moving {
+                Some(_) => Err(StoreError::Conflict),
+                None => Ok(false),
+            };
+        }
+        sqlx::query(&format!(
+            "INSERT INTO agency_moves ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            $crate::store::MOVE_COLUMNS
+        ))
+        .bind(&record.move_id)
+        .bind(&record.agency_id)
+        .bind(&record.from_region)
+        .bind(&record.from_shard)
+        .bind(&record.to_region)
+        .bind(&record.to_shard)
+        .bind(record.phase.as_str())
+        .bind(0_i64)
+        .bind(0_i64)
+        .bind("")
+        .bind(record.started_at_micros)
+        .bind(record.updated_at_micros)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    async fn agency_move(&self, move_id: &str) -> Result<Option<$crate::moves::MoveRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {} FROM agency_moves WHERE move_id = $1",
+            $crate::store::MOVE_COLUMNS
+        ))
+        .bind(move_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| $crate::store::move_from_row(&row))
+        .transpose()
+    }
+
+    async fn moves_under_way(&self) -> Result<Vec<$crate::moves::MoveRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM agency_moves \
+             WHERE phase IN ('copying', 'releasing', 'cancelling') ORDER BY started_at",
+            $crate::store::MOVE_COLUMNS
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| $crate::store::move_from_row(row)).collect()
+    }
+
+    async fn record_move_progress(
+        &self,
+        move_id: &str,
+        messages_copied: u64,
+        keys_copied: u64,
+        last_error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE agency_moves SET messages_copied = $1, keys_copied = $2, last_error = $3, \
+             updated_at = $4 WHERE move_id = $5",
+        )
+        .bind(i64::try_from(messages_copied).unwrap_or(i64::MAX))
+        .bind(i64::try_from(keys_copied).unwrap_or(i64::MAX))
+        .bind(last_error)
+        .bind(fedmesh_common::time::now_micros())
+        .bind(move_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn cut_over_move(
+        &self,
+        token: i64,
+        move_id: &str,
+        event: Option<Event>,
+    ) -> Result<Option<$crate::moves::MoveRecord>, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        check_lease_token!(transaction, token);
+        let Some(row) = sqlx::query(&format!(
+            "UPDATE agency_moves SET phase = 'releasing', last_error = '', updated_at = $1 \
+             WHERE move_id = $2 AND phase = 'copying' RETURNING {}",
+            $crate::store::MOVE_COLUMNS
+        ))
+        .bind(fedmesh_common::time::now_micros())
+        .bind(move_id)
+        .fetch_optional(&mut *transaction)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let record = $crate::store::move_from_row(&row)?;
+        sqlx::query(
+            "UPDATE agencies SET region = $1, shard = $2, moving = FALSE WHERE agency_id = $3",
+        )
+        .bind(&record.to_region)
+        .bind(&record.to_shard)
+        .bind(&record.agency_id)
+        .execute(&mut *transaction)
+        .await?;
+        if let Some(event) = event {
+            Self::write_event(&mut transaction, &event).await?;
+        }
+        transaction.commit().await?;
+        Ok(Some(record))
+    }
+
+    async fn cancel_move(&self, move_id: &str) -> Result<Option<$crate::moves::MoveRecord>, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE agency_moves SET phase = 'cancelling', updated_at = $1 \
+             WHERE move_id = $2 AND phase = 'copying'",
+        )
+        .bind(fedmesh_common::time::now_micros())
+        .bind(move_id)
+        .execute(&mut *transaction)
+        .await?;
+        let record = sqlx::query(&format!(
+            "SELECT {} FROM agency_moves WHERE move_id = $1",
+            $crate::store::MOVE_COLUMNS
+        ))
+        .bind(move_id)
+        .fetch_optional(&mut *transaction)
+        .await?
+        .map(|row| $crate::store::move_from_row(&row))
+        .transpose()?;
+        transaction.commit().await?;
+        Ok(record)
+    }
+
+    async fn finish_move(&self, token: i64, move_id: &str) -> Result<Option<$crate::moves::MoveRecord>, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        check_lease_token!(transaction, token);
+        let Some(row) = sqlx::query(&format!(
+            "UPDATE agency_moves SET phase = CASE phase WHEN 'releasing' THEN 'done' ELSE 'cancelled' END, \
+             last_error = '', updated_at = $1 \
+             WHERE move_id = $2 AND phase IN ('releasing', 'cancelling') RETURNING {}",
+            $crate::store::MOVE_COLUMNS
+        ))
+        .bind(fedmesh_common::time::now_micros())
+        .bind(move_id)
+        .fetch_optional(&mut *transaction)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let record = $crate::store::move_from_row(&row)?;
+        if record.phase == $crate::moves::MovePhase::Cancelled {
+            sqlx::query("UPDATE agencies SET moving = FALSE WHERE agency_id = $1")
+                .bind(&record.agency_id)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(Some(record))
+    }
+
     async fn delete_region(&self, name: &str) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
         sqlx::query("DELETE FROM shards WHERE region = $1")
@@ -87,17 +293,7 @@ macro_rules! directory_store_impl {
         event: Option<Event>,
     ) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
-        let current: Option<i64> =
-            sqlx::query_scalar(&format!(
-                "SELECT token FROM leases WHERE name = $1{}",
-                Self::FOR_SHARE
-            ))
-                .bind(crate::lease::LEADER)
-                .fetch_optional(&mut *transaction)
-                .await?;
-        if current != Some(token) {
-            return Err(StoreError::Fenced { token, current });
-        }
+        check_lease_token!(transaction, token);
         // Only a change is recorded: a gateway's first report is no "up".
         let was_up: Option<bool> =
             sqlx::query_scalar("SELECT up FROM gateway_states WHERE gateway_id = $1")
@@ -447,6 +643,51 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// All agencies, for the topology.
     async fn all_agencies(&self) -> Result<Vec<AgencyRecord>, StoreError>;
 
+    /// Records a move and marks its agency moving, if the agency is where
+    /// the move starts from; false if the agency does not exist,
+    /// [`StoreError::Conflict`] if it moved meanwhile or another move of it
+    /// is under way.
+    async fn begin_move(&self, record: &crate::moves::MoveRecord) -> Result<bool, StoreError>;
+    /// One move.
+    async fn agency_move(
+        &self,
+        move_id: &str,
+    ) -> Result<Option<crate::moves::MoveRecord>, StoreError>;
+    /// The moves the leader still has work on, oldest first.
+    async fn moves_under_way(&self) -> Result<Vec<crate::moves::MoveRecord>, StoreError>;
+    /// What the last transfer of a move copied, and its last failure.
+    async fn record_move_progress(
+        &self,
+        move_id: &str,
+        messages_copied: u64,
+        keys_copied: u64,
+        last_error: &str,
+    ) -> Result<(), StoreError>;
+    /// Cuts a copying move over under the leader's `token`: the agency gets
+    /// its new home and is no longer moving, with `event`, in one
+    /// transaction. None if the move is not copying (cancelled meanwhile);
+    /// [`StoreError::Fenced`] when the lease moved on.
+    async fn cut_over_move(
+        &self,
+        token: i64,
+        move_id: &str,
+        event: Option<Event>,
+    ) -> Result<Option<crate::moves::MoveRecord>, StoreError>;
+    /// Asks a copying move to be cancelled; returns the move as it is after
+    /// (cancelling, or a phase a cancel cannot change), None if unknown.
+    async fn cancel_move(
+        &self,
+        move_id: &str,
+    ) -> Result<Option<crate::moves::MoveRecord>, StoreError>;
+    /// Ends a releasing move (done) or a cancelling one (cancelled: the
+    /// agency is no longer moving) under the leader's `token`. None if the
+    /// move was in neither phase.
+    async fn finish_move(
+        &self,
+        token: i64,
+        move_id: &str,
+    ) -> Result<Option<crate::moves::MoveRecord>, StoreError>;
+
     /// Inserts a durable subscription; [`StoreError::Conflict`] if the
     /// name is taken (then nothing is written).
     async fn insert_subscription(
@@ -595,6 +836,59 @@ where
         strict_order: row.try_get("strict_order")?,
         created_at_micros: row.try_get("created_at")?,
         webhook,
+    })
+}
+
+/// An `agencies` row, on either backend.
+fn agency_from_row<R>(row: &R) -> Result<AgencyRecord, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(AgencyRecord {
+        agency_id: row.try_get("agency_id")?,
+        region: row.try_get("region")?,
+        shard: row.try_get("shard")?,
+        display_name: row.try_get("display_name")?,
+        registered_at_micros: row.try_get("registered_at")?,
+        moving: row.try_get("moving")?,
+    })
+}
+
+/// The columns of `agency_moves`, in the order `begin_move` binds them.
+const MOVE_COLUMNS: &str = "move_id, agency_id, from_region, from_shard, to_region, to_shard, \
+     phase, messages_copied, keys_copied, last_error, started_at, updated_at";
+
+/// An `agency_moves` row, on either backend.
+fn move_from_row<R>(row: &R) -> Result<crate::moves::MoveRecord, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let phase: String = row.try_get("phase")?;
+    let count = |column: &str| -> Result<u64, StoreError> {
+        let value: i64 = row.try_get(column)?;
+        u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {column} {value}")))
+    };
+    Ok(crate::moves::MoveRecord {
+        move_id: row.try_get("move_id")?,
+        agency_id: row.try_get("agency_id")?,
+        from_region: row.try_get("from_region")?,
+        from_shard: row.try_get("from_shard")?,
+        to_region: row.try_get("to_region")?,
+        to_shard: row.try_get("to_shard")?,
+        phase: crate::moves::MovePhase::parse(&phase)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown move phase {phase:?}")))?,
+        messages_copied: count("messages_copied")?,
+        keys_copied: count("keys_copied")?,
+        last_error: row.try_get("last_error")?,
+        started_at_micros: row.try_get("started_at")?,
+        updated_at_micros: row.try_get("updated_at")?,
     })
 }
 

@@ -56,16 +56,6 @@ impl SqliteDirectoryStore {
     }
 }
 
-fn agency_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgencyRecord, StoreError> {
-    Ok(AgencyRecord {
-        agency_id: row.try_get("agency_id")?,
-        region: row.try_get("region")?,
-        shard: row.try_get("shard")?,
-        display_name: row.try_get("display_name")?,
-        registered_at_micros: row.try_get("registered_at")?,
-    })
-}
-
 directory_store_impl!(SqliteDirectoryStore {
     async fn insert_agency(
         &self,
@@ -112,15 +102,6 @@ directory_store_impl!(SqliteDirectoryStore {
         }
         transaction.commit().await?;
         Ok(true)
-    }
-
-    async fn all_agencies(&self) -> Result<Vec<AgencyRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT agency_id, region, shard, display_name, registered_at FROM agencies ORDER BY agency_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(agency_from_row).collect()
     }
 
     async fn insert_subscription(

@@ -11,6 +11,7 @@ fn agency(agency_id: &str) -> AgencyRecord {
         shard: "east-1".to_string(),
         display_name: String::new(),
         registered_at_micros: 1,
+        moving: false,
     }
 }
 
@@ -105,6 +106,117 @@ macro_rules! directory_store_suite {
                         .expect("delete again")
                 );
                 assert!(store.all_agencies().await.expect("list").is_empty());
+            }
+
+            #[tokio::test]
+            async fn a_move_cuts_over_once_under_the_current_token_and_a_cancel_undoes_it() {
+                let (store, _guard) = $open.await;
+                store
+                    .insert_agency(&agency("alpha"), None)
+                    .await
+                    .expect("insert");
+                let now = fedmesh_common::time::now_micros();
+                let first = store
+                    .acquire_lease(crate::lease::LEADER, "a", now, 1)
+                    .await
+                    .expect("acquire")
+                    .expect("a leads");
+                let record = |move_id: &str| crate::moves::MoveRecord {
+                    move_id: move_id.to_string(),
+                    agency_id: "alpha".into(),
+                    from_region: "east".into(),
+                    from_shard: "east-1".into(),
+                    to_region: "west".into(),
+                    to_shard: "west-1".into(),
+                    phase: crate::moves::MovePhase::Copying,
+                    messages_copied: 0,
+                    keys_copied: 0,
+                    last_error: String::new(),
+                    started_at_micros: 5,
+                    updated_at_micros: 5,
+                };
+                assert!(store.begin_move(&record("m1")).await.expect("begin"));
+                let again = store.begin_move(&record("m2")).await;
+                assert!(matches!(again, Err(StoreError::Conflict)), "{again:?}");
+                let mut ghost = record("m3");
+                ghost.agency_id = "nobody".into();
+                assert!(!store.begin_move(&ghost).await.expect("begin"));
+                assert!(store.all_agencies().await.expect("list")[0].moving);
+                assert_eq!(
+                    store.moves_under_way().await.expect("list").len(),
+                    1,
+                    "only the first began"
+                );
+                // Another replica took the lease: the old token cuts nothing over.
+                let taken = store
+                    .acquire_lease(crate::lease::LEADER, "b", now + 10, 1_000_000)
+                    .await
+                    .expect("acquire")
+                    .expect("b takes it");
+                let fenced = store.cut_over_move(first.token, "m1", None).await;
+                assert!(
+                    matches!(fenced, Err(StoreError::Fenced { .. })),
+                    "{fenced:?}"
+                );
+                let cut = store
+                    .cut_over_move(taken.token, "m1", None)
+                    .await
+                    .expect("cut over")
+                    .expect("copying");
+                assert_eq!(cut.phase, crate::moves::MovePhase::Releasing);
+                let moved = &store.all_agencies().await.expect("list")[0];
+                assert_eq!(
+                    (moved.region.as_str(), moved.shard.as_str(), moved.moving),
+                    ("west", "west-1", false)
+                );
+                let late = store
+                    .cancel_move("m1")
+                    .await
+                    .expect("cancel")
+                    .expect("known");
+                assert_eq!(
+                    late.phase,
+                    crate::moves::MovePhase::Releasing,
+                    "too late to cancel"
+                );
+                let done = store
+                    .finish_move(taken.token, "m1")
+                    .await
+                    .expect("finish")
+                    .expect("releasing");
+                assert_eq!(done.phase, crate::moves::MovePhase::Done);
+                assert!(store.moves_under_way().await.expect("list").is_empty());
+
+                // A move back, cancelled before its cut-over, leaves alpha in the west.
+                let mut back = record("m4");
+                (back.from_region, back.from_shard) = ("west".into(), "west-1".into());
+                (back.to_region, back.to_shard) = ("east".into(), "east-1".into());
+                assert!(store.begin_move(&back).await.expect("begin"));
+                let cancelling = store
+                    .cancel_move("m4")
+                    .await
+                    .expect("cancel")
+                    .expect("known");
+                assert_eq!(cancelling.phase, crate::moves::MovePhase::Cancelling);
+                assert_eq!(
+                    store
+                        .cut_over_move(taken.token, "m4", None)
+                        .await
+                        .expect("cut over"),
+                    None
+                );
+                let cancelled = store
+                    .finish_move(taken.token, "m4")
+                    .await
+                    .expect("finish")
+                    .expect("cancelling");
+                assert_eq!(cancelled.phase, crate::moves::MovePhase::Cancelled);
+                let stayed = &store.all_agencies().await.expect("list")[0];
+                assert_eq!(
+                    (stayed.region.as_str(), stayed.shard.as_str(), stayed.moving),
+                    ("west", "west-1", false)
+                );
+                assert_eq!(store.agency_move("m4").await.expect("get"), Some(cancelled));
             }
 
             #[tokio::test]

@@ -44,6 +44,13 @@ impl RelayService {
         }
         shared.check_access(&message.sender_id, &message.recipient_id, &message.kind)?;
         let home = shared.home_of(&message.recipient_id).await?;
+        // The origin gateway holds a write for a moving agency and sends it
+        // again once its topology shows where the agency went.
+        if home.moving {
+            return Err(GatewayError::AgencyMoving {
+                agency_id: message.recipient_id,
+            });
+        }
         if home.region != shared.region {
             return Err(GatewayError::WrongRegion {
                 agency_id: message.recipient_id,
@@ -84,10 +91,17 @@ fn result_to_pb(outcome: Result<pb::Receipt, GatewayError>) -> pb::ForwardResult
     let result = match outcome {
         Ok(receipt) => pb::forward_result::Result::Receipt(receipt),
         Err(error) => {
+            // The recipient does not live here (any more): the origin sends
+            // again once its topology shows where it lives.
+            let moved = matches!(
+                error,
+                GatewayError::AgencyMoving { .. } | GatewayError::WrongRegion { .. }
+            );
             let status = Status::from(error);
             pb::forward_result::Result::Error(pb::ForwardError {
                 code: status.code() as i32,
                 message: status.message().to_string(),
+                moved,
             })
         }
     };

@@ -58,6 +58,7 @@ mod tests {
         let home = |region: &str| AgencyHome {
             region: region.into(),
             shard: format!("{region}-1"),
+            moving: false,
         };
         assert_eq!(
             route(&topology, "east", &home("east"), 0),

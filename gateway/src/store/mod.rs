@@ -6,6 +6,13 @@
 //! messages, acknowledging writes `message.delivered`, each one outbox row
 //! listing the messages. A batch is divided into what is stored already,
 //! refused or new by the same rules on every backend (`plan`).
+//!
+//! An inbox moves between shards online: its old shard freezes it (a fence
+//! in the database refuses every later reservation of its sequences, see
+//! the `moving_inboxes` migrations), its messages and its agency's key
+//! claims are exported page by page and imported into the new shard, which
+//! then opens it where the old one stopped; the old shard forgets it,
+//! keeping the frozen row as a tombstone.
 
 mod plan;
 mod postgres;
@@ -25,7 +32,15 @@ use tokio_util::task::TaskTracker;
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::inbox::stream::Page;
-use crate::message::{Claimed, InboxMessage, InboxStats, KeyClaim, Message, Outcome, ToStore};
+use crate::message::{
+    Claimed, Fingerprint, InboxMessage, InboxPosition, InboxStats, KeyClaim, Message, MovedKey,
+    MovedMessage, Outcome, ToStore,
+};
+
+/// How many rows one statement of [`MessageStore::forget_agency`] deletes:
+/// each is its own transaction, so that forgetting a large inbox never
+/// holds a lock (SQLite's one write lock) for long.
+const FORGET_CHUNK: u32 = 5_000;
 
 /// Opens the shard at `url`: `postgres://...` or `sqlite://...`, with at most
 /// `max_connections` for reads, acks and background work, and on PostgreSQL
@@ -87,7 +102,18 @@ impl BatchClock {
 
 /// A stored sequence, which is never negative.
 fn to_sequence(value: i64) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative sequence {value}")))
+    u64::try_from(value).map_err(|_| StoreError::corrupt(format!("negative sequence {value}")))
+}
+
+/// A fingerprint as stored (NULL for keys claimed before they were kept).
+fn fingerprint_from(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError> {
+    bytes
+        .map(|bytes| {
+            <[u8; 32]>::try_from(bytes.as_slice())
+                .map(Fingerprint)
+                .map_err(|_| StoreError::corrupt("a fingerprint is not 32 bytes"))
+        })
+        .transpose()
 }
 
 /// A `messages` row (with its `headers` as a JSON object) as an inbox
@@ -110,12 +136,50 @@ where
             recipient_id: row.try_get("recipient_id")?,
             kind: row.try_get("kind")?,
             payload: row.try_get("payload")?,
-            headers: serde_json::from_str(&headers)
-                .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+            headers: serde_json::from_str(&headers).map_err(StoreError::corrupt)?,
             idempotency_key: row.try_get("idempotency_key")?,
             origin_region: row.try_get("origin_region")?,
             accepted_at_micros: row.try_get("accepted_at")?,
         },
+    })
+}
+
+/// A `messages` row with `stored_at` and `acked_at` as a message to move,
+/// on either backend.
+fn moved_message_from_row<R>(row: &R) -> Result<MovedMessage, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let InboxMessage { sequence, message } = inbox_message_from_row(row)?;
+    Ok(MovedMessage {
+        sequence,
+        message,
+        stored_at_micros: row.try_get("stored_at")?,
+        acked_at_micros: row.try_get("acked_at")?,
+    })
+}
+
+/// An `idempotency_keys` row as a claim to move, on either backend.
+fn moved_key_from_row<R>(row: &R) -> Result<MovedKey, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(MovedKey {
+        sender_id: row.try_get("sender_id")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        fingerprint: fingerprint_from(row.try_get("fingerprint")?)?,
+        message_id: row.try_get("message_id")?,
+        claimed_at_micros: row.try_get("claimed_at")?,
     })
 }
 
@@ -161,7 +225,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// message. A message whose id is stored already, or whose key names a
     /// message with the same content, is not stored again: its outcome
     /// names the original with `duplicate` set. A message whose key names a
-    /// message with other content is refused ([`crate::message::KeyInUse`]).
+    /// message with other content is refused
+    /// ([`crate::message::Refused::KeyInUse`]), and so is a message for a
+    /// frozen inbox ([`crate::message::Refused::Moved`]); the rest of the
+    /// batch is stored all the same.
     async fn insert_batch(&self, batch: &[ToStore]) -> Result<Vec<Outcome>, StoreError>;
 
     /// Claims idempotency keys of senders homed on this shard for messages
@@ -186,6 +253,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Records that a new Receive stream of `recipient_id` opens and returns
     /// its epoch: higher than that of every earlier stream of the inbox on
     /// this shard. Other replicas hear of it and end their older streams.
+    /// Fails with [`StoreError::InboxMoved`] if the inbox is frozen.
     async fn claim_inbox(&self, recipient_id: &str) -> Result<u64, StoreError>;
 
     /// The epoch of the newest stream of `recipient_id` (0 before any).
@@ -203,6 +271,78 @@ pub trait MessageStore: Send + Sync + 'static {
     /// (microseconds since the epoch); returns how many. Unacknowledged
     /// messages are never deleted.
     async fn purge_acked(&self, acked_before: i64, limit: u32) -> Result<u64, StoreError>;
+
+    /// Freezes the inbox of `agency_id` before it moves to another shard
+    /// (creating its row, at sequence 0, if it has none): from its commit
+    /// on, no message for it is stored here ([`crate::message::Refused::Moved`])
+    /// and no stream of it opens. It waits for a batch in flight for the
+    /// inbox, which holds the inbox's row. Like [`MessageStore::claim_inbox`]
+    /// it takes the next stream epoch, so that the inbox's streams end on
+    /// every replica, and returns it. Freezing a frozen inbox again is
+    /// harmless.
+    async fn freeze_inbox(&self, agency_id: &str) -> Result<u64, StoreError>;
+
+    /// Lets the inbox of `agency_id` take messages and streams again (its
+    /// move was cancelled); its sequences go on where they stopped.
+    async fn thaw_inbox(&self, agency_id: &str) -> Result<(), StoreError>;
+
+    /// Where the inbox of `agency_id` stands: its last sequence and stream
+    /// epoch (0 each for an inbox this shard has never seen).
+    async fn inbox_position(&self, agency_id: &str) -> Result<InboxPosition, StoreError>;
+
+    /// A page of the messages of `agency_id` (as recipient) to move,
+    /// acknowledged or not: those after `after_sequence` in sequence order,
+    /// at most `max_rows`, stopping before the message whose payload would
+    /// take the page past `max_bytes` (the first message is always
+    /// returned). An empty page means the inbox is exported.
+    async fn export_messages(
+        &self,
+        agency_id: &str,
+        after_sequence: u64,
+        max_rows: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<MovedMessage>, StoreError>;
+
+    /// A page of the idempotency key claims of `agency_id` (as sender) to
+    /// move: at most `max_rows` of those after `after_key`, in key order.
+    async fn export_keys(
+        &self,
+        agency_id: &str,
+        after_key: Option<&str>,
+        max_rows: u32,
+    ) -> Result<Vec<MovedKey>, StoreError>;
+
+    /// Stores moved messages as they were, in one transaction and without
+    /// events: their sequences, when they were stored and acknowledged. A
+    /// message stored already keeps its row, and takes the acknowledgement
+    /// time of the moved one if it had none (so that copying an inbox again
+    /// brings the acknowledgements made meanwhile). Returns how many were
+    /// new here.
+    async fn import_messages(&self, messages: &[MovedMessage]) -> Result<u64, StoreError>;
+
+    /// Stores moved key claims in one transaction; a claim of the same
+    /// (sender, key) already here is kept. Returns how many were new here.
+    async fn import_keys(&self, keys: &[MovedKey]) -> Result<u64, StoreError>;
+
+    /// Opens the inbox of `agency_id` after its messages were imported:
+    /// it takes messages (and streams) again, its sequences continue after
+    /// `position.last_sequence` and its stream epochs after
+    /// `position.epoch`, unless it is further on here already.
+    async fn open_imported_inbox(
+        &self,
+        agency_id: &str,
+        position: InboxPosition,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes what this shard holds of `agency_id`: its messages (as
+    /// recipient), its key claims (as sender) and its stream epoch, in
+    /// chunks of their own transactions, and returns how many messages and
+    /// claims it deleted. The inbox is frozen first, so that nothing is
+    /// stored for it meanwhile; with `keep_frozen` its row stays frozen
+    /// after, a tombstone that still refuses a stale gateway's messages,
+    /// without it the row goes too and the inbox starts anew from sequence
+    /// 1 (an import undone).
+    async fn forget_agency(&self, agency_id: &str, keep_frozen: bool) -> Result<u64, StoreError>;
 
     /// This shard's outbox, for the outbox relay.
     fn outbox(&self) -> Arc<dyn Outbox>;

@@ -1,15 +1,19 @@
 //! How a batch of messages divides into what is stored already, what is
 //! refused and what is new: the same rules on every backend, apart from the
-//! queries that find what is stored.
+//! queries that find what is stored. A message is refused when its key
+//! names another message, or when its recipient's inbox is frozen (it is
+//! moving to another shard).
 //!
 //! A backend (1) looks up what [`Lookups`] asks for, (2) hands what it found
 //! as [`Known`] to [`plan`], (3) stores the plan's new messages, numbering
 //! them, with their key claims and their events, and (4) turns the plan and
 //! the new messages' sequences into one [`Outcome`] per message.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use crate::message::{ExistingClaim, Fingerprint, KeyInUse, Message, Outcome, Stored, ToStore};
+use crate::message::{
+    ExistingClaim, Fingerprint, KeyInUse, Message, Outcome, Refused, Stored, ToStore,
+};
 
 /// What to look up before a batch is planned.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -18,16 +22,24 @@ pub(crate) struct Lookups<'a> {
     pub(crate) ids: Vec<&'a str>,
     /// (sender, key) pairs whose claims may exist.
     pub(crate) keys: Vec<(&'a str, &'a str)>,
+    /// Recipients whose inboxes may be frozen, each once.
+    pub(crate) recipients: Vec<&'a str>,
 }
 
 /// What a backend needs to look up for `batch`. A first attempt looks up
 /// only the ids of messages that may exist: a key claimed before fails the
 /// insert of its claim (a unique violation), and the batch is tried again
 /// with `everything`, which also looks up every key claimed and every id
-/// (a failed attempt may have committed after all).
+/// (a failed attempt may have committed after all), and which of the
+/// recipients' inboxes are frozen (a first attempt that met one fails: see
+/// the migration that adds the fence).
 pub(crate) fn lookups(batch: &[ToStore], everything: bool) -> Lookups<'_> {
     let mut lookups = Lookups::default();
+    let mut recipients = HashSet::new();
     for item in batch {
+        if everything && recipients.insert(item.message.recipient_id.as_str()) {
+            lookups.recipients.push(&item.message.recipient_id);
+        }
         if everything || item.may_exist {
             lookups.ids.push(&item.message.message_id);
         }
@@ -48,6 +60,8 @@ pub(crate) struct Known {
     pub(crate) stored: HashMap<String, (u64, i64)>,
     /// Claimed keys by (sender, key).
     pub(crate) claims: HashMap<(String, String), ExistingClaim>,
+    /// Recipients whose inboxes are frozen.
+    pub(crate) frozen: HashSet<String>,
 }
 
 impl Known {
@@ -87,7 +101,7 @@ pub(crate) struct NewMessage<'a> {
 #[derive(Debug)]
 enum Slot {
     Known(Stored),
-    Refused(KeyInUse),
+    Refused(Refused),
     New(usize),
     SameAs(usize),
 }
@@ -102,7 +116,9 @@ pub(crate) struct Plan<'a> {
 
 /// Divides `batch` by what is `known`. A repeat inside the batch (same id,
 /// or same key with the same content) is a duplicate of its first
-/// occurrence; the same key with other content is refused.
+/// occurrence; the same key with other content is refused. A message for a
+/// frozen inbox is refused unless it is stored already: its receipt is
+/// true whatever became of the inbox since.
 pub(crate) fn plan<'a>(batch: &'a [ToStore], known: &'a Known) -> Plan<'a> {
     let mut slots = Vec::with_capacity(batch.len());
     let mut new: Vec<NewMessage<'a>> = Vec::new();
@@ -122,9 +138,9 @@ pub(crate) fn plan<'a>(batch: &'a [ToStore], known: &'a Known) -> Plan<'a> {
             let claimed = known.claims.get(&(sender.to_string(), key.to_string()));
             if let Some(claimed) = claimed {
                 if !claimed.matches(fingerprint) {
-                    slots.push(Slot::Refused(KeyInUse {
+                    slots.push(Slot::Refused(Refused::KeyInUse(KeyInUse {
                         message_id: claimed.message_id.clone(),
-                    }));
+                    })));
                     continue;
                 }
                 // A retry: it is the message the key names.
@@ -135,15 +151,21 @@ pub(crate) fn plan<'a>(batch: &'a [ToStore], known: &'a Known) -> Plan<'a> {
                 if first.claim.as_ref() == Some(fingerprint) {
                     slots.push(Slot::SameAs(index));
                 } else {
-                    slots.push(Slot::Refused(KeyInUse {
+                    slots.push(Slot::Refused(Refused::KeyInUse(KeyInUse {
                         message_id: first.message_id.to_string(),
-                    }));
+                    })));
                 }
                 continue;
             }
         }
         if let Some(stored) = known.stored(message_id) {
             slots.push(Slot::Known(stored));
+            continue;
+        }
+        // Its key is not claimed either: a retry sent to the inbox's new
+        // shard claims it there.
+        if known.frozen.contains(&message.recipient_id) {
+            slots.push(Slot::Refused(Refused::Moved));
             continue;
         }
         if let Some(&index) = first_by_id.get(message_id) {
@@ -258,9 +280,11 @@ mod tests {
         let first = lookups(&batch, false);
         assert_eq!(first.ids, vec!["m2"]);
         assert!(first.keys.is_empty());
+        assert!(first.recipients.is_empty());
         let again = lookups(&batch, true);
         assert_eq!(again.ids, vec!["m1", "m2"]);
         assert_eq!(again.keys, vec![("sender", "k1")]);
+        assert_eq!(again.recipients, vec!["reader"], "each recipient once");
     }
 
     #[test]
@@ -301,9 +325,9 @@ mod tests {
         );
         assert_eq!(
             outcomes[1],
-            Err(KeyInUse {
+            Err(Refused::KeyInUse(KeyInUse {
                 message_id: "m0".into()
-            })
+            }))
         );
         assert!(!outcomes[2].as_ref().expect("stored").duplicate);
     }
@@ -342,9 +366,9 @@ mod tests {
         assert!(outcomes[1].as_ref().expect("same").duplicate);
         assert_eq!(
             outcomes[2],
-            Err(KeyInUse {
+            Err(Refused::KeyInUse(KeyInUse {
                 message_id: "m1".into()
-            })
+            }))
         );
         assert!(outcomes[4].as_ref().expect("same id").duplicate);
         assert_eq!(outcomes[4].as_ref().expect("same id").sequence, 2);
@@ -365,6 +389,28 @@ mod tests {
         assert!(!duplicate(0), "stored by this batch's lost attempt");
         assert!(duplicate(1), "a repeat inside the batch");
         assert!(duplicate(2), "stored by an earlier batch");
+    }
+
+    #[test]
+    fn a_frozen_inbox_refuses_what_it_does_not_hold_already() {
+        let mut batch = vec![
+            item("m1", None, "a", true),
+            item("m2", Some("k2"), "b", false),
+            item("m3", None, "c", false),
+            item("m4", None, "d", false),
+        ];
+        batch[3].message.recipient_id = "other".into();
+        let mut known = Known::default();
+        known.stored.insert("m1".into(), (1, 10));
+        known.frozen.insert("reader".into());
+        let plan = plan(&batch, &known);
+        assert_eq!(plan.new.len(), 1);
+        assert_eq!(plan.new[0].message_id, "m4");
+        let outcomes = plan.outcomes(&[1], 20);
+        assert!(outcomes[0].as_ref().expect("held already").duplicate);
+        assert_eq!(outcomes[1], Err(Refused::Moved));
+        assert_eq!(outcomes[2], Err(Refused::Moved));
+        assert!(!outcomes[3].as_ref().expect("another inbox").duplicate);
     }
 
     #[test]

@@ -9,11 +9,15 @@ use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
 use super::plan::{self, Known, NewMessage};
-use super::{BatchClock, MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
+use super::{
+    BatchClock, FORGET_CHUNK, MessageStore, PoolUsage, fingerprint_from, inbox_message_from_row,
+    moved_key_from_row, moved_message_from_row, to_sequence,
+};
 use crate::error::StoreError;
 use crate::inbox::stream::Page;
 use crate::message::{
-    Claimed, ExistingClaim, Fingerprint, InboxMessage, InboxStats, KeyClaim, Outcome, ToStore,
+    Claimed, ExistingClaim, Fingerprint, InboxMessage, InboxPosition, InboxStats, KeyClaim,
+    MovedKey, MovedMessage, Outcome, ToStore,
 };
 
 /// A shard on SQLite.
@@ -49,17 +53,6 @@ impl SqliteMessageStore {
 
 fn to_sql_sequence(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// A fingerprint as stored.
-fn fingerprint_from(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, StoreError> {
-    bytes
-        .map(|bytes| {
-            <[u8; 32]>::try_from(bytes.as_slice())
-                .map(Fingerprint)
-                .map_err(|_| StoreError::corrupt("a fingerprint is not 32 bytes"))
-        })
-        .transpose()
 }
 
 impl SqliteMessageStore {
@@ -108,14 +101,25 @@ impl SqliteMessageStore {
         Ok(())
     }
 
-    /// Step 1: what the shard holds of what `batch` may repeat. In one write
-    /// transaction nothing races, so everything is looked up at once.
+    /// Step 1: what the shard holds of what `batch` may repeat, and which
+    /// of its recipients' inboxes are frozen. In one write transaction
+    /// nothing races, so everything is looked up at once, and the fence (a
+    /// trigger) never fails a statement of the batch.
     async fn look_up(
         connection: &mut sqlx::SqliteConnection,
         batch: &[ToStore],
     ) -> Result<Known, StoreError> {
         let wanted = plan::lookups(batch, true);
         let mut known = Known::default();
+        let recipients = serde_json::to_string(&wanted.recipients).map_err(StoreError::corrupt)?;
+        let frozen: Vec<String> = sqlx::query_scalar(
+            "SELECT recipient_id FROM inboxes \
+             WHERE frozen AND recipient_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(recipients)
+        .fetch_all(&mut *connection)
+        .await?;
+        known.frozen.extend(frozen);
         for (sender_id, key) in wanted.keys {
             if let Some(claim) = Self::claim_of(connection, sender_id, key).await? {
                 known
@@ -199,6 +203,65 @@ impl SqliteMessageStore {
             sequences.push(to_sequence(sequence)?);
         }
         Ok(sequences)
+    }
+
+    /// Takes the next stream epoch of `recipient_id`.
+    async fn next_epoch(
+        connection: &mut sqlx::SqliteConnection,
+        recipient_id: &str,
+    ) -> Result<u64, StoreError> {
+        let epoch: i64 = sqlx::query_scalar(
+            "INSERT INTO inbox_streams (recipient_id, epoch) VALUES (?, 1) \
+             ON CONFLICT (recipient_id) DO UPDATE SET epoch = epoch + 1 RETURNING epoch",
+        )
+        .bind(recipient_id)
+        .fetch_one(connection)
+        .await?;
+        to_sequence(epoch)
+    }
+
+    /// Freezes or thaws the inbox of `recipient_id`, creating its row if
+    /// it has none. Its sequences are not touched, so the fence lets this
+    /// through.
+    async fn set_frozen(
+        connection: &mut sqlx::SqliteConnection,
+        recipient_id: &str,
+        frozen: bool,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO inboxes (recipient_id, last_sequence, frozen) VALUES (?, 0, ?) \
+             ON CONFLICT (recipient_id) DO UPDATE SET frozen = excluded.frozen",
+        )
+        .bind(recipient_id)
+        .bind(frozen)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes, a chunk per transaction, the rows `delete_chunk` names
+    /// (a DELETE whose parameters are the agency and the chunk size);
+    /// returns how many.
+    async fn delete_in_chunks(
+        &self,
+        delete_chunk: &str,
+        agency_id: &str,
+    ) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let mut transaction = begin_write(&self.pool).await?;
+            let chunk = sqlx::query(delete_chunk)
+                .bind(agency_id)
+                .bind(i64::from(FORGET_CHUNK))
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected();
+            transaction.commit().await?;
+            deleted += chunk;
+            if chunk < u64::from(FORGET_CHUNK) {
+                return Ok(deleted);
+            }
+        }
     }
 }
 
@@ -299,15 +362,17 @@ impl MessageStore for SqliteMessageStore {
 
     async fn claim_inbox(&self, recipient_id: &str) -> Result<u64, StoreError> {
         let mut transaction = begin_write(&self.pool).await?;
-        let epoch: i64 = sqlx::query_scalar(
-            "INSERT INTO inbox_streams (recipient_id, epoch) VALUES (?, 1) \
-             ON CONFLICT (recipient_id) DO UPDATE SET epoch = epoch + 1 RETURNING epoch",
-        )
-        .bind(recipient_id)
-        .fetch_one(&mut *transaction)
-        .await?;
+        let frozen: Option<bool> =
+            sqlx::query_scalar("SELECT frozen FROM inboxes WHERE recipient_id = ?")
+                .bind(recipient_id)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        if frozen == Some(true) {
+            return Err(StoreError::InboxMoved(recipient_id.to_string()));
+        }
+        let epoch = Self::next_epoch(&mut transaction, recipient_id).await?;
         transaction.commit().await?;
-        to_sequence(epoch)
+        Ok(epoch)
     }
 
     async fn inbox_stats(&self, recipient_id: &str) -> Result<InboxStats, StoreError> {
@@ -385,6 +450,218 @@ impl MessageStore for SqliteMessageStore {
         .execute(&self.pool)
         .await?;
         Ok(deleted.rows_affected())
+    }
+
+    async fn freeze_inbox(&self, agency_id: &str) -> Result<u64, StoreError> {
+        let mut transaction = begin_write(&self.pool).await?;
+        Self::set_frozen(&mut transaction, agency_id, true).await?;
+        let epoch = Self::next_epoch(&mut transaction, agency_id).await?;
+        transaction.commit().await?;
+        Ok(epoch)
+    }
+
+    async fn thaw_inbox(&self, agency_id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE inboxes SET frozen = FALSE WHERE recipient_id = ?")
+            .bind(agency_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn inbox_position(&self, agency_id: &str) -> Result<InboxPosition, StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT last_sequence FROM inboxes WHERE recipient_id = ?1) AS last_sequence, \
+             (SELECT epoch FROM inbox_streams WHERE recipient_id = ?1) AS epoch",
+        )
+        .bind(agency_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(InboxPosition {
+            last_sequence: to_sequence(
+                row.try_get::<Option<i64>, _>("last_sequence")?.unwrap_or(0),
+            )?,
+            epoch: to_sequence(row.try_get::<Option<i64>, _>("epoch")?.unwrap_or(0))?,
+        })
+    }
+
+    async fn export_messages(
+        &self,
+        agency_id: &str,
+        after_sequence: u64,
+        max_rows: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<MovedMessage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
+             idempotency_key, origin_region, accepted_at, stored_at, acked_at FROM ( \
+               SELECT *, sum(length(payload)) OVER (ORDER BY sequence) AS bytes_through, \
+                 row_number() OVER (ORDER BY sequence) AS row_number \
+               FROM (SELECT * FROM messages WHERE recipient_id = ?1 AND sequence > ?2 \
+                     ORDER BY sequence LIMIT ?3)) \
+             WHERE bytes_through <= ?4 OR row_number = 1 ORDER BY sequence",
+        )
+        .bind(agency_id)
+        .bind(to_sql_sequence(after_sequence))
+        .bind(i64::from(max_rows))
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(moved_message_from_row).collect()
+    }
+
+    async fn export_keys(
+        &self,
+        agency_id: &str,
+        after_key: Option<&str>,
+        max_rows: u32,
+    ) -> Result<Vec<MovedKey>, StoreError> {
+        // Two statements rather than one with `?2 IS NULL OR ...`, which
+        // would read every page from the sender's first key.
+        let query = match after_key {
+            Some(after_key) => sqlx::query(
+                "SELECT sender_id, idempotency_key, fingerprint, message_id, claimed_at \
+                 FROM idempotency_keys WHERE sender_id = ? AND idempotency_key > ? \
+                 ORDER BY idempotency_key LIMIT ?",
+            )
+            .bind(agency_id)
+            .bind(after_key),
+            None => sqlx::query(
+                "SELECT sender_id, idempotency_key, fingerprint, message_id, claimed_at \
+                 FROM idempotency_keys WHERE sender_id = ? ORDER BY idempotency_key LIMIT ?",
+            )
+            .bind(agency_id),
+        };
+        let rows = query
+            .bind(i64::from(max_rows))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(moved_key_from_row).collect()
+    }
+
+    async fn import_messages(&self, messages: &[MovedMessage]) -> Result<u64, StoreError> {
+        let mut transaction = begin_write(&self.pool).await?;
+        let mut new = 0;
+        for moved in messages {
+            let message = &moved.message;
+            let headers = serde_json::to_string(&message.headers).map_err(StoreError::corrupt)?;
+            let inserted = sqlx::query(
+                "INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, \
+                 payload, headers, idempotency_key, origin_region, accepted_at, stored_at, acked_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (message_id) DO NOTHING",
+            )
+            .bind(&message.message_id)
+            .bind(&message.recipient_id)
+            .bind(to_sql_sequence(moved.sequence))
+            .bind(&message.sender_id)
+            .bind(&message.kind)
+            .bind(&message.payload)
+            .bind(headers)
+            .bind(&message.idempotency_key)
+            .bind(&message.origin_region)
+            .bind(message.accepted_at_micros)
+            .bind(moved.stored_at_micros)
+            .bind(moved.acked_at_micros)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            new += inserted;
+            if inserted == 0
+                && let Some(acked_at) = moved.acked_at_micros
+            {
+                sqlx::query(
+                    "UPDATE messages SET acked_at = ? WHERE message_id = ? AND acked_at IS NULL",
+                )
+                .bind(acked_at)
+                .bind(&message.message_id)
+                .execute(&mut *transaction)
+                .await?;
+            }
+        }
+        transaction.commit().await?;
+        Ok(new)
+    }
+
+    async fn import_keys(&self, keys: &[MovedKey]) -> Result<u64, StoreError> {
+        let mut transaction = begin_write(&self.pool).await?;
+        let mut new = 0;
+        for key in keys {
+            new += sqlx::query(
+                "INSERT INTO idempotency_keys (sender_id, idempotency_key, fingerprint, message_id, claimed_at) \
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT (sender_id, idempotency_key) DO NOTHING",
+            )
+            .bind(&key.sender_id)
+            .bind(&key.idempotency_key)
+            .bind(key.fingerprint.as_ref().map(|fingerprint| &fingerprint.0[..]))
+            .bind(&key.message_id)
+            .bind(key.claimed_at_micros)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+        }
+        transaction.commit().await?;
+        Ok(new)
+    }
+
+    async fn open_imported_inbox(
+        &self,
+        agency_id: &str,
+        position: InboxPosition,
+    ) -> Result<(), StoreError> {
+        let mut transaction = begin_write(&self.pool).await?;
+        // Thawed first: the fence refuses a new last sequence for a row
+        // that is frozen when the statement starts.
+        Self::set_frozen(&mut transaction, agency_id, false).await?;
+        sqlx::query(
+            "UPDATE inboxes SET last_sequence = ?2 WHERE recipient_id = ?1 AND last_sequence < ?2",
+        )
+        .bind(agency_id)
+        .bind(to_sql_sequence(position.last_sequence))
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query(
+            "INSERT INTO inbox_streams (recipient_id, epoch) VALUES (?, ?) \
+             ON CONFLICT (recipient_id) DO UPDATE SET epoch = max(epoch, excluded.epoch)",
+        )
+        .bind(agency_id)
+        .bind(to_sql_sequence(position.epoch))
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn forget_agency(&self, agency_id: &str, keep_frozen: bool) -> Result<u64, StoreError> {
+        let mut transaction = begin_write(&self.pool).await?;
+        Self::set_frozen(&mut transaction, agency_id, true).await?;
+        transaction.commit().await?;
+        let messages = self
+            .delete_in_chunks(
+                "DELETE FROM messages WHERE rowid IN \
+                 (SELECT rowid FROM messages WHERE recipient_id = ?1 LIMIT ?2)",
+                agency_id,
+            )
+            .await?;
+        let keys = self
+            .delete_in_chunks(
+                "DELETE FROM idempotency_keys WHERE rowid IN \
+                 (SELECT rowid FROM idempotency_keys WHERE sender_id = ?1 LIMIT ?2)",
+                agency_id,
+            )
+            .await?;
+        let mut transaction = begin_write(&self.pool).await?;
+        sqlx::query("DELETE FROM inbox_streams WHERE recipient_id = ?")
+            .bind(agency_id)
+            .execute(&mut *transaction)
+            .await?;
+        if !keep_frozen {
+            sqlx::query("DELETE FROM inboxes WHERE recipient_id = ?")
+                .bind(agency_id)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(messages + keys)
     }
 
     fn pool_usage(&self) -> PoolUsage {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
 
 use super::*;
-use crate::message::{KeyInUse, Stored};
+use crate::message::{KeyInUse, Refused, Stored};
 
 fn message(message_id: &str, recipient_id: &str, idempotency_key: Option<&str>) -> Message {
     Message {
@@ -92,6 +92,77 @@ async fn unacked_sequences(store: &dyn MessageStore, recipient_id: &str) -> Vec<
 
 async fn events(store: &dyn MessageStore) -> Vec<Event> {
     fedmesh_common::testing::drain_outbox(store.outbox().as_ref()).await
+}
+
+/// A message `sender_id` sends `recipient_id`, its key claimed with it.
+fn sent_by(sender_id: &str, message_id: &str, recipient_id: &str, key: &str) -> ToStore {
+    let mut item = keyed(message_id, recipient_id, key, message_id);
+    item.message.sender_id = sender_id.to_string();
+    item.claim = Some(item.message.fingerprint());
+    item
+}
+
+/// Every message of `agency_id`'s inbox, as a move exports it.
+async fn exported_messages(store: &dyn MessageStore, agency_id: &str) -> Vec<MovedMessage> {
+    store
+        .export_messages(agency_id, 0, 1000, usize::MAX)
+        .await
+        .expect("export")
+}
+
+/// Every key claim of `agency_id`, as a move exports it.
+async fn exported_keys(store: &dyn MessageStore, agency_id: &str) -> Vec<MovedKey> {
+    store
+        .export_keys(agency_id, None, 1000)
+        .await
+        .expect("export keys")
+}
+
+/// Copies the messages of `agency_id` page by page; returns the size of
+/// each page and how many messages were new to `target`.
+async fn copy_messages(
+    source: &dyn MessageStore,
+    target: &dyn MessageStore,
+    agency_id: &str,
+    max_rows: u32,
+    max_bytes: usize,
+) -> (Vec<usize>, u64) {
+    let (mut pages, mut new, mut after_sequence) = (Vec::new(), 0, 0);
+    loop {
+        let page = source
+            .export_messages(agency_id, after_sequence, max_rows, max_bytes)
+            .await
+            .expect("export");
+        let Some(last) = page.last() else {
+            return (pages, new);
+        };
+        after_sequence = last.sequence;
+        new += target.import_messages(&page).await.expect("import");
+        pages.push(page.len());
+    }
+}
+
+/// Copies the key claims of `agency_id` page by page; returns the size of
+/// each page and how many claims were new to `target`.
+async fn copy_keys(
+    source: &dyn MessageStore,
+    target: &dyn MessageStore,
+    agency_id: &str,
+    max_rows: u32,
+) -> (Vec<usize>, u64) {
+    let (mut pages, mut new, mut after_key) = (Vec::new(), 0, None::<String>);
+    loop {
+        let page = source
+            .export_keys(agency_id, after_key.as_deref(), max_rows)
+            .await
+            .expect("export keys");
+        let Some(last) = page.last() else {
+            return (pages, new);
+        };
+        after_key = Some(last.idempotency_key.clone());
+        new += target.import_keys(&page).await.expect("import keys");
+        pages.push(page.len());
+    }
 }
 
 macro_rules! message_store_suite {
@@ -194,9 +265,9 @@ macro_rules! message_store_suite {
                     ])
                     .await
                     .expect("insert");
-                let refused = KeyInUse {
+                let refused = Refused::KeyInUse(KeyInUse {
                     message_id: "m1".into(),
-                };
+                });
                 assert_eq!(outcomes[0], Err(refused.clone()));
                 assert_eq!(
                     outcomes[1],
@@ -393,6 +464,376 @@ macro_rules! message_store_suite {
             }
 
             #[tokio::test]
+            async fn a_frozen_inbox_refuses_its_messages_and_the_rest_of_the_batch_is_stored() {
+                let (store, _guard) = $open.await;
+                stored(&store, &[fresh("a1", "alpha"), fresh("b1", "beta")]).await;
+                store.freeze_inbox("alpha").await.expect("freeze");
+                let outcomes = store
+                    .insert_batch(&[
+                        fresh("a2", "alpha"),
+                        fresh("b2", "beta"),
+                        keyed("a3", "alpha", "key-3", "c"),
+                        fresh("g1", "gamma"),
+                        fresh("b3", "beta"),
+                    ])
+                    .await
+                    .expect("the batch does not fail whole");
+                assert_eq!(outcomes[0], Err(Refused::Moved));
+                assert_eq!(outcomes[2], Err(Refused::Moved));
+                let sequences: Vec<u64> = [1, 3, 4]
+                    .iter()
+                    .map(|index| outcomes[*index].as_ref().expect("stored").sequence)
+                    .collect();
+                assert_eq!(sequences, vec![2, 1, 3], "the other inboxes go on as usual");
+                assert_eq!(ids_in_inbox(&store, "alpha").await, vec!["a1"]);
+                assert_eq!(ids_in_inbox(&store, "beta").await, vec!["b1", "b2", "b3"]);
+                assert_eq!(
+                    store
+                        .inbox_stats("alpha")
+                        .await
+                        .expect("stats")
+                        .last_sequence,
+                    1,
+                    "no sequence of the frozen inbox was taken"
+                );
+                let accepted: Vec<String> = events(&store)
+                    .await
+                    .into_iter()
+                    .filter_map(|event| event.message_id)
+                    .collect();
+                assert_eq!(accepted, vec!["a1", "b1", "b2", "g1", "b3"]);
+                // A batch of nothing but refusals; a message stored before
+                // the freeze is still reported stored.
+                let outcomes = store
+                    .insert_batch(&[fresh("a4", "alpha"), relayed("a1", "alpha")])
+                    .await
+                    .expect("insert");
+                assert_eq!(outcomes[0], Err(Refused::Moved));
+                let before = outcomes[1].as_ref().expect("stored before the freeze");
+                assert!(before.duplicate);
+                assert_eq!(before.sequence, 1);
+            }
+
+            #[tokio::test]
+            async fn freezing_an_inbox_takes_the_next_stream_epoch() {
+                let (store, _guard) = $open.await;
+                let streaming = store.claim_inbox("alpha").await.expect("claim");
+                let frozen = store.freeze_inbox("alpha").await.expect("freeze");
+                assert!(frozen > streaming, "the open stream ends");
+                assert_eq!(store.inbox_epoch("alpha").await.expect("epoch"), frozen);
+                let again = store.freeze_inbox("alpha").await.expect("freeze again");
+                assert!(again > frozen);
+                // An inbox this shard never saw is frozen all the same.
+                assert_eq!(store.freeze_inbox("nobody").await.expect("freeze"), 1);
+                assert_eq!(
+                    store.inbox_position("nobody").await.expect("position"),
+                    InboxPosition {
+                        last_sequence: 0,
+                        epoch: 1
+                    }
+                );
+                let outcomes = store
+                    .insert_batch(&[fresh("n1", "nobody")])
+                    .await
+                    .expect("insert");
+                assert_eq!(outcomes, vec![Err(Refused::Moved)]);
+            }
+
+            #[tokio::test]
+            async fn claiming_a_frozen_inbox_fails_with_inbox_moved() {
+                let (store, _guard) = $open.await;
+                stored(&store, &[fresh("a1", "alpha")]).await;
+                let frozen = store.freeze_inbox("alpha").await.expect("freeze");
+                match store.claim_inbox("alpha").await {
+                    Err(StoreError::InboxMoved(agency_id)) => assert_eq!(agency_id, "alpha"),
+                    other => panic!("a frozen inbox opens no stream: {other:?}"),
+                }
+                assert_eq!(
+                    store.inbox_epoch("alpha").await.expect("epoch"),
+                    frozen,
+                    "a refused claim takes no epoch"
+                );
+                assert!(store.claim_inbox("beta").await.is_ok());
+            }
+
+            #[tokio::test]
+            async fn a_thawed_inbox_takes_messages_again_where_it_stopped() {
+                let (store, _guard) = $open.await;
+                stored(&store, &[fresh("a1", "alpha"), fresh("a2", "alpha")]).await;
+                store.freeze_inbox("alpha").await.expect("freeze");
+                let refused = store
+                    .insert_batch(&[keyed("a3", "alpha", "key-3", "c")])
+                    .await
+                    .expect("insert");
+                assert_eq!(refused, vec![Err(Refused::Moved)]);
+                store.thaw_inbox("alpha").await.expect("thaw");
+                store
+                    .thaw_inbox("nobody")
+                    .await
+                    .expect("thawing an unknown inbox");
+                // The refused message claimed no key: sent again, it is new.
+                let again = stored(&store, &[keyed("a3", "alpha", "key-3", "c")]).await;
+                assert_eq!(again[0].sequence, 3);
+                assert!(!again[0].duplicate);
+                assert!(store.claim_inbox("alpha").await.is_ok());
+            }
+
+            #[tokio::test]
+            async fn an_exported_inbox_imports_into_another_shard_and_goes_on_there() {
+                let (source, _source_guard) = $open.await;
+                let (target, _target_guard) = $open.await;
+                let mut batch = Vec::new();
+                for index in 1..=5 {
+                    let mut item = keyed(
+                        &format!("a{index}"),
+                        "alpha",
+                        &format!("key-{index}"),
+                        "body",
+                    );
+                    item.message.payload = vec![b'0' + index; 1000];
+                    item.message
+                        .headers
+                        .insert("index".into(), index.to_string());
+                    item.claim = Some(item.message.fingerprint());
+                    batch.push(item);
+                }
+                // What alpha sends: its own key claims, which move with it.
+                batch.push(sent_by("alpha", "s1", "beta", "alpha-1"));
+                batch.push(sent_by("alpha", "s2", "beta", "alpha-2"));
+                batch.push(sent_by("alpha", "s3", "beta", "alpha-3"));
+                stored(&source, &batch).await;
+                let remote = sent_by("alpha", "s4", "remote", "alpha-0");
+                source
+                    .claim_keys(&[KeyClaim {
+                        sender_id: "alpha".into(),
+                        idempotency_key: "alpha-0".into(),
+                        fingerprint: remote.claim.expect("keyed"),
+                        message_id: "s4".into(),
+                    }])
+                    .await
+                    .expect("claim");
+                assert_eq!(source.ack("alpha", &[2]).await.expect("ack"), vec![2]);
+                source.claim_inbox("alpha").await.expect("claim");
+                source.freeze_inbox("alpha").await.expect("freeze");
+                let position = source.inbox_position("alpha").await.expect("position");
+                assert_eq!(
+                    position,
+                    InboxPosition {
+                        last_sequence: 5,
+                        epoch: 2
+                    }
+                );
+
+                // Pages stop at their byte limit, the first message always in.
+                let page =
+                    |max_rows, max_bytes| source.export_messages("alpha", 0, max_rows, max_bytes);
+                let sequences = |page: Vec<MovedMessage>| -> Vec<u64> {
+                    page.iter().map(|moved| moved.sequence).collect()
+                };
+                assert_eq!(sequences(page(10, 2000).await.expect("export")), vec![1, 2]);
+                assert_eq!(sequences(page(10, 2999).await.expect("export")), vec![1, 2]);
+                assert_eq!(sequences(page(10, 1).await.expect("export")), vec![1]);
+                assert_eq!(
+                    sequences(page(2, usize::MAX).await.expect("export")),
+                    vec![1, 2]
+                );
+
+                let (pages, new) = copy_messages(&source, &target, "alpha", 3, 2500).await;
+                assert_eq!(pages, vec![2, 2, 1]);
+                assert_eq!(new, 5);
+                let (pages, new) = copy_keys(&source, &target, "alpha", 3).await;
+                assert_eq!(pages, vec![3, 1]);
+                assert_eq!(new, 4);
+                let moved = exported_messages(&target, "alpha").await;
+                assert_eq!(moved, exported_messages(&source, "alpha").await);
+                assert_eq!(moved[2].message.payload, vec![b'3'; 1000]);
+                assert_eq!(moved[2].message.headers["index"], "3");
+                assert_eq!(moved[2].message.idempotency_key.as_deref(), Some("key-3"));
+                assert!(moved[1].acked_at_micros.is_some());
+                assert!(moved.iter().all(|moved| moved.stored_at_micros > 0));
+                let keys = exported_keys(&target, "alpha").await;
+                assert_eq!(keys, exported_keys(&source, "alpha").await);
+                let key_names: Vec<&str> = keys
+                    .iter()
+                    .map(|key| key.idempotency_key.as_str())
+                    .collect();
+                assert_eq!(key_names, vec!["alpha-0", "alpha-1", "alpha-2", "alpha-3"]);
+                assert!(
+                    exported_keys(&target, "sender").await.is_empty(),
+                    "only the moving agency's claims"
+                );
+                assert_eq!(unacked_sequences(&target, "alpha").await, vec![1, 3, 4, 5]);
+                assert!(
+                    events(&target).await.is_empty(),
+                    "an import is no new message"
+                );
+
+                // A move run again changes nothing, but brings acknowledgements.
+                assert_eq!(source.ack("alpha", &[3]).await.expect("ack"), vec![3]);
+                let (_, new) = copy_messages(&source, &target, "alpha", 1000, usize::MAX).await;
+                assert_eq!(new, 0);
+                let (_, new) = copy_keys(&source, &target, "alpha", 1000).await;
+                assert_eq!(new, 0);
+                assert_eq!(unacked_sequences(&target, "alpha").await, vec![1, 4, 5]);
+                assert_eq!(
+                    exported_messages(&target, "alpha").await,
+                    exported_messages(&source, "alpha").await
+                );
+
+                target
+                    .open_imported_inbox("alpha", position)
+                    .await
+                    .expect("open");
+                assert_eq!(
+                    target.inbox_position("alpha").await.expect("position"),
+                    position
+                );
+                let next = stored(&target, &[fresh("a6", "alpha")]).await;
+                assert_eq!(next[0].sequence, 6, "sequences go on from the old shard's");
+                let relayed_again = stored(&target, &[relayed("a1", "alpha")]).await;
+                assert!(relayed_again[0].duplicate);
+                assert_eq!(relayed_again[0].sequence, 1);
+                let claimed = target
+                    .claim_keys(&[KeyClaim {
+                        sender_id: "alpha".into(),
+                        idempotency_key: "alpha-1".into(),
+                        fingerprint: sent_by("alpha", "s9", "beta", "alpha-1")
+                            .claim
+                            .expect("keyed"),
+                        message_id: "s9".into(),
+                    }])
+                    .await
+                    .expect("claim");
+                let [Claimed::Existing(existing)] = claimed.as_slice() else {
+                    panic!("the imported claim holds: {claimed:?}");
+                };
+                assert_eq!(existing.message_id, "s1");
+                assert!(target.claim_inbox("alpha").await.expect("claim") > position.epoch);
+            }
+
+            #[tokio::test]
+            async fn opening_an_imported_inbox_keeps_a_position_further_on() {
+                let (store, _guard) = $open.await;
+                stored(&store, &[fresh("a1", "alpha"), fresh("a2", "alpha")]).await;
+                store.claim_inbox("alpha").await.expect("claim");
+                store.claim_inbox("alpha").await.expect("claim");
+                // An inbox frozen before its import opens too.
+                store.freeze_inbox("alpha").await.expect("freeze");
+                store
+                    .open_imported_inbox(
+                        "alpha",
+                        InboxPosition {
+                            last_sequence: 1,
+                            epoch: 1,
+                        },
+                    )
+                    .await
+                    .expect("open");
+                assert_eq!(
+                    store.inbox_position("alpha").await.expect("position"),
+                    InboxPosition {
+                        last_sequence: 2,
+                        epoch: 3
+                    }
+                );
+                assert_eq!(stored(&store, &[fresh("a3", "alpha")]).await[0].sequence, 3);
+            }
+
+            #[tokio::test]
+            async fn forgetting_a_moved_agency_leaves_a_tombstone_that_refuses_writes() {
+                let (store, _guard) = $open.await;
+                stored(
+                    &store,
+                    &[
+                        fresh("a1", "alpha"),
+                        keyed("a2", "alpha", "key-2", "b"),
+                        sent_by("alpha", "s1", "beta", "alpha-1"),
+                        sent_by("alpha", "s2", "beta", "alpha-2"),
+                        fresh("a3", "alpha"),
+                    ],
+                )
+                .await;
+                store.ack("alpha", &[1]).await.expect("ack");
+                store.claim_inbox("alpha").await.expect("claim");
+                store.freeze_inbox("alpha").await.expect("freeze");
+                let deleted = store.forget_agency("alpha", true).await.expect("forget");
+                assert_eq!(deleted, 5, "three messages and two claims");
+                assert!(exported_messages(&store, "alpha").await.is_empty());
+                assert!(exported_keys(&store, "alpha").await.is_empty());
+                assert_eq!(store.inbox_epoch("alpha").await.expect("epoch"), 0);
+                let late = store
+                    .insert_batch(&[fresh("a4", "alpha"), relayed("a1", "alpha")])
+                    .await
+                    .expect("insert");
+                assert_eq!(late, vec![Err(Refused::Moved), Err(Refused::Moved)]);
+                assert!(matches!(
+                    store.claim_inbox("alpha").await,
+                    Err(StoreError::InboxMoved(_))
+                ));
+                // What others hold stays: the messages alpha sent, the
+                // claims of other senders.
+                assert_eq!(ids_in_inbox(&store, "beta").await, vec!["s1", "s2"]);
+                assert_eq!(exported_keys(&store, "sender").await.len(), 1);
+                assert_eq!(store.forget_agency("alpha", true).await.expect("again"), 0);
+            }
+
+            #[tokio::test]
+            async fn forgetting_without_a_tombstone_lets_the_inbox_start_anew() {
+                let (store, _guard) = $open.await;
+                stored(
+                    &store,
+                    &[
+                        fresh("a1", "alpha"),
+                        fresh("a2", "alpha"),
+                        sent_by("alpha", "s1", "beta", "alpha-1"),
+                    ],
+                )
+                .await;
+                store.claim_inbox("alpha").await.expect("claim");
+                let deleted = store.forget_agency("alpha", false).await.expect("forget");
+                assert_eq!(deleted, 3);
+                assert_eq!(
+                    store.inbox_position("alpha").await.expect("position"),
+                    InboxPosition::default()
+                );
+                let anew = stored(
+                    &store,
+                    &[
+                        relayed("a1", "alpha"),
+                        sent_by("alpha", "s9", "beta", "alpha-1"),
+                    ],
+                )
+                .await;
+                assert_eq!(anew[0].sequence, 1);
+                assert!(!anew[0].duplicate, "forgotten");
+                assert_eq!(anew[1].message_id, "s9", "the key is free again");
+            }
+
+            #[tokio::test]
+            async fn forgetting_a_large_inbox_takes_several_chunks() {
+                let (store, _guard) = $open.await;
+                let count = FORGET_CHUNK as usize + 1;
+                let batch: Vec<ToStore> = (0..count)
+                    .map(|index| fresh(&format!("m{index}"), "alpha"))
+                    .collect();
+                stored(&store, &batch).await;
+                store.ack("alpha", &[1, 2, 3]).await.expect("ack");
+                let claims: Vec<KeyClaim> = (0..count)
+                    .map(|index| KeyClaim {
+                        sender_id: "alpha".into(),
+                        idempotency_key: format!("key-{index}"),
+                        fingerprint: Fingerprint([7; 32]),
+                        message_id: format!("r{index}"),
+                    })
+                    .collect();
+                store.claim_keys(&claims).await.expect("claim");
+                let deleted = store.forget_agency("alpha", true).await.expect("forget");
+                assert_eq!(deleted, 2 * count as u64);
+                assert!(exported_messages(&store, "alpha").await.is_empty());
+                assert!(exported_keys(&store, "alpha").await.is_empty());
+            }
+
+            #[tokio::test]
             async fn retention_purges_only_acknowledged_messages_and_old_keys() {
                 let (store, _guard) = $open.await;
                 stored(
@@ -434,6 +875,40 @@ async fn open_sqlite() -> (SqliteMessageStore, tempfile::TempDir) {
 
 message_store_suite!(sqlite, open_sqlite());
 
+#[tokio::test]
+async fn the_sqlite_fence_refuses_any_reservation_of_a_frozen_inbox() {
+    let (store, dir) = open_sqlite().await;
+    stored(&store, &[fresh("a1", "alpha"), fresh("b1", "beta")]).await;
+    store.freeze_inbox("alpha").await.expect("freeze");
+    // A writer that reserves without looking, as a gateway with a stale
+    // topology does.
+    let url = format!("sqlite://{}", dir.path().join("shard.sqlite").display());
+    let raw = sqlx::SqlitePool::connect(&url).await.expect("connect");
+    let reserve = |recipient_id: &'static str| {
+        sqlx::query(
+            "INSERT INTO inboxes (recipient_id, last_sequence) VALUES (?, 1) \
+             ON CONFLICT (recipient_id) DO UPDATE SET last_sequence = last_sequence + 1",
+        )
+        .bind(recipient_id)
+        .execute(&raw)
+    };
+    let refused = reserve("alpha").await.expect_err("fenced");
+    assert!(
+        refused.to_string().contains("fedmesh: inbox frozen"),
+        "{refused}"
+    );
+    reserve("beta").await.expect("another inbox");
+    raw.close().await;
+    assert_eq!(
+        store
+            .inbox_position("alpha")
+            .await
+            .expect("position")
+            .last_sequence,
+        1
+    );
+}
+
 async fn open_postgres() -> (PgMessageStore, fedmesh_common::testing::TestDatabase) {
     let database = fedmesh_common::testing::TestDatabase::create().await;
     let store = PgMessageStore::open(&database.url, "east", 4)
@@ -443,6 +918,62 @@ async fn open_postgres() -> (PgMessageStore, fedmesh_common::testing::TestDataba
 }
 
 message_store_suite!(postgres, open_postgres());
+
+#[tokio::test]
+async fn the_postgres_fence_refuses_any_reservation_of_a_frozen_inbox() {
+    let (store, database) = open_postgres().await;
+    stored(&store, &[fresh("a1", "alpha"), fresh("b1", "beta")]).await;
+    store.freeze_inbox("alpha").await.expect("freeze");
+    let raw = sqlx::PgPool::connect(&database.url).await.expect("connect");
+    let reserve = |recipient_id: &'static str| {
+        sqlx::query("UPDATE inboxes SET last_sequence = last_sequence + 1 WHERE recipient_id = $1")
+            .bind(recipient_id)
+            .execute(&raw)
+    };
+    let refused = StoreError::from(reserve("alpha").await.expect_err("fenced"));
+    assert_eq!(refused.sql_state().as_deref(), Some("FM001"), "{refused}");
+    reserve("beta").await.expect("another inbox");
+    raw.close().await;
+}
+
+#[tokio::test]
+async fn a_postgres_freeze_waits_for_the_batch_holding_the_inbox() {
+    let (store, database) = open_postgres().await;
+    stored(&store, &[fresh("a1", "alpha")]).await;
+    let raw = sqlx::PgPool::connect(&database.url).await.expect("connect");
+    // A batch in flight: it has reserved a sequence, not yet committed.
+    let mut in_flight = raw.begin().await.expect("begin");
+    sqlx::query(
+        "UPDATE inboxes SET last_sequence = last_sequence + 1 WHERE recipient_id = 'alpha'",
+    )
+    .execute(&mut *in_flight)
+    .await
+    .expect("reserve");
+    let freeze = store.freeze_inbox("alpha");
+    tokio::pin!(freeze);
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(300), &mut freeze).await;
+    assert!(
+        waited.is_err(),
+        "the freeze waits for the batch: {waited:?}"
+    );
+    in_flight.commit().await.expect("commit");
+    freeze.await.expect("freeze");
+    assert_eq!(
+        store
+            .inbox_position("alpha")
+            .await
+            .expect("position")
+            .last_sequence,
+        2,
+        "the batch in flight got through"
+    );
+    let late = store
+        .insert_batch(&[fresh("a3", "alpha")])
+        .await
+        .expect("insert");
+    assert_eq!(late, vec![Err(Refused::Moved)]);
+    raw.close().await;
+}
 
 /// A publisher that holds its first batch until told to go on.
 struct HeldPublisher {

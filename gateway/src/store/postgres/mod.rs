@@ -5,7 +5,9 @@
 //! the messages and one outbox row listing them. Relayed messages and
 //! retries reusing an id are looked up first (one more statement); a key
 //! claimed before makes the statement fail (unique violation), and the batch
-//! is tried again with everything looked up (see `plan`). After it, the new
+//! is tried again with everything looked up (see `plan`); so does a message
+//! for a frozen inbox (the fence's error), and the attempt after it refuses
+//! the messages of the inboxes it finds frozen. After it, the new
 //! messages are announced to the other replicas (see [`wakeups`]). Array
 //! parameters (`UNNEST`) carry the batch. Reads, acks, the lookups and the
 //! retention purges are planned at each execution, for the table as it is
@@ -25,18 +27,26 @@ use tokio_util::task::TaskTracker;
 
 use self::wakeups::Replicas;
 use super::plan::{self, Known, NewMessage};
-use super::{BatchClock, MessageStore, PoolUsage, inbox_message_from_row, to_sequence};
+use super::{
+    BatchClock, FORGET_CHUNK, MessageStore, PoolUsage, fingerprint_from, inbox_message_from_row,
+    moved_key_from_row, moved_message_from_row, to_sequence,
+};
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::inbox::stream::Page;
 use crate::message::{
-    Claimed, ExistingClaim, Fingerprint, InboxMessage, InboxStats, KeyClaim, Outcome, ToStore,
+    Claimed, ExistingClaim, InboxMessage, InboxPosition, InboxStats, KeyClaim, MovedKey,
+    MovedMessage, Outcome, ToStore,
 };
 
 pub use wakeups::{INBOX_CHANNEL, REPLICA_CHANNEL, STREAM_CHANNEL};
 
 /// How often a batch that lost a race (unique violation, deadlock) is tried.
 const MAX_ATTEMPTS: usize = 3;
+
+/// The SQLSTATE of the fence: a statement reserved sequences of a frozen
+/// inbox (see the `moving_inboxes` migration).
+const INBOX_FROZEN: &str = "FM001";
 
 /// A shard on PostgreSQL.
 #[derive(Debug, Clone)]
@@ -211,6 +221,16 @@ impl PgMessageStore {
     async fn look_up(&self, batch: &[ToStore], everything: bool) -> Result<Known, StoreError> {
         let wanted = plan::lookups(batch, everything);
         let mut known = Known::default();
+        if !wanted.recipients.is_empty() {
+            let frozen: Vec<String> = sqlx::query_scalar(
+                "SELECT recipient_id FROM inboxes WHERE recipient_id = ANY($1) AND frozen",
+            )
+            .persistent(false)
+            .bind(&wanted.recipients)
+            .fetch_all(&self.write_pool)
+            .await?;
+            known.frozen.extend(frozen);
+        }
         if !wanted.keys.is_empty() {
             let (senders, keys): (Vec<&str>, Vec<&str>) = wanted.keys.iter().copied().unzip();
             let rows = sqlx::query(
@@ -422,6 +442,34 @@ impl PgMessageStore {
             .collect()
     }
 
+    /// Deletes, a chunk per statement (and transaction), the rows
+    /// `delete_chunk` names (a DELETE whose parameters are the agency and
+    /// the chunk size); returns how many.
+    async fn delete_in_chunks(
+        &self,
+        delete_chunk: &str,
+        agency_id: &str,
+    ) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let chunk = self
+                .with_retries(StoreError::is_connection_loss, |_| async {
+                    let done = sqlx::query(delete_chunk)
+                        .persistent(false)
+                        .bind(agency_id)
+                        .bind(i64::from(FORGET_CHUNK))
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(done.rows_affected())
+                })
+                .await?;
+            deleted += chunk;
+            if chunk < u64::from(FORGET_CHUNK) {
+                return Ok(deleted);
+            }
+        }
+    }
+
     /// Announces the inboxes that got new messages to the other replicas.
     /// NOTIFY inside the transaction would hold PostgreSQL's global notify
     /// lock across the commit's fsync and serialise every commit of the
@@ -450,17 +498,52 @@ impl PgMessageStore {
 
 /// A claim as a row holds it (`message_id`, `fingerprint`).
 fn existing_claim(row: &sqlx::postgres::PgRow) -> Result<ExistingClaim, StoreError> {
-    let fingerprint: Option<Vec<u8>> = row.try_get("fingerprint")?;
     Ok(ExistingClaim {
         message_id: row.try_get("message_id")?,
-        fingerprint: fingerprint
-            .map(|bytes| {
-                <[u8; 32]>::try_from(bytes.as_slice())
-                    .map(Fingerprint)
-                    .map_err(|_| StoreError::corrupt("a fingerprint is not 32 bytes"))
-            })
-            .transpose()?,
+        fingerprint: fingerprint_from(row.try_get("fingerprint")?)?,
     })
+}
+
+/// Takes the next stream epoch of `recipient_id`, announced on
+/// [`STREAM_CHANNEL`] when the transaction commits (so that older streams
+/// of the inbox end on every replica), and returns it.
+async fn next_epoch(
+    connection: &mut sqlx::PgConnection,
+    recipient_id: &str,
+) -> Result<u64, StoreError> {
+    let epoch: i64 = sqlx::query_scalar(
+        "INSERT INTO inbox_streams (recipient_id, epoch) VALUES ($1, 1) \
+         ON CONFLICT (recipient_id) DO UPDATE SET epoch = inbox_streams.epoch + 1 \
+         RETURNING epoch",
+    )
+    .bind(recipient_id)
+    .fetch_one(&mut *connection)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(STREAM_CHANNEL)
+        .bind(format!("{recipient_id} {epoch}"))
+        .execute(&mut *connection)
+        .await?;
+    to_sequence(epoch)
+}
+
+/// Freezes or thaws the inbox of `recipient_id`, creating its row if it
+/// has none. Its sequences are not touched, so the fence lets this through;
+/// it waits for a batch holding the row.
+async fn set_frozen(
+    connection: &mut sqlx::PgConnection,
+    recipient_id: &str,
+    frozen: bool,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO inboxes (recipient_id, last_sequence, frozen) VALUES ($1, 0, $2) \
+         ON CONFLICT (recipient_id) DO UPDATE SET frozen = EXCLUDED.frozen",
+    )
+    .bind(recipient_id)
+    .bind(frozen)
+    .execute(connection)
+    .await?;
+    Ok(())
 }
 
 /// A sequence or size as PostgreSQL's BIGINT.
@@ -474,16 +557,14 @@ fn column<'a, T>(new: &'a [NewMessage<'a>], field: impl Fn(&'a NewMessage<'a>) -
 }
 
 /// Whether a failed batch may be tried again: it lost a race with another
-/// writer, or its connection was lost. The next attempt looks up every id,
-/// so what the failed one committed is not stored twice.
+/// writer, met a frozen inbox, or its connection was lost. The next attempt
+/// looks up every id, so what the failed one committed is not stored twice,
+/// and which inboxes are frozen, so that only their messages are refused.
 fn worth_retrying(error: &StoreError) -> bool {
-    let StoreError::Database(sqlx::Error::Database(database)) = error else {
-        return error.is_connection_loss();
-    };
-    // unique_violation, deadlock_detected, serialization_failure
+    // unique_violation, deadlock_detected, serialization_failure, the fence
     matches!(
-        database.code().as_deref(),
-        Some("23505" | "40P01" | "40001")
+        error.sql_state().as_deref(),
+        Some("23505" | "40P01" | "40001" | INBOX_FROZEN)
     ) || error.is_connection_loss()
 }
 
@@ -547,7 +628,7 @@ impl MessageStore for PgMessageStore {
                 })),
                 (Some(existing), false) => Ok(existing.clone()),
                 // Claimed by a writer whose commit stayed out of sight.
-                (None, _) => Err(StoreError::Conflict),
+                (None, _) => Err(StoreError::conflict()),
             })
             .collect()
     }
@@ -578,23 +659,22 @@ impl MessageStore for PgMessageStore {
 
     async fn claim_inbox(&self, recipient_id: &str) -> Result<u64, StoreError> {
         self.with_retries(StoreError::is_connection_loss, |_| async {
-            // The announcement is sent at commit, with the epoch stored.
             let mut transaction = self.pool.begin().await?;
-            let epoch: i64 = sqlx::query_scalar(
-                "INSERT INTO inbox_streams (recipient_id, epoch) VALUES ($1, 1) \
-                 ON CONFLICT (recipient_id) DO UPDATE SET epoch = inbox_streams.epoch + 1 \
-                 RETURNING epoch",
-            )
-            .bind(recipient_id)
-            .fetch_one(&mut *transaction)
-            .await?;
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(STREAM_CHANNEL)
-                .bind(format!("{recipient_id} {epoch}"))
-                .execute(&mut *transaction)
-                .await?;
+            let epoch = next_epoch(&mut transaction, recipient_id).await?;
+            // Read after the epoch is taken: a freeze takes the epoch after
+            // freezing, so either this statement sees the freeze committed
+            // or the freeze's epoch comes after this one and ends the stream.
+            let frozen: Option<bool> =
+                sqlx::query_scalar("SELECT frozen FROM inboxes WHERE recipient_id = $1")
+                    .bind(recipient_id)
+                    .fetch_optional(&mut *transaction)
+                    .await?;
+            if frozen == Some(true) {
+                // Rolled back, announcement and all.
+                return Err(StoreError::InboxMoved(recipient_id.to_string()));
+            }
             transaction.commit().await?;
-            to_sequence(epoch)
+            Ok(epoch)
         })
         .await
     }
@@ -655,6 +735,291 @@ impl MessageStore for PgMessageStore {
         .execute(&self.pool)
         .await?;
         Ok(deleted.rows_affected())
+    }
+
+    async fn freeze_inbox(&self, agency_id: &str) -> Result<u64, StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            let mut transaction = self.pool.begin().await?;
+            set_frozen(&mut transaction, agency_id, true).await?;
+            let epoch = next_epoch(&mut transaction, agency_id).await?;
+            transaction.commit().await?;
+            Ok(epoch)
+        })
+        .await
+    }
+
+    async fn thaw_inbox(&self, agency_id: &str) -> Result<(), StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            sqlx::query("UPDATE inboxes SET frozen = FALSE WHERE recipient_id = $1")
+                .bind(agency_id)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn inbox_position(&self, agency_id: &str) -> Result<InboxPosition, StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            let row = sqlx::query(
+                "SELECT (SELECT last_sequence FROM inboxes WHERE recipient_id = $1) AS last_sequence, \
+                 (SELECT epoch FROM inbox_streams WHERE recipient_id = $1) AS epoch",
+            )
+            .bind(agency_id)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(InboxPosition {
+                last_sequence: to_sequence(
+                    row.try_get::<Option<i64>, _>("last_sequence")?.unwrap_or(0),
+                )?,
+                epoch: to_sequence(row.try_get::<Option<i64>, _>("epoch")?.unwrap_or(0))?,
+            })
+        })
+        .await
+    }
+
+    async fn export_messages(
+        &self,
+        agency_id: &str,
+        after_sequence: u64,
+        max_rows: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<MovedMessage>, StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            // Unacknowledged and acknowledged messages each in the order of
+            // their own partial index, merged.
+            let rows = sqlx::query(
+                "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
+                 idempotency_key, origin_region, accepted_at, stored_at, acked_at FROM ( \
+                   SELECT candidates.*, \
+                     sum(octet_length(payload)) OVER (ORDER BY sequence) AS bytes_through, \
+                     row_number() OVER (ORDER BY sequence) AS row_number \
+                   FROM ( \
+                     (SELECT * FROM messages WHERE recipient_id = $1 AND sequence > $2 \
+                        AND acked_at IS NULL ORDER BY sequence LIMIT $3) \
+                     UNION ALL \
+                     (SELECT * FROM messages WHERE recipient_id = $1 AND sequence > $2 \
+                        AND acked_at IS NOT NULL ORDER BY sequence LIMIT $3) \
+                     ORDER BY sequence LIMIT $3 \
+                   ) AS candidates \
+                 ) AS page \
+                 WHERE bytes_through <= $4 OR row_number = 1 ORDER BY sequence",
+            )
+            .persistent(false)
+            .bind(agency_id)
+            .bind(to_sql(after_sequence))
+            .bind(i64::from(max_rows))
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(moved_message_from_row).collect()
+        })
+        .await
+    }
+
+    async fn export_keys(
+        &self,
+        agency_id: &str,
+        after_key: Option<&str>,
+        max_rows: u32,
+    ) -> Result<Vec<MovedKey>, StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            // Two statements rather than one with `$2 IS NULL OR ...`, whose
+            // generic plan would read every page from the sender's first key.
+            let query = match after_key {
+                Some(after_key) => sqlx::query(
+                    "SELECT sender_id, idempotency_key, fingerprint, message_id, claimed_at \
+                     FROM idempotency_keys WHERE sender_id = $1 AND idempotency_key > $2 \
+                     ORDER BY idempotency_key LIMIT $3",
+                )
+                .bind(agency_id)
+                .bind(after_key),
+                None => sqlx::query(
+                    "SELECT sender_id, idempotency_key, fingerprint, message_id, claimed_at \
+                     FROM idempotency_keys WHERE sender_id = $1 \
+                     ORDER BY idempotency_key LIMIT $2",
+                )
+                .bind(agency_id),
+            };
+            let rows = query
+                .bind(i64::from(max_rows))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(moved_key_from_row).collect()
+        })
+        .await
+    }
+
+    async fn import_messages(&self, messages: &[MovedMessage]) -> Result<u64, StoreError> {
+        if messages.is_empty() {
+            return Ok(0);
+        }
+        let text = |field: fn(&MovedMessage) -> &str| -> Vec<&str> {
+            messages.iter().map(field).collect()
+        };
+        let number =
+            |field: fn(&MovedMessage) -> i64| -> Vec<i64> { messages.iter().map(field).collect() };
+        let mut headers = Vec::with_capacity(messages.len());
+        for moved in messages {
+            let json =
+                serde_json::to_string(&moved.message.headers).map_err(StoreError::corrupt)?;
+            headers.push(json);
+        }
+        let payloads: Vec<&[u8]> = messages
+            .iter()
+            .map(|moved| moved.message.payload.as_slice())
+            .collect();
+        let keys: Vec<Option<&str>> = messages
+            .iter()
+            .map(|moved| moved.message.idempotency_key.as_deref())
+            .collect();
+        let acked_at: Vec<Option<i64>> =
+            messages.iter().map(|moved| moved.acked_at_micros).collect();
+        let (acked_ids, acked_times): (Vec<&str>, Vec<i64>) = messages
+            .iter()
+            .filter_map(|moved| Some((moved.message.message_id.as_str(), moved.acked_at_micros?)))
+            .unzip();
+        // Importing again is harmless, so a lost connection is retried.
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            let mut transaction = self.pool.begin().await?;
+            let new = sqlx::query(
+                "INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, \
+                 payload, headers, idempotency_key, origin_region, accepted_at, stored_at, acked_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
+                   $6::bytea[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], \
+                   $12::bigint[]) \
+                 ON CONFLICT (message_id) DO NOTHING",
+            )
+            .persistent(false)
+            .bind(text(|moved| &moved.message.message_id))
+            .bind(text(|moved| &moved.message.recipient_id))
+            .bind(number(|moved| to_sql(moved.sequence)))
+            .bind(text(|moved| &moved.message.sender_id))
+            .bind(text(|moved| &moved.message.kind))
+            .bind(&payloads)
+            .bind(&headers)
+            .bind(&keys)
+            .bind(text(|moved| &moved.message.origin_region))
+            .bind(number(|moved| moved.message.accepted_at_micros))
+            .bind(number(|moved| moved.stored_at_micros))
+            .bind(&acked_at)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            if !acked_ids.is_empty() {
+                sqlx::query(
+                    "UPDATE messages SET acked_at = imported.acked_at \
+                     FROM UNNEST($1::text[], $2::bigint[]) AS imported (message_id, acked_at) \
+                     WHERE messages.message_id = imported.message_id AND messages.acked_at IS NULL",
+                )
+                .persistent(false)
+                .bind(&acked_ids)
+                .bind(&acked_times)
+                .execute(&mut *transaction)
+                .await?;
+            }
+            transaction.commit().await?;
+            Ok(new)
+        })
+        .await
+    }
+
+    async fn import_keys(&self, keys: &[MovedKey]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (sender_id, idempotency_key, fingerprint, message_id, claimed_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bigint[]) \
+                 ON CONFLICT (sender_id, idempotency_key) DO NOTHING",
+            )
+            .persistent(false)
+            .bind(keys.iter().map(|key| key.sender_id.as_str()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|key| key.idempotency_key.as_str()).collect::<Vec<_>>())
+            .bind(
+                keys.iter()
+                    .map(|key| key.fingerprint.as_ref().map(|fingerprint| &fingerprint.0[..]))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(keys.iter().map(|key| key.message_id.as_str()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|key| key.claimed_at_micros).collect::<Vec<_>>())
+            .execute(&self.pool)
+            .await?;
+            Ok(inserted.rows_affected())
+        })
+        .await
+    }
+
+    async fn open_imported_inbox(
+        &self,
+        agency_id: &str,
+        position: InboxPosition,
+    ) -> Result<(), StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            let mut transaction = self.pool.begin().await?;
+            // Thawed first: the fence refuses a new last sequence for a row
+            // that is frozen when the statement starts.
+            set_frozen(&mut transaction, agency_id, false).await?;
+            sqlx::query(
+                "UPDATE inboxes SET last_sequence = $2 WHERE recipient_id = $1 AND last_sequence < $2",
+            )
+            .bind(agency_id)
+            .bind(to_sql(position.last_sequence))
+            .execute(&mut *transaction)
+            .await?;
+            sqlx::query(
+                "INSERT INTO inbox_streams (recipient_id, epoch) VALUES ($1, $2) \
+                 ON CONFLICT (recipient_id) DO UPDATE \
+                 SET epoch = GREATEST(inbox_streams.epoch, EXCLUDED.epoch)",
+            )
+            .bind(agency_id)
+            .bind(to_sql(position.epoch))
+            .execute(&mut *transaction)
+            .await?;
+            transaction.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn forget_agency(&self, agency_id: &str, keep_frozen: bool) -> Result<u64, StoreError> {
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            let mut connection = self.pool.acquire().await?;
+            set_frozen(&mut connection, agency_id, true).await
+        })
+        .await?;
+        // Unacknowledged first: a message acknowledged meanwhile is among
+        // the acknowledged ones, deleted after. Each kind is found by its
+        // own partial index.
+        let mut deleted = 0;
+        for delete_chunk in [
+            "DELETE FROM messages WHERE ctid = ANY(ARRAY( \
+               SELECT ctid FROM messages WHERE recipient_id = $1 AND acked_at IS NULL LIMIT $2))",
+            "DELETE FROM messages WHERE ctid = ANY(ARRAY( \
+               SELECT ctid FROM messages WHERE recipient_id = $1 AND acked_at IS NOT NULL LIMIT $2))",
+            "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY( \
+               SELECT ctid FROM idempotency_keys WHERE sender_id = $1 LIMIT $2))",
+        ] {
+            deleted += self.delete_in_chunks(delete_chunk, agency_id).await?;
+        }
+        self.with_retries(StoreError::is_connection_loss, |_| async {
+            let mut transaction = self.pool.begin().await?;
+            sqlx::query("DELETE FROM inbox_streams WHERE recipient_id = $1")
+                .bind(agency_id)
+                .execute(&mut *transaction)
+                .await?;
+            if !keep_frozen {
+                sqlx::query("DELETE FROM inboxes WHERE recipient_id = $1")
+                    .bind(agency_id)
+                    .execute(&mut *transaction)
+                    .await?;
+            }
+            transaction.commit().await?;
+            Ok(())
+        })
+        .await?;
+        Ok(deleted)
     }
 
     fn pool_usage(&self) -> PoolUsage {
