@@ -15,7 +15,7 @@ use crate::client::{Authenticated, rpc_error};
 const POLL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("whither").args(["shard", "region", "cancel", "show"]).required(true))]
+#[command(group = clap::ArgGroup::new("whither").args(["shard", "region", "cancel", "show"]).required(true).multiple(true))]
 pub struct MoveArgs {
     /// Agency id.
     pub id: String,
@@ -31,7 +31,7 @@ pub struct MoveArgs {
     #[arg(long, value_name = "MOVE_ID", conflicts_with_all = ["shard", "show"])]
     pub cancel: Option<String>,
     /// Show the move with this id.
-    #[arg(long, value_name = "MOVE_ID", conflicts_with = "shard")]
+    #[arg(long, value_name = "MOVE_ID", conflicts_with_all = ["shard", "cancel"])]
     pub show: Option<String>,
     /// Wait until the move is done (or cancelled), printing its progress.
     #[arg(long)]

@@ -70,13 +70,24 @@ impl Shared {
         seen: &AgencyHome,
         hold: Instant,
     ) -> bool {
+        self.home_becomes(agency_id, hold, |home| home != Some(seen))
+            .await
+    }
+
+    /// Waits until the topology's entry of `agency_id` is `wanted`, until
+    /// `until`; false if it is not by then.
+    pub(crate) async fn home_becomes(
+        &self,
+        agency_id: &str,
+        until: Instant,
+        wanted: impl Fn(Option<&AgencyHome>) -> bool,
+    ) -> bool {
         let mut topology = self.topology.clone();
         loop {
-            let changed = topology.borrow_and_update().agencies.get(agency_id) != Some(seen);
-            if changed {
+            if wanted(topology.borrow_and_update().agencies.get(agency_id)) {
                 return true;
             }
-            match tokio::time::timeout_at(hold, topology.changed()).await {
+            match tokio::time::timeout_at(until, topology.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(_) => return false,
             }

@@ -624,3 +624,97 @@ async fn the_fanout_benchmark_runs_against_a_mesh_on_rabbitmq() {
         "{idle}"
     );
 }
+
+#[tokio::test]
+async fn an_agency_moves_from_the_command_line_with_its_progress() {
+    let mesh = TestMesh::start_configured(fedmesh_tests::Backend::Sqlite, |options| {
+        options.shards_per_region = 2
+    })
+    .await;
+    fedmesh(
+        &mesh,
+        &[
+            "agency",
+            "register",
+            "tax-office",
+            "--region",
+            "east",
+            "--shard",
+            "east-1",
+        ],
+    )
+    .await
+    .unwrap();
+    for body in ["one", "two"] {
+        fedmesh(
+            &mesh,
+            &[
+                "send",
+                "--as",
+                "tax-office",
+                "--to",
+                "tax-office",
+                "--kind",
+                "note",
+                "--body",
+                body,
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let moved = fedmesh(
+        &mesh,
+        &[
+            "agency",
+            "move",
+            "tax-office",
+            "--region",
+            "west",
+            "--shard",
+            "west-2",
+            "--wait",
+        ],
+    )
+    .await
+    .unwrap();
+    let lines: Vec<&str> = moved.lines().collect();
+    assert!(
+        lines[0].contains("tax-office: east-1 (east) -> west-2 (west): copying"),
+        "{moved}"
+    );
+    assert!(
+        lines.last().unwrap().contains("done, 2 messages"),
+        "{moved}"
+    );
+    let move_id = lines[0].split_whitespace().nth(1).unwrap();
+    let shown = fedmesh(
+        &mesh,
+        &["agency", "move", "tax-office", "--show", move_id, "--json"],
+    )
+    .await
+    .unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["phase"], "done");
+    assert_eq!(shown["to_shard"], "west-2");
+    // Too late to cancel, and said in one line.
+    let error = fedmesh(
+        &mesh,
+        &["agency", "move", "tax-office", "--cancel", move_id],
+    )
+    .await
+    .unwrap_err();
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("cut over already") && !error.contains('\n'),
+        "{error}"
+    );
+    let inbox = fedmesh(&mesh, &["inbox", "--as", "tax-office", "--json"])
+        .await
+        .unwrap();
+    assert_eq!(inbox.lines().count(), 2, "{inbox}");
+    let error = fedmesh(&mesh, &["agency", "move", "tax-office"])
+        .await
+        .unwrap_err();
+    assert!(format!("{error}").contains("--shard"), "{error}");
+}

@@ -430,6 +430,19 @@ async fn a_cancelled_move_leaves_everything_where_it_was() {
         .send("east", "notary", "registry", "held", Some("held"))
         .await;
     assert_eq!(held.unwrap_err().code(), Code::Unavailable);
+    // ... and a moving agency cannot be deregistered.
+    let deregister = mesh
+        .directory()
+        .deregister_agency(pb::DeregisterAgencyRequest {
+            agency_id: "registry".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        deregister.code(),
+        Code::FailedPrecondition,
+        "{deregister:?}"
+    );
 
     let cancelling = mesh
         .directory()

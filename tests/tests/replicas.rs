@@ -193,3 +193,239 @@ async fn a_gateway_moves_to_the_next_coordinator_when_one_does_not_answer() {
         .await
         .expect("a relayed send");
 }
+
+/// Starts coordinator replica `id` of east (shards east-1 and east-2) on
+/// `database`, with a leader lease of 1 s retried every 100 ms; its URL.
+async fn leasing_replica(
+    database: &TestDatabase,
+    id: &str,
+    shutdown: &CancellationToken,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let mut config = CoordinatorConfig::new(
+        vec![RegionConfig {
+            name: "east".into(),
+            shards: vec!["east-1".into(), "east-2".into()],
+        }],
+        database.url.clone(),
+    );
+    config.dev_identity = true;
+    config.sync_ms = 100;
+    config.id = Some(id.to_string());
+    config.lease.lease_ms = 1_000;
+    config.lease.lease_renew_ms = 300;
+    config.lease.lease_retry_ms = 100;
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move { fedmesh_coordinator::run(config, listener, None, shutdown).await });
+    url
+}
+
+/// The replica holding the leader lease, as the replica at `url` sees it.
+async fn leader_seen_by(url: &str) -> Option<String> {
+    let mut updates = directory(url, &Identity::Operator("root".into()))
+        .watch_topology(pb::WatchTopologyRequest::default())
+        .await
+        .ok()?
+        .into_inner();
+    match updates.message().await.ok()??.update? {
+        pb::topology_update::Update::Snapshot(snapshot) => {
+            snapshot.leader.map(|leader| leader.holder)
+        }
+        pb::topology_update::Update::Change(_) => None,
+    }
+}
+
+/// Three replicas and a gateway of east reporting to all of them; the
+/// leader dies while a move waits on its target shard's database. Another
+/// replica leads within the lease's duration and a bit, and finishes the
+/// move its predecessor began: nothing the agency held is lost.
+#[tokio::test]
+async fn the_next_leader_finishes_a_move_its_predecessor_began() {
+    let control = TestDatabase::create().await;
+    let shards = [TestDatabase::create().await, TestDatabase::create().await];
+    let mut replicas = Vec::new();
+    for id in ["c1", "c2", "c3"] {
+        let stop = CancellationToken::new();
+        replicas.push((id, leasing_replica(&control, id, &stop).await, stop));
+    }
+    let coordinators: Vec<String> = replicas.iter().map(|(_, url, _)| url.clone()).collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway_url = format!("http://{}", listener.local_addr().unwrap());
+    let mut config = fedmesh_gateway::GatewayConfig::new(
+        "east-0",
+        "east",
+        vec![
+            fedmesh_gateway::ShardConfig::new("east-1", shards[0].url.clone()),
+            fedmesh_gateway::ShardConfig::new("east-2", shards[1].url.clone()),
+        ],
+        coordinators.join(","),
+    );
+    config.dev_identity = true;
+    let gateway_stop = CancellationToken::new();
+    let gateway = fedmesh_gateway::start(config, listener, None, gateway_stop.clone())
+        .await
+        .unwrap();
+    let operator = Identity::Operator("root".into());
+    directory(&coordinators[0], &operator)
+        .register_agency(pb::RegisterAgencyRequest {
+            agency_id: "registry".into(),
+            region: "east".into(),
+            display_name: String::new(),
+            shard: "east-1".into(),
+        })
+        .await
+        .unwrap();
+    let mut topology = gateway.topology.clone();
+    within("the gateway to know the registry", async {
+        topology
+            .wait_for(|topology| topology.agencies.contains_key("registry"))
+            .await
+            .unwrap();
+    })
+    .await;
+    let exchange = pb::exchange_client::ExchangeClient::with_interceptor(
+        fedmesh_common::server::lazy_channel(&gateway_url).unwrap(),
+        AttachIdentity::new(&Identity::Agency("registry".into())),
+    );
+    for index in 0..20 {
+        exchange
+            .clone()
+            .send(fedmesh_tests::send_request(
+                "registry",
+                "registry",
+                &format!("note {index}"),
+                None,
+            ))
+            .await
+            .unwrap();
+    }
+
+    // The target shard's database refuses connections: the move stays
+    // before its cut-over, its copy retried by the leader.
+    let target = shards[1].url.rsplit('/').next().unwrap().to_string();
+    let admin = sqlx::PgPool::connect(&fedmesh_common::testing::postgres_server_url())
+        .await
+        .unwrap();
+    let allow = |allowed: bool| {
+        let admin = admin.clone();
+        let statement = format!("ALTER DATABASE \"{target}\" ALLOW_CONNECTIONS {allowed}");
+        async move { sqlx::query(&statement).execute(&admin).await.unwrap() }
+    };
+    allow(false).await;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&target)
+        .execute(&admin)
+        .await
+        .unwrap();
+    let started = directory(&coordinators[1], &operator)
+        .move_agency(pb::MoveAgencyRequest {
+            agency_id: "registry".into(),
+            shard: "east-2".into(),
+            region: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .r#move
+        .unwrap();
+    let get_move = |url: String| {
+        let request = pb::GetMoveRequest {
+            move_id: started.move_id.clone(),
+        };
+        let operator = operator.clone();
+        async move {
+            directory(&url, &operator)
+                .get_move(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .r#move
+                .unwrap()
+        }
+    };
+    within("the leader to try the copy", async {
+        while get_move(coordinators[1].clone())
+            .await
+            .last_error
+            .is_empty()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let leader = within("a leader", async {
+        loop {
+            if let Some(leader) = leader_seen_by(&coordinators[0]).await {
+                return leader;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    // Kill the leader; let the target shard back.
+    let position = replicas.iter().position(|(id, ..)| *id == leader).unwrap();
+    let (_, _, stop) = replicas.remove(position);
+    stop.cancel();
+    let killed_at = std::time::Instant::now();
+    allow(true).await;
+    let survivor = replicas[0].1.clone();
+    let successor = within("another replica to lead", async {
+        loop {
+            match leader_seen_by(&survivor).await {
+                Some(holder) if holder != leader => return holder,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    let failover = killed_at.elapsed();
+    let done = within("the new leader to finish the move", async {
+        loop {
+            let current = get_move(survivor.clone()).await;
+            if current.phase() == pb::MovePhase::Done {
+                return current;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    println!(
+        "failover: {} ms to a new leader ({successor} after {leader}; lease 1000 ms, retry 100 ms), move done {} ms after the kill",
+        failover.as_millis(),
+        killed_at.elapsed().as_millis()
+    );
+    assert_eq!(done.messages_copied, 20, "{done:?}");
+    within("the gateway to see the registry on east-2", async {
+        topology
+            .wait_for(|topology| {
+                topology
+                    .agencies
+                    .get("registry")
+                    .is_some_and(|home| home.shard == "east-2" && !home.moving)
+            })
+            .await
+            .unwrap();
+    })
+    .await;
+    let mut inbox = fedmesh_tests::Inbox::open(exchange, "registry", 64)
+        .await
+        .unwrap();
+    let delivered: Vec<String> = inbox
+        .drain()
+        .await
+        .iter()
+        .map(fedmesh_tests::body)
+        .collect();
+    assert_eq!(
+        delivered,
+        (0..20)
+            .map(|index| format!("note {index}"))
+            .collect::<Vec<_>>()
+    );
+    gateway_stop.cancel();
+    for (_, _, stop) in &replicas {
+        stop.cancel();
+    }
+}

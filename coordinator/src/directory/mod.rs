@@ -298,6 +298,11 @@ impl Directory {
     ) -> Result<(), DirectoryError> {
         let mut synced = self.synced.lock().await;
         let record = self.get_agency(agency_id)?;
+        if record.moving {
+            return Err(DirectoryError::CannotMove(format!(
+                "agency {agency_id} is being moved; wait for the move to end or cancel it (`fedmesh agency move {agency_id} --cancel MOVE_ID`), then deregister it"
+            )));
+        }
         let event = self
             .outbox_wake
             .as_ref()

@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedmesh_common::error::InvalidField;
+use fedmesh_common::topology::AgencyHome;
 use fedmesh_common::validate;
 use fedmesh_proto::pb;
 use prost::Message as _;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
@@ -26,6 +28,9 @@ use crate::shared::{Shard, Shared};
 const PAGE_ROWS: u32 = 1000;
 /// How long one page may take at a gateway of the target region.
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a step waits for this gateway's topology to show what the
+/// coordinator decided (the move, its cut-over) before refusing.
+const TOPOLOGY_WAIT: Duration = Duration::from_secs(5);
 
 /// The Moves service of one gateway.
 pub(crate) struct MovesService {
@@ -45,6 +50,8 @@ struct RemoteImport<'a> {
     shared: &'a Shared,
     region: String,
     request: pb::ImportAgencyRequest,
+    /// The encoded size of what `request` holds, kept as it grows.
+    bytes: usize,
 }
 
 /// Tag and length prefix of an entry of a repeated field.
@@ -116,10 +123,15 @@ impl RemoteImport<'_> {
     /// it past what a gateway decodes.
     async fn make_room(&mut self, size: usize) -> Result<(), GatewayError> {
         let limit = self.shared.upstream.gateways().max_request_bytes();
-        let held = self.request.messages.len() + self.request.keys.len();
-        if held > 0 && self.request.encoded_len() + size + FIELD_OVERHEAD > limit {
+        let size = size + FIELD_OVERHEAD;
+        if self.bytes > 0 && self.bytes + size > limit {
             self.flush().await?;
         }
+        if self.bytes == 0 {
+            // The request's own fields (ids, the last page's position).
+            self.bytes = self.request.encoded_len() + 64;
+        }
+        self.bytes += size;
         Ok(())
     }
 
@@ -155,6 +167,7 @@ impl RemoteImport<'_> {
                 Ok(_) => {
                     self.request.messages.clear();
                     self.request.keys.clear();
+                    self.bytes = 0;
                     return Ok(());
                 }
                 Err(status) => failure = Some(Arc::new(status)),
@@ -227,6 +240,7 @@ impl MovesService {
                     shard: order.to_shard.clone(),
                     ..Default::default()
                 },
+                bytes: 0,
             })
         };
         let page_bytes = shared.config.max_payload_bytes;
@@ -287,10 +301,15 @@ impl MovesService {
         let shared = self.shared.as_ref();
         let agency_id = request.agency_id.as_str();
         validate::agency_id("agency_id", agency_id)?;
-        // Only an agency moving (here) takes rows: a stray import cannot
-        // write into an inbox that lives.
-        let home = shared.home_of(agency_id).await?;
-        if !home.moving {
+        // Only an agency moving takes rows: a stray import cannot write
+        // into an inbox that lives. The move's topology version may reach
+        // this gateway a moment after the transfer began.
+        let moving = shared
+            .home_becomes(agency_id, Instant::now() + TOPOLOGY_WAIT, |home| {
+                home.is_some_and(|home| home.moving)
+            })
+            .await;
+        if !moving {
             return Err(GatewayError::NotMoving {
                 agency_id: agency_id.to_string(),
             });
@@ -350,8 +369,21 @@ impl MovesService {
                 InvalidField::new("release", "release must be TOMBSTONE, DISCARD or THAW")
             })?;
         let shard = shared.shard(&request.shard)?;
-        let home = shared.home_of(agency_id).await?;
-        let lives_here = home.region == shared.region && home.shard == request.shard;
+        // After a cut-over or a cancel, this gateway's topology may show it
+        // a moment after the coordinator asks.
+        let region = shared.region.as_str();
+        let lives_here = |home: Option<&AgencyHome>| {
+            home.is_some_and(|home| home.region == region && home.shard == request.shard)
+        };
+        let wait = Instant::now() + TOPOLOGY_WAIT;
+        let lives_here = match release {
+            pb::Release::Thaw => shared.home_becomes(agency_id, wait, lives_here).await,
+            _ => {
+                !shared
+                    .home_becomes(agency_id, wait, |home| !lives_here(home))
+                    .await
+            }
+        };
         let failed = |source: StoreError| {
             GatewayError::shard_unavailable(&request.shard, "the move is tried again", source)
         };
