@@ -128,7 +128,7 @@ impl pb::relay_server::Relay for RelayService {
         &self,
         request: Request<pb::ForwardBatchRequest>,
     ) -> Result<Response<pb::ForwardBatchResponse>, Status> {
-        let forwarder = Arc::new(forwarder(&request)?);
+        let forwarder = forwarder(&request)?;
         let messages = request.into_inner().messages;
         if messages.len() > MAX_FORWARD_BATCH {
             return Err(GatewayError::from(fedmesh_common::error::InvalidField::new(
@@ -140,34 +140,17 @@ impl pb::relay_server::Relay for RelayService {
             ))
             .into());
         }
-        // Concurrently, so that the shard's committer takes them together.
-        let mut tasks = tokio::task::JoinSet::new();
-        for (index, message) in messages.into_iter().enumerate() {
-            let shared = Arc::clone(&self.shared);
-            let forwarder = Arc::clone(&forwarder);
-            tasks.spawn(async move {
-                (
-                    index,
-                    Self::forward_one(&shared, forwarder.as_deref(), message).await,
-                )
-            });
-        }
-        let mut outcomes: Vec<Option<Result<pb::Receipt, GatewayError>>> =
-            (0..tasks.len()).map(|_| None).collect();
-        while let Some(done) = tasks.join_next().await {
-            match done {
-                Ok((index, outcome)) => outcomes[index] = Some(outcome),
-                Err(error) => tracing::error!(%error, "relayed message task failed"),
-            }
-        }
-        let results = outcomes
-            .into_iter()
-            .map(|outcome| {
-                result_to_pb(outcome.unwrap_or_else(|| {
-                    Err(GatewayError::Internal("relayed message task failed".into()))
-                }))
-            })
-            .collect();
+        // All at once in this call's task, so that the shard's committer
+        // takes them together into its lanes' next batches: no task per
+        // message.
+        let forwarder = forwarder.as_deref();
+        let outcomes = futures_util::future::join_all(
+            messages
+                .into_iter()
+                .map(|message| Self::forward_one(&self.shared, forwarder, message)),
+        )
+        .await;
+        let results = outcomes.into_iter().map(result_to_pb).collect();
         Ok(Response::new(pb::ForwardBatchResponse { results }))
     }
 }
