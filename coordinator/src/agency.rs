@@ -16,4 +16,6 @@ pub struct AgencyRecord {
     pub registered_at_micros: i64,
     /// A move of it is under way: gateways hold writes to and from it.
     pub moving: bool,
+    /// One more with every change of it (from 1 at registration).
+    pub version: u64,
 }

@@ -253,6 +253,7 @@ async fn move_under_load(backend: Backend, to_region: &'static str, to_shard: &'
     let ended = move_ends(&mesh, &started.move_id).await;
     assert_eq!(ended.phase(), pb::MovePhase::Done, "{ended:?}");
     let moved = home(&mesh, "registry").await;
+    assert_eq!(moved.version, 3, "registered, moving, moved: {moved:?}");
     assert_eq!(
         (moved.region.as_str(), moved.shard.as_str(), moved.moving),
         (to_region, to_shard, false)

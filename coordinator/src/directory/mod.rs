@@ -254,6 +254,7 @@ impl Directory {
             display_name: display_name.to_string(),
             registered_at_micros: fedmesh_common::time::now_micros(),
             moving: false,
+            version: 1,
         };
         let event = self.outbox_wake.as_ref().map(|_| {
             Event::new(AGENCY_REGISTERED, region, agency_id).with_attribute("shard", &record.shard)

@@ -109,6 +109,7 @@ impl Directory {
         }
         self.state().upsert_agency(AgencyRecord {
             moving: true,
+            version: agency.version + 1,
             ..agency
         });
         tracing::info!(
@@ -207,6 +208,7 @@ impl Directory {
                 region: cut.to_region.clone(),
                 shard: cut.to_shard.clone(),
                 moving: false,
+                version: agency.version + 1,
                 ..agency
             });
         }
@@ -237,6 +239,7 @@ impl Directory {
             if let Some(agency) = agency {
                 self.state().upsert_agency(AgencyRecord {
                     moving: false,
+                    version: agency.version + 1,
                     ..agency
                 });
             }

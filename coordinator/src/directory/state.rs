@@ -13,6 +13,7 @@ use crate::agency::AgencyRecord;
 use crate::config::RegionConfig;
 use crate::lease::Lease;
 use crate::region::ShardRecord;
+use crate::store::GatewayInstance;
 
 /// A gateway as last reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,24 +242,29 @@ impl TopologyState {
 
     /// Adds the gateways that reported to other replicas, as of when they
     /// last reported there.
-    pub fn reconcile_gateways(&mut self, reported: Vec<(String, String, String, i64)>) {
-        for (gateway_id, region, address, last_seen_micros) in reported {
+    pub fn reconcile_gateways(&mut self, reported: Vec<GatewayInstance>) {
+        for instance in reported {
+            let last_seen_micros = instance.last_seen_micros;
             let last_seen = instant_of(last_seen_micros);
-            match self.gateways.get_mut(&gateway_id) {
+            match self.gateways.get_mut(&instance.gateway_id) {
                 // What this replica heard is as new: the row is older (a
                 // previous run's address, say).
                 Some(known) if last_seen_micros <= known.last_seen_micros => {}
-                Some(known) if known.address == address && known.region == region => {
+                Some(known)
+                    if known.address == instance.address && known.region == instance.region =>
+                {
                     known.last_seen = last_seen.max(known.last_seen);
                     known.last_seen_micros = last_seen_micros;
+                    known.open_streams = instance.open_streams;
+                    known.in_flight = instance.in_flight;
                 }
                 _ => {
                     self.report_gateway(GatewayRecord {
-                        gateway_id,
-                        region,
-                        address,
-                        open_streams: 0,
-                        in_flight: 0,
+                        gateway_id: instance.gateway_id,
+                        region: instance.region,
+                        address: instance.address,
+                        open_streams: instance.open_streams,
+                        in_flight: instance.in_flight,
                         shard_pools: Vec::new(),
                         last_seen_micros,
                         last_seen,
@@ -697,6 +703,7 @@ pub(crate) fn agency_to_pb(agency: &AgencyRecord) -> pb::Agency {
         display_name: agency.display_name.clone(),
         registered_at: Some(timestamp_from_micros(agency.registered_at_micros)),
         moving: agency.moving,
+        version: agency.version,
     }
 }
 
@@ -755,6 +762,7 @@ mod tests {
             display_name: String::new(),
             registered_at_micros: 0,
             moving: false,
+            version: 1,
         }
     }
 
@@ -875,13 +883,13 @@ mod tests {
             last_seen_micros: now,
             ..gateway("east-0", Instant::now())
         });
-        let row = |address: &str, at: i64| {
-            (
-                "east-0".to_string(),
-                "east".to_string(),
-                address.to_string(),
-                at,
-            )
+        let row = |address: &str, at: i64| GatewayInstance {
+            gateway_id: "east-0".into(),
+            region: "east".into(),
+            address: address.into(),
+            last_seen_micros: at,
+            open_streams: 3,
+            in_flight: 1,
         };
         state.reconcile_gateways(vec![row("http://127.0.0.1:1", now - 1_000_000)]);
         assert_eq!(
@@ -894,6 +902,12 @@ mod tests {
             state.gateway_addresses("east"),
             ["http://127.0.0.1:3"],
             "a newer report elsewhere"
+        );
+        let reported = &state.gateways["east-0"];
+        assert_eq!(
+            (reported.open_streams, reported.in_flight),
+            (3, 1),
+            "its load as reported to another replica"
         );
     }
 
@@ -909,6 +923,7 @@ mod tests {
             display_name: String::new(),
             registered_at_micros: 0,
             moving: false,
+            version: 1,
         });
         let second = state.pick_shard("east").expect("shard");
         assert_ne!(first, second);
@@ -943,6 +958,7 @@ mod tests {
                 display_name: String::new(),
                 registered_at_micros: 0,
                 moving: false,
+                version: 1,
             });
         }
         let first = state.agencies_page("", None, 3);

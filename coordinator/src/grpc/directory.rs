@@ -369,15 +369,17 @@ impl pb::directory_server::Directory for DirectoryService {
         // Other replicas learn of it from the control database.
         {
             let directory = Arc::clone(&self.directory);
-            let (gateway_id, region, address) =
-                (gateway_id.clone(), region.clone(), gateway.address.clone());
+            let instance = crate::store::GatewayInstance {
+                gateway_id: gateway_id.clone(),
+                region: region.clone(),
+                address: gateway.address.clone(),
+                last_seen_micros: now_micros(),
+                open_streams: load.open_streams,
+                in_flight: load.in_flight,
+            };
             tokio::spawn(async move {
-                if let Err(error) = directory
-                    .store()
-                    .report_gateway_instance(&gateway_id, &region, &address, now_micros())
-                    .await
-                {
-                    tracing::warn!(%gateway_id, %error, "cannot record the gateway's report");
+                if let Err(error) = directory.store().report_gateway_instance(&instance).await {
+                    tracing::warn!(gateway_id = %instance.gateway_id, %error, "cannot record the gateway's report");
                 }
             });
         }

@@ -39,7 +39,7 @@ macro_rules! directory_store_impl {
 
     async fn all_agencies(&self) -> Result<Vec<AgencyRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT agency_id, region, shard, display_name, registered_at, moving \
+            "SELECT agency_id, region, shard, display_name, registered_at, moving, version \
              FROM agencies ORDER BY agency_id",
         )
         .fetch_all(&self.pool)
@@ -50,7 +50,7 @@ macro_rules! directory_store_impl {
     async fn begin_move(&self, record: &$crate::moves::MoveRecord) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
         let marked = sqlx::query(
-            "UPDATE agencies SET moving = TRUE \
+            "UPDATE agencies SET moving = TRUE, version = version + 1 \
              WHERE agency_id = $1 AND region = $2 AND shard = $3 AND NOT moving",
         )
         .bind(&record.agency_id)
@@ -157,7 +157,8 @@ macro_rules! directory_store_impl {
         };
         let record = $crate::store::move_from_row(&row)?;
         sqlx::query(
-            "UPDATE agencies SET region = $1, shard = $2, moving = FALSE WHERE agency_id = $3",
+            "UPDATE agencies SET region = $1, shard = $2, moving = FALSE, version = version + 1 \
+             WHERE agency_id = $3",
         )
         .bind(&record.to_region)
         .bind(&record.to_shard)
@@ -212,7 +213,9 @@ macro_rules! directory_store_impl {
         };
         let record = $crate::store::move_from_row(&row)?;
         if record.phase == $crate::moves::MovePhase::Cancelled {
-            sqlx::query("UPDATE agencies SET moving = FALSE WHERE agency_id = $1")
+            sqlx::query(
+                "UPDATE agencies SET moving = FALSE, version = version + 1 WHERE agency_id = $1",
+            )
                 .bind(&record.agency_id)
                 .execute(&mut *transaction)
                 .await?;
@@ -381,20 +384,21 @@ macro_rules! directory_store_impl {
 
     async fn report_gateway_instance(
         &self,
-        gateway_id: &str,
-        region: &str,
-        address: &str,
-        last_seen_micros: i64,
+        instance: &$crate::store::GatewayInstance,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO gateway_instances (gateway_id, region, address, last_seen) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (gateway_id) DO UPDATE SET \
-             region = excluded.region, address = excluded.address, last_seen = excluded.last_seen",
+            "INSERT INTO gateway_instances \
+             (gateway_id, region, address, last_seen, open_streams, in_flight) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (gateway_id) DO UPDATE SET \
+             region = excluded.region, address = excluded.address, last_seen = excluded.last_seen, \
+             open_streams = excluded.open_streams, in_flight = excluded.in_flight",
         )
-        .bind(gateway_id)
-        .bind(region)
-        .bind(address)
-        .bind(last_seen_micros)
+        .bind(&instance.gateway_id)
+        .bind(&instance.region)
+        .bind(&instance.address)
+        .bind(instance.last_seen_micros)
+        .bind(i64::from(instance.open_streams))
+        .bind(i64::from(instance.in_flight))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -403,22 +407,28 @@ macro_rules! directory_store_impl {
     async fn gateway_instances(
         &self,
         seen_since_micros: i64,
-    ) -> Result<Vec<(String, String, String, i64)>, StoreError> {
+    ) -> Result<Vec<$crate::store::GatewayInstance>, StoreError> {
         let rows = sqlx::query(
-            "SELECT gateway_id, region, address, last_seen FROM gateway_instances \
-             WHERE last_seen >= $1 ORDER BY gateway_id",
+            "SELECT gateway_id, region, address, last_seen, open_streams, in_flight \
+             FROM gateway_instances WHERE last_seen >= $1 ORDER BY gateway_id",
         )
         .bind(seen_since_micros)
         .fetch_all(&self.pool)
         .await?;
+        let count = |row: &_, column: &str| -> Result<u32, StoreError> {
+            let value: i64 = sqlx::Row::try_get(row, column)?;
+            Ok(u32::try_from(value).unwrap_or(u32::MAX))
+        };
         rows.iter()
             .map(|row| {
-                Ok((
-                    row.try_get("gateway_id")?,
-                    row.try_get("region")?,
-                    row.try_get("address")?,
-                    row.try_get("last_seen")?,
-                ))
+                Ok($crate::store::GatewayInstance {
+                    gateway_id: row.try_get("gateway_id")?,
+                    region: row.try_get("region")?,
+                    address: row.try_get("address")?,
+                    last_seen_micros: row.try_get("last_seen")?,
+                    open_streams: count(row, "open_streams")?,
+                    in_flight: count(row, "in_flight")?,
+                })
             })
             .collect()
     }
@@ -623,6 +633,24 @@ pub async fn open_store(
     })
 }
 
+/// A gateway's last report, as the control database keeps it for every
+/// replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayInstance {
+    /// Stable id of the gateway instance.
+    pub gateway_id: String,
+    /// Region it serves.
+    pub region: String,
+    /// URL it is reached at.
+    pub address: String,
+    /// When it reported, microseconds since the epoch.
+    pub last_seen_micros: i64,
+    /// Open inbox streams it reported.
+    pub open_streams: u32,
+    /// Sends in flight it reported.
+    pub in_flight: u32,
+}
+
 /// The control database.
 #[async_trait::async_trait]
 pub trait DirectoryStore: Send + Sync + 'static {
@@ -705,19 +733,13 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// The count of directory changes so far.
     async fn directory_version(&self) -> Result<i64, StoreError>;
     /// Records that a gateway reported (to any replica).
-    async fn report_gateway_instance(
-        &self,
-        gateway_id: &str,
-        region: &str,
-        address: &str,
-        last_seen_micros: i64,
-    ) -> Result<(), StoreError>;
-    /// The gateways that reported since `seen_since_micros`: id, region,
-    /// address, last report.
+    async fn report_gateway_instance(&self, instance: &GatewayInstance) -> Result<(), StoreError>;
+    /// The gateways that reported since `seen_since_micros`, with what they
+    /// reported last.
     async fn gateway_instances(
         &self,
         seen_since_micros: i64,
-    ) -> Result<Vec<(String, String, String, i64)>, StoreError>;
+    ) -> Result<Vec<GatewayInstance>, StoreError>;
     /// Records that a notifier reported (to any replica).
     async fn report_notifier_instance(
         &self,
@@ -855,6 +877,11 @@ where
         display_name: row.try_get("display_name")?,
         registered_at_micros: row.try_get("registered_at")?,
         moving: row.try_get("moving")?,
+        version: {
+            let version: i64 = row.try_get("version")?;
+            u64::try_from(version)
+                .map_err(|_| StoreError::Corrupt(format!("negative agency version {version}")))?
+        },
     })
 }
 

@@ -12,6 +12,7 @@ fn agency(agency_id: &str) -> AgencyRecord {
         display_name: String::new(),
         registered_at_micros: 1,
         moving: false,
+        version: 1,
     }
 }
 
@@ -169,6 +170,7 @@ macro_rules! directory_store_suite {
                     (moved.region.as_str(), moved.shard.as_str(), moved.moving),
                     ("west", "west-1", false)
                 );
+                assert_eq!(moved.version, 3, "registered, moving, cut over");
                 let late = store
                     .cancel_move("m1")
                     .await
@@ -216,6 +218,7 @@ macro_rules! directory_store_suite {
                     (stayed.region.as_str(), stayed.shard.as_str(), stayed.moving),
                     ("west", "west-1", false)
                 );
+                assert_eq!(stayed.version, 5, "moving again, then cancelled");
                 assert_eq!(store.agency_move("m4").await.expect("get"), Some(cancelled));
             }
 
