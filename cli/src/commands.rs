@@ -217,6 +217,8 @@ fn agency_json(agency: &pb::Agency) -> serde_json::Value {
         "shard": agency.shard,
         "display_name": agency.display_name,
         "registered_at": agency.registered_at.map(|time| time.to_string()),
+        "moving": agency.moving,
+        "version": agency.version,
     })
 }
 

@@ -697,6 +697,24 @@ async fn an_agency_moves_from_the_command_line_with_its_progress() {
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["phase"], "done");
     assert_eq!(shown["to_shard"], "west-2");
+    let agency = fedmesh(&mesh, &["agency", "show", "tax-office", "--json"])
+        .await
+        .unwrap();
+    let agency: serde_json::Value = serde_json::from_str(&agency).unwrap();
+    assert_eq!(
+        (
+            &agency["region"],
+            &agency["shard"],
+            &agency["moving"],
+            &agency["version"]
+        ),
+        (
+            &serde_json::json!("west"),
+            &serde_json::json!("west-2"),
+            &serde_json::json!(false),
+            &serde_json::json!(3)
+        )
+    );
     // Too late to cancel, and said in one line.
     let error = fedmesh(
         &mesh,
