@@ -100,6 +100,7 @@ pub(crate) fn forward_request(message: Message) -> pb::ForwardRequest {
     pb::ForwardRequest {
         idempotency_key: message.idempotency_key.clone(),
         message: Some(message_to_pb(message)),
+        timeout_micros: 0,
     }
 }
 
@@ -190,6 +191,7 @@ pub(crate) fn moved_message_from_pb(
             origin_region: moved.origin_region,
         }),
         idempotency_key: moved.idempotency_key,
+        timeout_micros: 0,
     })?;
     if moved.sequence == 0 || i64::try_from(moved.sequence).is_err() {
         return Err(InvalidField::new(

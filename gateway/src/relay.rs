@@ -127,15 +127,40 @@ impl RelayClients {
         self.limits.max_batch_bytes
     }
 
+    /// Gives each message of `request` what is left of its sender's
+    /// deadline now (a retry on another gateway carries less, never more);
+    /// returns the call's timeout: as long as the longest of them needs,
+    /// never longer than the relay timeout.
+    fn stamp(
+        &self,
+        request: &mut pb::ForwardBatchRequest,
+        deadlines: &[Option<Instant>],
+    ) -> Duration {
+        let now = Instant::now();
+        let mut timeout = Duration::ZERO;
+        for (message, deadline) in request.messages.iter_mut().zip(deadlines) {
+            let left = deadline.map_or(self.limits.timeout, |deadline| {
+                deadline.saturating_duration_since(now)
+            });
+            if deadline.is_some() {
+                // 0 means no deadline: one that ran out is the least there is.
+                message.timeout_micros = u64::try_from(left.as_micros()).unwrap_or(u64::MAX).max(1);
+            }
+            timeout = timeout.max(left.min(self.limits.timeout));
+        }
+        timeout.max(Duration::from_millis(1))
+    }
+
     /// Sends `messages` to the first of `gateways` that answers.
     async fn forward_batch(
         &self,
         region: &str,
         gateways: &[String],
         messages: Vec<pb::ForwardRequest>,
+        deadlines: &[Option<Instant>],
     ) -> Result<Vec<pb::ForwardResult>, GatewayError> {
         let expected = messages.len();
-        let request = pb::ForwardBatchRequest { messages };
+        let mut request = pb::ForwardBatchRequest { messages };
         let mut last_failure = None;
         for address in gateways {
             let mut client = match self.client(region, address) {
@@ -145,8 +170,9 @@ impl RelayClients {
                     continue;
                 }
             };
+            let timeout = self.stamp(&mut request, deadlines);
             let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(self.limits.timeout);
+            call.set_timeout(timeout);
             match client.forward_batch(call).await {
                 Ok(response) => {
                     let results = response.into_inner().results;
@@ -181,8 +207,9 @@ impl RelayClients {
         // No gateway of the region answered: the coordinator may reach it.
         if let Some(coordinator) = &self.coordinator {
             tracing::warn!(%region, "no gateway of the region answers; relaying through the coordinator");
+            let timeout = self.stamp(&mut request, deadlines);
             let mut call = tonic::Request::new(request);
-            call.set_timeout(self.limits.timeout);
+            call.set_timeout(timeout);
             match coordinator.clone().forward_batch(call).await {
                 Ok(response) => {
                     let results = response.into_inner().results;
@@ -308,9 +335,11 @@ async fn relay_loop(
             .unwrap_or_default();
         let mut messages = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
+        let mut deadlines = Vec::with_capacity(batch.len());
         for queued in batch {
             messages.push(queued.request);
             replies.push(queued.reply);
+            deadlines.push(queued.deadline);
         }
         while in_flight.len() >= MAX_IN_FLIGHT {
             in_flight.join_next().await;
@@ -318,7 +347,10 @@ async fn relay_loop(
         let clients = Arc::clone(&clients);
         let region = region.clone();
         in_flight.spawn(async move {
-            match clients.forward_batch(&region, &gateways, messages).await {
+            match clients
+                .forward_batch(&region, &gateways, messages, &deadlines)
+                .await
+            {
                 Ok(results) => {
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(result_from_pb(result));

@@ -506,6 +506,7 @@ pub fn forward_request(
             ..Default::default()
         }),
         idempotency_key: None,
+        timeout_micros: 0,
     }
 }
 

@@ -171,6 +171,7 @@ async fn a_relayed_batch_answers_each_message_on_its_own() {
             ..Default::default()
         }),
         idempotency_key: None,
+        timeout_micros: 0,
     };
     let good = "01a20000-0000-7000-8000-000000000001";
     let batch = pb::ForwardBatchRequest {

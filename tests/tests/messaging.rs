@@ -268,14 +268,30 @@ async fn an_idempotency_key_names_one_message_across_the_mesh(backend: Backend) 
 
 #[tokio::test]
 async fn a_send_whose_deadline_passed_before_its_batch_is_not_stored() {
+    deadline_honoured("east", std::time::Duration::from_millis(200)).await;
+}
+
+/// West is slow: a relayed send whose sender gives up after 50 ms is not
+/// stored when west's turn comes, since the deadline travels with it and
+/// no hop extends it.
+#[tokio::test]
+async fn a_deadline_travels_with_a_relayed_send_and_is_honoured_at_its_home() {
+    deadline_honoured("west", std::time::Duration::from_millis(50)).await;
+}
+
+/// A send from east to a reader homed in `region`, queued at the reader's
+/// shard behind a batch that waits on a lock, whose caller gives up after
+/// `deadline`: answered DEADLINE_EXCEEDED and never stored.
+async fn deadline_honoured(region: &str, deadline: std::time::Duration) {
     let mesh = TestMesh::start_with(Backend::Postgres).await;
     mesh.register("sender", "east").await;
-    mesh.register("reader", "east").await;
+    mesh.register("reader", region).await;
+    mesh.gateway_knows("east", &["sender", "reader"]).await;
     mesh.send("east", "sender", "reader", "before", None)
         .await
         .unwrap();
     // Hold the reader's inbox row: the next batch for it waits on the lock.
-    let mut holder = sqlx::PgConnection::connect(&mesh.shard_url("east-1"))
+    let mut holder = sqlx::PgConnection::connect(&mesh.shard_url(&format!("{region}-1")))
         .await
         .unwrap();
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
@@ -291,7 +307,7 @@ async fn a_send_whose_deadline_passed_before_its_batch_is_not_stored() {
                 .await
         })
     };
-    let mut observer = sqlx::PgConnection::connect(&mesh.shard_url("east-1"))
+    let mut observer = sqlx::PgConnection::connect(&mesh.shard_url(&format!("{region}-1")))
         .await
         .unwrap();
     within("the batch to wait on the lock", async {
@@ -311,11 +327,11 @@ async fn a_send_whose_deadline_passed_before_its_batch_is_not_stored() {
     })
     .await;
 
-    // Queued behind it, a send whose caller gives up after 200 ms.
+    // Queued behind it, a send whose caller gives up after `deadline`.
     let mut late = send_request("sender", "reader", "late", None);
     late.idempotency_key = Some("late-1".into());
     let mut request = tonic::Request::new(late);
-    request.set_timeout(std::time::Duration::from_millis(200));
+    request.set_timeout(deadline);
     let failed = mesh.exchange("east", "sender").send(request).await;
     let status = failed.expect_err("the caller's deadline passed");
     assert!(
@@ -330,7 +346,7 @@ async fn a_send_whose_deadline_passed_before_its_batch_is_not_stored() {
     mesh.send("east", "sender", "reader", "after", None)
         .await
         .unwrap();
-    let mut inbox = mesh.open_inbox("east", "reader", 0).await.unwrap();
+    let mut inbox = mesh.open_inbox(region, "reader", 0).await.unwrap();
     let bodies: Vec<String> = inbox.drain().await.iter().map(body).collect();
     assert_eq!(
         bodies,

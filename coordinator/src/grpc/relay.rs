@@ -47,6 +47,7 @@ impl CoordinatorRelay {
         &self,
         region: &str,
         messages: Vec<pb::ForwardRequest>,
+        timeout: Duration,
     ) -> Result<Vec<pb::ForwardResult>, String> {
         let expected = messages.len();
         let request = pb::ForwardBatchRequest { messages };
@@ -61,7 +62,7 @@ impl CoordinatorRelay {
                 }
             };
             let mut call = Request::new(request.clone());
-            call.set_timeout(RELAY_TIMEOUT);
+            call.set_timeout(timeout);
             match client.forward_batch(call).await {
                 Ok(response) => {
                     let results = response.into_inner().results;
@@ -186,7 +187,17 @@ impl pb::relay_server::Relay for CoordinatorRelay {
             let (indexes, messages): (Vec<usize>, Vec<pb::ForwardRequest>) =
                 batch.into_iter().unzip();
             tracing::debug!(%forwarder, %region, messages = messages.len(), "relaying through the coordinator");
-            match self.to_region(&region, messages).await {
+            // No longer than the longest deadline the messages carry: a hop
+            // never extends a sender's deadline.
+            let timeout = messages
+                .iter()
+                .map(|forward| match forward.timeout_micros {
+                    0 => RELAY_TIMEOUT,
+                    micros => Duration::from_micros(micros).min(RELAY_TIMEOUT),
+                })
+                .max()
+                .unwrap_or(RELAY_TIMEOUT);
+            match self.to_region(&region, messages, timeout).await {
                 Ok(answers) => {
                     for (index, answer) in indexes.into_iter().zip(answers) {
                         results[index] = Some(answer);

@@ -1,9 +1,11 @@
 //! `fedmesh.v1.Relay`: stores messages other regions accepted.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedmesh_common::identity::{Identity, caller};
 use fedmesh_proto::pb;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
@@ -24,7 +26,9 @@ impl RelayService {
         shared: &Shared,
         forwarder: Option<&str>,
         request: pb::ForwardRequest,
+        call_deadline: Option<Instant>,
     ) -> Result<pb::Receipt, GatewayError> {
+        let deadline = message_deadline(request.timeout_micros, call_deadline);
         let message = convert::message_from_forward(request)?;
         shared.check_payload(message.payload.len())?;
         if let Some(forwarder) = forwarder
@@ -64,8 +68,21 @@ impl RelayService {
             claim: None,
             may_exist: true,
         };
-        let receipt = shared.store_local(&home.shard, item, None).await?;
+        let receipt = shared.store_local(&home.shard, item, deadline).await?;
         Ok(convert::receipt_to_pb(receipt))
+    }
+}
+
+/// When a relayed message must be taken into a batch by: what its sender
+/// had left when it was relayed (`timeout_micros`, 0: no deadline), and
+/// never after the call's own deadline.
+fn message_deadline(timeout_micros: u64, call_deadline: Option<Instant>) -> Option<Instant> {
+    let own = (timeout_micros > 0)
+        .then(|| Instant::now().checked_add(Duration::from_micros(timeout_micros)))
+        .flatten();
+    match (own, call_deadline) {
+        (Some(own), Some(call)) => Some(own.min(call)),
+        (own, call) => own.or(call),
     }
 }
 
@@ -117,8 +134,14 @@ impl pb::relay_server::Relay for RelayService {
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
         let forwarder = forwarder(&request)?;
-        let receipt =
-            Self::forward_one(&self.shared, forwarder.as_deref(), request.into_inner()).await?;
+        let deadline = convert::deadline_of(&request);
+        let receipt = Self::forward_one(
+            &self.shared,
+            forwarder.as_deref(),
+            request.into_inner(),
+            deadline,
+        )
+        .await?;
         Ok(Response::new(pb::ForwardResponse {
             receipt: Some(receipt),
         }))
@@ -129,6 +152,7 @@ impl pb::relay_server::Relay for RelayService {
         request: Request<pb::ForwardBatchRequest>,
     ) -> Result<Response<pb::ForwardBatchResponse>, Status> {
         let forwarder = forwarder(&request)?;
+        let deadline = convert::deadline_of(&request);
         let messages = request.into_inner().messages;
         if messages.len() > MAX_FORWARD_BATCH {
             return Err(GatewayError::from(fedmesh_common::error::InvalidField::new(
@@ -147,7 +171,7 @@ impl pb::relay_server::Relay for RelayService {
         let outcomes = futures_util::future::join_all(
             messages
                 .into_iter()
-                .map(|message| Self::forward_one(&self.shared, forwarder, message)),
+                .map(|message| Self::forward_one(&self.shared, forwarder, message, deadline)),
         )
         .await;
         let results = outcomes.into_iter().map(result_to_pb).collect();
