@@ -326,8 +326,20 @@ impl RateLimitSettings {
 #[derive(Debug)]
 pub struct RateLimiter {
     settings: RateLimitSettings,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
 }
+
+/// The buckets of the agencies that called lately.
+#[derive(Debug, Default)]
+struct Buckets {
+    by_agency: HashMap<String, Bucket>,
+    swept_at: Option<Instant>,
+}
+
+/// How often buckets that filled up again are dropped: a full bucket says
+/// nothing a new one would not, and without this every agency that ever
+/// called would keep one.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 struct Bucket {
@@ -340,7 +352,7 @@ impl RateLimiter {
     pub fn new(settings: RateLimitSettings) -> Self {
         RateLimiter {
             settings,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets::default()),
         }
     }
 
@@ -352,21 +364,53 @@ impl RateLimiter {
             .map_or(self.settings.rate_limit, |(_, rate)| *rate)
     }
 
+    fn burst_of(&self, rate: u32) -> u32 {
+        self.settings.rate_burst.unwrap_or(rate.saturating_mul(2))
+    }
+
+    /// Drops the buckets that have filled up again by `now`.
+    fn sweep(&self, buckets: &mut Buckets, now: Instant) {
+        if buckets
+            .swept_at
+            .is_some_and(|swept_at| now.saturating_duration_since(swept_at) < SWEEP_EVERY)
+        {
+            return;
+        }
+        buckets.swept_at = Some(now);
+        buckets.by_agency.retain(|agency, bucket| {
+            let rate = self.rate_of(agency);
+            let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+            rate > 0 && bucket.tokens + elapsed * f64::from(rate) < f64::from(self.burst_of(rate))
+        });
+    }
+
+    /// Agencies with a bucket now.
+    fn tracked(&self) -> usize {
+        match self.buckets.lock() {
+            Ok(buckets) => buckets.by_agency.len(),
+            Err(poisoned) => poisoned.into_inner().by_agency.len(),
+        }
+    }
+
     /// Takes one call from `agency`'s bucket, or says when one is allowed.
     pub fn take(&self, agency: &str, now: Instant) -> Result<(), Refusal> {
         let rate = self.rate_of(agency);
         if rate == 0 {
             return Ok(());
         }
-        let burst = self.settings.rate_burst.unwrap_or(rate.saturating_mul(2));
+        let burst = self.burst_of(rate);
         let mut buckets = match self.buckets.lock() {
             Ok(buckets) => buckets,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let bucket = buckets.entry(agency.to_string()).or_insert(Bucket {
-            tokens: f64::from(burst),
-            at: now,
-        });
+        self.sweep(&mut buckets, now);
+        let bucket = buckets
+            .by_agency
+            .entry(agency.to_string())
+            .or_insert(Bucket {
+                tokens: f64::from(burst),
+                at: now,
+            });
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * f64::from(rate)).min(f64::from(burst));
         bucket.at = now;
@@ -848,6 +892,32 @@ mod tests {
         for _ in 0..1000 {
             assert!(limiter.take("open-data", start).is_ok(), "0 is no limit");
         }
+    }
+
+    #[test]
+    fn buckets_that_filled_up_again_are_dropped() {
+        let limiter = RateLimiter::new(RateLimitSettings {
+            rate_limit: 10,
+            rate_burst: Some(2),
+            agencies: vec![],
+        });
+        let start = Instant::now();
+        for index in 0..100 {
+            assert!(limiter.take(&format!("agency-{index}"), start).is_ok());
+        }
+        assert!(limiter.take("busy", start).is_ok());
+        assert!(limiter.take("busy", start).is_ok());
+        assert_eq!(limiter.tracked(), 101);
+        // A minute on, every bucket is full again but the busy one, which
+        // has just been drained.
+        let later = start + SWEEP_EVERY;
+        assert!(limiter.take("busy", later).is_ok());
+        assert!(limiter.take("busy", later).is_ok());
+        assert!(limiter.take("busy", later).is_err(), "its bucket is empty");
+        let after = later + SWEEP_EVERY;
+        assert!(limiter.take("newcomer", after).is_ok());
+        assert_eq!(limiter.tracked(), 1, "only the newcomer's bucket is left");
+        assert!(limiter.take("busy", after).is_ok(), "a full bucket again");
     }
 
     #[derive(Debug, Default)]
