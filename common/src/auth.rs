@@ -385,6 +385,7 @@ impl RateLimiter {
     }
 
     /// Agencies with a bucket now.
+    #[cfg(test)]
     fn tracked(&self) -> usize {
         match self.buckets.lock() {
             Ok(buckets) => buckets.by_agency.len(),
