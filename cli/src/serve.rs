@@ -505,6 +505,112 @@ mod tests {
     }
 
     #[test]
+    fn discovery_settings_come_from_flags_and_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            "region = \"east\"\ndiscovery_domain = \"mesh.example.org\"\n[shards]\neast-1 = \"sqlite:///tmp/e.sqlite\"\n[peers]\nwest = [\"https://10.0.0.7:50052\", \"https://10.0.0.8:50052\"]\ncentral = \"https://10.2.0.1:50052\"\n",
+        )
+        .expect("write");
+        let config_flag = path.display().to_string();
+        let with = |extra: &[&str]| {
+            let mut argv = vec!["gateway", "--config", &config_flag];
+            argv.extend_from_slice(extra);
+            gateway_settings(&argv)
+        };
+        let config = with(&[]).expect("valid").expect("not a check");
+        assert_eq!(config.discovery_domain.as_deref(), Some("mesh.example.org"));
+        assert_eq!(config.discovery_resolver, None, "the system's resolver");
+        assert_eq!(config.discovery_port, 50052);
+        assert_eq!(config.discovery_grace_secs, 300);
+        let peers: Vec<(&str, &str)> = config
+            .peers
+            .iter()
+            .map(|peer| (peer.region.as_str(), peer.url.as_str()))
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                ("central", "https://10.2.0.1:50052"),
+                ("west", "https://10.0.0.7:50052"),
+                ("west", "https://10.0.0.8:50052"),
+            ]
+        );
+
+        let config = with(&[
+            "--discovery-resolver",
+            "10.0.0.2:5353",
+            "--peer",
+            "west=https://10.0.0.9:50052",
+        ])
+        .expect("valid")
+        .expect("not a check");
+        assert_eq!(config.discovery_resolver.as_deref(), Some("10.0.0.2:5353"));
+        let peers: Vec<(&str, &str)> = config
+            .peers
+            .iter()
+            .map(|peer| (peer.region.as_str(), peer.url.as_str()))
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                ("central", "https://10.2.0.1:50052"),
+                ("west", "https://10.0.0.9:50052")
+            ],
+            "the flag's region replaces the file's; the file's other regions stay"
+        );
+
+        for (flags, named) in [
+            (
+                &["--discovery-domain", "mesh_example"][..],
+                "discovery_domain (--discovery-domain)",
+            ),
+            (
+                &["--discovery-resolver", "dns.example"][..],
+                "discovery_resolver (--discovery-resolver)",
+            ),
+            (
+                &["--discovery-port", "0"][..],
+                "discovery_port (--discovery-port)",
+            ),
+            (&["--peer", "west=ftp://10.0.0.9"][..], "peers (--peer)"),
+            (
+                &["--peer", "east=https://10.0.0.9:50052"][..],
+                "peers (--peer)",
+            ),
+        ] {
+            let error = with(flags).expect_err("refused");
+            assert!(format!("{error:#}").contains(named), "{flags:?}: {error:#}");
+        }
+
+        let matches = Gateway::command()
+            .try_get_matches_from(["gateway", "--config", &config_flag, "--check-config"])
+            .expect("parse");
+        let args = Gateway::from_arg_matches(&matches).expect("parse").args;
+        let mut out = Vec::new();
+        settings(
+            &args.flags,
+            &args.settings,
+            &matches,
+            GatewayConfig::validate,
+            GatewayConfig::redacted,
+            &mut out,
+        )
+        .expect("valid");
+        let printed = String::from_utf8(out).expect("utf-8");
+        assert!(
+            printed.contains("discovery_domain = \"mesh.example.org\""),
+            "{printed}"
+        );
+        assert!(printed.contains("[peers]"), "{printed}");
+        assert!(
+            printed.contains("central = [\"https://10.2.0.1:50052\"]"),
+            "{printed}"
+        );
+    }
+
+    #[test]
     fn the_event_bus_settings_are_checked() {
         let shard = "east-1=sqlite:///tmp/e.sqlite";
         let gateway = |extra: &[&str]| {

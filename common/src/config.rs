@@ -123,22 +123,28 @@ where
 }
 
 /// Splits `settings` into what clap filled in by default and what a flag
-/// or an environment variable gave; nested tables are split key by key.
+/// or an environment variable gave; nested tables of settings (`[tls]`) are
+/// split key by key, while a table that is one setting's value (`--shard`
+/// as `[shards]`) goes whole where its flag says.
 fn split_by_source(settings: Dict, matches: &ArgMatches) -> (Dict, Dict) {
     let mut defaults = Dict::new();
     let mut given = Dict::new();
     for (key, value) in settings {
-        if let Value::Dict(_, nested) = value {
-            let (nested_defaults, nested_given) = split_by_source(nested, matches);
-            if !nested_defaults.is_empty() {
-                defaults.insert(key.clone(), Value::from(nested_defaults));
+        let is_argument = matches.ids().any(|id| id.as_str() == key);
+        let value = match value {
+            Value::Dict(_, nested) if !is_argument => {
+                let (nested_defaults, nested_given) = split_by_source(nested, matches);
+                if !nested_defaults.is_empty() {
+                    defaults.insert(key.clone(), Value::from(nested_defaults));
+                }
+                if !nested_given.is_empty() {
+                    given.insert(key, Value::from(nested_given));
+                }
+                continue;
             }
-            if !nested_given.is_empty() {
-                given.insert(key, Value::from(nested_given));
-            }
-            continue;
-        }
-        let from_user = matches.ids().any(|id| id.as_str() == key)
+            value => value,
+        };
+        let from_user = is_argument
             && matches!(
                 matches.value_source(&key),
                 Some(ValueSource::CommandLine | ValueSource::EnvVariable)

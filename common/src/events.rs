@@ -178,6 +178,10 @@ struct CloudEvent {
     /// RFC 3339, microseconds.
     time: String,
     datacontenttype: String,
+    /// The distributed-tracing extension: the W3C trace context of the
+    /// message the event is about, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
     data: EventData,
 }
 
@@ -207,6 +211,16 @@ impl Event {
         }
     }
 
+    /// The W3C trace context of the message the event is about, if it has
+    /// one: its `traceparent` attribute, which the CloudEvents forms also
+    /// carry as the distributed-tracing extension attribute.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.attributes
+            .get(TRACEPARENT_ATTRIBUTE)
+            .map(String::as_str)
+            .filter(|traceparent| !traceparent.is_empty())
+    }
+
     /// The CloudEvents `source`: `/fedmesh/<region>/<component>`.
     pub fn source(&self) -> String {
         format!("/fedmesh/{}/{}", self.region, self.component())
@@ -228,6 +242,7 @@ impl Event {
             subject: self.agency_id.clone(),
             time: timestamp_from_micros(self.occurred_at_micros).to_string(),
             datacontenttype: "application/json".to_string(),
+            traceparent: self.traceparent().map(str::to_string),
             data: EventData {
                 region: self.region.clone(),
                 agency_id: self.agency_id.clone(),
@@ -246,6 +261,12 @@ impl Event {
         use cloudevents::cloud_event::cloud_event_attribute_value::Attr;
         use cloudevents::cloud_event::{CloudEventAttributeValue, Data};
         let value = |attr| CloudEventAttributeValue { attr: Some(attr) };
+        let traceparent = self.traceparent().map(|traceparent| {
+            (
+                "traceparent",
+                value(Attr::CeString(traceparent.to_string())),
+            )
+        });
         let attributes = [
             (
                 "time",
@@ -272,6 +293,7 @@ impl Event {
             r#type: self.kind.clone(),
             attributes: attributes
                 .into_iter()
+                .chain(traceparent)
                 .map(|(name, value)| (name.to_string(), value))
                 .collect(),
             data: Some(Data::ProtoData(prost_types::Any {
@@ -359,7 +381,14 @@ pub struct MessageEntry {
     pub message_kind: String,
     /// Its sequence in the recipient's inbox.
     pub sequence: u64,
+    /// Its W3C trace context; empty if it has none (stored before messages
+    /// carried one).
+    pub traceparent: String,
 }
+
+/// The attribute of a message's events that holds its W3C trace context,
+/// named as the CloudEvents distributed-tracing extension names it.
+pub const TRACEPARENT_ATTRIBUTE: &str = "traceparent";
 
 /// The id of the event of `kind` about `message_id` in `region`: the same
 /// whenever the event is published again.
@@ -386,18 +415,24 @@ pub fn message_events(
 ) -> Vec<Event> {
     entries
         .into_iter()
-        .map(|entry| Event {
-            event_id: message_event_id(kind, region, &entry.message_id),
-            kind: kind.to_string(),
-            region: region.to_string(),
-            agency_id: entry.recipient_id,
-            attributes: BTreeMap::from([
+        .map(|entry| {
+            let mut attributes = BTreeMap::from([
                 ("sender".to_string(), entry.sender_id),
                 ("kind".to_string(), entry.message_kind),
                 ("sequence".to_string(), entry.sequence.to_string()),
-            ]),
-            message_id: Some(entry.message_id),
-            occurred_at_micros,
+            ]);
+            if !entry.traceparent.is_empty() {
+                attributes.insert(TRACEPARENT_ATTRIBUTE.to_string(), entry.traceparent);
+            }
+            Event {
+                event_id: message_event_id(kind, region, &entry.message_id),
+                kind: kind.to_string(),
+                region: region.to_string(),
+                agency_id: entry.recipient_id,
+                attributes,
+                message_id: Some(entry.message_id),
+                occurred_at_micros,
+            }
         })
         .collect()
 }
@@ -833,6 +868,7 @@ mod tests {
             sender_id: "sender".into(),
             message_kind: "note".into(),
             sequence: 7,
+            traceparent: String::new(),
         };
         let events = message_events(MESSAGE_ACCEPTED, "west", 5, vec![entry.clone()]);
         assert_eq!(events.len(), 1);
@@ -842,6 +878,11 @@ mod tests {
         assert_eq!(event.attributes["sender"], "sender");
         assert_eq!(event.attributes["kind"], "note");
         assert_eq!(event.attributes["sequence"], "7");
+        assert_eq!(
+            event.traceparent(),
+            None,
+            "a message without a trace context"
+        );
         let again = message_events(MESSAGE_ACCEPTED, "west", 9, vec![entry.clone()]);
         assert_eq!(
             again[0].event_id, event.event_id,
@@ -850,5 +891,49 @@ mod tests {
         let delivered = message_events(MESSAGE_DELIVERED, "west", 9, vec![entry]);
         assert_ne!(delivered[0].event_id, event.event_id);
         assert!(uuid::Uuid::parse_str(&event.event_id).is_ok());
+    }
+
+    #[test]
+    fn message_events_carry_the_trace_context_as_the_cloudevents_extension() {
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let entry = MessageEntry {
+            message_id: "m1".into(),
+            recipient_id: "reader".into(),
+            sender_id: "sender".into(),
+            message_kind: "note".into(),
+            sequence: 7,
+            traceparent: traceparent.into(),
+        };
+        let events = message_events(MESSAGE_DELIVERED, "west", 5, vec![entry]);
+        let event = &events[0];
+        assert_eq!(event.traceparent(), Some(traceparent));
+        let json = event.to_cloudevent_json();
+        let value: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(value["traceparent"], traceparent);
+        assert_eq!(&Event::from_cloudevent_json(&json).expect("event"), event);
+        let proto = event.to_cloudevent_proto();
+        let attribute = proto
+            .attributes
+            .get("traceparent")
+            .and_then(|value| value.attr.clone());
+        assert_eq!(
+            attribute,
+            Some(
+                cloudevents::cloud_event::cloud_event_attribute_value::Attr::CeString(
+                    traceparent.into()
+                )
+            )
+        );
+        // An event about no message has no such attribute.
+        let plain = Event::new(AGENCY_REGISTERED, "east", "ministry");
+        let value: serde_json::Value =
+            serde_json::from_slice(&plain.to_cloudevent_json()).expect("json");
+        assert!(value.get("traceparent").is_none());
+        assert!(
+            !plain
+                .to_cloudevent_proto()
+                .attributes
+                .contains_key("traceparent")
+        );
     }
 }

@@ -3,6 +3,8 @@
 //! - [`amqp`]: the event bus on RabbitMQ: confirmed publishing, consuming.
 //! - [`config`]: settings declared once, merged from defaults, file,
 //!   environment and flags.
+//! - [`discovery`]: the gateways of a region found through DNS (SRV or
+//!   A/AAAA records, cached for their TTL) and from a static list.
 //! - [`error`]: the small set of error kinds, their gRPC codes, and the one
 //!   place a `tonic::Status` is built from a service error.
 //! - [`identity`]: who the caller is, read in one interceptor.
@@ -24,6 +26,7 @@ pub mod amqp;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod events;
 pub mod identity;

@@ -90,6 +90,12 @@ fn events_of_row(row: &sqlx::postgres::PgRow) -> Result<Vec<Event>, sqlx::Error>
         let sender_ids: Vec<String> = row.try_get("sender_ids")?;
         let message_kinds: Vec<String> = row.try_get("message_kinds")?;
         let sequences: Vec<i64> = row.try_get("sequences")?;
+        // NULL on rows written before messages carried a trace context, and
+        // NULL elements for messages stored before.
+        let traceparents: Vec<Option<String>> = row
+            .try_get::<Option<Vec<Option<String>>>, _>("traceparents")?
+            .unwrap_or_default();
+        let mut traceparents = traceparents.into_iter();
         let entries = message_ids
             .into_iter()
             .zip(recipient_ids)
@@ -104,6 +110,7 @@ fn events_of_row(row: &sqlx::postgres::PgRow) -> Result<Vec<Event>, sqlx::Error>
                         sender_id,
                         message_kind,
                         sequence: u64::try_from(sequence).unwrap_or_default(),
+                        traceparent: traceparents.next().flatten().unwrap_or_default(),
                     }
                 },
             )
@@ -138,7 +145,7 @@ impl Outbox for PgOutbox {
             }
             let rows = sqlx::query(
                 "SELECT row_id, event_id, kind, region, agency_id, message_id, occurred_at, attributes, \
-                 message_ids, recipient_ids, sender_ids, message_kinds, sequences \
+                 message_ids, recipient_ids, sender_ids, message_kinds, sequences, traceparents \
                  FROM outbox ORDER BY row_id LIMIT $1",
             )
             .persistent(false)

@@ -48,6 +48,36 @@ pub async fn insert_event(
     Ok(())
 }
 
+/// One message of an outbox row's `entries` (JSON): id, recipient, sender,
+/// kind, sequence and traceparent; rows written before messages carried a
+/// traceparent list the first five only.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum ListedEntry {
+    Traced((String, String, String, String, u64, String)),
+    Untraced((String, String, String, String, u64)),
+}
+
+impl From<ListedEntry> for MessageEntry {
+    fn from(listed: ListedEntry) -> Self {
+        let (message_id, recipient_id, sender_id, message_kind, sequence, traceparent) =
+            match listed {
+                ListedEntry::Traced(entry) => entry,
+                ListedEntry::Untraced((id, recipient, sender, kind, sequence)) => {
+                    (id, recipient, sender, kind, sequence, String::new())
+                }
+            };
+        MessageEntry {
+            message_id,
+            recipient_id,
+            sender_id,
+            message_kind,
+            sequence,
+            traceparent,
+        }
+    }
+}
+
 /// Writes the events of `kind` about the messages of `entries` to the outbox
 /// as one row (inside the caller's transaction); `entries` is not empty.
 pub async fn insert_message_events(
@@ -57,16 +87,17 @@ pub async fn insert_message_events(
     occurred_at_micros: i64,
     entries: &[MessageEntry],
 ) -> Result<(), sqlx::Error> {
-    let listed: Vec<(&str, &str, &str, &str, u64)> = entries
+    let listed: Vec<ListedEntry> = entries
         .iter()
         .map(|entry| {
-            (
-                entry.message_id.as_str(),
-                entry.recipient_id.as_str(),
-                entry.sender_id.as_str(),
-                entry.message_kind.as_str(),
+            ListedEntry::Traced((
+                entry.message_id.clone(),
+                entry.recipient_id.clone(),
+                entry.sender_id.clone(),
+                entry.message_kind.clone(),
                 entry.sequence,
-            )
+                entry.traceparent.clone(),
+            ))
         })
         .collect();
     let listed =
@@ -106,20 +137,8 @@ fn events_of_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vec<Event>, sqlx::Erro
     let region: String = row.try_get("region")?;
     let occurred_at_micros: i64 = row.try_get("occurred_at")?;
     if let Some(entries) = row.try_get::<Option<String>, _>("entries")? {
-        let listed: Vec<(String, String, String, String, u64)> =
-            serde_json::from_str(&entries).map_err(decode)?;
-        let entries = listed
-            .into_iter()
-            .map(
-                |(message_id, recipient_id, sender_id, message_kind, sequence)| MessageEntry {
-                    message_id,
-                    recipient_id,
-                    sender_id,
-                    message_kind,
-                    sequence,
-                },
-            )
-            .collect();
+        let listed: Vec<ListedEntry> = serde_json::from_str(&entries).map_err(decode)?;
+        let entries = listed.into_iter().map(MessageEntry::from).collect();
         return Ok(message_events(&kind, &region, occurred_at_micros, entries));
     }
     Ok(vec![crate::store::single_event_from_row(

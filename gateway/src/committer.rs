@@ -352,6 +352,7 @@ mod tests {
                 idempotency_key: None,
                 origin_region: "east".into(),
                 accepted_at_micros: 1,
+                traceparent: String::new(),
             },
             claim: None,
             may_exist: false,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use fedmesh_common::amqp::EventBusSettings;
 use fedmesh_common::auth::RateLimitSettings;
 use fedmesh_common::config::{ConfigError, check_range};
+use fedmesh_common::discovery::{DiscoveryOptions, Peer};
 use fedmesh_common::server::ConnectionSettings;
 use fedmesh_common::tls::TlsSettings;
 use fedmesh_common::topology::AccessPolicy;
@@ -165,6 +166,35 @@ pub struct GatewayConfig {
     /// before the next gateway of the region is tried.
     #[arg(long, env = "FEDMESH_RELAY_TIMEOUT_MS", default_value_t = 10_000)]
     pub relay_timeout_ms: u64,
+    /// DNS domain the gateways of every region are published under: a
+    /// region's gateways are the SRV records of
+    /// `_fedmesh._tcp.gateway.REGION.DOMAIN`, else the A/AAAA records of
+    /// `gateway.REGION.DOMAIN` with `--discovery-port`. Tried before the
+    /// gateways the coordinator announces [default: no DNS discovery].
+    #[arg(long, env = "FEDMESH_DISCOVERY_DOMAIN")]
+    pub discovery_domain: Option<String>,
+    /// DNS server to ask, as IP or IP:PORT (port 53 without) [default: the
+    /// system's resolver configuration, /etc/resolv.conf].
+    #[arg(long, env = "FEDMESH_DISCOVERY_RESOLVER")]
+    pub discovery_resolver: Option<String>,
+    /// Port of the gateways found by A/AAAA records (a headless service);
+    /// SRV records carry their own.
+    #[arg(long, env = "FEDMESH_DISCOVERY_PORT", default_value_t = 50052)]
+    pub discovery_port: u16,
+    /// Seconds a DNS answer is still used after its TTL while lookups fail.
+    #[arg(long, env = "FEDMESH_DISCOVERY_GRACE_SECS", default_value_t = 300)]
+    pub discovery_grace_secs: u64,
+    /// A gateway of another region as REGION=URL, tried after those DNS
+    /// and the coordinator name; repeatable (environment: separated by
+    /// `;`; config file: a table `[peers] west = ["https://10.0.0.7:50052"]`).
+    #[arg(
+        long = "peer",
+        value_name = "REGION=URL",
+        env = "FEDMESH_PEERS",
+        value_delimiter = ';'
+    )]
+    #[serde(default, with = "fedmesh_common::discovery::peer_table")]
+    pub peers: Vec<Peer>,
     /// How long a send to or from an agency being moved waits for the
     /// move's cut-over, in milliseconds (at most the caller's deadline);
     /// after it the send is answered UNAVAILABLE, to retry with the same
@@ -272,6 +302,7 @@ impl GatewayConfig {
         check_range("commit_linger_us", self.commit_linger_us, 0..=1_000_000)?;
         check_range("relay_timeout_ms", self.relay_timeout_ms, 1..=3_600_000)?;
         check_range("move_hold_ms", self.move_hold_ms, 0..=3_600_000)?;
+        self.validate_discovery()?;
         check_range("retention_days", self.retention_days, 1..=36_500)?;
         check_range(
             "retention_interval_secs",
@@ -283,6 +314,67 @@ impl GatewayConfig {
         self.tls.validate()?;
         self.rate_limits.validate()?;
         self.events.validate()
+    }
+
+    /// Refuses discovery settings that cannot be used; names the setting.
+    fn validate_discovery(&self) -> Result<(), ConfigError> {
+        if let Some(domain) = &self.discovery_domain {
+            fedmesh_common::discovery::check_domain(domain)
+                .map_err(|problem| ConfigError::setting("discovery_domain", problem))?;
+        }
+        if let Some(resolver) = &self.discovery_resolver {
+            fedmesh_common::discovery::parse_resolver_address(resolver)
+                .map_err(|problem| ConfigError::setting("discovery_resolver", problem))?;
+            if self.discovery_domain.is_none() {
+                return Err(ConfigError::setting(
+                    "discovery_resolver",
+                    "a resolver is asked only for a discovery domain: give --discovery-domain too",
+                ));
+            }
+        }
+        check_range("discovery_port", self.discovery_port, 1..=u16::MAX)?;
+        check_range(
+            "discovery_grace_secs",
+            self.discovery_grace_secs,
+            0..=86_400,
+        )?;
+        let peer_problem = |problem: String| ConfigError::Setting {
+            key: "peers",
+            flag: "peer".into(),
+            problem,
+        };
+        for peer in &self.peers {
+            fedmesh_common::validate::region("peers", &peer.region).map_err(|invalid| {
+                peer_problem(format!(
+                    "{}={}: {}",
+                    peer.region, peer.url, invalid.description
+                ))
+            })?;
+            if peer.region == self.region() {
+                return Err(peer_problem(format!(
+                    "{} is in this gateway's own region {}: peers are gateways of other regions",
+                    peer.url, peer.region
+                )));
+            }
+            peer.check().map_err(peer_problem)?;
+        }
+        Ok(())
+    }
+
+    /// How this gateway finds the gateways of other regions besides the
+    /// topology; `scheme` is the mesh's (`https` on TLS). Call after
+    /// [`GatewayConfig::validate`].
+    pub fn discovery(&self, scheme: &'static str) -> DiscoveryOptions {
+        DiscoveryOptions {
+            domain: self.discovery_domain.clone(),
+            resolver: self.discovery_resolver.as_deref().and_then(|resolver| {
+                fedmesh_common::discovery::parse_resolver_address(resolver).ok()
+            }),
+            port: self.discovery_port,
+            grace: Duration::from_secs(self.discovery_grace_secs),
+            scheme,
+            peers: self.peers.clone(),
+        }
     }
 
     /// The same settings with the passwords in database URLs hidden, to
@@ -365,6 +457,40 @@ mod tests {
         assert_eq!(config.max_payload_bytes, 1024 * 1024);
         assert_eq!(config.retention(), Duration::from_secs(7 * 24 * 3600));
         assert_eq!(config.gateway_id(), "east-0");
+    }
+
+    #[test]
+    fn discovery_is_off_by_default_and_its_settings_are_checked() {
+        let mut config = GatewayConfig::new(
+            "east-0",
+            "east",
+            vec![ShardConfig::new("east-1", "sqlite:///tmp/east-1.sqlite")],
+            "http://127.0.0.1:50051",
+        );
+        let options = config.discovery("http");
+        assert_eq!(options.domain, None, "no DNS unless asked");
+        assert!(options.peers.is_empty());
+        assert_eq!(options.port, 50052);
+        assert_eq!(options.grace, Duration::from_secs(300));
+
+        config.discovery_domain = Some("mesh.example.org".into());
+        config.discovery_resolver = Some("10.0.0.2".into());
+        config.peers = vec!["west=https://10.0.0.7:50052".parse().expect("peer")];
+        config.validate().expect("valid");
+        let options = config.discovery("https");
+        assert_eq!(options.resolver, "10.0.0.2:53".parse().ok());
+        assert_eq!(options.scheme, "https");
+        assert_eq!(options.peers.len(), 1);
+
+        config.discovery_domain = None;
+        let error = config.validate().expect_err("a resolver without a domain");
+        assert!(
+            error
+                .to_string()
+                .starts_with("discovery_resolver (--discovery-resolver)"),
+            "{error}"
+        );
+        assert!(error.to_string().contains("--discovery-domain"), "{error}");
     }
 
     #[test]

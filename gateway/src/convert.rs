@@ -12,6 +12,7 @@ use fedmesh_proto::pb;
 
 use crate::inbox::stream::Ack;
 use crate::message::{Fingerprint, Message, MovedKey, MovedMessage, Receipt};
+use crate::trace_context::{TRACEPARENT_METADATA, TraceParent};
 
 fn checked_headers(
     field: &'static str,
@@ -32,10 +33,11 @@ fn checked_idempotency_key(
 }
 
 /// A new message from a `Send`, given a fresh UUIDv7 id, accepted now in
-/// `origin_region`.
+/// `origin_region`, in the trace of `traceparent`.
 pub(crate) fn message_from_send(
     request: pb::SendRequest,
     origin_region: &str,
+    traceparent: TraceParent,
 ) -> Result<Message, InvalidField> {
     validate::agency_id("sender_id", &request.sender_id)?;
     validate::agency_id("recipient_id", &request.recipient_id)?;
@@ -50,6 +52,7 @@ pub(crate) fn message_from_send(
         payload: request.payload,
         origin_region: origin_region.to_string(),
         accepted_at_micros: now_micros(),
+        traceparent: traceparent.into_string(),
     })
 }
 
@@ -78,6 +81,9 @@ pub(crate) fn message_from_forward(request: pb::ForwardRequest) -> Result<Messag
         kind: message.kind,
         payload: message.payload,
         origin_region: message.origin_region,
+        // Passed on as it came: the origin gateway checked it, and a hop
+        // that dropped an odd one would break the trace it belongs to.
+        traceparent: message.traceparent,
     })
 }
 
@@ -92,6 +98,7 @@ pub(crate) fn message_to_pb(message: Message) -> pb::Message {
         headers: message.headers.into_iter().collect(),
         accepted_at: Some(timestamp_from_micros(message.accepted_at_micros)),
         origin_region: message.origin_region,
+        traceparent: message.traceparent,
     }
 }
 
@@ -145,6 +152,17 @@ pub(crate) fn deadline_of<T>(request: &tonic::Request<T>) -> Option<tokio::time:
     tokio::time::Instant::now().checked_add(timeout)
 }
 
+/// The trace a `Send` continues: the caller's `traceparent` metadata if it
+/// is a valid one, otherwise a new trace (a bad one is no reason to refuse
+/// a message).
+pub(crate) fn traceparent_of<T>(request: &tonic::Request<T>) -> TraceParent {
+    let given = request
+        .metadata()
+        .get(TRACEPARENT_METADATA)
+        .and_then(|value| value.to_str().ok());
+    TraceParent::continue_or_start(given)
+}
+
 /// The wire form of a receipt for a stored message.
 pub(crate) fn receipt_to_pb(receipt: Receipt) -> pb::Receipt {
     pb::Receipt {
@@ -171,6 +189,7 @@ pub(crate) fn moved_message_to_pb(moved: MovedMessage) -> pb::MovedMessage {
         sequence: moved.sequence,
         stored_at_micros: moved.stored_at_micros,
         acked_at_micros: moved.acked_at_micros,
+        traceparent: message.traceparent,
     }
 }
 
@@ -189,6 +208,7 @@ pub(crate) fn moved_message_from_pb(
             headers: moved.headers,
             accepted_at: None,
             origin_region: moved.origin_region,
+            traceparent: moved.traceparent,
         }),
         idempotency_key: moved.idempotency_key,
         timeout_micros: 0,
@@ -260,9 +280,42 @@ mod tests {
 
     #[test]
     fn a_forward_keeps_what_the_send_accepted() {
-        let message = message_from_send(send(), "east").expect("valid");
+        let message = message_from_send(send(), "east", TraceParent::start()).expect("valid");
+        assert!(!message.traceparent.is_empty());
         let forwarded = message_from_forward(forward_request(message.clone())).expect("valid");
         assert_eq!(forwarded, message);
+    }
+
+    #[test]
+    fn a_move_keeps_the_trace_context() {
+        let message = message_from_send(send(), "east", TraceParent::start()).expect("valid");
+        let moved = MovedMessage {
+            sequence: 3,
+            message: message.clone(),
+            stored_at_micros: 5,
+            acked_at_micros: None,
+        };
+        let back =
+            moved_message_from_pb("beta", moved_message_to_pb(moved.clone())).expect("valid");
+        assert_eq!(back, moved);
+    }
+
+    #[test]
+    fn the_trace_context_is_read_from_traceparent_metadata() {
+        let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut request = tonic::Request::new(());
+        request
+            .metadata_mut()
+            .insert("traceparent", given.parse().expect("ascii"));
+        assert_eq!(traceparent_of(&request).as_str(), given);
+        let mut request = tonic::Request::new(());
+        request
+            .metadata_mut()
+            .insert("traceparent", "not-a-trace".parse().expect("ascii"));
+        let started = traceparent_of(&request);
+        assert_ne!(started.as_str(), "not-a-trace");
+        assert!(TraceParent::parse(started.as_str()).is_some());
+        assert!(TraceParent::parse(traceparent_of(&tonic::Request::new(())).as_str()).is_some());
     }
 
     #[test]
@@ -302,7 +355,7 @@ mod tests {
         for (spoil, field) in cases {
             let mut request = send();
             spoil(&mut request);
-            let error = message_from_send(request, "east").expect_err(field);
+            let error = message_from_send(request, "east", TraceParent::start()).expect_err(field);
             assert_eq!(error.field, field);
         }
     }

@@ -20,6 +20,7 @@ pub mod inbox;
 pub mod message;
 pub mod routing;
 pub mod store;
+pub mod trace_context;
 
 mod commit_thread;
 mod committer;
@@ -193,7 +194,12 @@ pub async fn start(
         max_batch_bytes: config.max_message_bytes(),
         timeout: config.relay_timeout(),
     };
-    let upstream = Upstream::new(&config.coordinator, &security, relay_limits)?;
+    let discovery = fedmesh_common::discovery::Discovery::new(
+        config.discovery(security.scheme()),
+        shutdown.clone(),
+    )
+    .map_err(|error| RunError::Config(error.to_string()))?;
+    let upstream = Upstream::new(&config.coordinator, &security, relay_limits, discovery)?;
     security.set_audit(fedmesh_common::audit::RemoteAudit::spawn(
         upstream.directory(),
         shutdown.clone(),

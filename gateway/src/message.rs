@@ -37,6 +37,12 @@ pub struct Message {
     pub origin_region: String,
     /// When it was accepted, microseconds since the epoch.
     pub accepted_at_micros: i64,
+    /// Its W3C trace context (see `crate::trace_context`): the sender's
+    /// client's, or one its origin gateway started. Empty only for messages
+    /// stored before messages carried one. Not part of the
+    /// [`Message::fingerprint`]: a retry is the same message whatever trace
+    /// it came in.
+    pub traceparent: String,
 }
 
 impl Message {

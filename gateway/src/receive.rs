@@ -24,6 +24,7 @@ use crate::inbox::stream::{self, Ack, MAX_ACK_SEQUENCES, StreamState};
 use crate::message::InboxMessage;
 use crate::shared::{Shared, require_agency};
 use crate::store::MessageStore;
+use crate::trace_context::trace_id_of;
 
 /// How often an idle stream looks for messages it was not woken for, and
 /// checks with the shard that no newer stream of its inbox opened.
@@ -231,6 +232,14 @@ impl Delivery<'_> {
                 if !batch.is_empty() {
                     for entry in batch {
                         state.delivered(entry.sequence);
+                        tracing::debug!(
+                            region = %self.shared.region,
+                            trace_id = %trace_id_of(&entry.message.traceparent),
+                            message_id = %entry.message.message_id,
+                            %recipient_id,
+                            sequence = entry.sequence,
+                            "delivering message"
+                        );
                         if !self.send(Outbound::Delivery(entry)).await? {
                             return Ok(());
                         }

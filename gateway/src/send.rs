@@ -8,6 +8,7 @@
 //! content) travels with the id the key named, so its home shard finds it
 //! stored and answers with the first receipt.
 
+use fedmesh_common::discovery::RegionEndpoints;
 use fedmesh_common::topology::AgencyHome;
 use tokio::time::Instant;
 
@@ -65,11 +66,17 @@ async fn send_once(
         });
     }
     shared.check_access(&message.sender_id, &message.recipient_id, &message.kind)?;
+    let found = if recipient_home.region == shared.region {
+        RegionEndpoints::default()
+    } else {
+        shared.upstream.discovered(&recipient_home.region).await
+    };
     let route = route(
         &shared.topology.borrow(),
         &shared.region,
         recipient_home,
         shared.spread(),
+        &found,
     );
     let Some(fingerprint) = message
         .idempotency_key

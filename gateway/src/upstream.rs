@@ -6,12 +6,15 @@
 //! - the reporter announces this gateway and its load periodically;
 //! - lookups ask the coordinator for an agency the topology does not have yet;
 //! - relays forward a message to a gateway of the recipient's region
-//!   (batched per region, see `relay`).
+//!   (batched per region, see `relay`); besides the topology's, a region's
+//!   gateways come from DNS and the settings (`discovered`, see
+//!   `fedmesh_common::discovery`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fedmesh_common::discovery::{Discovery, RegionEndpoints};
 use fedmesh_common::identity::AttachIdentity;
 use fedmesh_common::server::Security;
 use fedmesh_common::tls::ExpectedServer;
@@ -52,15 +55,19 @@ pub(crate) struct Upstream {
     current: std::sync::atomic::AtomicUsize,
     relays: Arc<RelayClients>,
     batchers: Mutex<HashMap<String, RelayBatcher>>,
+    /// The gateways of other regions found besides the topology.
+    discovery: Discovery,
 }
 
 impl Upstream {
     /// Lazy connections, secured by `security`, to the coordinator
-    /// replicas at `coordinator_urls` (comma separated).
+    /// replicas at `coordinator_urls` (comma separated); other regions'
+    /// gateways are also found through `discovery`.
     pub(crate) fn new(
         coordinator_urls: &str,
         security: &Security,
         relay_limits: RelayLimits,
+        discovery: Discovery,
     ) -> Result<Self, tonic::transport::Error> {
         let urls: Vec<&str> = coordinator_urls
             .split(',')
@@ -93,7 +100,15 @@ impl Upstream {
             current: std::sync::atomic::AtomicUsize::new(0),
             relays: Arc::new(RelayClients::new(security.clone(), relay_limits, first_url)),
             batchers: Mutex::new(HashMap::new()),
+            discovery,
         })
+    }
+
+    /// The gateways of `region` found through DNS and in the settings (the
+    /// first call for a region may wait for DNS, later ones answer from
+    /// the cache).
+    pub(crate) async fn discovered(&self, region: &str) -> RegionEndpoints {
+        self.discovery.endpoints(region).await
     }
 
     /// The coordinator's directory, for recording in the audit log.

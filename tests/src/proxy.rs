@@ -4,7 +4,8 @@
 //! [`TcpProxy::cut_after_response_headers`] drops the connection as the
 //! server's first response to a call starts (a call whose answer is lost),
 //! [`TcpProxy::stop`] closes every connection and refuses new ones until
-//! [`TcpProxy::resume`] (a server that is down).
+//! [`TcpProxy::resume`] (a server that is down). [`TcpProxy::connections`]
+//! counts the connections forwarded, to see that a client came through it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub struct TcpProxy {
     frozen: watch::Sender<bool>,
     down: watch::Sender<bool>,
     cut_next_response: Arc<AtomicBool>,
+    connections: watch::Sender<usize>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -39,9 +41,11 @@ impl TcpProxy {
         let frozen = watch::channel(false).0;
         let down = watch::channel(false).0;
         let cut_next_response = Arc::new(AtomicBool::new(false));
+        let connections = watch::channel(0).0;
         let accept = {
             let frozen = frozen.clone();
             let down = down.clone();
+            let connections = connections.clone();
             let cut = Arc::clone(&cut_next_response);
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
@@ -52,6 +56,7 @@ impl TcpProxy {
                     let Ok(server) = TcpStream::connect(target).await else {
                         continue;
                     };
+                    connections.send_modify(|count| *count += 1);
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
                     let (client_read, client_write) = client.into_split();
@@ -76,8 +81,14 @@ impl TcpProxy {
             frozen,
             down,
             cut_next_response,
+            connections,
             accept,
         }
+    }
+
+    /// The number of connections forwarded so far, as it changes.
+    pub fn connections(&self) -> watch::Receiver<usize> {
+        self.connections.subscribe()
     }
 
     /// Closes every connection and refuses new ones, as a server that went

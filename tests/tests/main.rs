@@ -6,6 +6,7 @@
 mod bad_input;
 mod bus;
 mod cli;
+mod discovery;
 mod events;
 mod governance;
 mod inbox;
@@ -19,4 +20,5 @@ mod scale;
 mod security;
 mod serving;
 mod subscriptions;
+mod trace;
 mod webhooks;

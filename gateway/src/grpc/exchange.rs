@@ -11,6 +11,7 @@ use fedmesh_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::convert;
 use crate::error::GatewayError;
@@ -93,12 +94,31 @@ impl pb::exchange_server::Exchange for ExchangeService {
     ) -> Result<Response<pb::SendResponse>, Status> {
         let identity = caller(&request)?;
         let deadline = convert::deadline_of(&request);
+        let traceparent = convert::traceparent_of(&request);
         let shared = &self.shared;
-        let message = convert::message_from_send(request.into_inner(), &shared.region)
+        // Everything logged on the way to the receipt (routing, relay
+        // failures, retries) carries the message's trace id.
+        let span = tracing::debug_span!(
+            "send",
+            region = %shared.region,
+            trace_id = %traceparent.trace_id(),
+            message_id = tracing::field::Empty,
+        );
+        let message = convert::message_from_send(request.into_inner(), &shared.region, traceparent)
             .map_err(GatewayError::from)?;
+        span.record("message_id", tracing::field::display(&message.message_id));
         require_agency(&identity, &message.sender_id, "send as")?;
+        span.in_scope(|| {
+            tracing::debug!(
+                sender_id = %message.sender_id,
+                recipient_id = %message.recipient_id,
+                "message accepted"
+            );
+        });
         let _in_flight = shared.in_flight();
-        let receipt = crate::send::send(shared, message, deadline).await?;
+        let receipt = crate::send::send(shared, message, deadline)
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::SendResponse {
             receipt: Some(convert::receipt_to_pb(receipt)),
         }))

@@ -7,11 +7,13 @@ use fedmesh_common::identity::{Identity, caller};
 use fedmesh_proto::pb;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::convert;
 use crate::error::GatewayError;
 use crate::message::ToStore;
 use crate::shared::Shared;
+use crate::trace_context::trace_id_of;
 
 /// The Relay service of one gateway.
 pub(crate) struct RelayService {
@@ -62,13 +64,32 @@ impl RelayService {
                 region: shared.region.clone(),
             });
         }
+        // The same trace id as the origin gateway's log lines of the
+        // message, so that one search finds it in both regions.
+        let span = tracing::debug_span!(
+            "forward",
+            region = %shared.region,
+            trace_id = %trace_id_of(&message.traceparent),
+            message_id = %message.message_id,
+            origin_region = %message.origin_region,
+        );
         // A relayed message may be a retry: its id is looked up first.
         let item = ToStore {
             message,
             claim: None,
             may_exist: true,
         };
-        let receipt = shared.store_local(&home.shard, item, deadline).await?;
+        let receipt = shared
+            .store_local(&home.shard, item, deadline)
+            .instrument(span.clone())
+            .await?;
+        span.in_scope(|| {
+            tracing::debug!(
+                shard = %home.shard,
+                duplicate = receipt.duplicate,
+                "relayed message stored"
+            );
+        });
         Ok(convert::receipt_to_pb(receipt))
     }
 }

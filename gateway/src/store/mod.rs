@@ -100,6 +100,11 @@ impl BatchClock {
     }
 }
 
+/// A message's traceparent as stored: NULL when it has none.
+fn stored_traceparent(message: &Message) -> Option<&str> {
+    Some(message.traceparent.as_str()).filter(|traceparent| !traceparent.is_empty())
+}
+
 /// A stored sequence, which is never negative.
 fn to_sequence(value: i64) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::corrupt(format!("negative sequence {value}")))
@@ -140,6 +145,10 @@ where
             idempotency_key: row.try_get("idempotency_key")?,
             origin_region: row.try_get("origin_region")?,
             accepted_at_micros: row.try_get("accepted_at")?,
+            // NULL for messages stored before messages carried one.
+            traceparent: row
+                .try_get::<Option<String>, _>("traceparent")?
+                .unwrap_or_default(),
         },
     })
 }

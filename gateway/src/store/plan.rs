@@ -262,6 +262,7 @@ mod tests {
             idempotency_key: key.map(str::to_string),
             origin_region: "east".into(),
             accepted_at_micros: 1,
+            traceparent: String::new(),
         };
         let claim = key.map(|_| message.fingerprint());
         ToStore {

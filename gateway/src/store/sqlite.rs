@@ -11,7 +11,7 @@ use sqlx::sqlite::SqlitePool;
 use super::plan::{self, Known, NewMessage};
 use super::{
     BatchClock, FORGET_CHUNK, MessageStore, PoolUsage, fingerprint_from, inbox_message_from_row,
-    moved_key_from_row, moved_message_from_row, to_sequence,
+    moved_key_from_row, moved_message_from_row, stored_traceparent, to_sequence,
 };
 use crate::error::StoreError;
 use crate::inbox::stream::Page;
@@ -173,8 +173,8 @@ impl SqliteMessageStore {
             let headers = serde_json::to_string(&message.headers).map_err(StoreError::corrupt)?;
             sqlx::query(
                 "INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
-                 headers, idempotency_key, origin_region, accepted_at, stored_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 headers, idempotency_key, origin_region, accepted_at, stored_at, traceparent) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(entry.message_id)
             .bind(&message.recipient_id)
@@ -187,6 +187,7 @@ impl SqliteMessageStore {
             .bind(&message.origin_region)
             .bind(message.accepted_at_micros)
             .bind(stored_at_micros)
+            .bind(stored_traceparent(message))
             .execute(&mut *connection)
             .await?;
             if let (Some(fingerprint), Some(key)) = (&entry.claim, &message.idempotency_key) {
@@ -284,6 +285,7 @@ impl MessageStore for SqliteMessageStore {
                     sender_id: entry.message.sender_id.clone(),
                     message_kind: entry.message.kind.clone(),
                     sequence,
+                    traceparent: entry.message.traceparent.clone(),
                 })
                 .collect();
             insert_message_events(
@@ -345,7 +347,7 @@ impl MessageStore for SqliteMessageStore {
     ) -> Result<Vec<InboxMessage>, StoreError> {
         let rows = sqlx::query(
             "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-             idempotency_key, origin_region, accepted_at FROM ( \
+             idempotency_key, origin_region, accepted_at, traceparent FROM ( \
                SELECT *, sum(length(payload)) OVER (ORDER BY sequence) - length(payload) AS bytes_before \
                FROM messages WHERE recipient_id = ?1 AND acked_at IS NULL AND sequence > ?2 \
                ORDER BY sequence LIMIT ?3) \
@@ -409,7 +411,7 @@ impl MessageStore for SqliteMessageStore {
             let row = sqlx::query(
                 "UPDATE messages SET acked_at = ? \
                  WHERE recipient_id = ? AND sequence = ? AND acked_at IS NULL \
-                 RETURNING message_id, sender_id, kind",
+                 RETURNING message_id, sender_id, kind, traceparent",
             )
             .bind(acked_at)
             .bind(recipient_id)
@@ -423,6 +425,9 @@ impl MessageStore for SqliteMessageStore {
                 sender_id: row.try_get("sender_id")?,
                 message_kind: row.try_get("kind")?,
                 sequence,
+                traceparent: row
+                    .try_get::<Option<String>, _>("traceparent")?
+                    .unwrap_or_default(),
             });
         }
         if self.events && !entries.is_empty() {
@@ -493,7 +498,7 @@ impl MessageStore for SqliteMessageStore {
     ) -> Result<Vec<MovedMessage>, StoreError> {
         let rows = sqlx::query(
             "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-             idempotency_key, origin_region, accepted_at, stored_at, acked_at FROM ( \
+             idempotency_key, origin_region, accepted_at, stored_at, acked_at, traceparent FROM ( \
                SELECT *, sum(length(payload)) OVER (ORDER BY sequence) AS bytes_through, \
                  row_number() OVER (ORDER BY sequence) AS row_number \
                FROM (SELECT * FROM messages WHERE recipient_id = ?1 AND sequence > ?2 \
@@ -546,8 +551,9 @@ impl MessageStore for SqliteMessageStore {
             let headers = serde_json::to_string(&message.headers).map_err(StoreError::corrupt)?;
             let inserted = sqlx::query(
                 "INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, \
-                 payload, headers, idempotency_key, origin_region, accepted_at, stored_at, acked_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 payload, headers, idempotency_key, origin_region, accepted_at, stored_at, acked_at, \
+                 traceparent) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (message_id) DO NOTHING",
             )
             .bind(&message.message_id)
@@ -562,6 +568,7 @@ impl MessageStore for SqliteMessageStore {
             .bind(message.accepted_at_micros)
             .bind(moved.stored_at_micros)
             .bind(moved.acked_at_micros)
+            .bind(stored_traceparent(message))
             .execute(&mut *transaction)
             .await?
             .rows_affected();

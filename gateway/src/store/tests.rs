@@ -18,8 +18,13 @@ fn message(message_id: &str, recipient_id: &str, idempotency_key: Option<&str>) 
         idempotency_key: idempotency_key.map(str::to_string),
         origin_region: "east".to_string(),
         accepted_at_micros: 7,
+        traceparent: TRACEPARENT.to_string(),
     }
 }
+
+/// The trace context every message of the suite carries, so that every
+/// case that reads a message back checks it kept it.
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// A message sent in this region, new, without a key.
 fn fresh(message_id: &str, recipient_id: &str) -> ToStore {
@@ -190,6 +195,49 @@ macro_rules! message_store_suite {
                     .expect("fetch");
                 assert_eq!(inbox.len(), 2);
                 assert_eq!(inbox[1].message, message("m3", "alpha", None));
+            }
+
+            #[tokio::test]
+            async fn a_message_keeps_its_trace_context_through_store_events_and_move() {
+                let (store, _guard) = $open.await;
+                let mut untraced = fresh("m2", "alpha");
+                untraced.message.traceparent = String::new();
+                stored(
+                    &store,
+                    &[fresh("m1", "alpha"), untraced, relayed("m3", "alpha")],
+                )
+                .await;
+                let inbox = store
+                    .fetch_unacked("alpha", page(0, 10))
+                    .await
+                    .expect("fetch");
+                let traceparents: Vec<&str> = inbox
+                    .iter()
+                    .map(|entry| entry.message.traceparent.as_str())
+                    .collect();
+                assert_eq!(traceparents, vec![TRACEPARENT, "", TRACEPARENT]);
+                store.ack("alpha", &[1, 2, 3]).await.expect("ack");
+                // Each message's events carry it; one without has none.
+                let events = events(&store).await;
+                for kind in [MESSAGE_ACCEPTED, MESSAGE_DELIVERED] {
+                    let traceparents: Vec<Option<&str>> = events
+                        .iter()
+                        .filter(|event| event.kind == kind)
+                        .map(Event::traceparent)
+                        .collect();
+                    assert_eq!(
+                        traceparents,
+                        vec![Some(TRACEPARENT), None, Some(TRACEPARENT)],
+                        "{kind}"
+                    );
+                }
+                // A move keeps it.
+                let (target, _target_guard) = $open.await;
+                let exported = exported_messages(&store, "alpha").await;
+                assert_eq!(exported[0].message.traceparent, TRACEPARENT);
+                assert_eq!(exported[1].message.traceparent, "");
+                target.import_messages(&exported).await.expect("import");
+                assert_eq!(exported_messages(&target, "alpha").await, exported);
             }
 
             #[tokio::test]

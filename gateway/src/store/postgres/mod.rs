@@ -29,7 +29,7 @@ use self::wakeups::Replicas;
 use super::plan::{self, Known, NewMessage};
 use super::{
     BatchClock, FORGET_CHUNK, MessageStore, PoolUsage, fingerprint_from, inbox_message_from_row,
-    moved_key_from_row, moved_message_from_row, to_sequence,
+    moved_key_from_row, moved_message_from_row, stored_traceparent, to_sequence,
 };
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
@@ -154,7 +154,7 @@ impl PgMessageStore {
     ) -> Result<Vec<InboxMessage>, StoreError> {
         let rows = sqlx::query(
             "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-             idempotency_key, origin_region, accepted_at FROM ( \
+             idempotency_key, origin_region, accepted_at, traceparent FROM ( \
                SELECT *, sum(octet_length(payload)) OVER (ORDER BY sequence) \
                  - octet_length(payload) AS bytes_before \
                FROM messages WHERE recipient_id = $1 AND acked_at IS NULL AND sequence > $2 \
@@ -192,13 +192,14 @@ impl PgMessageStore {
                        AND sequence = wanted.sequence AND acked_at IS NULL LIMIT 1 \
                    ) AS found)) \
                  AND acked_at IS NULL \
-               RETURNING sequence, message_id, sender_id, kind \
+               RETURNING sequence, message_id, sender_id, kind, traceparent \
              ), events AS ( \
                INSERT INTO outbox (kind, region, occurred_at, message_ids, recipient_ids, \
-                 sender_ids, message_kinds, sequences) \
+                 sender_ids, message_kinds, sequences, traceparents) \
                SELECT $4, $5, $1, array_agg(message_id ORDER BY sequence), \
                  array_agg($2::text ORDER BY sequence), array_agg(sender_id ORDER BY sequence), \
-                 array_agg(kind ORDER BY sequence), array_agg(sequence ORDER BY sequence) \
+                 array_agg(kind ORDER BY sequence), array_agg(sequence ORDER BY sequence), \
+                 array_agg(traceparent ORDER BY sequence) \
                FROM acked HAVING count(*) > 0 AND $6 \
              ) \
              SELECT sequence FROM acked ORDER BY sequence",
@@ -309,10 +310,11 @@ impl PgMessageStore {
         let rows = sqlx::query(
             "WITH input AS ( \
                SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], \
-                 $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[]) \
+                 $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], \
+                 $20::text[]) \
                  WITH ORDINALITY \
                  AS t (message_id, recipient_id, sender_id, kind, payload, headers, idempotency_key, \
-                       origin_region, accepted_at, position, batch_count, ord) \
+                       origin_region, accepted_at, position, batch_count, traceparent, ord) \
              ), claimed AS ( \
                INSERT INTO idempotency_keys (sender_id, idempotency_key, fingerprint, message_id, claimed_at) \
                SELECT sender_id, idempotency_key, fingerprint, message_id, $12 \
@@ -329,13 +331,14 @@ impl PgMessageStore {
                FROM input JOIN reserved USING (recipient_id) \
              ), stored AS ( \
                INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, payload, \
-                 headers, idempotency_key, origin_region, accepted_at, stored_at) \
+                 headers, idempotency_key, origin_region, accepted_at, stored_at, traceparent) \
                SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-                 idempotency_key, origin_region, accepted_at, $12 FROM numbered \
+                 idempotency_key, origin_region, accepted_at, $12, traceparent FROM numbered \
              ), events AS ( \
                INSERT INTO outbox (kind, region, occurred_at, message_ids, recipient_ids, \
-                 sender_ids, message_kinds, sequences) \
-               SELECT $17, $18, $12, $1, $2, $3, $4, array_agg(sequence ORDER BY ord) FROM numbered \
+                 sender_ids, message_kinds, sequences, traceparents) \
+               SELECT $17, $18, $12, $1, $2, $3, $4, array_agg(sequence ORDER BY ord), $20 \
+               FROM numbered \
                HAVING $19 \
              ) \
              SELECT recipient_id, last_sequence FROM reserved",
@@ -359,6 +362,7 @@ impl PgMessageStore {
         .bind(MESSAGE_ACCEPTED)
         .bind(&self.region)
         .bind(self.events)
+        .bind(column(new, |entry| stored_traceparent(entry.message)))
         .fetch_all(&self.write_pool)
         .await?;
         let mut last_of: Vec<(String, i64)> = Vec::with_capacity(rows.len());
@@ -790,7 +794,7 @@ impl MessageStore for PgMessageStore {
             // their own partial index, merged.
             let rows = sqlx::query(
                 "SELECT message_id, recipient_id, sequence, sender_id, kind, payload, headers, \
-                 idempotency_key, origin_region, accepted_at, stored_at, acked_at FROM ( \
+                 idempotency_key, origin_region, accepted_at, stored_at, acked_at, traceparent FROM ( \
                    SELECT candidates.*, \
                      sum(octet_length(payload)) OVER (ORDER BY sequence) AS bytes_through, \
                      row_number() OVER (ORDER BY sequence) AS row_number \
@@ -875,6 +879,10 @@ impl MessageStore for PgMessageStore {
             .collect();
         let acked_at: Vec<Option<i64>> =
             messages.iter().map(|moved| moved.acked_at_micros).collect();
+        let traceparents: Vec<Option<&str>> = messages
+            .iter()
+            .map(|moved| stored_traceparent(&moved.message))
+            .collect();
         let (acked_ids, acked_times): (Vec<&str>, Vec<i64>) = messages
             .iter()
             .filter_map(|moved| Some((moved.message.message_id.as_str(), moved.acked_at_micros?)))
@@ -884,10 +892,11 @@ impl MessageStore for PgMessageStore {
             let mut transaction = self.pool.begin().await?;
             let new = sqlx::query(
                 "INSERT INTO messages (message_id, recipient_id, sequence, sender_id, kind, \
-                 payload, headers, idempotency_key, origin_region, accepted_at, stored_at, acked_at) \
+                 payload, headers, idempotency_key, origin_region, accepted_at, stored_at, acked_at, \
+                 traceparent) \
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
                    $6::bytea[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], \
-                   $12::bigint[]) \
+                   $12::bigint[], $13::text[]) \
                  ON CONFLICT (message_id) DO NOTHING",
             )
             .persistent(false)
@@ -903,6 +912,7 @@ impl MessageStore for PgMessageStore {
             .bind(number(|moved| moved.message.accepted_at_micros))
             .bind(number(|moved| moved.stored_at_micros))
             .bind(&acked_at)
+            .bind(&traceparents)
             .execute(&mut *transaction)
             .await?
             .rows_affected();
