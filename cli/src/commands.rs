@@ -700,6 +700,13 @@ pub fn print_event(
 pub async fn status(args: StatusArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let endpoints = args.mesh.endpoints(None, None);
     let topology = endpoints.topology().await?;
+    let moves = endpoints
+        .directory_as_operator()?
+        .list_moves(pb::ListMovesRequest {})
+        .await
+        .map_err(|status| rpc_error(status, "cannot list the moves under way"))?
+        .into_inner()
+        .moves;
     let count = |region: &str| {
         topology
             .agencies
@@ -760,6 +767,7 @@ pub async fn status(args: StatusArgs, out: &mut (dyn Write + Send)) -> anyhow::R
                 })),
                 "regions": regions,
                 "notifiers": notifiers,
+                "moves": moves.iter().map(crate::moves::move_json).collect::<Vec<_>>(),
             }),
             out,
         );
@@ -846,5 +854,8 @@ pub async fn status(args: StatusArgs, out: &mut (dyn Write + Send)) -> anyhow::R
             notifiers.join(", ")
         }
     )?;
+    for current in &moves {
+        writeln!(out, "{}", crate::moves::summary(current))?;
+    }
     Ok(())
 }

@@ -145,8 +145,27 @@ fn phase_name(phase: pb::MovePhase) -> &'static str {
     }
 }
 
+/// A move under way, as `fedmesh status` lists it.
+pub fn summary(current: &pb::Move) -> String {
+    let since = current
+        .started_at
+        .map(|at| {
+            let micros = fedmesh_common::time::micros_from_timestamp(Some(&at));
+            (fedmesh_common::time::now_micros() - micros).max(0) / 1_000_000
+        })
+        .unwrap_or_default();
+    let mut text = describe(current);
+    text.push_str(&format!(", for {since} s"));
+    text
+}
+
 /// One progress line: what moves where, its phase, what was copied.
 fn line(current: &pb::Move, elapsed: Duration) -> String {
+    format!("{} after {:.1}s", describe(current), elapsed.as_secs_f64())
+}
+
+/// What moves where, its phase, what was copied, its last failure.
+fn describe(current: &pb::Move) -> String {
     let mut text = format!(
         "move {} of {}: {} ({}) -> {} ({}): {}",
         current.move_id,
@@ -166,10 +185,11 @@ fn line(current: &pb::Move, elapsed: Duration) -> String {
     if !current.last_error.is_empty() {
         text.push_str(&format!(" (retrying: {})", current.last_error));
     }
-    format!("{text} after {:.1}s", elapsed.as_secs_f64())
+    text
 }
 
-fn move_json(current: &pb::Move) -> serde_json::Value {
+/// A move as one JSON object.
+pub fn move_json(current: &pb::Move) -> serde_json::Value {
     json!({
         "move_id": current.move_id,
         "agency_id": current.agency_id,

@@ -151,6 +151,7 @@ pub const METHODS: &[(&str, &[Role])] = &[
     ("/fedmesh.v1.Directory/MoveAgency", &[Operator]),
     ("/fedmesh.v1.Directory/GetMove", &[Operator]),
     ("/fedmesh.v1.Directory/CancelMove", &[Operator]),
+    ("/fedmesh.v1.Directory/ListMoves", &[Operator]),
     ("/fedmesh.v1.Moves/TransferAgency", &[Coordinator]),
     ("/fedmesh.v1.Moves/ImportAgency", &[Gateway]),
     ("/fedmesh.v1.Moves/ReleaseAgency", &[Coordinator]),

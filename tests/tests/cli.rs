@@ -731,6 +731,9 @@ async fn an_agency_moves_from_the_command_line_with_its_progress() {
         .await
         .unwrap();
     assert_eq!(inbox.lines().count(), 2, "{inbox}");
+    let status = fedmesh(&mesh, &["status", "--json"]).await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["moves"], serde_json::json!([]), "none under way");
     let error = fedmesh(&mesh, &["agency", "move", "tax-office"])
         .await
         .unwrap_err();

@@ -426,6 +426,17 @@ async fn a_cancelled_move_leaves_everything_where_it_was() {
         }
     })
     .await;
+    // Operators see it under way.
+    let under_way = mesh
+        .directory()
+        .list_moves(pb::ListMovesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .moves;
+    assert_eq!(under_way.len(), 1);
+    assert_eq!(under_way[0].move_id, started.move_id);
+    assert!(!under_way[0].last_error.is_empty(), "{under_way:?}");
     // Meanwhile a send to it waits, then is told to retry.
     let held = mesh
         .send("east", "notary", "registry", "held", Some("held"))
@@ -464,6 +475,14 @@ async fn a_cancelled_move_leaves_everything_where_it_was() {
     .unwrap();
     let ended = move_ends(&mesh, &started.move_id).await;
     assert_eq!(ended.phase(), pb::MovePhase::Cancelled, "{ended:?}");
+    let under_way = mesh
+        .directory()
+        .list_moves(pb::ListMovesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .moves;
+    assert!(under_way.is_empty(), "{under_way:?}");
     let stayed = home(&mesh, "registry").await;
     assert_eq!(
         (stayed.region.as_str(), stayed.shard.as_str(), stayed.moving),

@@ -143,6 +143,11 @@ impl Directory {
             .ok_or_else(|| DirectoryError::MoveNotFound(move_id.to_string()))
     }
 
+    /// The moves under way, oldest first.
+    pub async fn moves_under_way(&self) -> Result<Vec<MoveRecord>, DirectoryError> {
+        Ok(self.store.moves_under_way().await?)
+    }
+
     /// Cancels a move before its cut-over, as `actor` asked: the leader then
     /// undoes the copy and the agency stays where it was.
     pub async fn cancel_move(

@@ -700,6 +700,17 @@ impl pb::directory_server::Directory for DirectoryService {
             r#move: Some(move_to_pb(&record)),
         }))
     }
+
+    async fn list_moves(
+        &self,
+        request: Request<pb::ListMovesRequest>,
+    ) -> Result<Response<pb::ListMovesResponse>, Status> {
+        require_operator(&caller(&request)?)?;
+        let moves = self.directory.moves_under_way().await?;
+        Ok(Response::new(pb::ListMovesResponse {
+            moves: moves.iter().map(move_to_pb).collect(),
+        }))
+    }
 }
 
 /// A move as the API shows it.
