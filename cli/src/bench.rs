@@ -116,6 +116,11 @@ pub struct BenchSendArgs {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 256)]
     pub size: usize,
+    /// Send without idempotency keys, and so without retries: measures the
+    /// store and relay path alone, without the key claim (a commit in the
+    /// sender's shard) a careful client's sends pay for.
+    #[arg(long)]
+    pub no_keys: bool,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -401,16 +406,23 @@ async fn send(
     // Every message has an idempotency key, as a careful client's have (the
     // CLI's: a UUIDv7), and a send that meets UNAVAILABLE or loses its
     // answer is retried with it, so a retry never stores twice.
+    let (keys, attempts) = if args.no_keys {
+        (false, 1)
+    } else {
+        (true, SEND_ATTEMPTS)
+    };
     let measured = drive(&args.load, |worker| {
         let client = clients[worker % clients.len()].clone();
         let request = request.clone();
         Box::new(move || {
             let client = client.clone();
             let mut request = request.clone();
-            request.idempotency_key = Some(crate::commands::new_idempotency_key());
+            if keys {
+                request.idempotency_key = Some(crate::commands::new_idempotency_key());
+            }
             Box::pin(async move {
                 with_retries(
-                    SEND_ATTEMPTS,
+                    attempts,
                     || {
                         let mut client = client.clone();
                         let request = request.clone();

@@ -130,9 +130,25 @@ async fn the_benchmarks_run_against_a_mesh() {
     assert!(sent.starts_with("bench send: 40 messages"), "{sent}");
     assert!(!sent.contains("errors"), "{sent}");
 
+    let unkeyed = fedmesh(
+        &mesh,
+        &[
+            "bench",
+            "send",
+            "--count",
+            "20",
+            "--concurrency",
+            "4",
+            "--no-keys",
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(unkeyed.starts_with("bench send: 20 messages"), "{unkeyed}");
+
     let received = fedmesh(&mesh, &["bench", "receive"]).await.unwrap();
     assert!(
-        received.starts_with("bench receive: 40 deliveries to bench-recipient"),
+        received.starts_with("bench receive: 60 deliveries to bench-recipient"),
         "{received}"
     );
 
