@@ -442,6 +442,16 @@ async fn a_cancelled_move_leaves_everything_where_it_was() {
         .send("east", "notary", "registry", "held", Some("held"))
         .await;
     assert_eq!(held.unwrap_err().code(), Code::Unavailable);
+    // ... its target shard cannot be removed ...
+    let remove = mesh
+        .directory()
+        .remove_shard(pb::RemoveShardRequest {
+            name: "east-2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(remove.code(), Code::FailedPrecondition, "{remove:?}");
+    assert!(remove.message().contains("move under way"), "{remove:?}");
     // ... and a moving agency cannot be deregistered.
     let deregister = mesh
         .directory()

@@ -499,7 +499,18 @@ impl Directory {
                 count,
             });
         }
-        self.store.delete_shard(name).await?;
+        if !self.store.delete_shard(name).await?
+            && self
+                .store
+                .moves_under_way()
+                .await?
+                .iter()
+                .any(|under_way| under_way.from_shard == name || under_way.to_shard == name)
+        {
+            return Err(DirectoryError::CannotMove(format!(
+                "shard {name} is the source or target of a move under way (`fedmesh status` lists it): wait for the move to end or cancel it, then remove the shard"
+            )));
+        }
         self.state().remove_shard(name);
         tracing::info!(shard = name, "shard removed");
         self.audit_change(

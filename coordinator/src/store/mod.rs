@@ -526,10 +526,16 @@ macro_rules! directory_store_impl {
     }
 
     async fn delete_shard(&self, name: &str) -> Result<bool, StoreError> {
-        let deleted = sqlx::query("DELETE FROM shards WHERE name = $1")
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
+        // A move under way from or to it keeps it, whichever replica asks.
+        let deleted = sqlx::query(
+            "DELETE FROM shards WHERE name = $1 AND NOT EXISTS ( \
+               SELECT 1 FROM agency_moves \
+               WHERE phase IN ('copying', 'releasing', 'cancelling') \
+                 AND (from_shard = $1 OR to_shard = $1))",
+        )
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
         Ok(deleted.rows_affected() > 0)
     }
 
@@ -763,7 +769,8 @@ pub trait DirectoryStore: Send + Sync + 'static {
     async fn insert_shard(&self, shard: &ShardRecord) -> Result<(), StoreError>;
     /// Marks a shard draining (or not); false if it does not exist.
     async fn set_shard_draining(&self, name: &str, draining: bool) -> Result<bool, StoreError>;
-    /// Removes a shard; false if it did not exist.
+    /// Deletes a shard, unless a move under way is from or to it; false if
+    /// nothing was deleted.
     async fn delete_shard(&self, name: &str) -> Result<bool, StoreError>;
     /// Every shard, oldest first.
     async fn all_shards(&self) -> Result<Vec<ShardRecord>, StoreError>;
