@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use fedmesh_proto::pb;
 use fedmesh_tests::{Backend, Next, TestMesh, body, on_every_backend, send_request, within};
+use sqlx::Connection;
 use tokio::sync::watch;
 use tonic::Code;
 
@@ -621,4 +622,66 @@ async fn a_move_that_cannot_be_made_is_refused_precisely() {
     let second = start_move(&mesh, "registry", "east-2", "").await;
     assert_eq!(second.unwrap_err().code(), Code::FailedPrecondition);
     move_ends(&mesh, &first.move_id).await;
+}
+
+/// A move whose copy hangs (its source inbox row is locked) holds up no
+/// other: another agency's move is done meanwhile, and the first one ends
+/// once the lock goes.
+#[tokio::test]
+async fn a_move_that_hangs_holds_up_no_other() {
+    let mesh = mesh(Backend::Postgres).await;
+    register_on(&mesh, "registry", "east", "east-1").await;
+    register_on(&mesh, "notary", "east", "east-1").await;
+    mesh.gateway_knows("east", &["registry", "notary"]).await;
+    for recipient in ["registry", "notary"] {
+        mesh.send("east", "notary", recipient, "hello", None)
+            .await
+            .unwrap();
+    }
+    let mut holder = sqlx::PgConnection::connect(&mesh.shard_url("east-1"))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT * FROM inboxes WHERE recipient_id = 'registry' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let hanging = start_move(&mesh, "registry", "east-2", "").await.unwrap();
+    let mut observer = sqlx::PgConnection::connect(&mesh.shard_url("east-1"))
+        .await
+        .unwrap();
+    within("the copy to wait on the lock", async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let other = start_move(&mesh, "notary", "east-2", "").await.unwrap();
+    let done = move_ends(&mesh, &other.move_id).await;
+    assert_eq!(done.phase(), pb::MovePhase::Done, "{done:?}");
+    let still = mesh
+        .directory()
+        .get_move(pb::GetMoveRequest {
+            move_id: hanging.move_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .r#move
+        .unwrap();
+    assert_eq!(still.phase(), pb::MovePhase::Copying, "{still:?}");
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let done = move_ends(&mesh, &hanging.move_id).await;
+    assert_eq!(done.phase(), pb::MovePhase::Done, "{done:?}");
+    assert_eq!(done.messages_copied, 1);
 }

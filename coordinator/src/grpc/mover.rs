@@ -7,11 +7,13 @@
 //! and the thaw of the source. Every step may be run again: a leader that
 //! dies anywhere leaves its successor a move it can finish.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fedmesh_proto::pb;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
 
@@ -36,7 +38,9 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a release may take at one gateway.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Drives every move under way while this replica leads, until `shutdown`.
+/// Drives every move under way while this replica leads, until `shutdown`:
+/// each move in a task of its own, so that one whose step hangs holds up
+/// no other.
 pub(crate) async fn run_moves(
     directory: Arc<Directory>,
     channels: Arc<GatewayChannels>,
@@ -44,29 +48,57 @@ pub(crate) async fn run_moves(
     mut leading: watch::Receiver<Option<Lease>>,
     shutdown: CancellationToken,
 ) {
-    let mover = Mover {
+    let mover = Arc::new(Mover {
         directory,
         channels,
         max_message_bytes,
-    };
+    });
+    // Dropped on return, which ends the moves' tasks; each task's move.
+    let mut driving: JoinSet<()> = JoinSet::new();
+    let mut driven: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
+        while let Some(done) = driving.try_join_next_with_id() {
+            driven.remove(&finished_task(done));
+        }
         let lease = leading.borrow().clone();
         if let Some(lease) = lease {
             match mover.directory.store().moves_under_way().await {
                 Ok(moves) => {
                     for record in moves {
-                        mover.drive(lease.token, record).await;
+                        if driven.values().any(|move_id| *move_id == record.move_id) {
+                            continue;
+                        }
+                        let move_id = record.move_id.clone();
+                        let mover = Arc::clone(&mover);
+                        let task = driving.spawn(async move {
+                            mover.drive(lease.token, record).await;
+                        });
+                        driven.insert(task.id(), move_id);
                     }
                 }
                 Err(error) => tracing::warn!(%error, "cannot read the moves under way"),
             }
+        } else if !driving.is_empty() {
+            // Deposed: the new leader drives the moves.
+            driving.abort_all();
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = mover.directory.moves_wake().notified() => {}
             _ = leading.changed() => {}
+            Some(done) = driving.join_next_with_id() => {
+                driven.remove(&finished_task(done));
+            }
             () = tokio::time::sleep(POLL) => {}
         }
+    }
+}
+
+/// The task a join result is of, whether it ended, failed or was aborted.
+fn finished_task(done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
+    match done {
+        Ok((id, ())) => id,
+        Err(error) => error.id(),
     }
 }
 
