@@ -347,7 +347,7 @@ mod tests {
                 sender_id: "sender".into(),
                 recipient_id: "reader".into(),
                 kind: "note".into(),
-                payload: Vec::new(),
+                payload: bytes::Bytes::new(),
                 headers: BTreeMap::new(),
                 idempotency_key: None,
                 origin_region: "east".into(),

@@ -27,8 +27,9 @@ pub struct Message {
     pub recipient_id: String,
     /// Message kind.
     pub kind: String,
-    /// Opaque body.
-    pub payload: Vec<u8>,
+    /// Opaque body, shared rather than copied when the message is (a send
+    /// keeps one for a resend after a move).
+    pub payload: bytes::Bytes,
     /// Application headers.
     pub headers: BTreeMap<String, String>,
     /// The sender's idempotency key, if any.

@@ -30,6 +30,7 @@ pub(crate) async fn send(
     let hold = shared.hold_until(deadline);
     loop {
         let recipient_home = shared.settled_home(&message.recipient_id, hold).await?;
+        // Kept for a resend; the payload is shared, not copied.
         match send_once(shared, message.clone(), &recipient_home, deadline, hold).await {
             Err(error) if error.moved_away() => {
                 if !shared

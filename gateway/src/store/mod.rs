@@ -140,7 +140,7 @@ where
             sender_id: row.try_get("sender_id")?,
             recipient_id: row.try_get("recipient_id")?,
             kind: row.try_get("kind")?,
-            payload: row.try_get("payload")?,
+            payload: row.try_get::<Vec<u8>, _>("payload")?.into(),
             headers: serde_json::from_str(&headers).map_err(StoreError::corrupt)?,
             idempotency_key: row.try_get("idempotency_key")?,
             origin_region: row.try_get("origin_region")?,

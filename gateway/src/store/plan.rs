@@ -257,7 +257,7 @@ mod tests {
             sender_id: "sender".into(),
             recipient_id: "reader".into(),
             kind: "note".into(),
-            payload: payload.as_bytes().to_vec(),
+            payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
             headers: BTreeMap::new(),
             idempotency_key: key.map(str::to_string),
             origin_region: "east".into(),

@@ -13,7 +13,7 @@ fn message(message_id: &str, recipient_id: &str, idempotency_key: Option<&str>) 
         sender_id: "sender".to_string(),
         recipient_id: recipient_id.to_string(),
         kind: "test.kind".to_string(),
-        payload: b"body".to_vec(),
+        payload: bytes::Bytes::from_static(b"body"),
         headers: BTreeMap::from([("h".to_string(), "v".to_string())]),
         idempotency_key: idempotency_key.map(str::to_string),
         origin_region: "east".to_string(),
@@ -38,7 +38,7 @@ fn fresh(message_id: &str, recipient_id: &str) -> ToStore {
 /// A message whose key is claimed with it, `body` its payload.
 fn keyed(message_id: &str, recipient_id: &str, key: &str, body: &str) -> ToStore {
     let mut message = message(message_id, recipient_id, Some(key));
-    message.payload = body.as_bytes().to_vec();
+    message.payload = bytes::Bytes::copy_from_slice(body.as_bytes());
     ToStore {
         claim: Some(message.fingerprint()),
         message,
@@ -463,7 +463,7 @@ macro_rules! message_store_suite {
                 let mut batch = Vec::new();
                 for index in 0..5 {
                     let mut big = fresh(&format!("m{index}"), "alpha");
-                    big.message.payload = vec![b'x'; 1000];
+                    big.message.payload = vec![b'x'; 1000].into();
                     batch.push(big);
                 }
                 stored(&store, &batch).await;
@@ -638,7 +638,7 @@ macro_rules! message_store_suite {
                         &format!("key-{index}"),
                         "body",
                     );
-                    item.message.payload = vec![b'0' + index; 1000];
+                    item.message.payload = vec![b'0' + index; 1000].into();
                     item.message
                         .headers
                         .insert("index".into(), index.to_string());

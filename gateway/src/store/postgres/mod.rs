@@ -347,7 +347,7 @@ impl PgMessageStore {
         .bind(column(new, |entry| entry.message.recipient_id.as_str()))
         .bind(column(new, |entry| entry.message.sender_id.as_str()))
         .bind(column(new, |entry| entry.message.kind.as_str()))
-        .bind(column(new, |entry| entry.message.payload.as_slice()))
+        .bind(column(new, |entry| entry.message.payload.as_ref()))
         .bind(headers)
         .bind(column(new, |entry| entry.message.idempotency_key.as_deref()))
         .bind(column(new, |entry| entry.message.origin_region.as_str()))
@@ -871,7 +871,7 @@ impl MessageStore for PgMessageStore {
         }
         let payloads: Vec<&[u8]> = messages
             .iter()
-            .map(|moved| moved.message.payload.as_slice())
+            .map(|moved| moved.message.payload.as_ref())
             .collect();
         let keys: Vec<Option<&str>> = messages
             .iter()
