@@ -41,6 +41,30 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     }
 }
 
+/// Waits until some session of the PostgreSQL database at `url` waits on a
+/// lock (what a test holds to make a write wait); `what` names it.
+pub async fn someone_waits_on_a_lock(url: &str, what: &str) {
+    use sqlx::Connection;
+    let mut observer = sqlx::PgConnection::connect(url).await.unwrap();
+    within(what, async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                return;
+            }
+            // pg_stat_activity says nothing when a session starts waiting.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 /// Where the mesh keeps its shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -71,21 +71,25 @@ async fn home(mesh: &TestMesh, agency_id: &str) -> pb::Agency {
         .unwrap()
 }
 
+/// The move `move_id`, as the coordinator reports it.
+async fn get_move(mesh: &TestMesh, move_id: &str) -> pb::Move {
+    mesh.directory()
+        .get_move(pb::GetMoveRequest {
+            move_id: move_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .r#move
+        .unwrap()
+}
+
 /// Waits until the move is done or cancelled, as the coordinator reports
 /// it; returns it.
 async fn move_ends(mesh: &TestMesh, move_id: &str) -> pb::Move {
     within("the move to end", async {
         loop {
-            let current = mesh
-                .directory()
-                .get_move(pb::GetMoveRequest {
-                    move_id: move_id.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .r#move
-                .unwrap();
+            let current = get_move(mesh, move_id).await;
             if matches!(
                 current.phase(),
                 pb::MovePhase::Done | pb::MovePhase::Cancelled
@@ -409,16 +413,7 @@ async fn a_cancelled_move_leaves_everything_where_it_was() {
     let started = start_move(&mesh, "registry", "east-2", "").await.unwrap();
     within("the copy to fail", async {
         loop {
-            let current = mesh
-                .directory()
-                .get_move(pb::GetMoveRequest {
-                    move_id: started.move_id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .r#move
-                .unwrap();
+            let current = get_move(&mesh, &started.move_id).await;
             if !current.last_error.is_empty() {
                 assert_eq!(current.phase(), pb::MovePhase::Copying);
                 return;
@@ -647,38 +642,15 @@ async fn a_move_that_hangs_holds_up_no_other() {
         .await
         .unwrap();
     let hanging = start_move(&mesh, "registry", "east-2", "").await.unwrap();
-    let mut observer = sqlx::PgConnection::connect(&mesh.shard_url("east-1"))
-        .await
-        .unwrap();
-    within("the copy to wait on the lock", async {
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&mut observer)
-            .await
-            .unwrap();
-            if waiting > 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    fedmesh_tests::someone_waits_on_a_lock(
+        &mesh.shard_url("east-1"),
+        "the copy to wait on the lock",
+    )
     .await;
     let other = start_move(&mesh, "notary", "east-2", "").await.unwrap();
     let done = move_ends(&mesh, &other.move_id).await;
     assert_eq!(done.phase(), pb::MovePhase::Done, "{done:?}");
-    let still = mesh
-        .directory()
-        .get_move(pb::GetMoveRequest {
-            move_id: hanging.move_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .r#move
-        .unwrap();
+    let still = get_move(&mesh, &hanging.move_id).await;
     assert_eq!(still.phase(), pb::MovePhase::Copying, "{still:?}");
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
     let done = move_ends(&mesh, &hanging.move_id).await;
