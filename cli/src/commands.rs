@@ -768,6 +768,12 @@ pub async fn status(args: StatusArgs, out: &mut (dyn Write + Send)) -> anyhow::R
                 "regions": regions,
                 "notifiers": notifiers,
                 "moves": moves.iter().map(crate::moves::move_json).collect::<Vec<_>>(),
+                "spools": spools(&topology).iter().map(|spool| json!({
+                    "shard": spool.shard,
+                    "region": spool.region,
+                    "messages": spool.messages,
+                    "oldest": spool.oldest.map(|at| at.to_string()),
+                })).collect::<Vec<_>>(),
             }),
             out,
         );
@@ -857,5 +863,33 @@ pub async fn status(args: StatusArgs, out: &mut (dyn Write + Send)) -> anyhow::R
     for current in &moves {
         writeln!(out, "{}", crate::moves::summary(current))?;
     }
+    for spool in spools(&topology) {
+        let oldest = fedmesh_common::time::micros_from_timestamp(spool.oldest.as_ref());
+        let age = (fedmesh_common::time::now_micros() - oldest).max(0) / 1_000_000;
+        writeln!(
+            out,
+            "spool {} for {}: {} messages waiting, the oldest spooled {age} s ago",
+            spool.shard, spool.region, spool.messages
+        )?;
+    }
     Ok(())
+}
+
+/// What waits in the spools, per shard and destination region: as the
+/// gateway that reported last saw it (every replica of a shard reports the
+/// same spool).
+fn spools(topology: &pb::TopologySnapshot) -> Vec<pb::SpoolDepth> {
+    let mut newest: std::collections::BTreeMap<(String, String), (i64, pb::SpoolDepth)> =
+        std::collections::BTreeMap::new();
+    for gateway in &topology.gateways {
+        let seen = fedmesh_common::time::micros_from_timestamp(gateway.last_seen.as_ref());
+        let reported = gateway.load.iter().flat_map(|load| load.spools.iter());
+        for spool in reported {
+            let key = (spool.shard.clone(), spool.region.clone());
+            if newest.get(&key).is_none_or(|(at, _)| *at < seen) {
+                newest.insert(key, (seen, spool.clone()));
+            }
+        }
+    }
+    newest.into_values().map(|(_, spool)| spool).collect()
 }

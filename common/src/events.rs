@@ -47,8 +47,16 @@ pub const GATEWAY_UP: &str = "gateway.up";
 /// home region.
 pub const AGENCY_MOVED: &str = "agency.moved";
 
+/// `message.forwarded`: a message that waited in its origin region's spool
+/// reached its recipient's home region; the event's region is the origin's.
+pub const MESSAGE_FORWARDED: &str = "message.forwarded";
+/// `message.undeliverable`: a spooled message was refused by its recipient's
+/// home region for good (the recipient left the directory, an access grant
+/// was revoked...): it leaves the spool, and the event says why.
+pub const MESSAGE_UNDELIVERABLE: &str = "message.undeliverable";
+
 /// Every kind of event the mesh reports.
-pub const EVENT_KINDS: [&str; 7] = [
+pub const EVENT_KINDS: [&str; 9] = [
     AGENCY_REGISTERED,
     AGENCY_DEREGISTERED,
     MESSAGE_ACCEPTED,
@@ -56,6 +64,8 @@ pub const EVENT_KINDS: [&str; 7] = [
     GATEWAY_DOWN,
     GATEWAY_UP,
     AGENCY_MOVED,
+    MESSAGE_FORWARDED,
+    MESSAGE_UNDELIVERABLE,
 ];
 
 /// The topic patterns that select, on the event exchange, the events of

@@ -127,6 +127,7 @@ pub(crate) fn receipt_from_pb(receipt: pb::Receipt, home_region: &str) -> Receip
         home_region: home_region.to_string(),
         stored_at_micros: micros_from_timestamp(receipt.stored_at.as_ref()),
         duplicate: receipt.duplicate,
+        spooled: false,
     }
 }
 
@@ -163,11 +164,17 @@ pub(crate) fn traceparent_of<T>(request: &tonic::Request<T>) -> TraceParent {
     TraceParent::continue_or_start(given)
 }
 
-/// The wire form of a receipt for a stored message.
+/// The wire form of a receipt: STORED, or SPOOLED for a message waiting in
+/// the origin region's spool.
 pub(crate) fn receipt_to_pb(receipt: Receipt) -> pb::Receipt {
+    let status = if receipt.spooled {
+        pb::ReceiptStatus::Spooled
+    } else {
+        pb::ReceiptStatus::Stored
+    };
     pb::Receipt {
         message_id: receipt.message_id,
-        status: pb::ReceiptStatus::Stored.into(),
+        status: status.into(),
         home_region: receipt.home_region,
         stored_at: Some(timestamp_from_micros(receipt.stored_at_micros)),
         duplicate: receipt.duplicate,

@@ -32,6 +32,7 @@ mod relay;
 mod retention;
 mod send;
 mod shared;
+mod spool;
 mod upstream;
 
 use std::collections::HashMap;
@@ -182,6 +183,7 @@ pub async fn start(
                 store,
                 committer,
                 outbox_wake,
+                spool_wake: Arc::new(Notify::new()),
             },
         );
     }
@@ -215,6 +217,13 @@ pub async fn start(
         shutdown.clone(),
     ));
 
+    for shard in &config.shards {
+        tasks.spawn(spool::drain_shard(
+            Arc::clone(&shared),
+            shard.name.clone(),
+            shutdown.clone(),
+        ));
+    }
     let watcher = Arc::clone(&shared);
     tasks.spawn(async move {
         watcher
@@ -235,6 +244,7 @@ pub async fn start(
             open_streams: u32::try_from(reporter.hub.open_streams()).unwrap_or(u32::MAX),
             in_flight: reporter.sends_in_flight(),
             shard_pools: reporter.shard_pools(),
+            spools: reporter.spool_depths(),
         };
         reporter
             .upstream

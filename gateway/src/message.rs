@@ -192,10 +192,65 @@ pub struct Receipt {
     pub message_id: String,
     /// The recipient's home region.
     pub home_region: String,
-    /// When it was committed, microseconds since the epoch.
+    /// When it was committed, microseconds since the epoch: in the
+    /// recipient's home shard, or in the spool.
     pub stored_at_micros: i64,
     /// Whether nothing new was stored (a retry).
     pub duplicate: bool,
+    /// Whether it was committed to the origin region's spool, not (yet) to
+    /// the recipient's home shard.
+    pub spooled: bool,
+}
+
+/// A message waiting in the spool of its sender's home shard for its
+/// recipient's region to be reachable (see `crate::spool`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpooledMessage {
+    /// The message, as it was accepted.
+    pub message: Message,
+    /// The region it is for: its recipient's home when it was spooled.
+    pub destination_region: String,
+    /// When it was spooled, microseconds since the epoch.
+    pub spooled_at_micros: i64,
+    /// How many times a drainer tried to forward it.
+    pub attempts: u32,
+}
+
+/// What spooling a message found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spooled {
+    /// When it was spooled: now, or when a first attempt spooled it.
+    pub spooled_at_micros: i64,
+    /// Whether it was in the spool already (a retry): nothing was written.
+    pub duplicate: bool,
+}
+
+/// What waits in one shard's spool for one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolDepth {
+    /// The region the messages are for.
+    pub destination_region: String,
+    /// How many.
+    pub messages: u64,
+    /// When the oldest was spooled, microseconds since the epoch.
+    pub oldest_spooled_at_micros: i64,
+}
+
+/// What became of a spooled message a drainer took out of the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Its recipient's home shard stored it (`duplicate`: it had already).
+    Forwarded {
+        /// The region that stored it.
+        home_region: String,
+        /// Whether it was stored before (an earlier attempt's answer was lost).
+        duplicate: bool,
+    },
+    /// Its recipient's home refused it for good; `reason` says why.
+    Undeliverable {
+        /// The refusal.
+        reason: String,
+    },
 }
 
 /// The state of an inbox.

@@ -353,7 +353,7 @@ async fn relay_loop(
             {
                 Ok(results) => {
                     for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(result_from_pb(result));
+                        let _ = reply.send(result_from_pb(&region, result));
                     }
                 }
                 Err(error) => {
@@ -367,10 +367,17 @@ async fn relay_loop(
     while in_flight.join_next().await.is_some() {}
 }
 
-/// One message's result of a `ForwardBatch`.
-fn result_from_pb(result: pb::ForwardResult) -> Result<pb::Receipt, GatewayError> {
+/// One message's result of a `ForwardBatch` to `region`.
+fn result_from_pb(region: &str, result: pb::ForwardResult) -> Result<pb::Receipt, GatewayError> {
     match result.result {
         Some(pb::forward_result::Result::Receipt(receipt)) => Ok(receipt),
+        // The coordinator's relay could not reach the region either.
+        Some(pb::forward_result::Result::Error(error)) if error.unreachable => {
+            Err(GatewayError::RegionUnreachable {
+                region: region.to_string(),
+                source: None,
+            })
+        }
         Some(pb::forward_result::Result::Error(error)) if error.moved => {
             Err(GatewayError::MovedAway(error.message))
         }

@@ -7,6 +7,11 @@
 //! claim commits first, and a retry of the same message (same key, same
 //! content) travels with the id the key named, so its home shard finds it
 //! stored and answers with the first receipt.
+//!
+//! When the recipient's region cannot be reached, the message goes to the
+//! spool of the sender's home shard and the sender gets a `SPOOLED`
+//! receipt; so does every later message of the sender for that recipient
+//! while earlier ones wait there (see `crate::spool`).
 
 use fedmesh_common::discovery::RegionEndpoints;
 use fedmesh_common::topology::AgencyHome;
@@ -16,6 +21,7 @@ use crate::error::GatewayError;
 use crate::message::{Message, Receipt, ToStore};
 use crate::routing::{Route, route};
 use crate::shared::Shared;
+use crate::spool;
 
 /// Takes `message`, accepted from its sender by this gateway, to its
 /// recipient's home shard; a write whose `deadline` passes before its batch
@@ -67,42 +73,68 @@ async fn send_once(
         });
     }
     shared.check_access(&message.sender_id, &message.recipient_id, &message.kind)?;
-    let found = if recipient_home.region == shared.region {
-        RegionEndpoints::default()
-    } else {
-        shared.upstream.discovered(&recipient_home.region).await
-    };
-    let route = route(
-        &shared.topology.borrow(),
-        &shared.region,
-        recipient_home,
-        shared.spread(),
-        &found,
-    );
-    let Some(fingerprint) = message
+    let route = route_to(shared, recipient_home).await;
+    let (message, may_exist) = match message
         .idempotency_key
         .is_some()
         .then(|| message.fingerprint())
-    else {
-        return deliver(shared, route, message, false, deadline).await;
+    {
+        None => (message, false),
+        Some(fingerprint) => {
+            if matches!(&route, Route::Local { shard } if *shard == sender_home.shard) {
+                let item = ToStore {
+                    message,
+                    claim: Some(fingerprint),
+                    may_exist: false,
+                };
+                return shared.store_local(&sender_home.shard, item, deadline).await;
+            }
+            shared
+                .claim_key(&sender_home.shard, message, fingerprint, deadline)
+                .await?
+        }
     };
-    if matches!(&route, Route::Local { shard } if *shard == sender_home.shard) {
-        let item = ToStore {
-            message,
-            claim: Some(fingerprint),
-            may_exist: false,
-        };
-        return shared.store_local(&sender_home.shard, item, deadline).await;
+    let Route::Relay { region, .. } = &route else {
+        return deliver(shared, route, message, may_exist, deadline).await;
+    };
+    // Behind what the sender has spooled for this recipient, if anything.
+    let region = region.clone();
+    if spool::holds(shared, &sender_home.shard, &message).await? {
+        return spool::spool(shared, &sender_home.shard, &region, message).await;
     }
-    let (message, retry) = shared
-        .claim_key(&sender_home.shard, message, fingerprint, deadline)
-        .await?;
-    deliver(shared, route, message, retry, deadline).await
+    match deliver(shared, route, message.clone(), may_exist, deadline).await {
+        Err(GatewayError::RegionUnreachable { source, .. }) => {
+            tracing::debug!(
+                message_id = %message.message_id,
+                %region,
+                error = source.as_ref().map(|status| status.message().to_string()),
+                "the recipient's region cannot be reached: spooling the message"
+            );
+            spool::spool(shared, &sender_home.shard, &region, message).await
+        }
+        outcome => outcome,
+    }
+}
+
+/// The route from this gateway to a recipient at `home`.
+pub(crate) async fn route_to(shared: &Shared, home: &AgencyHome) -> Route {
+    let found = if home.region == shared.region {
+        RegionEndpoints::default()
+    } else {
+        shared.upstream.discovered(&home.region).await
+    };
+    route(
+        &shared.topology.borrow(),
+        &shared.region,
+        home,
+        shared.spread(),
+        &found,
+    )
 }
 
 /// Stores `message` by `route`; `may_exist` says its id may be stored
 /// already (a retry).
-async fn deliver(
+pub(crate) async fn deliver(
     shared: &Shared,
     route: Route,
     message: Message,

@@ -2,9 +2,9 @@
 //! topology, shards and upstream connections, and the steps of the send path
 //! that several services take (where an agency lives, storing locally).
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use fedmesh_common::identity::Identity;
 use fedmesh_common::topology::{AccessPolicy, AgencyHome, Topology};
@@ -18,7 +18,8 @@ use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::inbox::InboxHub;
 use crate::message::{
-    Claimed, Fingerprint, InboxStats, KeyClaim, KeyInUse, Message, Receipt, Refused, ToStore,
+    Claimed, Fingerprint, InboxStats, KeyClaim, KeyInUse, Message, Receipt, Refused, SpoolDepth,
+    ToStore,
 };
 use crate::store::MessageStore;
 use crate::upstream::Upstream;
@@ -28,6 +29,8 @@ pub(crate) struct Shard {
     pub(crate) store: Arc<dyn MessageStore>,
     pub(crate) committer: Committer,
     pub(crate) outbox_wake: Arc<Notify>,
+    /// Wakes the shard's spool drainers: a message was spooled.
+    pub(crate) spool_wake: Arc<Notify>,
 }
 
 /// What every handler and task of one gateway shares.
@@ -44,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     in_flight: AtomicU32,
     spread: AtomicUsize,
+    /// What the spool of each shard held when its drainer last looked.
+    spool_depths: Mutex<BTreeMap<String, Vec<SpoolDepth>>>,
 }
 
 /// Counts a send in flight while alive.
@@ -97,6 +102,7 @@ impl Shared {
             shutdown,
             in_flight: AtomicU32::new(0),
             spread: AtomicUsize::new(0),
+            spool_depths: Mutex::default(),
         }
     }
 
@@ -174,6 +180,7 @@ impl Shared {
                 home_region: self.region.clone(),
                 stored_at_micros: stored.stored_at_micros,
                 duplicate: stored.duplicate,
+                spooled: false,
             }),
             Err(Refused::KeyInUse(KeyInUse { message_id })) => Err(GatewayError::KeyInUse {
                 sender_id,
@@ -249,6 +256,36 @@ impl Shared {
             .collect();
         pools.sort_by(|a, b| a.shard.cmp(&b.shard));
         pools
+    }
+
+    /// Records what the spool of `shard` holds.
+    pub(crate) fn set_spool_depths(&self, shard: &str, depths: Vec<SpoolDepth>) {
+        self.spool_depths
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(shard.to_string(), depths);
+    }
+
+    /// What waits in the spools of the shards served, by shard and
+    /// destination region, as the drainers last saw it.
+    pub(crate) fn spool_depths(&self) -> Vec<pb::SpoolDepth> {
+        let depths = self
+            .spool_depths
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        depths
+            .iter()
+            .flat_map(|(shard, depths)| {
+                depths.iter().map(move |depth| pb::SpoolDepth {
+                    shard: shard.clone(),
+                    region: depth.destination_region.clone(),
+                    messages: depth.messages,
+                    oldest: Some(fedmesh_common::time::timestamp_from_micros(
+                        depth.oldest_spooled_at_micros,
+                    )),
+                })
+            })
+            .collect()
     }
 
     /// Counts a send until the guard drops.

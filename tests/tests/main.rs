@@ -19,6 +19,7 @@ mod replicas;
 mod scale;
 mod security;
 mod serving;
+mod spool;
 mod subscriptions;
 mod trace;
 mod webhooks;

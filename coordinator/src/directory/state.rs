@@ -30,6 +30,8 @@ pub struct GatewayRecord {
     pub in_flight: u32,
     /// Its connection pools to the shards, as it reported them.
     pub shard_pools: Vec<pb::ShardPool>,
+    /// What waits in the spools of its shards, as it reported it.
+    pub spools: Vec<pb::SpoolDepth>,
     /// When it last reported, microseconds since the epoch (for display).
     pub last_seen_micros: i64,
     /// When it last reported, for expiry.
@@ -266,6 +268,7 @@ impl TopologyState {
                         open_streams: instance.open_streams,
                         in_flight: instance.in_flight,
                         shard_pools: Vec::new(),
+                        spools: Vec::new(),
                         last_seen_micros,
                         last_seen,
                     });
@@ -716,6 +719,7 @@ fn gateway_to_pb(gateway: &GatewayRecord) -> pb::Gateway {
             open_streams: gateway.open_streams,
             in_flight: gateway.in_flight,
             shard_pools: gateway.shard_pools.clone(),
+            spools: gateway.spools.clone(),
         }),
         last_seen: Some(timestamp_from_micros(gateway.last_seen_micros)),
     }
@@ -749,6 +753,7 @@ mod tests {
             open_streams: 0,
             in_flight: 0,
             shard_pools: Vec::new(),
+            spools: Vec::new(),
             last_seen_micros: 0,
             last_seen,
         }

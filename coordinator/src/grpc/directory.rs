@@ -390,6 +390,7 @@ impl pb::directory_server::Directory for DirectoryService {
             open_streams: load.open_streams,
             in_flight: load.in_flight,
             shard_pools: load.shard_pools,
+            spools: load.spools,
             last_seen_micros: now_micros(),
             last_seen: tokio::time::Instant::now(),
         });

@@ -87,6 +87,7 @@ fn error_result(kind: ErrorKind, message: String) -> pb::ForwardResult {
             code: kind.grpc_code() as i32,
             message,
             moved: false,
+            unreachable: false,
         })),
     }
 }
@@ -205,12 +206,16 @@ impl pb::relay_server::Relay for CoordinatorRelay {
                 }
                 Err(failure) => {
                     for index in indexes {
-                        results[index] = Some(error_result(
+                        let mut result = error_result(
                             ErrorKind::Unavailable,
                             format!(
                                 "region {region} cannot be reached from the coordinator either ({failure}); retry"
                             ),
-                        ));
+                        );
+                        if let Some(pb::forward_result::Result::Error(error)) = &mut result.result {
+                            error.unreachable = true;
+                        }
+                        results[index] = Some(result);
                     }
                 }
             }

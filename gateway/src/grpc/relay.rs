@@ -140,6 +140,7 @@ fn result_to_pb(outcome: Result<pb::Receipt, GatewayError>) -> pb::ForwardResult
                 code: status.code() as i32,
                 message: status.message().to_string(),
                 moved,
+                unreachable: false,
             })
         }
     };

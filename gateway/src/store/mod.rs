@@ -16,9 +16,11 @@
 
 mod plan;
 mod postgres;
+mod spool;
 mod sqlite;
 
 pub use postgres::{INBOX_CHANNEL, PgMessageStore, REPLICA_CHANNEL, STREAM_CHANNEL};
+pub use spool::{DrainLock, SpoolStore};
 pub use sqlite::SqliteMessageStore;
 
 use std::sync::Arc;
@@ -121,9 +123,9 @@ fn fingerprint_from(bytes: Option<Vec<u8>>) -> Result<Option<Fingerprint>, Store
         .transpose()
 }
 
-/// A `messages` row (with its `headers` as a JSON object) as an inbox
-/// message, on either backend.
-fn inbox_message_from_row<R>(row: &R) -> Result<InboxMessage, StoreError>
+/// The message of a `messages` or `spool` row (with its `headers` as a JSON
+/// object), on either backend.
+fn message_from_row<R>(row: &R) -> Result<Message, StoreError>
 where
     R: sqlx::Row,
     for<'a> &'a str: sqlx::ColumnIndex<R>,
@@ -133,23 +135,36 @@ where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let headers: String = row.try_get("headers")?;
+    Ok(Message {
+        message_id: row.try_get("message_id")?,
+        sender_id: row.try_get("sender_id")?,
+        recipient_id: row.try_get("recipient_id")?,
+        kind: row.try_get("kind")?,
+        payload: row.try_get::<Vec<u8>, _>("payload")?.into(),
+        headers: serde_json::from_str(&headers).map_err(StoreError::corrupt)?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        origin_region: row.try_get("origin_region")?,
+        accepted_at_micros: row.try_get("accepted_at")?,
+        // NULL for messages stored before messages carried one.
+        traceparent: row
+            .try_get::<Option<String>, _>("traceparent")?
+            .unwrap_or_default(),
+    })
+}
+
+/// A `messages` row as an inbox message, on either backend.
+fn inbox_message_from_row<R>(row: &R) -> Result<InboxMessage, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     Ok(InboxMessage {
         sequence: to_sequence(row.try_get("sequence")?)?,
-        message: Message {
-            message_id: row.try_get("message_id")?,
-            sender_id: row.try_get("sender_id")?,
-            recipient_id: row.try_get("recipient_id")?,
-            kind: row.try_get("kind")?,
-            payload: row.try_get::<Vec<u8>, _>("payload")?.into(),
-            headers: serde_json::from_str(&headers).map_err(StoreError::corrupt)?,
-            idempotency_key: row.try_get("idempotency_key")?,
-            origin_region: row.try_get("origin_region")?,
-            accepted_at_micros: row.try_get("accepted_at")?,
-            // NULL for messages stored before messages carried one.
-            traceparent: row
-                .try_get::<Option<String>, _>("traceparent")?
-                .unwrap_or_default(),
-        },
+        message: message_from_row(row)?,
     })
 }
 
@@ -352,6 +367,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// without it the row goes too and the inbox starts anew from sequence
     /// 1 (an import undone).
     async fn forget_agency(&self, agency_id: &str, keep_frozen: bool) -> Result<u64, StoreError>;
+
+    /// This shard's spool: messages of its senders for regions that could
+    /// not be reached.
+    fn spool(&self) -> Arc<dyn SpoolStore>;
 
     /// This shard's outbox, for the outbox relay.
     fn outbox(&self) -> Arc<dyn Outbox>;

@@ -9,6 +9,7 @@ use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
 use super::plan::{self, Known, NewMessage};
+use super::spool::{SpoolStore, SqliteSpool};
 use super::{
     BatchClock, FORGET_CHUNK, MessageStore, PoolUsage, fingerprint_from, inbox_message_from_row,
     moved_key_from_row, moved_message_from_row, stored_traceparent, to_sequence,
@@ -24,6 +25,8 @@ use crate::message::{
 #[derive(Debug, Clone)]
 pub struct SqliteMessageStore {
     pool: SqlitePool,
+    /// The database, naming what belongs to it in this process.
+    url: String,
     region: String,
     clock: Arc<BatchClock>,
     /// Whether events are written to the outbox (off without a bus).
@@ -38,6 +41,7 @@ impl SqliteMessageStore {
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(SqliteMessageStore {
             pool,
+            url: url.to_string(),
             region: region.to_string(),
             clock: Arc::new(BatchClock::default()),
             events: true,
@@ -673,6 +677,15 @@ impl MessageStore for SqliteMessageStore {
 
     fn pool_usage(&self) -> PoolUsage {
         PoolUsage::of(&self.pool)
+    }
+
+    fn spool(&self) -> Arc<dyn SpoolStore> {
+        Arc::new(SqliteSpool::new(
+            self.pool.clone(),
+            &self.url,
+            &self.region,
+            self.events,
+        ))
     }
 
     fn outbox(&self) -> Arc<dyn Outbox> {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use fedmesh_common::events::{Event, MESSAGE_ACCEPTED, MESSAGE_DELIVERED};
 
 use super::*;
-use crate::message::{KeyInUse, Refused, Stored};
+use crate::message::{Fate, KeyInUse, Refused, Stored};
 
 fn message(message_id: &str, recipient_id: &str, idempotency_key: Option<&str>) -> Message {
     Message {
@@ -907,6 +907,140 @@ macro_rules! message_store_suite {
                 let next = stored(&store, &[keyed("m3", "alpha", "k1", "other")]).await;
                 assert_eq!(next[0].sequence, 3);
                 assert!(!next[0].duplicate);
+            }
+
+            #[tokio::test]
+            async fn the_spool_keeps_messages_in_order_once_each_until_taken_out_with_their_events()
+            {
+                let (store, _guard) = $open.await;
+                let spool = store.spool();
+                let first = spool
+                    .spool("west", &message("s1", "alpha", Some("k1")))
+                    .await
+                    .expect("spool");
+                assert!(!first.duplicate);
+                // A retry of the same message finds it: nothing new.
+                let again = spool
+                    .spool("west", &message("s1", "alpha", Some("k1")))
+                    .await
+                    .expect("spool");
+                assert!(again.duplicate);
+                assert_eq!(again.spooled_at_micros, first.spooled_at_micros);
+                let mut big = message("s2", "beta", None);
+                big.payload = bytes::Bytes::from(vec![7_u8; 1000]);
+                spool.spool("west", &big).await.expect("spool");
+                spool
+                    .spool("west", &message("s3", "alpha", None))
+                    .await
+                    .expect("spool");
+                spool
+                    .spool("central", &message("c1", "gamma", None))
+                    .await
+                    .expect("spool");
+
+                assert!(spool.holds("sender", "alpha").await.expect("holds"));
+                assert!(!spool.holds("sender", "delta").await.expect("holds"));
+                assert!(!spool.holds("other", "alpha").await.expect("holds"));
+                let depths = spool.depths().await.expect("depths");
+                let counts: Vec<(String, u64)> = depths
+                    .iter()
+                    .map(|depth| (depth.destination_region.clone(), depth.messages))
+                    .collect();
+                assert_eq!(counts, vec![("central".into(), 1), ("west".into(), 3)]);
+                assert_eq!(depths[1].oldest_spooled_at_micros, first.spooled_at_micros);
+
+                // In the order spooled, whole, within the byte limit (the
+                // first message always comes).
+                let page = spool.next("west", 10, 2000).await.expect("next");
+                let ids: Vec<&str> = page
+                    .iter()
+                    .map(|spooled| spooled.message.message_id.as_str())
+                    .collect();
+                assert_eq!(ids, vec!["s1", "s2", "s3"]);
+                assert_eq!(page[0].message, message("s1", "alpha", Some("k1")));
+                assert_eq!(page[1].message, big);
+                assert_eq!(page[0].destination_region, "west");
+                let bounded = spool.next("west", 10, 500).await.expect("next");
+                assert_eq!(bounded.len(), 2, "stops before the message past the limit");
+                assert_eq!(
+                    spool.next("west", 1, usize::MAX).await.expect("next").len(),
+                    1
+                );
+
+                spool
+                    .attempted(&["s1".to_string()], "west: connection refused")
+                    .await
+                    .expect("attempted");
+                let page = spool.next("west", 10, usize::MAX).await.expect("next");
+                assert_eq!(page[0].attempts, 1);
+                assert_eq!(page[1].attempts, 0);
+
+                // Out with their events: forwarded, and undeliverable.
+                let done = vec![
+                    (
+                        page[0].clone(),
+                        Fate::Forwarded {
+                            home_region: "west".into(),
+                            duplicate: false,
+                        },
+                    ),
+                    (
+                        page[1].clone(),
+                        Fate::Undeliverable {
+                            reason: "agency \"beta\" is not registered".into(),
+                        },
+                    ),
+                ];
+                spool.remove(&done).await.expect("remove");
+                // Taking them out again (a drainer that lost its answer)
+                // writes no second event.
+                spool.remove(&done).await.expect("remove again");
+                let ids: Vec<String> = spool
+                    .next("west", 10, usize::MAX)
+                    .await
+                    .expect("next")
+                    .into_iter()
+                    .map(|spooled| spooled.message.message_id)
+                    .collect();
+                assert_eq!(ids, vec!["s3"]);
+                assert!(spool.holds("sender", "alpha").await.expect("holds"));
+                let events = events(&store).await;
+                let kinds: Vec<(&str, Option<&str>, &str)> = events
+                    .iter()
+                    .map(|event| {
+                        (
+                            event.kind.as_str(),
+                            event.message_id.as_deref(),
+                            event.agency_id.as_str(),
+                        )
+                    })
+                    .collect();
+                assert_eq!(
+                    kinds,
+                    vec![
+                        ("message.forwarded", Some("s1"), "sender"),
+                        ("message.undeliverable", Some("s2"), "sender"),
+                    ]
+                );
+                assert_eq!(events[0].attributes["recipient"], "alpha");
+                assert_eq!(events[0].attributes["home_region"], "west");
+                assert_eq!(events[0].attributes["traceparent"], TRACEPARENT);
+                assert_eq!(events[0].region, "east");
+                assert!(events[1].attributes["reason"].contains("not registered"));
+            }
+
+            #[tokio::test]
+            async fn one_drainer_per_destination_holds_the_spool_lock() {
+                let (store, _guard) = $open.await;
+                let spool = store.spool();
+                let west = spool.lock_drain("west").await.expect("lock");
+                assert!(west.is_some());
+                // Another drainer, through another handle of the same shard.
+                let other = store.spool();
+                assert!(other.lock_drain("west").await.expect("lock").is_none());
+                assert!(other.lock_drain("central").await.expect("lock").is_some());
+                drop(west);
+                assert!(other.lock_drain("west").await.expect("lock").is_some());
             }
         }
     };

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use self::wakeups::Replicas;
 use super::plan::{self, Known, NewMessage};
+use super::spool::{PgSpool, SpoolStore};
 use super::{
     BatchClock, FORGET_CHUNK, MessageStore, PoolUsage, fingerprint_from, inbox_message_from_row,
     moved_key_from_row, moved_message_from_row, stored_traceparent, to_sequence,
@@ -52,6 +53,8 @@ const INBOX_FROZEN: &str = "FM001";
 #[derive(Debug, Clone)]
 pub struct PgMessageStore {
     pool: PgPool,
+    /// Where the database is, for sessions outside the pools.
+    url: String,
     /// Connections of the commit lanes, opened lazily by the lanes
     /// themselves so that their commit thread drives them.
     write_pool: PgPool,
@@ -87,6 +90,7 @@ impl PgMessageStore {
         Ok(PgMessageStore {
             write_pool,
             pool,
+            url: url.to_string(),
             region: region.to_string(),
             replicas: Arc::new(Replicas::new()),
             clock: Arc::new(BatchClock::default()),
@@ -1034,6 +1038,15 @@ impl MessageStore for PgMessageStore {
 
     fn pool_usage(&self) -> PoolUsage {
         PoolUsage::of(&self.pool) + PoolUsage::of(&self.write_pool)
+    }
+
+    fn spool(&self) -> Arc<dyn SpoolStore> {
+        Arc::new(PgSpool::new(
+            self.pool.clone(),
+            &self.url,
+            &self.region,
+            self.events,
+        ))
     }
 
     fn outbox(&self) -> Arc<dyn Outbox> {
