@@ -167,7 +167,7 @@ pub struct DevMesh {
     shutdown: CancellationToken,
     coordinator_shutdown: CancellationToken,
     topologies: Vec<watch::Receiver<Arc<Topology>>>,
-    open_streams: Vec<watch::Receiver<usize>>,
+    signals: Vec<GatewaySignals>,
     components: JoinSet<(String, anyhow::Result<()>)>,
     bus: DevBus,
     tune_gateway: Option<TuneGateway>,
@@ -237,15 +237,23 @@ struct GatewayStart {
     security: DevSecurity,
 }
 
+/// What a dev gateway shows of itself besides its topology.
+struct GatewaySignals {
+    /// The number of inboxes it streams, as it changes.
+    open_streams: watch::Receiver<usize>,
+    /// The relay calls it made.
+    relay_attempts: Arc<fedmesh_gateway::RelayAttempts>,
+}
+
 /// Starts a gateway in dev mode and adds it to `components`; returns its
-/// topology and its count of open streams.
+/// topology and its signals.
 async fn spawn_gateway(
     gateway: GatewayStart,
     listener: TcpListener,
     bus: &DevBus,
     shutdown: &CancellationToken,
     components: &mut JoinSet<(String, anyhow::Result<()>)>,
-) -> anyhow::Result<(watch::Receiver<Arc<Topology>>, watch::Receiver<usize>)> {
+) -> anyhow::Result<(watch::Receiver<Arc<Topology>>, GatewaySignals)> {
     let mut config = GatewayConfig::new(
         gateway.gateway_id.clone(),
         gateway.region,
@@ -265,7 +273,10 @@ async fn spawn_gateway(
         .await
         .with_context(|| format!("cannot start gateway {}", gateway.gateway_id))?;
     let topology = running.topology.clone();
-    let open_streams = running.open_streams.clone();
+    let signals = GatewaySignals {
+        open_streams: running.open_streams.clone(),
+        relay_attempts: Arc::clone(&running.relay_attempts),
+    };
     let name = format!("gateway {}", gateway.gateway_id);
     components.spawn(async move {
         let outcome = match running.stopped.await {
@@ -274,7 +285,7 @@ async fn spawn_gateway(
         };
         (name, outcome)
     });
-    Ok((topology, open_streams))
+    Ok((topology, signals))
 }
 
 /// What one notifier of the dev mesh is started with.
@@ -401,7 +412,7 @@ impl DevMesh {
 
         let mut gateway_urls = Vec::new();
         let mut topologies: Vec<watch::Receiver<Arc<Topology>>> = Vec::new();
-        let mut open_streams = Vec::new();
+        let mut signals = Vec::new();
         for (region, listener) in gateway_listeners {
             let shards = shard_names(region, options.shards_per_region)
                 .into_iter()
@@ -423,10 +434,10 @@ impl DevMesh {
                 security: security.clone(),
             };
             gateway_urls.push((region.to_string(), security.url_of(&listener)?));
-            let (topology, streams) =
+            let (topology, gateway_signals) =
                 spawn_gateway(gateway, listener, &bus, &shutdown, &mut components).await?;
             topologies.push(topology);
-            open_streams.push(streams);
+            signals.push(gateway_signals);
         }
 
         let notifier_url = spawn_notifier(
@@ -450,7 +461,7 @@ impl DevMesh {
             shutdown,
             coordinator_shutdown: coordinator_stop,
             topologies: topologies.clone(),
-            open_streams,
+            signals,
             components,
             bus,
             tune_gateway: options.tune_gateway.clone(),
@@ -582,11 +593,23 @@ impl DevMesh {
 
     /// The number of inboxes the gateway of `region` streams, as it changes.
     pub fn gateway_open_streams(&self, region: &str) -> Option<watch::Receiver<usize>> {
+        Some(self.signals_of(region)?.open_streams.clone())
+    }
+
+    /// The relay calls the gateway of `region` made so far.
+    pub fn gateway_relay_attempts(
+        &self,
+        region: &str,
+    ) -> Option<Arc<fedmesh_gateway::RelayAttempts>> {
+        Some(Arc::clone(&self.signals_of(region)?.relay_attempts))
+    }
+
+    fn signals_of(&self, region: &str) -> Option<&GatewaySignals> {
         let index = self
             .gateway_urls
             .iter()
             .position(|(name, _)| name == region)?;
-        self.open_streams.get(index).cloned()
+        self.signals.get(index)
     }
 
     /// Stops only the coordinator, as when it becomes unreachable; the

@@ -423,6 +423,12 @@ pub fn lazy_channel(address: &str) -> Result<tonic::transport::Channel, tonic::t
     lazy_channel_with(address, None, ExpectedServer::Any)
 }
 
+/// How often a client pings a connection that has calls open.
+const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a client waits for a ping's answer before it closes the
+/// connection.
+const CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Opens a lazy channel to `address`, over mutual TLS with `tls` if given,
 /// to the `server` expected there (a connection to another is refused).
 pub fn lazy_channel_with(
@@ -441,9 +447,13 @@ pub fn lazy_channel_checked(
     server: ExpectedServer,
     deny_list: Option<Arc<DenyList>>,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    // HTTP/2 pings while calls are open notice a connection that went
+    // dark (no reset, no answer), so the next calls open a new one.
     let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(CLIENT_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(CLIENT_KEEPALIVE_TIMEOUT);
     Ok(match tls {
         Some(tls) => endpoint.connect_with_connector_lazy(TlsConnector {
             config: ClientConfigSource::Mesh(tls),

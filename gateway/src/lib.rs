@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{GatewayConfig, ShardConfig};
+pub use relay::RelayAttempts;
 pub use store::{MessageStore, SqliteMessageStore};
 
 use commit_thread::CommitThread;
@@ -92,6 +93,8 @@ pub struct RunningGateway {
     pub topology: watch::Receiver<Arc<Topology>>,
     /// The number of inboxes streamed, as it changes.
     pub open_streams: watch::Receiver<usize>,
+    /// The relay calls it made to other regions.
+    pub relay_attempts: Arc<RelayAttempts>,
     /// The address other components reach it at.
     pub advertise_url: String,
     /// Resolves when the gateway has stopped.
@@ -202,6 +205,7 @@ pub async fn start(
     )
     .map_err(|error| RunError::Config(error.to_string()))?;
     let upstream = Upstream::new(&config.coordinator, &security, relay_limits, discovery)?;
+    let relay_attempts = upstream.gateways().attempts();
     security.set_audit(fedmesh_common::audit::RemoteAudit::spawn(
         upstream.directory(),
         shutdown.clone(),
@@ -294,6 +298,7 @@ pub async fn start(
     Ok(RunningGateway {
         topology,
         open_streams,
+        relay_attempts,
         advertise_url,
         stopped,
     })

@@ -8,8 +8,31 @@
 //! gateway of a mesh is configured with). Each sender still gets its own
 //! receipt or status. Per-sender order holds because a sender's next
 //! message is relayed only after the receipt of the previous one.
+//!
+//! Every batch goes through the same stack of policies:
+//! - a **concurrency limit**: at most [`MAX_IN_FLIGHT`] batches per region
+//!   on their way at once; further messages queue (and batch) meanwhile;
+//! - **balancing** over the region's endpoints by load, tier by tier (DNS,
+//!   the coordinator's, the settings'), with **ejection** of an endpoint
+//!   that keeps failing ([`balance`]);
+//! - a **timeout** per attempt: what is left of the longest sender's
+//!   deadline, at most the relay timeout, sent as `grpc-timeout` (each
+//!   message carries its own, so no hop extends it) and enforced here too,
+//!   so a peer that holds a call does not hold the batch;
+//! - **retries** of what did not get an answer (no answer, a reset, a
+//!   timeout: never a refusal) on another endpoint, then through the
+//!   coordinator, under a **retry budget** of 20% of first attempts. A
+//!   retry is safe: a relayed message carries its id, and the home gateway
+//!   stores an id once.
+//!
+//! What gets no answer within the budget is the region being unreachable:
+//! the caller spools it. Connections are HTTP/2 channels opened once per
+//! endpoint and shared by every call.
+
+mod balance;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +49,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::GatewayError;
+use balance::Balancer;
 
 type RelayClient = pb::relay_client::RelayClient<InterceptedService<Channel, AttachIdentity>>;
 pub(crate) type MovesClient =
@@ -34,8 +58,13 @@ type Reply = oneshot::Sender<Result<pb::Receipt, GatewayError>>;
 
 /// Most messages in one relayed batch.
 const MAX_BATCH: usize = 256;
-/// Batches on their way to one region at once.
+/// Batches on their way to one region at once: the relay's concurrency
+/// limit.
 const MAX_IN_FLIGHT: usize = 4;
+/// How long past an attempt's `grpc-timeout` the relay waits for its
+/// answer before giving it up itself (the peer ends the call first when
+/// it is there to).
+const TIMEOUT_GRACE: Duration = Duration::from_millis(100);
 /// What a message adds to a `ForwardBatchRequest` besides its own encoding:
 /// the field's tag and length prefix.
 const FIELD_OVERHEAD: usize = 6;
@@ -57,6 +86,28 @@ pub(crate) struct RelayClients {
     coordinator: Option<RelayClient>,
     limits: RelayLimits,
     channels: Mutex<HashMap<String, Channel>>,
+    attempts: Arc<RelayAttempts>,
+}
+
+/// How many relay calls a gateway made: first attempts of batches and
+/// retries (of all regions, since it started).
+#[derive(Debug, Default)]
+pub struct RelayAttempts {
+    first: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl RelayAttempts {
+    /// Batches relayed (their first attempts).
+    pub fn first(&self) -> u64 {
+        self.first.load(Ordering::Relaxed)
+    }
+
+    /// Further attempts of those batches, on another endpoint or through
+    /// the coordinator.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
 }
 
 impl RelayClients {
@@ -78,7 +129,13 @@ impl RelayClients {
             security,
             limits,
             channels: Mutex::new(HashMap::new()),
+            attempts: Arc::default(),
         }
+    }
+
+    /// The relay calls made so far.
+    pub(crate) fn attempts(&self) -> Arc<RelayAttempts> {
+        Arc::clone(&self.attempts)
     }
 
     /// The channel to the gateway of `region` at `address`, opened once.
@@ -151,49 +208,76 @@ impl RelayClients {
         timeout.max(Duration::from_millis(1))
     }
 
-    /// Sends `messages` to the first of `gateways` that answers.
+    /// Sends `messages` to a gateway of `region`, tier by tier of
+    /// `tiers`, then through the coordinator, retrying what got no answer
+    /// while the budget allows.
     async fn forward_batch(
         &self,
         region: &str,
-        gateways: &[String],
+        balancer: &Balancer,
+        tiers: &[Vec<String>],
         messages: Vec<pb::ForwardRequest>,
         deadlines: &[Option<Instant>],
     ) -> Result<Vec<pb::ForwardResult>, GatewayError> {
         let expected = messages.len();
         let mut request = pb::ForwardBatchRequest { messages };
         let mut last_failure = None;
-        for address in gateways {
-            let mut client = match self.client(region, address) {
-                Ok(client) => client,
-                Err(error) => {
-                    tracing::warn!(%region, %address, %error, "unusable gateway address");
-                    continue;
+        let mut targets = Targets {
+            tiers,
+            tier: 0,
+            tried: Vec::new(),
+            coordinator: self.coordinator.as_ref(),
+        };
+        while let Some(target) = targets.next(balancer) {
+            if last_failure.is_none() {
+                balancer.first_attempt();
+                self.attempts.first.fetch_add(1, Ordering::Relaxed);
+            } else if !balancer.may_retry() {
+                tracing::warn!(%region, "relay retry budget spent: the region counts as unreachable for this batch");
+                break;
+            } else {
+                self.attempts.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            if all_passed(deadlines) {
+                return Err(GatewayError::DeadlineExceeded);
+            }
+            let timeout = self.stamp(&mut request, deadlines);
+            let answer = match &target {
+                Target::Gateway(address) => {
+                    let client = match self.client(region, address) {
+                        Ok(client) => client,
+                        Err(error) => {
+                            tracing::warn!(%region, %address, %error, "unusable gateway address");
+                            continue;
+                        }
+                    };
+                    let call = balancer.start(address);
+                    let answer = attempt(client, &request, timeout).await;
+                    match &answer {
+                        Err(status) if gets_no_answer(status) => {
+                            if call.failed() {
+                                tracing::warn!(%region, %address, "gateway ejected after failing in a row");
+                            }
+                        }
+                        _ => call.answered(),
+                    }
+                    answer
+                }
+                Target::Coordinator(coordinator) => {
+                    tracing::warn!(%region, "no gateway of the region answers; relaying through the coordinator");
+                    attempt(RelayClient::clone(coordinator), &request, timeout).await
                 }
             };
-            let timeout = self.stamp(&mut request, deadlines);
-            let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(timeout);
-            match client.forward_batch(call).await {
-                Ok(response) => {
-                    let results = response.into_inner().results;
-                    if results.len() != expected {
-                        return Err(GatewayError::InvalidAnswer {
-                            address: address.clone(),
-                            problem: format!("{} results for {expected} messages", results.len()),
-                        });
-                    }
-                    return Ok(results);
+            match answer {
+                Ok(results) if results.len() == expected => return Ok(results),
+                Ok(results) => {
+                    return Err(GatewayError::InvalidAnswer {
+                        address: target.to_string(),
+                        problem: format!("{} results for {expected} messages", results.len()),
+                    });
                 }
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        Code::Unavailable
-                            | Code::DeadlineExceeded
-                            | Code::Cancelled
-                            | Code::Unknown
-                    ) =>
-                {
-                    tracing::warn!(%region, %address, error = %status.message(), "relay failed, trying next gateway");
+                Err(status) if gets_no_answer(&status) => {
+                    tracing::warn!(%region, to = %target, error = %status.message(), "relay got no answer, trying the next");
                     last_failure = Some(Arc::new(status));
                 }
                 Err(status) => {
@@ -204,25 +288,6 @@ impl RelayClients {
                 }
             }
         }
-        // No gateway of the region answered: the coordinator may reach it.
-        if let Some(coordinator) = &self.coordinator {
-            tracing::warn!(%region, "no gateway of the region answers; relaying through the coordinator");
-            let timeout = self.stamp(&mut request, deadlines);
-            let mut call = tonic::Request::new(request);
-            call.set_timeout(timeout);
-            match coordinator.clone().forward_batch(call).await {
-                Ok(response) => {
-                    let results = response.into_inner().results;
-                    if results.len() == expected {
-                        return Ok(results);
-                    }
-                }
-                Err(status) => {
-                    tracing::warn!(%region, error = %status.message(), "relay through the coordinator failed");
-                    last_failure = Some(Arc::new(status));
-                }
-            }
-        }
         Err(GatewayError::RegionUnreachable {
             region: region.to_string(),
             source: last_failure,
@@ -230,10 +295,82 @@ impl RelayClients {
     }
 }
 
+/// Where one attempt of a batch goes.
+enum Target<'a> {
+    Gateway(String),
+    Coordinator(&'a RelayClient),
+}
+
+/// The targets of a batch's attempts, in order: a gateway of each tier
+/// (picked by the balancer, each once) until the tier has none left, then
+/// the coordinator.
+struct Targets<'a> {
+    tiers: &'a [Vec<String>],
+    tier: usize,
+    tried: Vec<String>,
+    coordinator: Option<&'a RelayClient>,
+}
+
+impl<'a> Targets<'a> {
+    fn next(&mut self, balancer: &Balancer) -> Option<Target<'a>> {
+        while let Some(tier) = self.tiers.get(self.tier) {
+            if let Some(address) = balancer.pick(tier, &self.tried) {
+                self.tried.push(address.clone());
+                return Some(Target::Gateway(address));
+            }
+            self.tier += 1;
+        }
+        self.coordinator.take().map(Target::Coordinator)
+    }
+}
+
+impl std::fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Gateway(address) => f.write_str(address),
+            Target::Coordinator(_) => f.write_str("the coordinator"),
+        }
+    }
+}
+
+/// Whether every message's deadline passed (none has none).
+fn all_passed(deadlines: &[Option<Instant>]) -> bool {
+    let now = Instant::now();
+    deadlines
+        .iter()
+        .all(|deadline| deadline.is_some_and(|deadline| deadline <= now))
+}
+
+/// Whether a call's failure means the peer gave no answer (it may be
+/// down, slow or cut off; the work may or may not have been done), as
+/// opposed to a refusal: only such failures are retried elsewhere.
+fn gets_no_answer(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+/// One attempt of `request` through `client`, with `timeout` sent as
+/// `grpc-timeout` and enforced here as well.
+async fn attempt(
+    mut client: RelayClient,
+    request: &pb::ForwardBatchRequest,
+    timeout: Duration,
+) -> Result<Vec<pb::ForwardResult>, tonic::Status> {
+    let mut call = tonic::Request::new(request.clone());
+    call.set_timeout(timeout);
+    match tokio::time::timeout(timeout + TIMEOUT_GRACE, client.forward_batch(call)).await {
+        Ok(answer) => Ok(answer?.into_inner().results),
+        // As the peer would have ended it.
+        Err(_) => Err(tonic::Status::from(GatewayError::DeadlineExceeded)),
+    }
+}
+
 /// A message waiting for its batch.
 struct Queued {
     request: pb::ForwardRequest,
-    gateways: Vec<String>,
+    gateways: Vec<Vec<String>>,
     reply: Reply,
     size: usize,
     deadline: Option<Instant>,
@@ -254,13 +391,14 @@ impl RelayBatcher {
         RelayBatcher { sender }
     }
 
-    /// Relays `request` to one of `gateways` and returns its receipt. A
+    /// Relays `request` to a gateway of `gateways` (tiers, in order of
+    /// precedence) and returns its receipt. A
     /// message whose `deadline` passed before its batch was taken is not
     /// sent.
     pub(crate) async fn forward(
         &self,
         request: pb::ForwardRequest,
-        gateways: Vec<String>,
+        gateways: Vec<Vec<String>>,
         deadline: Option<Instant>,
     ) -> Result<pb::Receipt, GatewayError> {
         let (reply, answer) = oneshot::channel();
@@ -322,6 +460,7 @@ async fn relay_loop(
 ) {
     let mut carried = None;
     let mut in_flight = tokio::task::JoinSet::new();
+    let balancer = Arc::new(Balancer::default());
     let max_bytes = clients.limits.max_batch_bytes;
     loop {
         let batch = next_batch(&mut receiver, &mut carried, max_bytes).await;
@@ -345,10 +484,11 @@ async fn relay_loop(
             in_flight.join_next().await;
         }
         let clients = Arc::clone(&clients);
+        let balancer = Arc::clone(&balancer);
         let region = region.clone();
         in_flight.spawn(async move {
             match clients
-                .forward_batch(&region, &gateways, messages, &deadlines)
+                .forward_batch(&region, &balancer, &gateways, messages, &deadlines)
                 .await
             {
                 Ok(results) => {

@@ -123,13 +123,7 @@ pub(crate) async fn route_to(shared: &Shared, home: &AgencyHome) -> Route {
     } else {
         shared.upstream.discovered(&home.region).await
     };
-    route(
-        &shared.topology.borrow(),
-        &shared.region,
-        home,
-        shared.spread(),
-        &found,
-    )
+    route(&shared.topology.borrow(), &shared.region, home, &found)
 }
 
 /// Stores `message` by `route`; `may_exist` says its id may be stored

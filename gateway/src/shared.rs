@@ -3,7 +3,7 @@
 //! that several services take (where an agency lives, storing locally).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fedmesh_common::identity::Identity;
@@ -46,7 +46,6 @@ pub(crate) struct Shared {
     pub(crate) upstream: Upstream,
     pub(crate) shutdown: CancellationToken,
     in_flight: AtomicU32,
-    spread: AtomicUsize,
     /// What the spool of each shard held when its drainer last looked.
     spool_depths: Mutex<BTreeMap<String, Vec<SpoolDepth>>>,
 }
@@ -101,7 +100,6 @@ impl Shared {
             upstream,
             shutdown,
             in_flight: AtomicU32::new(0),
-            spread: AtomicUsize::new(0),
             spool_depths: Mutex::default(),
         }
     }
@@ -292,11 +290,6 @@ impl Shared {
     pub(crate) fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(&self.in_flight)
-    }
-
-    /// A number that rotates relay targets between calls.
-    pub(crate) fn spread(&self) -> usize {
-        self.spread.fetch_add(1, Ordering::Relaxed)
     }
 }
 

@@ -159,14 +159,14 @@ impl Upstream {
         }
     }
 
-    /// Forwards `message` to a gateway of `region` (the first of `gateways`
-    /// that answers), batched with the other messages relayed to that region
+    /// Forwards `message` to a gateway of `region` (of the tiers of
+    /// `gateways`, balanced by load), batched with the other messages relayed to that region
     /// meanwhile, and returns its home region's receipt. An error other than
     /// "unreachable" from the home region is passed on as it is.
     pub(crate) async fn forward(
         &self,
         region: &str,
-        gateways: &[String],
+        gateways: &[Vec<String>],
         message: Message,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Receipt, GatewayError> {

@@ -12,7 +12,7 @@ mod proxy;
 mod webhook;
 
 pub use broker::{TestBroker, TestQueue, broker_url};
-pub use proxy::TcpProxy;
+pub use proxy::{Faults, TcpProxy};
 pub use webhook::{Hook, WebhookReceiver};
 
 use std::collections::HashMap;
@@ -377,6 +377,14 @@ impl TestMesh {
         self.mesh().gateway_open_streams(region).unwrap()
     }
 
+    /// The relay calls the gateway of `region` made so far.
+    pub fn gateway_relay_attempts(
+        &self,
+        region: &str,
+    ) -> std::sync::Arc<fedmesh_gateway::RelayAttempts> {
+        self.mesh().gateway_relay_attempts(region).unwrap()
+    }
+
     /// Waits until the gateway of `region` streams exactly `count` inboxes.
     pub async fn open_streams_become(&self, region: &str, count: usize) {
         let mut open_streams = self.mesh().gateway_open_streams(region).unwrap();
@@ -629,6 +637,33 @@ impl Inbox {
                 Next::Ended(status) => panic!("inbox stream ended: {status:?}"),
             }
         }
+    }
+
+    /// Takes the next `count` deliveries, acknowledging each, and returns
+    /// their bodies by sender in the order delivered; asserts each message
+    /// came once and the sequences are the inbox's first `count` (nothing
+    /// was stored twice).
+    pub async fn bodies_by_sender(
+        &mut self,
+        count: usize,
+    ) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut received: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let mut ids = std::collections::BTreeSet::new();
+        let mut last_sequence = 0;
+        for _ in 0..count {
+            let delivery = self.next_delivery().await;
+            assert!(delivery.sequence > last_sequence, "in sequence order");
+            last_sequence = delivery.sequence;
+            let message = delivery.message.as_ref().unwrap();
+            assert!(ids.insert(message.message_id.clone()), "delivered once");
+            received
+                .entry(message.sender_id.clone())
+                .or_default()
+                .push(body(&delivery));
+            self.ack(&[delivery.sequence]).await;
+        }
+        assert_eq!(last_sequence, count as u64, "nothing stored twice");
+        received
     }
 
     /// Acknowledges `sequences`.

@@ -6,14 +6,59 @@
 //! [`TcpProxy::stop`] closes every connection and refuses new ones until
 //! [`TcpProxy::resume`] (a server that is down). [`TcpProxy::connections`]
 //! counts the connections forwarded, to see that a client came through it.
+//! [`TcpProxy::inject`] makes the network unreliable: every chunk of bytes
+//! forwarded is delayed, and now and then a connection is reset or goes
+//! silent ([`Faults`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+/// What an unreliable network does to the bytes a proxy forwards; checked
+/// for each chunk read from either side.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// A chunk waits up to this long (drawn uniformly) before it is
+    /// forwarded; order is kept.
+    pub latency: Duration,
+    /// One chunk in this many resets its connection instead (both sides
+    /// get a TCP RST); 0 never.
+    pub reset_one_in: u32,
+    /// One chunk in this many is dropped with everything after it on its
+    /// connection, both ways, while the sockets stay open: a link that went
+    /// dark without telling either side; 0 never.
+    pub drop_one_in: u32,
+}
+
+/// The faults a proxy injected so far.
+#[derive(Debug, Default)]
+pub struct Injected {
+    resets: AtomicU64,
+    drops: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Injected {
+    /// Connections reset.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
+    }
+
+    /// Connections gone dark.
+    pub fn drops(&self) -> u64 {
+        self.drops.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused while stopped.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
 
 /// A proxy listening on loopback, forwarding to one address.
 pub struct TcpProxy {
@@ -25,6 +70,8 @@ pub struct TcpProxy {
     down: watch::Sender<bool>,
     cut_next_response: Arc<AtomicBool>,
     connections: watch::Sender<usize>,
+    faults: watch::Sender<Faults>,
+    injected: Arc<Injected>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -42,15 +89,20 @@ impl TcpProxy {
         let down = watch::channel(false).0;
         let cut_next_response = Arc::new(AtomicBool::new(false));
         let connections = watch::channel(0).0;
+        let faults = watch::channel(Faults::default()).0;
+        let injected = Arc::new(Injected::default());
         let accept = {
             let frozen = frozen.clone();
             let down = down.clone();
             let connections = connections.clone();
+            let faults = faults.clone();
+            let injected = Arc::clone(&injected);
             let cut = Arc::clone(&cut_next_response);
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     if *down.borrow() {
                         // Refused: closed at once.
+                        injected.refused.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     let Ok(server) = TcpStream::connect(target).await else {
@@ -61,9 +113,13 @@ impl TcpProxy {
                     let _ = server.set_nodelay(true);
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
+                    let link = Arc::new(Link::default());
                     let watching = || Watch {
                         frozen: frozen.subscribe(),
                         down: down.subscribe(),
+                        faults: faults.subscribe(),
+                        injected: Arc::clone(&injected),
+                        link: Arc::clone(&link),
                     };
                     tokio::spawn(pump(client_read, server_write, watching(), None));
                     tokio::spawn(pump(
@@ -82,8 +138,21 @@ impl TcpProxy {
             down,
             cut_next_response,
             connections,
+            faults,
+            injected,
             accept,
         }
+    }
+
+    /// Injects `faults` on every connection from now on (existing ones
+    /// too); `Faults::default()` makes the network reliable again.
+    pub fn inject(&self, faults: Faults) {
+        self.faults.send_replace(faults);
+    }
+
+    /// The faults injected (and connections refused) so far.
+    pub fn injected(&self) -> Arc<Injected> {
+        Arc::clone(&self.injected)
     }
 
     /// The number of connections forwarded so far, as it changes.
@@ -137,6 +206,23 @@ const HEADERS: u8 = 1;
 struct Watch {
     frozen: watch::Receiver<bool>,
     down: watch::Receiver<bool>,
+    faults: watch::Receiver<Faults>,
+    injected: Arc<Injected>,
+    link: Arc<Link>,
+}
+
+/// What the two pumps of one connection share.
+#[derive(Default)]
+struct Link {
+    /// Reset: both pumps end, their sockets closed with a RST.
+    reset: tokio_util::sync::CancellationToken,
+    /// Gone dark: nothing more is forwarded either way.
+    dark: AtomicBool,
+}
+
+/// Whether one chunk in `one_in` is hit (0: none is).
+fn hits(rng: &mut fastrand::Rng, one_in: u32) -> bool {
+    one_in > 0 && rng.u32(..one_in) == 0
 }
 
 /// Copies `from` to `to` until either ends or the proxy stops; holds
@@ -149,9 +235,16 @@ async fn pump(
     mut watch: Watch,
     cut: Option<Arc<AtomicBool>>,
 ) {
-    let Watch { frozen, down } = &mut watch;
+    let Watch {
+        frozen,
+        down,
+        faults,
+        injected,
+        link,
+    } = &mut watch;
     let mut buffer = vec![0_u8; 64 * 1024];
     let mut frames = FrameCursor::default();
+    let mut rng = fastrand::Rng::new();
     loop {
         if *down.borrow_and_update() {
             // Both halves are dropped: the connection closes.
@@ -167,8 +260,34 @@ async fn pump(
             read = from.read(&mut buffer) => read,
             _ = frozen.changed() => continue,
             _ = down.changed() => continue,
+            () = link.reset.cancelled() => return,
         };
         let Ok(n_read) = read else { return };
+        if n_read > 0 {
+            let faults = *faults.borrow_and_update();
+            if link.dark.load(Ordering::SeqCst) {
+                // Read and thrown away, until a side closes.
+                continue;
+            }
+            if hits(&mut rng, faults.reset_one_in) {
+                injected.resets.fetch_add(1, Ordering::Relaxed);
+                let _ = from.as_ref().set_zero_linger();
+                let _ = to.as_ref().set_zero_linger();
+                link.reset.cancel();
+                return;
+            }
+            if hits(&mut rng, faults.drop_one_in) {
+                injected.drops.fetch_add(1, Ordering::Relaxed);
+                link.dark.store(true, Ordering::SeqCst);
+                continue;
+            }
+            if !faults.latency.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(faults.latency.mul_f64(rng.f64())) => {}
+                    () = link.reset.cancelled() => return,
+                }
+            }
+        }
         if n_read == 0 || *frozen.borrow() {
             if n_read == 0 {
                 let _ = to.shutdown().await;

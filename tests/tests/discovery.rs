@@ -1,14 +1,19 @@
 //! Gateways found through DNS: a DNS server on loopback (hickory-server, an
 //! in-memory zone with 1 s TTLs the test changes) names the west gateways;
 //! east's gateway relays to those it names, and to those only once DNS
-//! names them alone.
+//! names them alone. The relays go through proxies that fail on cue: a
+//! gateway that refuses is ejected, and an unreliable network (latency,
+//! resets, connections gone dark) loses nothing and costs at most the
+//! retry budget.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fedmesh_gateway::GatewayConfig;
-use fedmesh_tests::{Backend, TcpProxy, TestMesh, send_request, within};
+use fedmesh_proto::pb;
+use fedmesh_tests::{Backend, Faults, TcpProxy, TestMesh, send_request, within};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::rr::rdata::{A, SOA, SRV};
@@ -142,15 +147,54 @@ impl TestDns {
 /// A mesh whose gateways find each other's regions under [`ZONE`] through
 /// `dns`, the A/AAAA port of a headless service being `port`.
 async fn mesh_on(dns: &TestDns, port: u16) -> TestMesh {
+    mesh_tuned(dns, port, |_| {}).await
+}
+
+/// As [`mesh_on`], each gateway's settings changed by `tune` besides.
+async fn mesh_tuned(
+    dns: &TestDns,
+    port: u16,
+    tune: impl Fn(&mut GatewayConfig) + Send + Sync + 'static,
+) -> TestMesh {
     let resolver = dns.address.to_string();
     TestMesh::start_configured(Backend::Sqlite, |options| {
         options.tune_gateway = Some(Arc::new(move |config: &mut GatewayConfig| {
             config.discovery_domain = Some(ZONE.into());
             config.discovery_resolver = Some(resolver.clone());
             config.discovery_port = port;
+            tune(config);
         }));
     })
     .await
+}
+
+/// A mesh with a second west gateway, each west gateway named by DNS
+/// through a proxy of its own (which the coordinator's list does not
+/// name): a relay through a proxy is a relay to an address DNS gave.
+async fn west_behind_proxies(
+    dns: &TestDns,
+    tune: impl Fn(&mut GatewayConfig) + Send + Sync + 'static,
+) -> (TestMesh, [TcpProxy; 2]) {
+    let mut mesh = mesh_tuned(dns, 50052, tune).await;
+    let second_url = mesh.add_gateway("west-1", "west").await;
+    let proxies = [
+        TcpProxy::start(&mesh.gateway_url("west")).await,
+        TcpProxy::start(&second_url).await,
+    ];
+    for (proxy, host) in proxies
+        .iter()
+        .zip(["first.mesh.test.", "second.mesh.test."])
+    {
+        dns.add_host(host).await;
+        dns.add_west_gateway(host, proxy.address.port()).await;
+    }
+    (mesh, proxies)
+}
+
+/// The most retries a relay budget allows: a fifth of the first attempts,
+/// and a reserve of 10 for each 10 s window the test spanned.
+fn retry_budget(first_attempts: u64, elapsed: Duration) -> u64 {
+    first_attempts / 5 + 10 * (elapsed.as_secs() / 10 + 1)
 }
 
 /// A send from tax-office (east) to land-registry (west) that must be
@@ -253,4 +297,157 @@ async fn without_srv_records_the_headless_service_is_tried_first() {
         dns.west_srv_queries() >= 1,
         "the SRV name was asked before the headless one"
     );
+}
+
+#[tokio::test]
+async fn a_west_gateway_that_refuses_is_ejected_and_sends_go_on_through_the_other() {
+    let dns = TestDns::start().await;
+    let (mesh, [refusing, working]) = west_behind_proxies(&dns, |_| {}).await;
+    refusing.stop();
+    mesh.register("tax-office", "east").await;
+    mesh.register("land-registry", "west").await;
+    mesh.gateway_knows("east", &["tax-office", "land-registry"])
+        .await;
+
+    let started = tokio::time::Instant::now();
+    for n in 0..30 {
+        send(&mesh, &format!("message {n}"))
+            .await
+            .unwrap_or_else(|status| panic!("send {n} with one west gateway refusing: {status:?}"));
+    }
+    // A gateway never answering costs nothing to pick: without ejection
+    // every send would try it first. Ejected after three failures, it is
+    // tried again only once per cool-down (5 s, then longer).
+    let refused = refusing.injected().refused();
+    let cool_downs = started.elapsed().as_secs() / 5;
+    assert!(
+        (1..=3 + cool_downs).contains(&refused),
+        "the refusing gateway was tried {refused} times for 30 sends"
+    );
+    assert_eq!(*refusing.connections().borrow(), 0);
+    assert_eq!(
+        *working.connections().borrow(),
+        1,
+        "every relay to the working gateway shares one HTTP/2 connection"
+    );
+    let attempts = mesh.gateway_relay_attempts("east");
+    assert_eq!(attempts.retries(), refused, "each refusal was retried once");
+
+    // Back, it is tried again once its cool-down is over.
+    refusing.resume();
+    let mut back = refusing.connections();
+    let mut n = 30;
+    within("a relay to the gateway that is back", async {
+        while *back.borrow_and_update() == 0 {
+            send(&mesh, &format!("message {n}")).await.unwrap();
+            n += 1;
+            tokio::select! {
+                _ = back.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    })
+    .await;
+
+    let mut inbox = mesh.open_inbox("west", "land-registry", 256).await.unwrap();
+    assert_eq!(inbox.drain().await.len(), n, "every message arrived once");
+}
+
+#[tokio::test]
+async fn through_latency_resets_and_dark_links_every_message_arrives_once_in_order() {
+    const SENDERS: usize = 4;
+    const PER_SENDER: usize = 40;
+    let dns = TestDns::start().await;
+    // An attempt that gets no answer in 1 s is given up (a dark link).
+    let (mesh, proxies) = west_behind_proxies(&dns, |config| config.relay_timeout_ms = 1_000).await;
+    let senders: Vec<String> = (0..SENDERS).map(|n| format!("sender-{n}")).collect();
+    for sender in &senders {
+        mesh.register(sender, "east").await;
+    }
+    mesh.register("land-registry", "west").await;
+    let mut known: Vec<&str> = senders.iter().map(String::as_str).collect();
+    known.push("land-registry");
+    mesh.gateway_knows("east", &known).await;
+
+    let faults = Faults {
+        latency: Duration::from_millis(4),
+        reset_one_in: 30,
+        drop_one_in: 100,
+    };
+    for proxy in &proxies {
+        proxy.inject(faults);
+    }
+    let injected: Vec<_> = proxies.iter().map(TcpProxy::injected).collect();
+    let both_faults_seen = move || {
+        injected.iter().map(|faults| faults.resets()).sum::<u64>() > 0
+            && injected.iter().map(|faults| faults.drops()).sum::<u64>() > 0
+    };
+    let started = tokio::time::Instant::now();
+    // Each sender sends its messages one after the other, with a key, and
+    // sends again with the same key what was not answered; it goes on
+    // past its share until the network both reset a connection and took
+    // one dark.
+    let mut load = tokio::task::JoinSet::new();
+    for sender in &senders {
+        let exchange = mesh.exchange("east", sender);
+        let sender = sender.clone();
+        let both_faults_seen = both_faults_seen.clone();
+        load.spawn(async move {
+            let mut statuses = Vec::new();
+            while statuses.len() < PER_SENDER || !both_faults_seen() {
+                let n = statuses.len();
+                let text = format!("{sender} {n}");
+                let key = format!("{sender}-{n}");
+                let receipt = loop {
+                    let request = send_request(&sender, "land-registry", &text, Some(&key));
+                    match exchange.clone().send(request).await {
+                        Ok(response) => break response.into_inner().receipt.unwrap(),
+                        Err(status) if status.code() == tonic::Code::Unavailable => {}
+                        Err(status) => panic!("send {text}: {status:?}"),
+                    }
+                };
+                statuses.push(pb::ReceiptStatus::try_from(receipt.status).unwrap());
+            }
+            (sender, statuses)
+        });
+    }
+    let sent: BTreeMap<String, Vec<pb::ReceiptStatus>> =
+        within("the load through the faults", load.join_all())
+            .await
+            .into_iter()
+            .collect();
+    let elapsed = started.elapsed();
+    let total: usize = sent.values().map(Vec::len).sum();
+    assert!(
+        sent.values().flatten().all(|status| matches!(
+            status,
+            pb::ReceiptStatus::Stored | pb::ReceiptStatus::Spooled
+        )),
+        "every send answered stored or spooled: {sent:?}"
+    );
+    let attempts = mesh.gateway_relay_attempts("east");
+    let (first, retries) = (attempts.first(), attempts.retries());
+    assert!(retries > 0, "failed relays were retried");
+    assert!(
+        retries <= retry_budget(first, elapsed),
+        "{retries} retries for {first} batches in {elapsed:?}: over the budget"
+    );
+
+    // Healed, what was spooled drains; everything arrives once, each
+    // sender's messages in the order sent.
+    for proxy in &proxies {
+        proxy.inject(Faults::default());
+    }
+    let mut inbox = mesh
+        .open_inbox("west", "land-registry", 1_000)
+        .await
+        .unwrap();
+    let received = inbox.bodies_by_sender(total).await;
+    assert!(inbox.drain().await.is_empty(), "nothing more than was sent");
+    for (sender, statuses) in &sent {
+        let expected: Vec<String> = (0..statuses.len())
+            .map(|n| format!("{sender} {n}"))
+            .collect();
+        assert_eq!(received[sender], expected, "{sender}'s messages in order");
+    }
 }

@@ -17,7 +17,7 @@ use fedmesh_common::testing::TestDatabase;
 use fedmesh_coordinator::{CoordinatorConfig, RegionConfig};
 use fedmesh_gateway::{GatewayConfig, ShardConfig};
 use fedmesh_proto::pb;
-use fedmesh_tests::{Inbox, body, send_request, within};
+use fedmesh_tests::{Inbox, send_request, within};
 use tokio_util::sync::CancellationToken;
 
 type Exchange = pb::exchange_client::ExchangeClient<
@@ -313,22 +313,7 @@ async fn what_east_spools_while_west_is_away_arrives_in_order_exactly_once() {
     let mut inbox = Inbox::open(west.exchange("archive"), "archive", 256)
         .await
         .unwrap();
-    let mut received: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut ids = std::collections::BTreeSet::new();
-    let mut last_sequence = 0;
-    for _ in 0..total {
-        let delivery = inbox.next_delivery().await;
-        assert!(delivery.sequence > last_sequence, "in sequence order");
-        last_sequence = delivery.sequence;
-        let message = delivery.message.as_ref().unwrap();
-        assert!(ids.insert(message.message_id.clone()), "delivered once");
-        received
-            .entry(message.sender_id.clone())
-            .or_default()
-            .push(body(&delivery));
-        inbox.ack(&[delivery.sequence]).await;
-    }
-    assert_eq!(last_sequence, total as u64, "nothing stored twice");
+    let received = inbox.bodies_by_sender(total).await;
     for sender in ["ministry", "registry", "clerk"] {
         assert_eq!(received[sender], sent[sender], "{sender}'s order");
     }

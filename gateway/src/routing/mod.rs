@@ -11,9 +11,9 @@
 //!    likeliest to be out of date, but there without DNS and without a
 //!    coordinator.
 //!
-//! Each list is rotated by a number that changes per call, so that its
-//! gateways share the load; a later list is tried only after every gateway
-//! of the earlier ones failed.
+//! Each list is a tier: the relay client balances over a tier's gateways
+//! by load; a later tier is tried only after every gateway of the earlier
+//! ones failed (or was left out for failing).
 
 use fedmesh_common::discovery::RegionEndpoints;
 use fedmesh_common::topology::{AgencyHome, Topology};
@@ -30,20 +30,18 @@ pub enum Route {
     Relay {
         /// The recipient's home region.
         region: String,
-        /// Gateways of that region, in the order to try them.
-        gateways: Vec<String>,
+        /// Gateways of that region, in tiers to try in order.
+        gateways: Vec<Vec<String>>,
     },
 }
 
 /// The route to `home` from a gateway of `own_region`; `found` are the
 /// gateways of `home`'s region found besides the topology (none for a
-/// local route). Relay targets are rotated by `spread` so that gateways
-/// share the load.
+/// local route).
 pub fn route(
     topology: &Topology,
     own_region: &str,
     home: &AgencyHome,
-    spread: usize,
     found: &RegionEndpoints,
 ) -> Route {
     if home.region == own_region {
@@ -57,36 +55,32 @@ pub fn route(
             &found.dns,
             &topology.gateways_of(&home.region),
             &found.configured,
-            spread,
         ),
     }
 }
 
-/// The gateways to try, in the module's order of precedence: `dns`, then
-/// `announced`, then `configured`, each URL once (where it first appears),
-/// each list rotated by `spread`.
+/// The tiers of gateways to try, in the module's order of precedence:
+/// `dns`, then `announced`, then `configured`, each URL once (in the first
+/// tier that names it); empty tiers are left out.
 pub fn relay_targets(
     dns: &[String],
     announced: &[String],
     configured: &[String],
-    spread: usize,
-) -> Vec<String> {
-    let mut targets: Vec<String> =
-        Vec::with_capacity(dns.len() + announced.len() + configured.len());
+) -> Vec<Vec<String>> {
+    let mut tiers: Vec<Vec<String>> = Vec::with_capacity(3);
     for list in [dns, announced, configured] {
-        let start = targets.len();
+        let mut tier = Vec::with_capacity(list.len());
         for url in list {
-            if !targets.contains(url) {
-                targets.push(url.clone());
+            let seen = tiers.iter().any(|tier| tier.contains(url));
+            if !seen && !tier.contains(url) {
+                tier.push(url.clone());
             }
         }
-        let added = &mut targets[start..];
-        if !added.is_empty() {
-            let len = added.len();
-            added.rotate_left(spread % len);
+        if !tier.is_empty() {
+            tiers.push(tier);
         }
     }
-    targets
+    tiers
 }
 
 #[cfg(test)]
@@ -117,33 +111,32 @@ mod tests {
         };
         let nothing_found = RegionEndpoints::default();
         assert_eq!(
-            route(&topology, "east", &home("east"), 0, &nothing_found),
+            route(&topology, "east", &home("east"), &nothing_found),
             Route::Local {
                 shard: "east-1".into()
             }
         );
         assert_eq!(
-            route(&topology, "east", &home("west"), 1, &nothing_found),
+            route(&topology, "east", &home("west"), &nothing_found),
             Route::Relay {
                 region: "west".into(),
-                gateways: urls(&["http://west-1", "http://west-0"]),
+                gateways: vec![urls(&["http://west-0", "http://west-1"])],
             },
-            "without discovery, the coordinator's gateways rotated, as they were"
+            "without discovery, the coordinator's gateways"
         );
         let found = RegionEndpoints {
             dns: urls(&["http://10.0.0.7", "http://west-1"]).into(),
             configured: urls(&["http://static"]).into(),
         };
         assert_eq!(
-            route(&topology, "east", &home("west"), 0, &found),
+            route(&topology, "east", &home("west"), &found),
             Route::Relay {
                 region: "west".into(),
-                gateways: urls(&[
-                    "http://10.0.0.7",
-                    "http://west-1",
-                    "http://west-0",
-                    "http://static"
-                ]),
+                gateways: vec![
+                    urls(&["http://10.0.0.7", "http://west-1"]),
+                    urls(&["http://west-0"]),
+                    urls(&["http://static"]),
+                ],
             }
         );
     }
@@ -151,26 +144,28 @@ mod tests {
     #[test]
     fn dns_comes_first_then_the_coordinator_then_the_settings_each_url_once() {
         let dns = urls(&["http://a", "http://b"]);
-        let announced = urls(&["http://b", "http://c", "http://d"]);
+        let announced = urls(&["http://b", "http://c", "http://d", "http://c"]);
         let configured = urls(&["http://d", "http://e", "http://a"]);
         assert_eq!(
-            relay_targets(&dns, &announced, &configured, 0),
-            urls(&["http://a", "http://b", "http://c", "http://d", "http://e"])
-        );
-        // Each list rotates on its own: the first gateway tried is always
-        // one of DNS's, and the coordinator's come before the settings'.
-        assert_eq!(
-            relay_targets(&dns, &announced, &configured, 1),
-            urls(&["http://b", "http://a", "http://d", "http://c", "http://e"])
+            relay_targets(&dns, &announced, &configured),
+            vec![
+                urls(&["http://a", "http://b"]),
+                urls(&["http://c", "http://d"]),
+                urls(&["http://e"]),
+            ]
         );
         assert_eq!(
-            relay_targets(&[], &announced, &configured, 2),
-            urls(&["http://d", "http://b", "http://c", "http://e", "http://a"])
+            relay_targets(&[], &announced, &configured),
+            vec![
+                urls(&["http://b", "http://c", "http://d"]),
+                urls(&["http://e", "http://a"]),
+            ]
         );
         assert_eq!(
-            relay_targets(&[], &[], &configured, 1),
-            urls(&["http://e", "http://a", "http://d"])
+            relay_targets(&dns, &[], &dns),
+            vec![urls(&["http://a", "http://b"])],
+            "a tier naming only what an earlier one did is left out"
         );
-        assert!(relay_targets(&[], &[], &[], 3).is_empty());
+        assert!(relay_targets(&[], &[], &[]).is_empty());
     }
 }
