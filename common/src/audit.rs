@@ -159,12 +159,7 @@ pub fn verify<'a>(entries: impl IntoIterator<Item = &'a AuditEntry>) -> Result<u
 }
 
 /// The directory client a gateway or notifier records through.
-pub type AuditClient = fedmesh_proto::pb::directory_client::DirectoryClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        crate::identity::AttachIdentity,
-    >,
->;
+pub type AuditClient = crate::coordinators::CoordinatorClient;
 
 /// Most records waiting to be sent; more are dropped (and said so in the
 /// log) rather than slow down the calls they record.

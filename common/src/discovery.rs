@@ -1,10 +1,13 @@
-//! Finding the gateways of a region besides the topology: through DNS, and
-//! from a static list in the settings.
+//! Finding the gateways of a region besides the topology, and the
+//! coordinators besides the settings: through DNS, and from a static list
+//! in the settings.
 //!
 //! DNS: the gateways of region `R` under domain `D` are named by the SRV
 //! records of `_fedmesh._tcp.gateway.R.D` (each target's addresses with the
 //! record's port) or, when that name has no SRV record, by the A/AAAA
-//! records of `gateway.R.D` (a headless service) with one configured port.
+//! records of `gateway.R.D` (a headless service) with one configured port;
+//! the coordinators likewise by `_fedmesh._tcp.coordinator.D` or the A/AAAA
+//! records of `coordinator.D` on [`COORDINATOR_PORT`].
 //! Addresses become URLs with the scheme the mesh speaks (`https` on TLS):
 //! servers are verified by the identity in their certificate, not by host
 //! name, so a URL naming an IP address is as good as one naming a host.
@@ -39,6 +42,11 @@ use tokio_util::sync::CancellationToken;
 
 /// The labels before `gateway.<region>.<domain>` in a gateway SRV name.
 pub const SRV_SERVICE: &str = "_fedmesh._tcp";
+/// The port of coordinators found by A/AAAA records: the one they listen
+/// on by default.
+pub const COORDINATOR_PORT: u16 = 50051;
+/// The service name of the coordinators under the domain.
+const COORDINATORS: &str = "coordinator";
 /// The shortest time an answer is kept: a TTL of 0 would otherwise have
 /// the region's task ask without pause.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
@@ -196,6 +204,30 @@ pub fn check_domain(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses DNS discovery settings that cannot be used (`discovery_domain`,
+/// `discovery_resolver`); names the setting.
+pub fn check_dns_settings(
+    domain: Option<&str>,
+    resolver: Option<&str>,
+) -> Result<(), crate::config::ConfigError> {
+    use crate::config::ConfigError;
+    if let Some(domain) = domain {
+        check_domain(domain)
+            .map_err(|problem| ConfigError::setting("discovery_domain", problem))?;
+    }
+    if let Some(resolver) = resolver {
+        parse_resolver_address(resolver)
+            .map_err(|problem| ConfigError::setting("discovery_resolver", problem))?;
+        if domain.is_none() {
+            return Err(ConfigError::setting(
+                "discovery_resolver",
+                "a resolver is asked only for a discovery domain: give --discovery-domain too",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What to discover with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiscoveryOptions {
@@ -283,7 +315,7 @@ impl Discovery {
     /// seconds); later calls answer from the cache.
     pub async fn endpoints(&self, region: &str) -> RegionEndpoints {
         let dns = match &self.dns {
-            Some(dns) => dns.endpoints(region).await,
+            Some(dns) => dns.endpoints(&gateways_of(region)).await,
             None => Arc::default(),
         };
         RegionEndpoints {
@@ -291,6 +323,31 @@ impl Discovery {
             configured: self.peers.get(region).cloned().unwrap_or_default(),
         }
     }
+}
+
+impl Discovery {
+    /// The coordinators DNS names, waiting for the first answer (at most a
+    /// few seconds); none without DNS.
+    pub async fn coordinators(&self) -> Arc<[String]> {
+        match &self.dns {
+            Some(dns) => dns.endpoints(COORDINATORS).await,
+            None => Arc::default(),
+        }
+    }
+
+    /// The coordinators DNS names as last answered, without waiting (none
+    /// before the first answer).
+    pub fn coordinators_now(&self) -> Arc<[String]> {
+        match &self.dns {
+            Some(dns) => dns.answers(COORDINATORS).borrow().usable(Instant::now()),
+            None => Arc::default(),
+        }
+    }
+}
+
+/// The service name of the gateways of `region` under the domain.
+fn gateways_of(region: &str) -> String {
+    format!("gateway.{region}")
 }
 
 /// `domain` with its final dot, so that no search domain is tried.
@@ -407,10 +464,10 @@ impl<R: ResolveRegion> DnsDiscovery<R> {
     }
 }
 
-/// Looks `region` up each time its answer's TTL runs out, until `shutdown`;
+/// Looks `service` up each time its answer's TTL runs out, until `shutdown`;
 /// after a failure, keeps the last answer and retries with backoff.
 async fn follow_region<R: ResolveRegion>(
-    region: String,
+    service: String,
     resolver: Arc<R>,
     answers: watch::Sender<Answer>,
     grace: Duration,
@@ -420,7 +477,7 @@ async fn follow_region<R: ResolveRegion>(
     loop {
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return,
-            outcome = resolver.resolve(&region) => outcome,
+            outcome = resolver.resolve(&service) => outcome,
         };
         let now = Instant::now();
         let wait = match outcome {
@@ -428,7 +485,7 @@ async fn follow_region<R: ResolveRegion>(
                 let ttl = resolved.ttl.clamp(MIN_TTL, MAX_TTL);
                 let urls: Arc<[String]> = Arc::from(resolved.urls);
                 if *answers.borrow().urls != *urls || !answers.borrow().settled {
-                    tracing::info!(%region, gateways = ?urls, ttl = ?ttl, "gateways of the region found through DNS");
+                    tracing::info!(%service, found = ?urls, ttl = ?ttl, "found through DNS");
                 }
                 answers.send_replace(Answer {
                     urls,
@@ -443,7 +500,7 @@ async fn follow_region<R: ResolveRegion>(
                     .borrow()
                     .usable_until
                     .is_some_and(|until| now < until);
-                tracing::warn!(%region, %error, keeping_last_answer = kept, retry_in = ?retry, "gateway discovery through DNS failed");
+                tracing::warn!(%service, %error, keeping_last_answer = kept, retry_in = ?retry, "discovery through DNS failed");
                 answers.send_modify(|answer| answer.settled = true);
                 let wait = retry;
                 retry = (retry * 2).min(RETRY_MAX);
@@ -459,15 +516,15 @@ async fn follow_region<R: ResolveRegion>(
 
 // === lookups ===
 
-/// The SRV name of the gateways of `region` under `domain` (fully
-/// qualified).
-fn srv_name(region: &str, domain: &str) -> String {
-    format!("{SRV_SERVICE}.gateway.{region}.{domain}")
+/// The SRV name of `service` (`gateway.<region>`, `coordinator`) under
+/// `domain` (fully qualified).
+fn srv_name(service: &str, domain: &str) -> String {
+    format!("{SRV_SERVICE}.{service}.{domain}")
 }
 
-/// The headless service name of the gateways of `region` under `domain`.
-fn host_name(region: &str, domain: &str) -> String {
-    format!("gateway.{region}.{domain}")
+/// The headless service name of `service` under `domain`.
+fn host_name(service: &str, domain: &str) -> String {
+    format!("{service}.{domain}")
 }
 
 /// One SRV record: a host name and the port a gateway listens on there.
@@ -603,12 +660,17 @@ impl HickoryLookup {
 }
 
 impl ResolveRegion for HickoryLookup {
-    async fn resolve(&self, region: &str) -> Result<Resolved, DiscoveryError> {
-        let (targets, srv_ttl) = self.srv_targets(&srv_name(region, &self.domain)).await?;
+    async fn resolve(&self, service: &str) -> Result<Resolved, DiscoveryError> {
+        let (targets, srv_ttl) = self.srv_targets(&srv_name(service, &self.domain)).await?;
         let Some(targets) = targets else {
-            let (addresses, ttl) = self.addresses(&host_name(region, &self.domain)).await?;
+            let (addresses, ttl) = self.addresses(&host_name(service, &self.domain)).await?;
+            let port = if service == COORDINATORS {
+                COORDINATOR_PORT
+            } else {
+                self.port
+            };
             return Ok(Resolved {
-                urls: host_urls(self.scheme, self.port, &addresses),
+                urls: host_urls(self.scheme, port, &addresses),
                 // SRV records may appear: asked again as soon as their
                 // absence expires too.
                 ttl: ttl.min(srv_ttl),

@@ -26,6 +26,7 @@ pub mod amqp;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod coordinators;
 pub mod discovery;
 pub mod error;
 pub mod events;

@@ -170,7 +170,10 @@ pub struct GatewayConfig {
     /// region's gateways are the SRV records of
     /// `_fedmesh._tcp.gateway.REGION.DOMAIN`, else the A/AAAA records of
     /// `gateway.REGION.DOMAIN` with `--discovery-port`. Tried before the
-    /// gateways the coordinator announces [default: no DNS discovery].
+    /// gateways the coordinator announces. The coordinators too: the SRV
+    /// records of `_fedmesh._tcp.coordinator.DOMAIN`, else the A/AAAA
+    /// records of `coordinator.DOMAIN` on port 50051, tried before
+    /// `--coordinator` [default: no DNS discovery].
     #[arg(long, env = "FEDMESH_DISCOVERY_DOMAIN")]
     pub discovery_domain: Option<String>,
     /// DNS server to ask, as IP or IP:PORT (port 53 without) [default: the
@@ -318,20 +321,10 @@ impl GatewayConfig {
 
     /// Refuses discovery settings that cannot be used; names the setting.
     fn validate_discovery(&self) -> Result<(), ConfigError> {
-        if let Some(domain) = &self.discovery_domain {
-            fedmesh_common::discovery::check_domain(domain)
-                .map_err(|problem| ConfigError::setting("discovery_domain", problem))?;
-        }
-        if let Some(resolver) = &self.discovery_resolver {
-            fedmesh_common::discovery::parse_resolver_address(resolver)
-                .map_err(|problem| ConfigError::setting("discovery_resolver", problem))?;
-            if self.discovery_domain.is_none() {
-                return Err(ConfigError::setting(
-                    "discovery_resolver",
-                    "a resolver is asked only for a discovery domain: give --discovery-domain too",
-                ));
-            }
-        }
+        fedmesh_common::discovery::check_dns_settings(
+            self.discovery_domain.as_deref(),
+            self.discovery_resolver.as_deref(),
+        )?;
         check_range("discovery_port", self.discovery_port, 1..=u16::MAX)?;
         check_range(
             "discovery_grace_secs",

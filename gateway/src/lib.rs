@@ -204,7 +204,9 @@ pub async fn start(
         shutdown.clone(),
     )
     .map_err(|error| RunError::Config(error.to_string()))?;
-    let upstream = Upstream::new(&config.coordinator, &security, relay_limits, discovery)?;
+    let upstream = Upstream::new(&config.coordinator, &security, relay_limits, discovery)
+        .map_err(|error| RunError::Config(error.to_string()))?;
+    upstream.settle().await;
     let relay_attempts = upstream.gateways().attempts();
     security.set_audit(fedmesh_common::audit::RemoteAudit::spawn(
         upstream.directory(),

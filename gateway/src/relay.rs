@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fedmesh_common::coordinators::CoordinatorRelayClient;
 use fedmesh_common::error::ErrorKind;
 use fedmesh_common::identity::AttachIdentity;
 use fedmesh_common::server::Security;
@@ -83,7 +84,7 @@ pub(crate) struct RelayLimits {
 pub(crate) struct RelayClients {
     security: Security,
     /// The coordinator's Relay, for a region none of whose gateways answers.
-    coordinator: Option<RelayClient>,
+    coordinator: CoordinatorRelayClient,
     limits: RelayLimits,
     channels: Mutex<HashMap<String, Channel>>,
     attempts: Arc<RelayAttempts>,
@@ -112,18 +113,13 @@ impl RelayAttempts {
 
 impl RelayClients {
     /// Clients secured by `security`; what no gateway of a region takes
-    /// goes through the coordinator at `coordinator_url`.
-    pub(crate) fn new(security: Security, limits: RelayLimits, coordinator_url: &str) -> Self {
-        let coordinator = security
-            .channel(
-                coordinator_url,
-                ExpectedServer::Is(fedmesh_common::identity::Identity::Coordinator),
-            )
-            .map(|channel| {
-                pb::relay_client::RelayClient::with_interceptor(channel, security.attach())
-                    .max_encoding_message_size(limits.max_batch_bytes)
-            })
-            .ok();
+    /// goes through `coordinator`.
+    pub(crate) fn new(
+        security: Security,
+        limits: RelayLimits,
+        coordinator: CoordinatorRelayClient,
+    ) -> Self {
+        let coordinator = coordinator.max_encoding_message_size(limits.max_batch_bytes);
         RelayClients {
             coordinator,
             security,
@@ -226,7 +222,7 @@ impl RelayClients {
             tiers,
             tier: 0,
             tried: Vec::new(),
-            coordinator: self.coordinator.as_ref(),
+            coordinator: Some(&self.coordinator),
         };
         while let Some(target) = targets.next(balancer) {
             if last_failure.is_none() {
@@ -252,7 +248,11 @@ impl RelayClients {
                         }
                     };
                     let call = balancer.start(address);
-                    let answer = attempt(client, &request, timeout).await;
+                    let answer = attempt(&request, timeout, |call| async move {
+                        let mut client = client;
+                        client.forward_batch(call).await
+                    })
+                    .await;
                     match &answer {
                         Err(status) if gets_no_answer(status) => {
                             if call.failed() {
@@ -265,7 +265,12 @@ impl RelayClients {
                 }
                 Target::Coordinator(coordinator) => {
                     tracing::warn!(%region, "no gateway of the region answers; relaying through the coordinator");
-                    attempt(RelayClient::clone(coordinator), &request, timeout).await
+                    let client = CoordinatorRelayClient::clone(coordinator);
+                    attempt(&request, timeout, |call| async move {
+                        let mut client = client;
+                        client.forward_batch(call).await
+                    })
+                    .await
                 }
             };
             match answer {
@@ -298,7 +303,7 @@ impl RelayClients {
 /// Where one attempt of a batch goes.
 enum Target<'a> {
     Gateway(String),
-    Coordinator(&'a RelayClient),
+    Coordinator(&'a CoordinatorRelayClient),
 }
 
 /// The targets of a batch's attempts, in order: a gateway of each tier
@@ -308,7 +313,7 @@ struct Targets<'a> {
     tiers: &'a [Vec<String>],
     tier: usize,
     tried: Vec<String>,
-    coordinator: Option<&'a RelayClient>,
+    coordinator: Option<&'a CoordinatorRelayClient>,
 }
 
 impl<'a> Targets<'a> {
@@ -351,16 +356,19 @@ fn gets_no_answer(status: &tonic::Status) -> bool {
     )
 }
 
-/// One attempt of `request` through `client`, with `timeout` sent as
+/// One attempt of `request` by `forward_batch`, with `timeout` sent as
 /// `grpc-timeout` and enforced here as well.
-async fn attempt(
-    mut client: RelayClient,
+async fn attempt<Call>(
     request: &pb::ForwardBatchRequest,
     timeout: Duration,
-) -> Result<Vec<pb::ForwardResult>, tonic::Status> {
+    forward_batch: impl FnOnce(tonic::Request<pb::ForwardBatchRequest>) -> Call,
+) -> Result<Vec<pb::ForwardResult>, tonic::Status>
+where
+    Call: Future<Output = Result<tonic::Response<pb::ForwardBatchResponse>, tonic::Status>>,
+{
     let mut call = tonic::Request::new(request.clone());
     call.set_timeout(timeout);
-    match tokio::time::timeout(timeout + TIMEOUT_GRACE, client.forward_batch(call)).await {
+    match tokio::time::timeout(timeout + TIMEOUT_GRACE, forward_batch(call)).await {
         Ok(answer) => Ok(answer?.into_inner().results),
         // As the peer would have ended it.
         Err(_) => Err(tonic::Status::from(GatewayError::DeadlineExceeded)),

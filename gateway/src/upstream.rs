@@ -14,24 +14,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fedmesh_common::coordinators::{CoordinatorClient, CoordinatorUrlError, Coordinators};
 use fedmesh_common::discovery::{Discovery, RegionEndpoints};
-use fedmesh_common::identity::AttachIdentity;
 use fedmesh_common::server::Security;
-use fedmesh_common::tls::ExpectedServer;
 use fedmesh_common::topology::{AgencyHome, Topology};
 use fedmesh_proto::pb;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::convert;
 use crate::error::GatewayError;
 use crate::message::{Message, Receipt};
-
-type DirectoryClient =
-    pb::directory_client::DirectoryClient<InterceptedService<Channel, AttachIdentity>>;
 
 use crate::relay::{RelayBatcher, RelayClients, RelayLimits};
 
@@ -49,10 +43,9 @@ fn resume_from(topology: &Topology) -> pb::WatchTopologyRequest {
 
 /// Connections to the coordinator replicas and to other gateways.
 pub(crate) struct Upstream {
-    /// One client per coordinator replica; `current` is the one in use,
-    /// and a failure moves to the next.
-    directories: Vec<DirectoryClient>,
-    current: std::sync::atomic::AtomicUsize,
+    /// The coordinator replicas (DNS's, then the settings'); a failure
+    /// moves to the next.
+    coordinators: Coordinators,
     relays: Arc<RelayClients>,
     batchers: Mutex<HashMap<String, RelayBatcher>>,
     /// The gateways of other regions found besides the topology.
@@ -61,47 +54,32 @@ pub(crate) struct Upstream {
 
 impl Upstream {
     /// Lazy connections, secured by `security`, to the coordinator
-    /// replicas at `coordinator_urls` (comma separated); other regions'
-    /// gateways are also found through `discovery`.
+    /// replicas at `coordinator_urls` (comma separated) and those
+    /// `discovery` finds; other regions' gateways are also found through
+    /// `discovery`.
     pub(crate) fn new(
         coordinator_urls: &str,
         security: &Security,
         relay_limits: RelayLimits,
         discovery: Discovery,
-    ) -> Result<Self, tonic::transport::Error> {
-        let urls: Vec<&str> = coordinator_urls
-            .split(',')
-            .map(str::trim)
-            .filter(|url| !url.is_empty())
-            .collect();
-        let mut directories = Vec::new();
-        for url in &urls {
-            let channel = security.channel(
-                url,
-                ExpectedServer::Is(fedmesh_common::identity::Identity::Coordinator),
-            )?;
-            directories.push(
-                pb::directory_client::DirectoryClient::with_interceptor(channel, security.attach())
-                    .max_decoding_message_size(MAX_TOPOLOGY_BYTES),
-            );
-        }
-        let first_url = urls.first().copied().unwrap_or(coordinator_urls);
-        if directories.is_empty() {
-            directories.push(pb::directory_client::DirectoryClient::with_interceptor(
-                security.channel(
-                    first_url,
-                    ExpectedServer::Is(fedmesh_common::identity::Identity::Coordinator),
-                )?,
-                security.attach(),
-            ));
-        }
+    ) -> Result<Self, CoordinatorUrlError> {
+        let coordinators =
+            Coordinators::new(coordinator_urls, discovery.clone(), security.clone())?;
         Ok(Upstream {
-            directories,
-            current: std::sync::atomic::AtomicUsize::new(0),
-            relays: Arc::new(RelayClients::new(security.clone(), relay_limits, first_url)),
+            relays: Arc::new(RelayClients::new(
+                security.clone(),
+                relay_limits,
+                coordinators.relay(),
+            )),
+            coordinators,
             batchers: Mutex::new(HashMap::new()),
             discovery,
         })
+    }
+
+    /// Waits for the coordinators' first DNS answer, if DNS is used.
+    pub(crate) async fn settle(&self) {
+        self.coordinators.settle().await;
     }
 
     /// The gateways of `region` found through DNS and in the settings (the
@@ -112,23 +90,15 @@ impl Upstream {
     }
 
     /// The coordinator's directory, for recording in the audit log.
-    pub(crate) fn directory(&self) -> DirectoryClient {
+    pub(crate) fn directory(&self) -> CoordinatorClient {
         self.directory_now()
     }
 
-    /// The coordinator replica in use.
-    fn directory_now(&self) -> DirectoryClient {
-        let index =
-            self.current.load(std::sync::atomic::Ordering::Relaxed) % self.directories.len().max(1);
-        self.directories[index].clone()
-    }
-
-    /// Moves to the next coordinator replica after a failure.
-    fn next_coordinator(&self) {
-        if self.directories.len() > 1 {
-            self.current
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+    /// A client of the coordinator replica in use.
+    fn directory_now(&self) -> CoordinatorClient {
+        self.coordinators
+            .directory()
+            .max_decoding_message_size(MAX_TOPOLOGY_BYTES)
     }
 
     /// Asks the coordinator where `agency_id` lives.
@@ -149,13 +119,10 @@ impl Upstream {
             Err(status) if status.code() == Code::NotFound => {
                 Err(GatewayError::AgencyNotFound(agency_id.to_string()))
             }
-            Err(status) => {
-                self.next_coordinator();
-                Err(GatewayError::CoordinatorUnavailable {
-                    agency_id: agency_id.to_string(),
-                    source: Arc::new(status),
-                })
-            }
+            Err(status) => Err(GatewayError::CoordinatorUnavailable {
+                agency_id: agency_id.to_string(),
+                source: Arc::new(status),
+            }),
         }
     }
 
@@ -211,9 +178,8 @@ impl Upstream {
                 () = shutdown.cancelled() => return,
                 outcome = self.follow_topology(&topology, &mut backoff) => outcome,
             };
-            // The next replica, after a pause jittered so that gateways do
-            // not all come back at once.
-            self.next_coordinator();
+            // Again after a pause jittered so that gateways do not all come
+            // back at once (to the next replica if this one does not answer).
             let wait = backoff.mul_f64(0.5 + fastrand::f64());
             tracing::warn!(error = %outcome, retry_in = ?wait, "topology stream lost, serving from the last topology");
             tokio::select! {
@@ -278,9 +244,6 @@ impl Upstream {
             let mut directory = self.directory_now();
             async move {
                 let response = directory.report_gateway(request).await;
-                if response.is_err() {
-                    self.next_coordinator();
-                }
                 Ok(response?.into_inner().report_interval_ms)
             }
         };

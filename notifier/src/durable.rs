@@ -10,14 +10,11 @@ use std::sync::Arc;
 use fedmesh_common::Identity;
 use fedmesh_common::error::InvalidField;
 use fedmesh_common::events::{DurableQueues, Filter, QueueConsumer};
-use fedmesh_common::identity::AttachIdentity;
 use fedmesh_common::server::MalformedRequest;
 use fedmesh_common::validate;
 use fedmesh_proto::pb;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::NotifierError;
@@ -28,8 +25,7 @@ const DEFAULT_PREFETCH: u16 = 100;
 const MAX_PREFETCH: u32 = 10_000;
 
 /// The coordinator's directory, as this notifier.
-pub(crate) type DirectoryClient =
-    pb::directory_client::DirectoryClient<InterceptedService<Channel, AttachIdentity>>;
+pub(crate) type DirectoryClient = fedmesh_common::coordinators::CoordinatorClient;
 
 /// What serving durable subscriptions takes.
 pub(crate) struct Durable {

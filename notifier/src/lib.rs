@@ -13,10 +13,15 @@ mod webhooks;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedmesh_common::amqp::EventBusSettings;
 use fedmesh_common::auth::RateLimitSettings;
 use fedmesh_common::config::ConfigError;
+use fedmesh_common::coordinators::Coordinators;
+use fedmesh_common::discovery::{
+    COORDINATOR_PORT, Discovery, DiscoveryOptions, parse_resolver_address,
+};
 use fedmesh_common::error::{ErrorKind, InvalidField, ServiceError, to_status};
 use fedmesh_common::events::{DurableQueues, EventSource, Filter, FilterError};
 use fedmesh_common::identity::{Identity, caller};
@@ -50,13 +55,25 @@ pub struct NotifierConfig {
     /// Stable id of this replica.
     #[arg(long, env = "FEDMESH_NOTIFIER_ID", default_value = "notifier-0")]
     pub id: String,
-    /// URL of the coordinator, which tells clients where notifiers are.
+    /// URL of the coordinator, which tells clients where notifiers are;
+    /// replicas comma separated (the next is tried when one does not
+    /// answer).
     #[arg(
         long,
         env = "FEDMESH_COORDINATOR",
         default_value = "http://127.0.0.1:50051"
     )]
     pub coordinator: String,
+    /// DNS domain the coordinators are published under: the SRV records
+    /// of `_fedmesh._tcp.coordinator.DOMAIN`, else the A/AAAA records of
+    /// `coordinator.DOMAIN` on port 50051, tried before `--coordinator`
+    /// [default: no DNS discovery].
+    #[arg(long, env = "FEDMESH_DISCOVERY_DOMAIN")]
+    pub discovery_domain: Option<String>,
+    /// DNS server to ask, as IP or IP:PORT (port 53 without) [default: the
+    /// system's resolver configuration, /etc/resolv.conf].
+    #[arg(long, env = "FEDMESH_DISCOVERY_RESOLVER")]
+    pub discovery_resolver: Option<String>,
     /// URL clients reach this notifier at [default: https:// (http://
     /// without TLS) and the listening address].
     #[arg(long, env = "FEDMESH_ADVERTISE")]
@@ -109,6 +126,10 @@ impl NotifierConfig {
             "subscriber_buffer",
             self.subscriber_buffer,
             1..=1_000_000,
+        )?;
+        fedmesh_common::discovery::check_dns_settings(
+            self.discovery_domain.as_deref(),
+            self.discovery_resolver.as_deref(),
         )?;
         self.connections.validate()?;
         self.tls.validate()?;
@@ -315,6 +336,9 @@ pub enum RunError {
     /// Connections cannot be secured as configured.
     #[error(transparent)]
     Security(#[from] SecurityError),
+    /// The coordinators cannot be found as configured.
+    #[error("coordinator: {0}")]
+    Coordinator(String),
 }
 
 /// Runs a notifier on `listener`, consuming `source`, until `shutdown`; it
@@ -340,13 +364,25 @@ pub async fn run(
         Some(url) => url.clone(),
         None => format!("{}://{local_address}", security.scheme()),
     };
-    let directory = pb::directory_client::DirectoryClient::with_interceptor(
-        security.channel(
-            &config.coordinator,
-            fedmesh_common::tls::ExpectedServer::Is(Identity::Coordinator),
-        )?,
-        security.attach(),
-    );
+    let discovery = Discovery::new(
+        DiscoveryOptions {
+            domain: config.discovery_domain.clone(),
+            resolver: config
+                .discovery_resolver
+                .as_deref()
+                .and_then(|resolver| parse_resolver_address(resolver).ok()),
+            port: COORDINATOR_PORT,
+            grace: Duration::from_secs(300),
+            scheme: security.scheme(),
+            peers: Vec::new(),
+        },
+        shutdown.clone(),
+    )
+    .map_err(|error| RunError::Coordinator(error.to_string()))?;
+    let coordinators = Coordinators::new(&config.coordinator, discovery, security.clone())
+        .map_err(|error| RunError::Coordinator(error.to_string()))?;
+    coordinators.settle().await;
+    let directory = coordinators.directory();
     security.set_audit(fedmesh_common::audit::RemoteAudit::spawn(
         directory.clone(),
         shutdown.clone(),

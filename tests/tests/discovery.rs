@@ -29,6 +29,8 @@ const ZONE: &str = "mesh.test.";
 const TTL: u32 = 1;
 /// The SRV name of the west gateways.
 const WEST_SRV: &str = "_fedmesh._tcp.gateway.west.mesh.test.";
+/// The SRV name of the coordinators.
+const COORDINATOR_SRV: &str = "_fedmesh._tcp.coordinator.mesh.test.";
 
 fn name(text: &str) -> Name {
     Name::from_ascii(text).unwrap()
@@ -111,6 +113,13 @@ impl TestDns {
     fn west_srv(target: &str, port: u16) -> Record {
         let srv = RData::SRV(SRV::new(0, 0, port, name(target)));
         Record::from_rdata(name(WEST_SRV), TTL, srv)
+    }
+
+    /// A coordinator at `target`:`port`.
+    async fn add_coordinator(&self, target: &str, port: u16) {
+        let srv = RData::SRV(SRV::new(0, 0, port, name(target)));
+        self.add(Record::from_rdata(name(COORDINATOR_SRV), TTL, srv))
+            .await;
     }
 
     async fn add_west_gateway(&self, target: &str, port: u16) {
@@ -450,4 +459,41 @@ async fn through_latency_resets_and_dark_links_every_message_arrives_once_in_ord
             .collect();
         assert_eq!(received[sender], expected, "{sender}'s messages in order");
     }
+}
+
+#[tokio::test]
+async fn a_gateway_whose_settings_name_no_live_coordinator_finds_one_through_dns() {
+    let dns = TestDns::start().await;
+    // The gateway added below is given a coordinator URL where nothing
+    // listens: only DNS can lead it to the coordinator.
+    let mut mesh = mesh_tuned(&dns, 50052, |config| {
+        if config.id.as_deref() == Some("east-1") {
+            config.coordinator = "http://127.0.0.1:1".into();
+        }
+    })
+    .await;
+    let port = mesh
+        .coordinator_url()
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .unwrap();
+    dns.add_host("control.mesh.test.").await;
+    dns.add_coordinator("control.mesh.test.", port).await;
+    mesh.register("tax-office", "east").await;
+    mesh.register("land-registry", "west").await;
+
+    // It joins: it watched the topology and reported itself.
+    let url = mesh.add_gateway("east-1", "east").await;
+    let mut exchange = mesh.exchange_at(&url, "tax-office");
+    let receipt = within(
+        "a send through the gateway that found the coordinator through DNS",
+        exchange.send(send_request("tax-office", "land-registry", "found", None)),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .receipt
+    .unwrap();
+    assert_eq!(receipt.home_region, "west");
 }

@@ -36,12 +36,20 @@ fn srv_and_host_answers_become_urls_with_the_mesh_scheme() {
         ["http://10.1.0.1:50052", "http://10.1.0.2:50052"]
     );
     assert_eq!(
-        srv_name("west", "mesh.example."),
+        srv_name(&gateways_of("west"), "mesh.example."),
         "_fedmesh._tcp.gateway.west.mesh.example."
     );
     assert_eq!(
-        host_name("west", "mesh.example."),
+        host_name(&gateways_of("west"), "mesh.example."),
         "gateway.west.mesh.example."
+    );
+    assert_eq!(
+        srv_name(COORDINATORS, "mesh.example."),
+        "_fedmesh._tcp.coordinator.mesh.example."
+    );
+    assert_eq!(
+        host_name(COORDINATORS, "mesh.example."),
+        "coordinator.mesh.example."
     );
     assert_eq!(fully_qualified("mesh.example"), "mesh.example.");
     assert_eq!(fully_qualified("mesh.example."), "mesh.example.");
