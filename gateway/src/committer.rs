@@ -29,7 +29,7 @@ use crate::commit_thread::CommitThread;
 use crate::error::StoreError;
 use crate::inbox::InboxHub;
 use crate::message::{Claimed, KeyClaim, Outcome, ToStore};
-use crate::store::MessageStore;
+use crate::store::{MessageStore, SpoolPair};
 
 /// How a shard's commits are batched.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +118,25 @@ impl Batch for ClaimKeys {
     }
 }
 
+/// Asks the spool whether senders' messages wait there for their
+/// recipients: read, not written, but batched the same way, one query for
+/// the pairs of many sends.
+struct CheckSpool {
+    store: Arc<dyn MessageStore>,
+}
+
+impl Batch for CheckSpool {
+    type Request = SpoolPair;
+    type Response = bool;
+
+    fn commit<'a>(
+        &'a self,
+        pairs: &'a [SpoolPair],
+    ) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
+        Box::pin(async move { self.store.spool().holds(pairs).await })
+    }
+}
+
 type Reply<Response> = oneshot::Sender<Result<Response, CommitError>>;
 
 /// A write waiting for its batch.
@@ -189,6 +208,7 @@ impl<Request: Send + 'static, Response: Send + 'static> Lanes<Request, Response>
 pub(crate) struct Committer {
     messages: Arc<Lanes<ToStore, Outcome>>,
     claims: Arc<Lanes<KeyClaim, Claimed>>,
+    spool_checks: Arc<Lanes<SpoolPair, bool>>,
 }
 
 impl Committer {
@@ -206,10 +226,14 @@ impl Committer {
             hub,
             outbox_wake,
         };
-        let claims = ClaimKeys { store };
+        let claims = ClaimKeys {
+            store: Arc::clone(&store),
+        };
+        let spool_checks = CheckSpool { store };
         Committer {
             messages: Arc::new(Lanes::spawn(Arc::new(messages), batching, thread)),
             claims: Arc::new(Lanes::spawn(Arc::new(claims), batching, thread)),
+            spool_checks: Arc::new(Lanes::spawn(Arc::new(spool_checks), batching, thread)),
         }
     }
 
@@ -231,6 +255,17 @@ impl Committer {
     ) -> Result<Claimed, CommitError> {
         let lane = self.claims.lane_of(&claim.sender_id);
         self.claims.submit(lane, claim, deadline).await
+    }
+
+    /// Whether messages of `pair`'s sender for its recipient wait in the
+    /// spool, asked with the other sends' pairs of the moment.
+    pub(crate) async fn spool_holds(
+        &self,
+        pair: SpoolPair,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<bool, CommitError> {
+        let lane = self.spool_checks.lane_of(&pair.sender_id);
+        self.spool_checks.submit(lane, pair, deadline).await
     }
 }
 

@@ -18,10 +18,11 @@ use fedmesh_common::topology::AgencyHome;
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
-use crate::message::{Message, Receipt, ToStore};
+use crate::message::{Fingerprint, Message, Receipt, ToStore};
 use crate::routing::{Route, route};
 use crate::shared::Shared;
 use crate::spool;
+use crate::store::SpoolPair;
 
 /// Takes `message`, accepted from its sender by this gateway, to its
 /// recipient's home shard; a write whose `deadline` passes before its batch
@@ -74,32 +75,35 @@ async fn send_once(
     }
     shared.check_access(&message.sender_id, &message.recipient_id, &message.kind)?;
     let route = route_to(shared, recipient_home).await;
-    let (message, may_exist) = match message
+    let fingerprint = message
         .idempotency_key
         .is_some()
-        .then(|| message.fingerprint())
+        .then(|| message.fingerprint());
+    if let Some(fingerprint) = fingerprint
+        && matches!(&route, Route::Local { shard } if *shard == sender_home.shard)
     {
-        None => (message, false),
-        Some(fingerprint) => {
-            if matches!(&route, Route::Local { shard } if *shard == sender_home.shard) {
-                let item = ToStore {
-                    message,
-                    claim: Some(fingerprint),
-                    may_exist: false,
-                };
-                return shared.store_local(&sender_home.shard, item, deadline).await;
-            }
-            shared
-                .claim_key(&sender_home.shard, message, fingerprint, deadline)
-                .await?
-        }
-    };
+        let item = ToStore {
+            message,
+            claim: Some(fingerprint),
+            may_exist: false,
+        };
+        return shared.store_local(&sender_home.shard, item, deadline).await;
+    }
     let Route::Relay { region, .. } = &route else {
+        let (message, may_exist) =
+            claim_key(shared, &sender_home.shard, message, fingerprint, deadline).await?;
         return deliver(shared, route, message, may_exist, deadline).await;
     };
-    // Behind what the sender has spooled for this recipient, if anything.
+    // Behind what the sender has spooled for this recipient, if anything:
+    // asked while the key is claimed, both in the sender's home shard.
     let region = region.clone();
-    if spool::holds(shared, &sender_home.shard, &message).await? {
+    let pair = SpoolPair::of(&message);
+    let (claimed, held) = tokio::join!(
+        claim_key(shared, &sender_home.shard, message, fingerprint, deadline),
+        shared.spool_holds(&sender_home.shard, pair, deadline),
+    );
+    let (message, may_exist) = claimed?;
+    if held? {
         return spool::spool(shared, &sender_home.shard, &region, message).await;
     }
     match deliver(shared, route, message.clone(), may_exist, deadline).await {
@@ -113,6 +117,26 @@ async fn send_once(
             spool::spool(shared, &sender_home.shard, &region, message).await
         }
         outcome => outcome,
+    }
+}
+
+/// Claims the idempotency key of `message` in `shard` (its sender's home)
+/// when it has one (`fingerprint`); returns the message to send (with the
+/// id the key names) and whether that id may be stored already (a retry).
+async fn claim_key(
+    shared: &Shared,
+    shard: &str,
+    message: Message,
+    fingerprint: Option<Fingerprint>,
+    deadline: Option<Instant>,
+) -> Result<(Message, bool), GatewayError> {
+    match fingerprint {
+        None => Ok((message, false)),
+        Some(fingerprint) => {
+            shared
+                .claim_key(shard, message, fingerprint, deadline)
+                .await
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use crate::message::{
     Claimed, Fingerprint, InboxStats, KeyClaim, KeyInUse, Message, Receipt, Refused, SpoolDepth,
     ToStore,
 };
-use crate::store::MessageStore;
+use crate::store::{MessageStore, SpoolPair};
 use crate::upstream::Upstream;
 
 /// One shard as the gateway uses it.
@@ -225,6 +225,22 @@ impl Shared {
                 message_id: existing.message_id,
             }),
         }
+    }
+
+    /// Whether messages of `pair`'s sender for its recipient wait in the
+    /// spool of `shard` (the sender's home), asked together with the other
+    /// sends of the moment.
+    pub(crate) async fn spool_holds(
+        &self,
+        shard: &str,
+        pair: SpoolPair,
+        deadline: Option<Instant>,
+    ) -> Result<bool, GatewayError> {
+        self.shard(shard)?
+            .committer
+            .spool_holds(pair, deadline)
+            .await
+            .map_err(|error| commit_failed(shard, error))
     }
 
     /// The state of the inbox of `agency_id`, homed in this region.

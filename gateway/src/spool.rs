@@ -53,22 +53,6 @@ const PAGE_ROWS: u32 = 512;
 /// alone).
 const PAGE_BYTES: usize = 16 * 1024 * 1024;
 
-/// Whether the sender of `message` has messages for its recipient waiting in
-/// the spool of `shard` (its home shard).
-pub(crate) async fn holds(
-    shared: &Shared,
-    shard: &str,
-    message: &Message,
-) -> Result<bool, GatewayError> {
-    shared
-        .shard(shard)?
-        .store
-        .spool()
-        .holds(&message.sender_id, &message.recipient_id)
-        .await
-        .map_err(|source| spool_unavailable(shard, source))
-}
-
 /// What a failure of the spool of `shard` tells the sender.
 fn spool_unavailable(shard: &str, source: crate::error::StoreError) -> GatewayError {
     GatewayError::shard_unavailable(

@@ -20,7 +20,7 @@ mod spool;
 mod sqlite;
 
 pub use postgres::{INBOX_CHANNEL, PgMessageStore, REPLICA_CHANNEL, STREAM_CHANNEL};
-pub use spool::{DrainLock, SpoolStore};
+pub use spool::{DrainLock, SpoolPair, SpoolStore};
 pub use sqlite::SqliteMessageStore;
 
 use std::sync::Arc;

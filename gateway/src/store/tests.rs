@@ -938,9 +938,22 @@ macro_rules! message_store_suite {
                     .await
                     .expect("spool");
 
-                assert!(spool.holds("sender", "alpha").await.expect("holds"));
-                assert!(!spool.holds("sender", "delta").await.expect("holds"));
-                assert!(!spool.holds("other", "alpha").await.expect("holds"));
+                let pair = |sender_id: &str, recipient_id: &str| SpoolPair {
+                    sender_id: sender_id.into(),
+                    recipient_id: recipient_id.into(),
+                };
+                let asked = [
+                    pair("sender", "delta"),
+                    pair("sender", "alpha"),
+                    pair("other", "alpha"),
+                    pair("sender", "gamma"),
+                ];
+                assert_eq!(
+                    spool.holds(&asked).await.expect("holds"),
+                    [false, true, false, true],
+                    "each pair answered in its place"
+                );
+                assert!(spool.holds(&[]).await.expect("holds").is_empty());
                 let depths = spool.depths().await.expect("depths");
                 let counts: Vec<(String, u64)> = depths
                     .iter()
@@ -1003,7 +1016,11 @@ macro_rules! message_store_suite {
                     .map(|spooled| spooled.message.message_id)
                     .collect();
                 assert_eq!(ids, vec!["s3"]);
-                assert!(spool.holds("sender", "alpha").await.expect("holds"));
+                assert_eq!(
+                    spool.holds(&asked[1..2]).await.expect("holds"),
+                    [true],
+                    "s3 still waits for alpha"
+                );
                 let events = events(&store).await;
                 let kinds: Vec<(&str, Option<&str>, &str)> = events
                     .iter()

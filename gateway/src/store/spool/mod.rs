@@ -21,6 +21,26 @@ use fedmesh_common::events::{Event, MESSAGE_FORWARDED, MESSAGE_UNDELIVERABLE, me
 use crate::error::StoreError;
 use crate::message::{Fate, Message, SpoolDepth, Spooled, SpooledMessage};
 
+/// A sender and a recipient, whose messages keep their order through the
+/// spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolPair {
+    /// The sender.
+    pub sender_id: String,
+    /// The recipient.
+    pub recipient_id: String,
+}
+
+impl SpoolPair {
+    /// The pair of `message`.
+    pub fn of(message: &Message) -> Self {
+        SpoolPair {
+            sender_id: message.sender_id.clone(),
+            recipient_id: message.recipient_id.clone(),
+        }
+    }
+}
+
 /// One shard's spool.
 #[async_trait::async_trait]
 pub trait SpoolStore: Send + Sync + 'static {
@@ -33,9 +53,10 @@ pub trait SpoolStore: Send + Sync + 'static {
         message: &Message,
     ) -> Result<Spooled, StoreError>;
 
-    /// Whether messages of `sender_id` for `recipient_id` wait in the spool:
-    /// then the sender's next message for that recipient waits behind them.
-    async fn holds(&self, sender_id: &str, recipient_id: &str) -> Result<bool, StoreError>;
+    /// For each pair, whether messages of its sender for its recipient
+    /// wait in the spool (then the sender's next message for that recipient
+    /// waits behind them); asked for many pairs at once, as sends come.
+    async fn holds(&self, pairs: &[SpoolPair]) -> Result<Vec<bool>, StoreError>;
 
     /// The first spooled messages for `destination_region`, in the order
     /// they were spooled: at most `max_rows`, stopping before the message

@@ -6,8 +6,8 @@ use sqlx::postgres::PgPool;
 use sqlx::{Connection, Row};
 
 use super::{
-    COLUMNS, DEPTHS, DrainLock, READ_COLUMNS, SpoolStore, depth_from_row, fate_event, headers_json,
-    spooled_from_row,
+    COLUMNS, DEPTHS, DrainLock, READ_COLUMNS, SpoolPair, SpoolStore, depth_from_row, fate_event,
+    headers_json, spooled_from_row,
 };
 use crate::error::StoreError;
 use crate::message::{Fate, Message, SpoolDepth, Spooled, SpooledMessage};
@@ -90,14 +90,27 @@ impl SpoolStore for PgSpool {
         }
     }
 
-    async fn holds(&self, sender_id: &str, recipient_id: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM spool WHERE sender_id = $1 AND recipient_id = $2)",
+    async fn holds(&self, pairs: &[SpoolPair]) -> Result<Vec<bool>, StoreError> {
+        let (senders, recipients): (Vec<&str>, Vec<&str>) = pairs
+            .iter()
+            .map(|pair| (pair.sender_id.as_str(), pair.recipient_id.as_str()))
+            .unzip();
+        // The ordinals (from 1) of the pairs that hold messages.
+        let held: Vec<i64> = sqlx::query_scalar(
+            "SELECT q.n FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS q(s, r, n) \
+             WHERE EXISTS (SELECT 1 FROM spool WHERE sender_id = q.s AND recipient_id = q.r)",
         )
-        .bind(sender_id)
-        .bind(recipient_id)
-        .fetch_one(&self.pool)
-        .await?)
+        .bind(&senders)
+        .bind(&recipients)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut holds = vec![false; pairs.len()];
+        for n in held {
+            if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| holds.get_mut(i)) {
+                *slot = true;
+            }
+        }
+        Ok(holds)
     }
 
     async fn next(

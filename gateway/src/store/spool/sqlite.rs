@@ -8,8 +8,8 @@ use fedmesh_common::time::now_micros;
 use sqlx::sqlite::SqlitePool;
 
 use super::{
-    COLUMNS, DEPTHS, DrainLock, READ_COLUMNS, SpoolStore, depth_from_row, fate_event, headers_json,
-    spooled_from_row,
+    COLUMNS, DEPTHS, DrainLock, READ_COLUMNS, SpoolPair, SpoolStore, depth_from_row, fate_event,
+    headers_json, spooled_from_row,
 };
 use crate::error::StoreError;
 use crate::message::{Fate, Message, SpoolDepth, Spooled, SpooledMessage};
@@ -104,14 +104,21 @@ impl SpoolStore for SqliteSpool {
         })
     }
 
-    async fn holds(&self, sender_id: &str, recipient_id: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM spool WHERE sender_id = ? AND recipient_id = ?)",
-        )
-        .bind(sender_id)
-        .bind(recipient_id)
-        .fetch_one(&self.pool)
-        .await?)
+    async fn holds(&self, pairs: &[SpoolPair]) -> Result<Vec<bool>, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        let mut held = Vec::with_capacity(pairs.len());
+        for pair in pairs {
+            held.push(
+                sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM spool WHERE sender_id = ? AND recipient_id = ?)",
+                )
+                .bind(&pair.sender_id)
+                .bind(&pair.recipient_id)
+                .fetch_one(&mut *connection)
+                .await?,
+            );
+        }
+        Ok(held)
     }
 
     async fn next(
