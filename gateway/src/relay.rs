@@ -218,12 +218,7 @@ impl RelayClients {
         let expected = messages.len();
         let mut request = pb::ForwardBatchRequest { messages };
         let mut last_failure = None;
-        let mut targets = Targets {
-            tiers,
-            tier: 0,
-            tried: Vec::new(),
-            coordinator: Some(&self.coordinator),
-        };
+        let mut targets = Targets::new(tiers, Some(&self.coordinator));
         while let Some(target) = targets.next(balancer) {
             if last_failure.is_none() {
                 balancer.first_attempt();
@@ -301,35 +296,55 @@ impl RelayClients {
 }
 
 /// Where one attempt of a batch goes.
-enum Target<'a> {
+#[derive(Debug, PartialEq, Eq)]
+enum Target<C> {
     Gateway(String),
-    Coordinator(&'a CoordinatorRelayClient),
+    Coordinator(C),
 }
 
 /// The targets of a batch's attempts, in order: a gateway of each tier
-/// (picked by the balancer, each once) until the tier has none left, then
-/// the coordinator.
-struct Targets<'a> {
+/// (picked by the balancer, each once) until the tier has none left; when
+/// every gateway was left out as ejected, one of the first tier anyway;
+/// then the coordinator.
+struct Targets<'a, C> {
     tiers: &'a [Vec<String>],
     tier: usize,
     tried: Vec<String>,
-    coordinator: Option<&'a CoordinatorRelayClient>,
+    coordinator: Option<C>,
 }
 
-impl<'a> Targets<'a> {
-    fn next(&mut self, balancer: &Balancer) -> Option<Target<'a>> {
+impl<'a, C> Targets<'a, C> {
+    fn new(tiers: &'a [Vec<String>], coordinator: Option<C>) -> Self {
+        Targets {
+            tiers,
+            tier: 0,
+            tried: Vec::new(),
+            coordinator,
+        }
+    }
+
+    fn next(&mut self, balancer: &Balancer) -> Option<Target<C>> {
         while let Some(tier) = self.tiers.get(self.tier) {
-            if let Some(address) = balancer.pick(tier, &self.tried) {
+            if let Some(address) = balancer.pick(tier, &self.tried, false) {
                 self.tried.push(address.clone());
                 return Some(Target::Gateway(address));
             }
             self.tier += 1;
         }
+        if self.tried.is_empty()
+            && let Some(address) = self
+                .tiers
+                .first()
+                .and_then(|tier| balancer.pick(tier, &[], true))
+        {
+            self.tried.push(address.clone());
+            return Some(Target::Gateway(address));
+        }
         self.coordinator.take().map(Target::Coordinator)
     }
 }
 
-impl std::fmt::Display for Target<'_> {
+impl<C> std::fmt::Display for Target<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Gateway(address) => f.write_str(address),
@@ -537,5 +552,57 @@ fn result_from_pb(region: &str, result: pb::ForwardResult) -> Result<pb::Receipt
             kind: ErrorKind::Internal,
             message: "the home region answered no result for the message".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(urls: &[&str]) -> Vec<String> {
+        urls.iter().map(|url| url.to_string()).collect()
+    }
+
+    /// The targets of one batch, the coordinator named "coordinator".
+    fn targets_of(balancer: &Balancer, tiers: &[Vec<String>]) -> Vec<String> {
+        let mut targets = Targets::new(tiers, Some("coordinator"));
+        std::iter::from_fn(|| targets.next(balancer))
+            .map(|target| match target {
+                Target::Gateway(address) => address,
+                Target::Coordinator(name) => name.to_string(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_tries_every_tier_in_order_then_the_coordinator() {
+        let balancer = Balancer::default();
+        let tiers = [urls(&["a", "b"]), urls(&["c"])];
+        let tried = targets_of(&balancer, &tiers);
+        assert_eq!(tried.len(), 4);
+        assert_eq!(
+            {
+                let mut first = tried[..2].to_vec();
+                first.sort();
+                first
+            },
+            urls(&["a", "b"])
+        );
+        assert_eq!(tried[2..], urls(&["c", "coordinator"]));
+    }
+
+    #[tokio::test]
+    async fn when_every_gateway_is_ejected_one_is_tried_anyway_before_the_coordinator() {
+        let balancer = Balancer::default();
+        for address in ["a", "c"] {
+            for _ in 0..balance::FAILURES_TO_EJECT {
+                balancer.start(address).failed();
+            }
+        }
+        let tiers = [urls(&["a"]), urls(&["c"])];
+        assert_eq!(targets_of(&balancer, &tiers), urls(&["a", "coordinator"]));
+        // With one gateway left, only it and the coordinator.
+        let tiers = [urls(&["a", "b"]), urls(&["c"])];
+        assert_eq!(targets_of(&balancer, &tiers), urls(&["b", "coordinator"]));
     }
 }

@@ -11,7 +11,11 @@
 //!   times in a row (no answer, a reset, a timeout) is left out for a
 //!   cool-down of [`FIRST_COOL_DOWN`]; it is then tried again, and if that
 //!   call fails too it is left out for twice as long, up to
-//!   [`LONGEST_COOL_DOWN`]. One answer re-admits it fully.
+//!   [`LONGEST_COOL_DOWN`]. One answer re-admits it fully. When every
+//!   endpoint of a region is ejected, one is tried anyway before the
+//!   coordinator (as a load balancer's panic mode ignores health when too
+//!   little is healthy): a region that comes back is used directly at
+//!   once, not only after the cool-down.
 //! - **Retry budget.** A batch's first attempt is free and deposits into
 //!   tower's [`TpsBudget`]; each further attempt (another gateway, the
 //!   coordinator) withdraws from it: at most [`RETRY_PERCENT`] of the first
@@ -133,19 +137,25 @@ impl Balancer {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The endpoint of `tier` to try next: none of `tried`, none ejected;
-    /// the cheaper of two drawn at random. `None` when the tier has none
-    /// left.
-    pub(crate) fn pick(&self, tier: &[String], tried: &[String]) -> Option<String> {
+    /// The endpoint of `tier` to try next: none of `tried`, none ejected
+    /// (unless `even_ejected`); the cheaper of two drawn at random. `None`
+    /// when the tier has none left.
+    pub(crate) fn pick(
+        &self,
+        tier: &[String],
+        tried: &[String],
+        even_ejected: bool,
+    ) -> Option<String> {
         let now = Instant::now();
         let mut endpoints = self.endpoints();
         let candidates: Vec<&String> = tier
             .iter()
             .filter(|address| !tried.contains(address))
             .filter(|address| {
-                endpoints
-                    .get(address.as_str())
-                    .is_none_or(|endpoint| !endpoint.ejected_at(now))
+                even_ejected
+                    || endpoints
+                        .get(address.as_str())
+                        .is_none_or(|endpoint| !endpoint.ejected_at(now))
             })
             .collect();
         let chosen = match candidates.len() {

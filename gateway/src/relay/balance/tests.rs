@@ -26,13 +26,15 @@ async fn the_faster_of_two_is_taken_and_the_slowest_of_three_never() {
     answers_after(&balancer, "middling", Duration::from_millis(20)).await;
     for _ in 0..50 {
         assert_eq!(
-            balancer.pick(&tier(&["slow", "fast"]), &[]).as_deref(),
+            balancer
+                .pick(&tier(&["slow", "fast"]), &[], false)
+                .as_deref(),
             Some("fast")
         );
         // Whichever two are drawn, one of them is cheaper than "slow".
         assert_ne!(
             balancer
-                .pick(&tier(&["slow", "fast", "middling"]), &[])
+                .pick(&tier(&["slow", "fast", "middling"]), &[], false)
                 .as_deref(),
             Some("slow")
         );
@@ -45,7 +47,7 @@ async fn equal_endpoints_share_the_load_and_calls_in_flight_count() {
     let both = tier(&["a", "b"]);
     let mut picked_a = 0;
     for _ in 0..200 {
-        if balancer.pick(&both, &[]).as_deref() == Some("a") {
+        if balancer.pick(&both, &[], false).as_deref() == Some("a") {
             picked_a += 1;
         }
     }
@@ -56,11 +58,11 @@ async fn equal_endpoints_share_the_load_and_calls_in_flight_count() {
     // Three calls under way at a: b is cheaper until they end.
     let calls: Vec<_> = (0..3).map(|_| balancer.start("a")).collect();
     for _ in 0..20 {
-        assert_eq!(balancer.pick(&both, &[]).as_deref(), Some("b"));
+        assert_eq!(balancer.pick(&both, &[], false).as_deref(), Some("b"));
     }
     drop(calls);
     let after = (0..200)
-        .filter(|_| balancer.pick(&both, &[]).as_deref() == Some("a"))
+        .filter(|_| balancer.pick(&both, &[], false).as_deref() == Some("a"))
         .count();
     assert!(after > 0, "a calls ended (given up): it is picked again");
 }
@@ -70,13 +72,13 @@ async fn a_batch_tries_each_endpoint_of_a_tier_once() {
     let balancer = Balancer::default();
     let three = tier(&["a", "b", "c"]);
     let mut tried = Vec::new();
-    while let Some(address) = balancer.pick(&three, &tried) {
+    while let Some(address) = balancer.pick(&three, &tried, false) {
         assert!(!tried.contains(&address), "{address} picked twice");
         tried.push(address);
     }
     tried.sort();
     assert_eq!(tried, three);
-    assert_eq!(balancer.pick(&[], &[]), None);
+    assert_eq!(balancer.pick(&[], &[], false), None);
 }
 
 #[tokio::test(start_paused = true)]
@@ -89,12 +91,17 @@ async fn an_endpoint_that_keeps_failing_is_left_out_for_a_doubling_cool_down() {
     assert!(!balancer.is_ejected("bad"), "not on fewer failures");
     assert!(fail(&balancer, "bad"), "ejected on the third in a row");
     for _ in 0..20 {
-        assert_eq!(balancer.pick(&both, &[]).as_deref(), Some("good"));
+        assert_eq!(balancer.pick(&both, &[], false).as_deref(), Some("good"));
     }
     assert_eq!(
-        balancer.pick(&tier(&["bad"]), &[]),
+        balancer.pick(&tier(&["bad"]), &[], false),
         None,
         "an ejected endpoint is not tried even when it is the only one"
+    );
+    assert_eq!(
+        balancer.pick(&tier(&["bad"]), &[], true).as_deref(),
+        Some("bad"),
+        "unless asked for even an ejected one"
     );
 
     tokio::time::advance(FIRST_COOL_DOWN).await;
@@ -102,7 +109,10 @@ async fn an_endpoint_that_keeps_failing_is_left_out_for_a_doubling_cool_down() {
         !balancer.is_ejected("bad"),
         "re-admitted after the cool-down"
     );
-    assert_eq!(balancer.pick(&tier(&["bad"]), &[]).as_deref(), Some("bad"));
+    assert_eq!(
+        balancer.pick(&tier(&["bad"]), &[], false).as_deref(),
+        Some("bad")
+    );
     assert!(fail(&balancer, "bad"), "one failure back from a cool-down");
     tokio::time::advance(FIRST_COOL_DOWN).await;
     assert!(
@@ -167,7 +177,9 @@ async fn an_endpoint_not_measured_yet_is_tried_before_measured_ones() {
     answers_after(&balancer, "known", Duration::from_millis(1)).await;
     for _ in 0..20 {
         assert_eq!(
-            balancer.pick(&tier(&["known", "new"]), &[]).as_deref(),
+            balancer
+                .pick(&tier(&["known", "new"]), &[], false)
+                .as_deref(),
             Some("new")
         );
     }
