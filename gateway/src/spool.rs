@@ -174,8 +174,12 @@ async fn drain(
     let mut backoff = FIRST_BACKOFF;
     let mut n_forwarded: u64 = 0;
     let started = tokio::time::Instant::now();
+    // When the first page that got through was read: the drain's pace is
+    // counted from there, not from the failed attempts before.
+    let mut getting_through: Option<tokio::time::Instant> = None;
     tracing::info!(%shard, %destination, "draining the spool");
     while !shutdown.is_cancelled() {
+        let page_started = tokio::time::Instant::now();
         let page = match spool.next(&destination, PAGE_ROWS, PAGE_BYTES).await {
             Ok(page) if page.is_empty() => break,
             Ok(page) => page,
@@ -224,6 +228,9 @@ async fn drain(
             continue;
         }
         n_forwarded += forwarded;
+        if forwarded > 0 {
+            getting_through.get_or_insert(page_started);
+        }
         match last_error {
             None => backoff = FIRST_BACKOFF,
             Some(error) => {
@@ -237,11 +244,14 @@ async fn drain(
     }
     drop(lock);
     if n_forwarded > 0 {
+        let forwarding = getting_through.map_or(Duration::ZERO, |since| since.elapsed());
         tracing::info!(
             %shard,
             %destination,
             n_forwarded,
             elapsed_ms = started.elapsed().as_millis() as u64,
+            forwarding_ms = forwarding.as_millis() as u64,
+            per_second = (n_forwarded as f64 / forwarding.as_secs_f64().max(1e-3)).round(),
             "spooled messages forwarded"
         );
     }
