@@ -239,6 +239,8 @@ struct GatewayStart {
 
 /// What a dev gateway shows of itself besides its topology.
 struct GatewaySignals {
+    /// Whether it can do its work.
+    readiness: fedmesh_common::telemetry::Readiness,
     /// The number of inboxes it streams, as it changes.
     open_streams: watch::Receiver<usize>,
     /// The relay calls it made.
@@ -274,6 +276,7 @@ async fn spawn_gateway(
         .with_context(|| format!("cannot start gateway {}", gateway.gateway_id))?;
     let topology = running.topology.clone();
     let signals = GatewaySignals {
+        readiness: Arc::clone(&running.readiness),
         open_streams: running.open_streams.clone(),
         relay_attempts: Arc::clone(&running.relay_attempts),
     };
@@ -594,6 +597,30 @@ impl DevMesh {
     /// The number of inboxes the gateway of `region` streams, as it changes.
     pub fn gateway_open_streams(&self, region: &str) -> Option<watch::Receiver<usize>> {
         Some(self.signals_of(region)?.open_streams.clone())
+    }
+
+    /// Whether the mesh can do its work: each gateway's readiness, the
+    /// reasons named by gateway.
+    pub fn readiness(&self) -> fedmesh_common::telemetry::Readiness {
+        let gateways: Vec<(String, fedmesh_common::telemetry::Readiness)> = self
+            .gateway_urls
+            .iter()
+            .zip(&self.signals)
+            .map(|((region, _), signals)| (region.clone(), Arc::clone(&signals.readiness)))
+            .collect();
+        let gateways = Arc::new(gateways);
+        Arc::new(move || {
+            let gateways = Arc::clone(&gateways);
+            Box::pin(async move {
+                let mut unmet = Vec::new();
+                for (region, readiness) in gateways.iter() {
+                    for reason in readiness().await {
+                        unmet.push(format!("gateway {region}: {reason}"));
+                    }
+                }
+                unmet
+            })
+        })
     }
 
     /// The relay calls the gateway of `region` made so far.

@@ -54,6 +54,11 @@ pub struct DevArgs {
     /// The event bus: without --amqp, events travel in process.
     #[command(flatten)]
     pub events: EventBusSettings,
+    /// Address of the admin HTTP listener: `/metrics` (Prometheus text
+    /// format, every component's), `/healthz`, `/readyz` [default:
+    /// 127.0.0.1 and the base port + 9; a free port with --base-port 0].
+    #[arg(long, value_name = "IP:PORT")]
+    pub admin_listen: Option<String>,
 }
 
 /// The file and mode flags every role command has besides its settings.
@@ -127,6 +132,28 @@ async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {listen}"))
 }
 
+/// Serves a role's admin listener (`/metrics`, `/healthz`, `/readyz`) if
+/// its settings name one, until `stop`.
+async fn admin(
+    admin_listen: Option<&str>,
+    readiness: fedmesh_common::telemetry::Readiness,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    if let Some(address) = admin_listen {
+        let listener = bind(address).await?;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let served =
+                fedmesh_common::telemetry::serve_admin(listener, readiness, stop.clone(), stop)
+                    .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "the admin listener failed");
+            }
+        });
+    }
+    Ok(())
+}
+
 /// The scheme of a role's URL: https when it has TLS.
 fn scheme(tls: &TlsSettings) -> &'static str {
     if tls.enabled() { "https" } else { "http" }
@@ -164,7 +191,10 @@ pub async fn coordinator(
             queues: Arc::new(queues),
         })
     });
-    fedmesh_coordinator::run(config, listener, bus, stop_on_signal()).await?;
+    let stop = stop_on_signal();
+    let ready = fedmesh_common::telemetry::always_ready();
+    admin(config.admin_listen.as_deref(), ready, &stop).await?;
+    fedmesh_coordinator::run(config, listener, bus, stop).await?;
     Ok(())
 }
 
@@ -193,7 +223,11 @@ pub async fn gateway(
         &config.events,
         &format!("fedmesh-gateway-{}", config.gateway_id()),
     );
-    fedmesh_gateway::run(config, listener, publisher, stop_on_signal()).await?;
+    let stop = stop_on_signal();
+    let admin_listen = config.admin_listen.clone();
+    let running = fedmesh_gateway::start(config, listener, publisher, stop.clone()).await?;
+    admin(admin_listen.as_deref(), running.readiness, &stop).await?;
+    running.stopped.await??;
     Ok(())
 }
 
@@ -259,9 +293,14 @@ pub async fn notifier(
         &config.events.amqp_exchange,
         &format!("fedmesh-notifier-{}-queues", config.id),
     );
+    let ready = fedmesh_common::telemetry::always_ready();
+    admin(config.admin_listen.as_deref(), ready, &stop).await?;
     fedmesh_notifier::run(config, listener, source, Some(Arc::new(queues)), stop).await?;
     Ok(())
 }
+
+/// The dev mesh's admin listener is on the base port plus this.
+const ADMIN_PORT_OFFSET: u16 = 9;
 
 /// Runs the one-process dev mesh until Ctrl-C or SIGTERM.
 pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
@@ -293,6 +332,36 @@ pub async fn dev(args: DevArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<
         writeln!(out, "  gateway {region:<8} {url}")?;
     }
     writeln!(out, "  notifier         {}", mesh.notifier_url)?;
+    let admin_listen = args.admin_listen.clone().unwrap_or_else(|| {
+        let port = match args.base_port {
+            0 => 0,
+            base => base.saturating_add(ADMIN_PORT_OFFSET),
+        };
+        format!("127.0.0.1:{port}")
+    });
+    fedmesh_common::telemetry::check_admin_listen(Some(&admin_listen))?;
+    let admin_listener = bind(&admin_listen).await?;
+    writeln!(
+        out,
+        "  admin            http://{} (/metrics, /healthz, /readyz)",
+        admin_listener.local_addr()?
+    )?;
+    {
+        let readiness = mesh.readiness();
+        let shutdown = mesh.shutdown_token();
+        tokio::spawn(async move {
+            let served = fedmesh_common::telemetry::serve_admin(
+                admin_listener,
+                readiness,
+                shutdown.clone(),
+                shutdown,
+            )
+            .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "the admin listener failed");
+            }
+        });
+    }
     match mesh.certs() {
         Some(dir) => writeln!(
             out,

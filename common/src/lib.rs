@@ -36,6 +36,7 @@ pub mod postgres;
 pub mod server;
 pub mod sqlite;
 pub mod store;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;

@@ -224,6 +224,7 @@ pub async fn serve(
         .max_concurrent_streams(options.max_concurrent_streams)
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .layer(crate::telemetry::GrpcMetricsLayer)
         .layer(AuthLayer::new(options.security.guard.clone()))
         .layer(RequestSizeLayer {
             max_bytes: options.max_request_bytes,

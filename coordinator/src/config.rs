@@ -77,6 +77,11 @@ pub struct CoordinatorConfig {
     /// code serves on the listener it is given).
     #[arg(long, env = "FEDMESH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
+    /// Address of the admin HTTP listener: `/metrics` (Prometheus text
+    /// format), `/healthz` (alive) and `/readyz` (ready to work) [default:
+    /// none].
+    #[arg(long, env = "FEDMESH_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// Stable id of this replica, as the leader lease names its holder
     /// [default: coordinator- and a random suffix, new at each start].
     #[arg(long, env = "FEDMESH_COORDINATOR_ID")]
@@ -156,6 +161,7 @@ impl CoordinatorConfig {
 
     /// Refuses settings the coordinator cannot run with; names the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        fedmesh_common::telemetry::check_admin_listen(self.admin_listen.as_deref())?;
         let db = self.db.as_deref().ok_or_else(|| {
             ConfigError::setting(
                 "db",

@@ -59,6 +59,8 @@ pub(crate) enum CommitError {
 
 /// One kind of write a lane commits in batches.
 trait Batch: Send + Sync + 'static {
+    /// What the batches are, in metrics.
+    const KIND: &'static str;
     /// One write.
     type Request: Send + 'static;
     /// Its result.
@@ -79,6 +81,7 @@ struct StoreMessages {
 }
 
 impl Batch for StoreMessages {
+    const KIND: &'static str = "messages";
     type Request = ToStore;
     type Response = Outcome;
 
@@ -107,6 +110,7 @@ struct ClaimKeys {
 }
 
 impl Batch for ClaimKeys {
+    const KIND: &'static str = "key_claims";
     type Request = KeyClaim;
     type Response = Claimed;
 
@@ -126,6 +130,7 @@ struct CheckSpool {
 }
 
 impl Batch for CheckSpool {
+    const KIND: &'static str = "spool_checks";
     type Request = SpoolPair;
     type Response = bool;
 
@@ -153,7 +158,7 @@ struct Lanes<Request, Response> {
 }
 
 impl<Request: Send + 'static, Response: Send + 'static> Lanes<Request, Response> {
-    fn spawn<B>(batch: Arc<B>, batching: Batching, thread: &CommitThread) -> Self
+    fn spawn<B>(batch: Arc<B>, batching: Batching, thread: &CommitThread, shard: &Arc<str>) -> Self
     where
         B: Batch<Request = Request, Response = Response>,
     {
@@ -166,6 +171,7 @@ impl<Request: Send + 'static, Response: Send + 'static> Lanes<Request, Response>
                     receiver,
                     max_batch,
                     batching.linger,
+                    Arc::clone(shard),
                 ));
                 sender
             })
@@ -215,12 +221,14 @@ impl Committer {
     /// Starts the commit lanes of one shard. They end when every
     /// [`Committer`] clone is dropped, after committing what was queued.
     pub(crate) fn spawn(
+        shard: &str,
         store: Arc<dyn MessageStore>,
         batching: Batching,
         hub: Arc<InboxHub>,
         outbox_wake: Arc<Notify>,
         thread: &CommitThread,
     ) -> Committer {
+        let shard: Arc<str> = Arc::from(shard);
         let messages = StoreMessages {
             store: Arc::clone(&store),
             hub,
@@ -231,9 +239,14 @@ impl Committer {
         };
         let spool_checks = CheckSpool { store };
         Committer {
-            messages: Arc::new(Lanes::spawn(Arc::new(messages), batching, thread)),
-            claims: Arc::new(Lanes::spawn(Arc::new(claims), batching, thread)),
-            spool_checks: Arc::new(Lanes::spawn(Arc::new(spool_checks), batching, thread)),
+            messages: Arc::new(Lanes::spawn(Arc::new(messages), batching, thread, &shard)),
+            claims: Arc::new(Lanes::spawn(Arc::new(claims), batching, thread, &shard)),
+            spool_checks: Arc::new(Lanes::spawn(
+                Arc::new(spool_checks),
+                batching,
+                thread,
+                &shard,
+            )),
         }
     }
 
@@ -316,6 +329,7 @@ async fn commit_loop<B: Batch>(
     mut receiver: mpsc::Receiver<Queued<B::Request, B::Response>>,
     max_batch: usize,
     linger: Duration,
+    shard: Arc<str>,
 ) {
     let mut queued = Vec::with_capacity(max_batch);
     while next_batch(&mut receiver, &mut queued, max_batch, linger).await {
@@ -326,7 +340,9 @@ async fn commit_loop<B: Batch>(
         }
         let started = Instant::now();
         let outcome = batch.commit(&requests).await;
-        tracing::debug!(n_writes = requests.len(), elapsed = ?started.elapsed(), "batch committed");
+        let elapsed = started.elapsed();
+        tracing::debug!(n_writes = requests.len(), ?elapsed, "batch committed");
+        crate::telemetry::committed(&shard, B::KIND, requests.len(), elapsed.as_secs_f64());
         match outcome {
             Ok(responses) => {
                 for (reply, response) in replies.into_iter().zip(responses) {
@@ -360,6 +376,7 @@ mod tests {
     }
 
     impl Batch for Gated {
+        const KIND: &'static str = "gated";
         type Request = ToStore;
         type Response = Outcome;
 
@@ -412,7 +429,12 @@ mod tests {
             linger: Duration::ZERO,
             lanes: 1,
         };
-        let lanes = Arc::new(Lanes::spawn(Arc::clone(&gated), batching, &thread));
+        let lanes = Arc::new(Lanes::spawn(
+            Arc::clone(&gated),
+            batching,
+            &thread,
+            &Arc::from("east-1"),
+        ));
 
         // The first write is taken and held inside its commit.
         let first = {

@@ -93,6 +93,11 @@ pub struct GatewayConfig {
     /// serves on the listener it is given).
     #[arg(long, env = "FEDMESH_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: String,
+    /// Address of the admin HTTP listener: `/metrics` (Prometheus text
+    /// format), `/healthz` (alive) and `/readyz` (ready to work) [default:
+    /// none].
+    #[arg(long, env = "FEDMESH_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// The region this gateway serves (required).
     #[arg(long, env = "FEDMESH_REGION")]
     pub region: Option<String>,
@@ -259,6 +264,7 @@ impl GatewayConfig {
 
     /// Refuses settings the gateway cannot run with; names the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        fedmesh_common::telemetry::check_admin_listen(self.admin_listen.as_deref())?;
         let region = self.region.as_deref().ok_or_else(|| {
             ConfigError::setting(
                 "region",

@@ -33,6 +33,7 @@ mod retention;
 mod send;
 mod shared;
 mod spool;
+mod telemetry;
 mod upstream;
 
 use std::collections::HashMap;
@@ -95,6 +96,9 @@ pub struct RunningGateway {
     pub open_streams: watch::Receiver<usize>,
     /// The relay calls it made to other regions.
     pub relay_attempts: Arc<RelayAttempts>,
+    /// Whether it can do its work: a topology from the coordinator, and
+    /// every shard answering.
+    pub readiness: fedmesh_common::telemetry::Readiness,
     /// The address other components reach it at.
     pub advertise_url: String,
     /// Resolves when the gateway has stopped.
@@ -174,6 +178,7 @@ pub async fn start(
             lanes: config.commit_lanes.min(store.max_concurrent_batches()),
         };
         let committer = Committer::spawn(
+            &shard.name,
             Arc::clone(&store),
             batching,
             Arc::clone(&hub),
@@ -214,6 +219,20 @@ pub async fn start(
     ));
     let (topology_sender, topology) = watch::channel(Arc::new(Topology::default()));
     let open_streams = hub.watch_open_streams();
+    telemetry::describe();
+    tasks.spawn(telemetry::follow(
+        gateway_id.to_string(),
+        topology.clone(),
+        open_streams.clone(),
+        shutdown.clone(),
+    ));
+    let readiness = readiness(
+        topology.clone(),
+        shards
+            .iter()
+            .map(|(name, shard)| (name.clone(), Arc::clone(&shard.store)))
+            .collect(),
+    );
     let shared = Arc::new(Shared::new(
         config.clone(),
         topology.clone(),
@@ -301,8 +320,34 @@ pub async fn start(
         topology,
         open_streams,
         relay_attempts,
+        readiness,
         advertise_url,
         stopped,
+    })
+}
+
+/// Ready once a topology came from the coordinator, while every shard of
+/// `stores` answers.
+fn readiness(
+    topology: watch::Receiver<Arc<Topology>>,
+    stores: Vec<(String, Arc<dyn MessageStore>)>,
+) -> fedmesh_common::telemetry::Readiness {
+    let stores = Arc::new(stores);
+    Arc::new(move || {
+        let loaded = topology.borrow().version > 0;
+        let stores = Arc::clone(&stores);
+        Box::pin(async move {
+            let mut unmet = Vec::new();
+            if !loaded {
+                unmet.push("no topology from the coordinator yet".to_string());
+            }
+            for (name, store) in stores.iter() {
+                if let Err(error) = store.ping().await {
+                    unmet.push(format!("shard {name} does not answer: {error}"));
+                }
+            }
+            unmet
+        })
     })
 }
 

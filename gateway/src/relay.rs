@@ -223,11 +223,13 @@ impl RelayClients {
             if last_failure.is_none() {
                 balancer.first_attempt();
                 self.attempts.first.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::relay_attempt(region, false);
             } else if !balancer.may_retry() {
                 tracing::warn!(%region, "relay retry budget spent: the region counts as unreachable for this batch");
                 break;
             } else {
                 self.attempts.retries.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::relay_attempt(region, true);
             }
             if all_passed(deadlines) {
                 return Err(GatewayError::DeadlineExceeded);
@@ -252,6 +254,7 @@ impl RelayClients {
                         Err(status) if gets_no_answer(status) => {
                             if call.failed() {
                                 tracing::warn!(%region, %address, "gateway ejected after failing in a row");
+                                crate::telemetry::ejected(region);
                             }
                         }
                         _ => call.answered(),

@@ -274,10 +274,25 @@ impl Shared {
 
     /// Records what the spool of `shard` holds.
     pub(crate) fn set_spool_depths(&self, shard: &str, depths: Vec<SpoolDepth>) {
-        self.spool_depths
+        let now = fedmesh_common::time::now_micros();
+        let mut known = self
+            .spool_depths
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(shard.to_string(), depths);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // A destination no longer listed has emptied.
+        for gone in known.get(shard).into_iter().flatten() {
+            if !depths
+                .iter()
+                .any(|depth| depth.destination_region == gone.destination_region)
+            {
+                crate::telemetry::spool_depth(shard, &gone.destination_region, 0, 0.0);
+            }
+        }
+        for depth in &depths {
+            let age = (now - depth.oldest_spooled_at_micros).max(0) as f64 / 1e6;
+            crate::telemetry::spool_depth(shard, &depth.destination_region, depth.messages, age);
+        }
+        known.insert(shard.to_string(), depths);
     }
 
     /// What waits in the spools of the shards served, by shard and

@@ -52,6 +52,11 @@ pub struct NotifierConfig {
     /// serves on the listener it is given).
     #[arg(long, env = "FEDMESH_LISTEN", default_value = "127.0.0.1:50055")]
     pub listen: String,
+    /// Address of the admin HTTP listener: `/metrics` (Prometheus text
+    /// format), `/healthz` (alive) and `/readyz` (ready to work) [default:
+    /// none].
+    #[arg(long, env = "FEDMESH_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// Stable id of this replica.
     #[arg(long, env = "FEDMESH_NOTIFIER_ID", default_value = "notifier-0")]
     pub id: String,
@@ -120,6 +125,7 @@ impl Default for NotifierConfig {
 impl NotifierConfig {
     /// Refuses settings the notifier cannot run with; names the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        fedmesh_common::telemetry::check_admin_listen(self.admin_listen.as_deref())?;
         fedmesh_common::validate::agency_id("id", &self.id)
             .map_err(|invalid| ConfigError::setting("id", invalid.description))?;
         fedmesh_common::config::check_range(

@@ -377,6 +377,11 @@ impl TestMesh {
         self.mesh().gateway_open_streams(region).unwrap()
     }
 
+    /// Whether the mesh can do its work (its gateways' readiness).
+    pub fn readiness(&self) -> fedmesh_common::telemetry::Readiness {
+        self.mesh().readiness()
+    }
+
     /// The relay calls the gateway of `region` made so far.
     pub fn gateway_relay_attempts(
         &self,
@@ -705,6 +710,31 @@ impl Inbox {
         })
         .await;
     }
+}
+
+/// The status code and body of `GET path` over HTTP/1.1 at `address`.
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    within(
+        &format!("the answer to GET {path}"),
+        stream.read_to_string(&mut answer),
+    )
+    .await
+    .unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// The payload of a delivery, as text.

@@ -13,6 +13,7 @@ mod inbox;
 mod limits;
 mod messaging;
 mod moves;
+mod operations;
 mod properties;
 mod queues;
 mod replicas;

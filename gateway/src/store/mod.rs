@@ -378,6 +378,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The store's connections, all its pools together.
     fn pool_usage(&self) -> PoolUsage;
 
+    /// Whether the shard answers: one round trip on a connection of its
+    /// pool.
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// How many batches may usefully commit at once: 1 for a store with a
     /// single writer lock (SQLite).
     fn max_concurrent_batches(&self) -> usize {

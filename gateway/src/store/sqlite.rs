@@ -675,6 +675,11 @@ impl MessageStore for SqliteMessageStore {
         Ok(messages + keys)
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     fn pool_usage(&self) -> PoolUsage {
         PoolUsage::of(&self.pool)
     }

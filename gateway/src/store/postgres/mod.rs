@@ -1036,6 +1036,11 @@ impl MessageStore for PgMessageStore {
         Ok(deleted)
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     fn pool_usage(&self) -> PoolUsage {
         PoolUsage::of(&self.pool) + PoolUsage::of(&self.write_pool)
     }

@@ -1,0 +1,104 @@
+//! The gateway's metrics (recorded through the `metrics` crate into the
+//! process's Prometheus recorder, see `fedmesh_common::telemetry`); label
+//! values are regions, shards and kinds of writes, never agencies.
+
+/// Writes per committed batch, by `shard` and `kind`.
+pub(crate) const COMMIT_BATCH_SIZE: &str = "fedmesh_commit_batch_size";
+/// How long a batch took to commit, by `shard` and `kind`.
+pub(crate) const COMMIT_DURATION: &str = "fedmesh_commit_duration_seconds";
+/// Relay calls, by `region` and `attempt` (`first`, `retry`).
+pub(crate) const RELAY_ATTEMPTS: &str = "fedmesh_relay_attempts_total";
+/// Gateways ejected for failing, by `region`.
+pub(crate) const RELAY_EJECTIONS: &str = "fedmesh_relay_ejections_total";
+/// Messages waiting in a spool, by `shard` and `destination`.
+pub(crate) const SPOOL_MESSAGES: &str = "fedmesh_spool_messages";
+/// Age of the oldest message of a spool, by `shard` and `destination`.
+pub(crate) const SPOOL_OLDEST_AGE: &str = "fedmesh_spool_oldest_age_seconds";
+/// The version of the topology the gateway routes by.
+pub(crate) const TOPOLOGY_VERSION: &str = "fedmesh_gateway_topology_version";
+/// Inboxes streamed now.
+pub(crate) const OPEN_STREAMS: &str = "fedmesh_gateway_open_streams";
+
+/// Describes the gateway's metrics to the recorder.
+pub(crate) fn describe() {
+    let _ = fedmesh_common::telemetry::recorder();
+    metrics::describe_histogram!(COMMIT_BATCH_SIZE, "writes per committed batch");
+    metrics::describe_histogram!(
+        COMMIT_DURATION,
+        metrics::Unit::Seconds,
+        "how long a batch took to commit"
+    );
+    metrics::describe_counter!(
+        RELAY_ATTEMPTS,
+        "relay calls to another region, first attempts and retries"
+    );
+    metrics::describe_counter!(
+        RELAY_EJECTIONS,
+        "gateways of another region ejected for failing"
+    );
+    metrics::describe_gauge!(
+        SPOOL_MESSAGES,
+        "messages waiting in a spool for their region"
+    );
+    metrics::describe_gauge!(
+        SPOOL_OLDEST_AGE,
+        metrics::Unit::Seconds,
+        "age of the oldest message waiting in a spool"
+    );
+    metrics::describe_gauge!(
+        TOPOLOGY_VERSION,
+        "version of the topology the gateway routes by"
+    );
+    metrics::describe_gauge!(OPEN_STREAMS, "inboxes streamed by this gateway");
+}
+
+/// Records a committed batch.
+pub(crate) fn committed(shard: &str, kind: &'static str, writes: usize, seconds: f64) {
+    metrics::histogram!(COMMIT_BATCH_SIZE, "shard" => shard.to_string(), "kind" => kind)
+        .record(writes as f64);
+    metrics::histogram!(COMMIT_DURATION, "shard" => shard.to_string(), "kind" => kind)
+        .record(seconds);
+}
+
+/// Records a relay call to `region`.
+pub(crate) fn relay_attempt(region: &str, retry: bool) {
+    let attempt = if retry { "retry" } else { "first" };
+    metrics::counter!(RELAY_ATTEMPTS, "region" => region.to_string(), "attempt" => attempt)
+        .increment(1);
+}
+
+/// Records the ejection of a gateway of `region`.
+pub(crate) fn ejected(region: &str) {
+    metrics::counter!(RELAY_EJECTIONS, "region" => region.to_string()).increment(1);
+}
+
+/// Sets what waits in the spool of `shard` for `destination`.
+pub(crate) fn spool_depth(shard: &str, destination: &str, messages: u64, oldest_age: f64) {
+    let labels = [
+        ("shard", shard.to_string()),
+        ("destination", destination.to_string()),
+    ];
+    metrics::gauge!(SPOOL_MESSAGES, &labels).set(messages as f64);
+    metrics::gauge!(SPOOL_OLDEST_AGE, &labels).set(oldest_age);
+}
+
+/// Keeps the gauges of gateway `gateway_id` (its topology's version, the
+/// inboxes it streams) as they change, until `shutdown`.
+pub(crate) async fn follow(
+    gateway_id: String,
+    mut topology: tokio::sync::watch::Receiver<std::sync::Arc<fedmesh_common::topology::Topology>>,
+    mut open_streams: tokio::sync::watch::Receiver<usize>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let version = metrics::gauge!(TOPOLOGY_VERSION, "gateway" => gateway_id.clone());
+    let streams = metrics::gauge!(OPEN_STREAMS, "gateway" => gateway_id);
+    loop {
+        version.set(topology.borrow_and_update().version as f64);
+        streams.set(*open_streams.borrow_and_update() as f64);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = topology.changed() => if changed.is_err() { return },
+            changed = open_streams.changed() => if changed.is_err() { return },
+        }
+    }
+}
