@@ -718,6 +718,14 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<usize, BusError>>;
 }
 
+/// How long a page of outbox rows took to publish, confirms included, by
+/// `outbox` (a shard, or the coordinator's).
+pub const OUTBOX_PUBLISH_DURATION: &str = "fedmesh_outbox_publish_duration_seconds";
+/// Outbox rows published (a row holds the events of one commit).
+pub const OUTBOX_ROWS_PUBLISHED: &str = "fedmesh_outbox_rows_published_total";
+/// Failed attempts to drain an outbox (the broker did not take them).
+pub const OUTBOX_FAILURES: &str = "fedmesh_outbox_failures_total";
+
 /// Drains `outbox` to `publisher` until `shutdown`: woken by `wake` after each
 /// commit that wrote events, and every `poll_interval` regardless. Rows are
 /// deleted only after the publisher accepted them, so an event may be
@@ -736,13 +744,20 @@ pub async fn run_outbox_relay(
     loop {
         let drained = async {
             loop {
-                if outbox.relay_batch(BATCH, publisher.as_ref()).await? == 0 {
+                let started = std::time::Instant::now();
+                let relayed = outbox.relay_batch(BATCH, publisher.as_ref()).await?;
+                if relayed == 0 {
                     return Ok::<(), BusError>(());
                 }
+                metrics::histogram!(OUTBOX_PUBLISH_DURATION, "outbox" => name.clone())
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!(OUTBOX_ROWS_PUBLISHED, "outbox" => name.clone())
+                    .increment(u64::try_from(relayed).unwrap_or(u64::MAX));
             }
         }
         .await;
         if let Err(error) = drained {
+            metrics::counter!(OUTBOX_FAILURES, "outbox" => name.clone()).increment(1);
             tracing::warn!(outbox = %name, %error, retry_in = ?backoff, "outbox relay failed, will retry");
             // After a failure only the backoff wakes the relay, not commits.
             tokio::select! {

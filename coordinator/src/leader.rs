@@ -17,6 +17,16 @@ use crate::lease::{LEADER, Lease, LeaseSettings};
 
 /// Takes and holds the leader lease for `holder` until `shutdown`;
 /// `leading` says which lease this replica holds (None: it does not lead).
+/// 1 while this replica holds the leader lease, else 0, by `replica`.
+const LEADING: &str = "fedmesh_coordinator_leading";
+/// The fencing token of the lease this replica holds.
+const TOKEN: &str = "fedmesh_coordinator_lease_token";
+/// Times this replica took the lease (a new token): more than one in a
+/// short while is a lease that flaps.
+const LEADERSHIPS: &str = "fedmesh_coordinator_leaderships_total";
+/// Renewals of the lease this replica holds.
+const RENEWALS: &str = "fedmesh_coordinator_lease_renewals_total";
+
 pub async fn run_election(
     directory: Arc<Directory>,
     holder: String,
@@ -36,7 +46,12 @@ pub async fn run_election(
             Ok(Some(lease)) => {
                 if held.as_ref().is_none_or(|held| held.token != lease.token) {
                     tracing::info!(%holder, token = lease.token, "this coordinator leads: it holds the lease");
+                    metrics::counter!(LEADERSHIPS, "replica" => holder.clone()).increment(1);
+                } else {
+                    metrics::counter!(RENEWALS, "replica" => holder.clone()).increment(1);
                 }
+                metrics::gauge!(LEADING, "replica" => holder.clone()).set(1.0);
+                metrics::gauge!(TOKEN, "replica" => holder.clone()).set(lease.token as f64);
                 directory.state().set_leader(Some(lease.clone()));
                 leading.send_replace(Some(lease));
                 Duration::from_millis(settings.lease_renew_ms)
@@ -45,6 +60,7 @@ pub async fn run_election(
                 if held.is_some() {
                     tracing::warn!(%holder, "this coordinator lost the lease: another leads");
                 }
+                metrics::gauge!(LEADING, "replica" => holder.clone()).set(0.0);
                 leading.send_replace(None);
                 if let Ok(current) = directory.store().lease(LEADER).await {
                     directory.state().set_leader(current);
@@ -59,6 +75,7 @@ pub async fn run_election(
                     .is_some_and(|lease| lease.expires_at_micros - duration / 2 < now)
                 {
                     tracing::warn!(%holder, %error, "cannot renew the lease: stepping down");
+                    metrics::gauge!(LEADING, "replica" => holder.clone()).set(0.0);
                     leading.send_replace(None);
                 } else {
                     tracing::warn!(%holder, %error, "cannot reach the lease");

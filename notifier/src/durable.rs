@@ -19,6 +19,9 @@ use tonic::{Code, Status, Streaming};
 
 use crate::NotifierError;
 
+/// Events handed to durable subscribers, by `redelivered`.
+const DELIVERIES: &str = "fedmesh_notifier_deliveries_total";
+
 /// Unacknowledged deliveries when the subscriber asks for none (0).
 const DEFAULT_PREFETCH: u16 = 100;
 /// Most unacknowledged deliveries a subscriber may ask for.
@@ -195,6 +198,8 @@ impl Serving {
                             continue;
                         }
                         self.unacked.insert(queued.tag);
+                        let redelivered = if queued.redelivered { "true" } else { "false" };
+                        metrics::counter!(DELIVERIES, "redelivered" => redelivered).increment(1);
                         return Step::Deliver(Box::new(pb::EventDelivery {
                             delivery_id: queued.tag,
                             redelivered: queued.redelivered,

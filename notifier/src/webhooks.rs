@@ -35,6 +35,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::durable::DirectoryClient;
 
+/// Webhook attempts, by `outcome` (`delivered`, `failed`).
+const WEBHOOK_ATTEMPTS: &str = "fedmesh_webhook_attempts_total";
+/// Events kept as dead letters after every attempt failed, by
+/// `subscription` (a few: an alert, not a rate).
+const DEAD_LETTERS: &str = "fedmesh_webhook_dead_letters_total";
+
 /// How notifiers deliver to webhooks (`[webhooks]` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -349,6 +355,7 @@ impl Delivery {
                         Outcome::Delivered => true,
                         Outcome::Refused => match self.queues.dead_letter(name, &queued.event).await {
                             Ok(()) => {
+                                metrics::counter!(DEAD_LETTERS, "subscription" => name.to_string()).increment(1);
                                 tracing::warn!(subscription = %name, event_id = %queued.event.event_id, attempts = self.settings.webhook_attempts, "the webhook refused every attempt; the event is a dead letter");
                                 true
                             }
@@ -378,8 +385,12 @@ impl Delivery {
                 answer = self.post(event, body.clone()) => answer,
             };
             match answer {
-                Ok(()) => return Outcome::Delivered,
+                Ok(()) => {
+                    metrics::counter!(WEBHOOK_ATTEMPTS, "outcome" => "delivered").increment(1);
+                    return Outcome::Delivered;
+                }
                 Err(why) => {
+                    metrics::counter!(WEBHOOK_ATTEMPTS, "outcome" => "failed").increment(1);
                     tracing::info!(subscription = %self.target.subscription, event_id = %event.event_id, attempt, %why, "webhook attempt failed");
                 }
             }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fedmesh_common::telemetry::{Readiness, serve_admin};
-use fedmesh_tests::{TestMesh, http_get};
+use fedmesh_tests::{TestMesh, http_get, within};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -148,6 +148,24 @@ async fn a_dev_mesh_is_ready_and_exports_the_signals_of_a_relayed_send() {
             "no {name} {labels:?} in:\n{metrics}"
         );
     }
+    // The coordinator leads; the send's event left its shard's outbox
+    // (asynchronously: scraped until it shows, as Prometheus would).
+    assert!(has_series(&metrics, "fedmesh_coordinator_leading", &[]));
+    let metrics = within("the outbox's series", async {
+        loop {
+            let (_, metrics) = http_get(address, "/metrics").await;
+            if has_series(&metrics, "fedmesh_outbox_rows_published_total", &[]) {
+                return metrics;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(has_series(
+        &metrics,
+        "fedmesh_outbox_publish_duration_seconds_count",
+        &[]
+    ));
     assert!(
         !metrics.contains("tax-office") && !metrics.contains("land-registry"),
         "no agency ids in labels"

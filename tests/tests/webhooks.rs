@@ -171,6 +171,13 @@ async fn an_event_refused_at_every_attempt_is_a_dead_letter_until_replayed(bus: 
         .unwrap();
     let hook = receiver.next().await;
     assert_eq!(hook.json()["data"]["message_id"], later.message_id.as_str());
+    let metrics = fedmesh_common::telemetry::recorder().render();
+    for series in [
+        "fedmesh_webhook_attempts_total{outcome=\"failed\"} 3",
+        "fedmesh_webhook_dead_letters_total{subscription=\"hooked\"} 1",
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
 
     let replayed = mesh
         .directory_as(&operator())
