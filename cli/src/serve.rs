@@ -8,21 +8,23 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{ArgMatches, Args};
 use fedmesh_common::amqp::{AmqpPublisher, AmqpQueues, AmqpSource, EventBusSettings};
 use fedmesh_common::config::{ConfigError, load, to_toml};
 use fedmesh_common::events::{EventBus, EventPublisher};
-use fedmesh_common::server::check_security;
+use fedmesh_common::server::{ConnectionSettings, check_security};
 use fedmesh_common::tls::TlsSettings;
 use fedmesh_coordinator::CoordinatorConfig;
 use fedmesh_gateway::GatewayConfig;
 use fedmesh_notifier::NotifierConfig;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::dev::{DEFAULT_BASE_PORT, DevMesh, DevOptions};
-use crate::signal::stop_on_signal;
+use crate::signal::{Drain, drain_on_signal, stop_on_signal};
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -133,25 +135,58 @@ async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 /// Serves a role's admin listener (`/metrics`, `/healthz`, `/readyz`) if
-/// its settings name one, until `stop`.
+/// its settings name one: unready once `drain` starts, serving until the
+/// process exits.
 async fn admin(
     admin_listen: Option<&str>,
     readiness: fedmesh_common::telemetry::Readiness,
-    stop: &tokio_util::sync::CancellationToken,
+    drain: &Drain,
 ) -> anyhow::Result<()> {
     if let Some(address) = admin_listen {
         let listener = bind(address).await?;
-        let stop = stop.clone();
+        let draining = drain.draining.clone();
         tokio::spawn(async move {
-            let served =
-                fedmesh_common::telemetry::serve_admin(listener, readiness, stop.clone(), stop)
-                    .await;
+            let served = fedmesh_common::telemetry::serve_admin(
+                listener,
+                readiness,
+                draining,
+                CancellationToken::new(),
+            )
+            .await;
             if let Err(error) = served {
                 tracing::error!(%error, "the admin listener failed");
             }
         });
     }
     Ok(())
+}
+
+/// The two steps of a role's stop, as its connection settings time them.
+fn drain(connections: &ConnectionSettings) -> Drain {
+    drain_on_signal(Duration::from_millis(connections.drain_delay_ms))
+}
+
+/// Runs `role` until it ends; once `drain` stops it, waits at most the
+/// grace period of `connections` for it to finish.
+async fn finish_within<E>(
+    role: impl std::future::Future<Output = Result<(), E>>,
+    drain: &Drain,
+    connections: &ConnectionSettings,
+) -> anyhow::Result<()>
+where
+    anyhow::Error: From<E>,
+{
+    let grace = Duration::from_secs(connections.grace_secs);
+    tokio::select! {
+        ended = role => Ok(ended?),
+        () = async {
+            drain.stop.cancelled().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(?grace, "calls and writes did not finish within the grace period: exiting anyway");
+            Ok(())
+        }
+    }
 }
 
 /// The scheme of a role's URL: https when it has TLS.
@@ -191,10 +226,12 @@ pub async fn coordinator(
             queues: Arc::new(queues),
         })
     });
-    let stop = stop_on_signal();
+    let drain = drain(&config.connections);
     let ready = fedmesh_common::telemetry::always_ready();
-    admin(config.admin_listen.as_deref(), ready, &stop).await?;
-    fedmesh_coordinator::run(config, listener, bus, stop).await?;
+    admin(config.admin_listen.as_deref(), ready, &drain).await?;
+    let connections = config.connections;
+    let role = fedmesh_coordinator::run(config, listener, bus, drain.stop.clone());
+    finish_within(role, &drain, &connections).await?;
     Ok(())
 }
 
@@ -223,11 +260,13 @@ pub async fn gateway(
         &config.events,
         &format!("fedmesh-gateway-{}", config.gateway_id()),
     );
-    let stop = stop_on_signal();
+    let drain = drain(&config.connections);
     let admin_listen = config.admin_listen.clone();
-    let running = fedmesh_gateway::start(config, listener, publisher, stop.clone()).await?;
-    admin(admin_listen.as_deref(), running.readiness, &stop).await?;
-    running.stopped.await??;
+    let connections = config.connections;
+    let running = fedmesh_gateway::start(config, listener, publisher, drain.stop.clone()).await?;
+    admin(admin_listen.as_deref(), running.readiness, &drain).await?;
+    let role = async { anyhow::Ok(running.stopped.await??) };
+    finish_within(role, &drain, &connections).await?;
     Ok(())
 }
 
@@ -277,7 +316,8 @@ pub async fn notifier(
         config.advertise = Some(format!("{}://{}", scheme(&config.tls), config.listen));
     }
     let listener = bind(&config.listen).await?;
-    let stop = stop_on_signal();
+    let drain = drain(&config.connections);
+    let stop = drain.stop.clone();
     let Some(url) = config.events.amqp.as_deref() else {
         anyhow::bail!("unreachable: the settings were validated");
     };
@@ -294,8 +334,10 @@ pub async fn notifier(
         &format!("fedmesh-notifier-{}-queues", config.id),
     );
     let ready = fedmesh_common::telemetry::always_ready();
-    admin(config.admin_listen.as_deref(), ready, &stop).await?;
-    fedmesh_notifier::run(config, listener, source, Some(Arc::new(queues)), stop).await?;
+    admin(config.admin_listen.as_deref(), ready, &drain).await?;
+    let connections = config.connections;
+    let role = fedmesh_notifier::run(config, listener, source, Some(Arc::new(queues)), stop);
+    finish_within(role, &drain, &connections).await?;
     Ok(())
 }
 

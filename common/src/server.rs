@@ -89,6 +89,25 @@ pub struct ConnectionSettings {
     /// Idle seconds before TCP keepalive probes start on a connection.
     #[arg(long, env = "FEDMESH_TCP_KEEPALIVE_SECS", default_value_t = 60)]
     pub tcp_keepalive_secs: u64,
+    /// On SIGTERM (or Ctrl-C), how long the role answers `/readyz` 503
+    /// while still serving, in milliseconds, so that load balancers and DNS
+    /// take it out before its streams end.
+    #[arg(long, env = "FEDMESH_DRAIN_DELAY_MS", default_value_t = 5_000)]
+    #[serde(default = "default_drain_delay_ms")]
+    pub drain_delay_ms: u64,
+    /// Then, how long its calls and writes may take to finish, in seconds,
+    /// before the process exits anyway.
+    #[arg(long, env = "FEDMESH_GRACE_SECS", default_value_t = 30)]
+    #[serde(default = "default_grace_secs")]
+    pub grace_secs: u64,
+}
+
+fn default_drain_delay_ms() -> u64 {
+    5_000
+}
+
+fn default_grace_secs() -> u64 {
+    30
 }
 
 impl Default for ConnectionSettings {
@@ -116,6 +135,8 @@ impl ConnectionSettings {
             10..=86_400_000,
         )?;
         check_range("tcp_keepalive_secs", self.tcp_keepalive_secs, 1..=86_400)?;
+        check_range("drain_delay_ms", self.drain_delay_ms, 0..=600_000)?;
+        check_range("grace_secs", self.grace_secs, 1..=3_600)?;
         Ok(())
     }
 }

@@ -1,0 +1,120 @@
+//! A stand-alone role stopping on SIGTERM: unready first while it still
+//! serves and answers `/healthz`, then it stops and the process exits.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+/// A guard against a hang, not a performance bound.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A port free a moment ago.
+async fn free_port() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The status of `GET path` on the admin listener at `port`; None while
+/// nothing listens there.
+async fn status_of(port: u16, path: &str) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn a_gateway_on_sigterm_turns_unready_while_alive_then_exits() {
+    let binary = Path::new(env!("CARGO_BIN_EXE_fedmesh"));
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut dev = Command::new(binary)
+        .args(["dev", "--base-port", "0", "--data-dir"])
+        .arg(data_dir.path().join("mesh"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    let coordinator = tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.trim().strip_prefix("export FEDMESH_COORDINATOR=") {
+                return url.to_string();
+            }
+        }
+        panic!("the dev mesh on free ports prints the export line");
+    })
+    .await
+    .expect("the dev mesh starts");
+
+    // A second east gateway, on its own copy of shard east-1.
+    let (listen, admin) = (free_port().await, free_port().await);
+    let shard = format!(
+        "east-1=sqlite://{}",
+        data_dir.path().join("east-1.sqlite").display()
+    );
+    let mut gateway = Command::new(binary)
+        .args([
+            "gateway",
+            "--region",
+            "east",
+            "--id",
+            "east-9",
+            "--dev-identity",
+        ])
+        .args(["--shard", &shard, "--coordinator", &coordinator])
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--drain-delay-ms", "3000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Ready once it has the topology: asked until it says so, as a load
+    // balancer would.
+    tokio::time::timeout(DEADLINE, async {
+        while status_of(admin, "/readyz").await != Some(200) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the gateway becomes ready");
+
+    let pid = gateway.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    // Unready at once, alive and serving until the drain delay is over.
+    tokio::time::timeout(DEADLINE, async {
+        while status_of(admin, "/readyz").await != Some(503) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the gateway turns unready");
+    assert_eq!(status_of(admin, "/healthz").await, Some(200));
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", listen))
+            .await
+            .is_ok(),
+        "still serving gRPC while draining"
+    );
+    let exited = tokio::time::timeout(DEADLINE, gateway.wait())
+        .await
+        .expect("the gateway exits after draining")
+        .unwrap();
+    assert!(exited.success(), "{exited:?}");
+}
