@@ -7,11 +7,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use support::DEADLINE;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-/// A guard against a hang, not a performance bound.
-const DEADLINE: Duration = Duration::from_secs(120);
+mod support;
 
 /// A port free a moment ago.
 async fn free_port() -> u16 {
@@ -36,25 +36,7 @@ async fn status_of(port: u16, path: &str) -> Option<u16> {
 async fn a_gateway_on_sigterm_turns_unready_while_alive_then_exits() {
     let binary = Path::new(env!("CARGO_BIN_EXE_fedmesh"));
     let data_dir = tempfile::tempdir().unwrap();
-    let mut dev = Command::new(binary)
-        .args(["dev", "--base-port", "0", "--data-dir"])
-        .arg(data_dir.path().join("mesh"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
-    let coordinator = tokio::time::timeout(DEADLINE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(url) = line.trim().strip_prefix("export FEDMESH_COORDINATOR=") {
-                return url.to_string();
-            }
-        }
-        panic!("the dev mesh on free ports prints the export line");
-    })
-    .await
-    .expect("the dev mesh starts");
+    let (_dev, coordinator) = support::start_dev(binary, &data_dir.path().join("mesh")).await;
 
     // A second east gateway, on its own copy of shard east-1.
     let (listen, admin) = (free_port().await, free_port().await);

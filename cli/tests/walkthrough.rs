@@ -7,13 +7,12 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
+use support::DEADLINE;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-/// A guard against a hang, not a performance bound.
-const DEADLINE: Duration = Duration::from_secs(120);
+mod support;
 
 /// The shell block between the walkthrough markers of README.md.
 fn walkthrough_script() -> String {
@@ -109,25 +108,7 @@ async fn the_readme_walkthrough_runs_as_a_script() {
 async fn inbox_follow_says_on_stderr_that_it_waits() {
     let binary = Path::new(env!("CARGO_BIN_EXE_fedmesh"));
     let data_dir = tempfile::tempdir().unwrap();
-    let mut dev = Command::new(binary)
-        .args(["dev", "--base-port", "0", "--data-dir"])
-        .arg(data_dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
-    let coordinator = tokio::time::timeout(DEADLINE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(url) = line.trim().strip_prefix("export FEDMESH_COORDINATOR=") {
-                return url.to_string();
-            }
-        }
-        panic!("the dev mesh printed no coordinator to export");
-    })
-    .await
-    .expect("the dev mesh starts");
+    let (mut dev, coordinator) = support::start_dev(binary, data_dir.path()).await;
     let registered = Command::new(binary)
         .args([
             "agency",
