@@ -740,6 +740,9 @@ pub async fn run_outbox_relay(
 ) {
     // Rows; a row may hold the events of a whole batch of messages.
     const BATCH: u32 = 64;
+    // Shown from the start, at 0, so that an alert on its rate is defined.
+    metrics::counter!(OUTBOX_FAILURES, "outbox" => name.clone()).increment(0);
+    metrics::counter!(OUTBOX_ROWS_PUBLISHED, "outbox" => name.clone()).increment(0);
     let mut backoff = poll_interval;
     loop {
         let drained = async {

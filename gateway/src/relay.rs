@@ -412,6 +412,7 @@ impl RelayBatcher {
     /// Starts relaying to `region`; the task ends when the last clone of
     /// the batcher is dropped, after sending what was queued.
     pub(crate) fn spawn(region: String, clients: Arc<RelayClients>) -> Self {
+        crate::telemetry::relaying_to(&region);
         let (sender, receiver) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(relay_loop(region, clients, receiver));
         RelayBatcher { sender }

@@ -279,13 +279,21 @@ impl Shared {
             .spool_depths
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // A destination no longer listed has emptied.
-        for gone in known.get(shard).into_iter().flatten() {
+        // Every other region's spool is shown, empty ones at 0.
+        let regions: Vec<String> = self
+            .topology
+            .borrow()
+            .regions
+            .keys()
+            .filter(|region| **region != self.region)
+            .cloned()
+            .collect();
+        for region in regions {
             if !depths
                 .iter()
-                .any(|depth| depth.destination_region == gone.destination_region)
+                .any(|depth| depth.destination_region == region)
             {
-                crate::telemetry::spool_depth(shard, &gone.destination_region, 0, 0.0);
+                crate::telemetry::spool_depth(shard, &region, 0, 0.0);
             }
         }
         for depth in &depths {

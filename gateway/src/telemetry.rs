@@ -67,6 +67,16 @@ pub(crate) fn relay_attempt(region: &str, retry: bool) {
         .increment(1);
 }
 
+/// Shows the relay series of `region` (at 0) from the first relay to it,
+/// so that a rate over them is defined before anything fails.
+pub(crate) fn relaying_to(region: &str) {
+    for attempt in ["first", "retry"] {
+        metrics::counter!(RELAY_ATTEMPTS, "region" => region.to_string(), "attempt" => attempt)
+            .increment(0);
+    }
+    metrics::counter!(RELAY_EJECTIONS, "region" => region.to_string()).increment(0);
+}
+
 /// Records the ejection of a gateway of `region`.
 pub(crate) fn ejected(region: &str) {
     metrics::counter!(RELAY_EJECTIONS, "region" => region.to_string()).increment(1);

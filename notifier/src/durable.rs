@@ -22,6 +22,14 @@ use crate::NotifierError;
 /// Events handed to durable subscribers, by `redelivered`.
 const DELIVERIES: &str = "fedmesh_notifier_deliveries_total";
 
+/// Shows the deliveries' series from the start, at 0, so that rates over
+/// them are defined before the first subscriber.
+pub(crate) fn show_series() {
+    for redelivered in ["false", "true"] {
+        metrics::counter!(DELIVERIES, "redelivered" => redelivered).increment(0);
+    }
+}
+
 /// Unacknowledged deliveries when the subscriber asks for none (0).
 const DEFAULT_PREFETCH: u16 = 100;
 /// Most unacknowledged deliveries a subscriber may ask for.

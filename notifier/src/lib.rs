@@ -409,6 +409,7 @@ pub async fn run(
             .run(),
         )
     });
+    durable::show_series();
     let durable = durable::Durable {
         queues,
         directory: directory.clone(),

@@ -232,6 +232,11 @@ impl Webhooks {
                 stop: stop.clone(),
             };
             tracing::info!(subscription = %name, url = %target.url, "delivering to a webhook");
+            // Shown from the start, at 0, so that alerts on them are defined.
+            metrics::counter!(DEAD_LETTERS, "subscription" => name.to_string()).increment(0);
+            for outcome in ["delivered", "failed"] {
+                metrics::counter!(WEBHOOK_ATTEMPTS, "outcome" => outcome).increment(0);
+            }
             let task = tokio::spawn(delivery.run());
             workers.insert(name, Worker { target, stop, task });
         }

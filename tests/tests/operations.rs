@@ -172,3 +172,96 @@ async fn a_dev_mesh_is_ready_and_exports_the_signals_of_a_relayed_send() {
     );
     shutdown.cancel();
 }
+
+/// The names of the series `text` (rules, a dashboard) queries.
+fn series_named_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("fedmesh_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test]
+async fn every_series_the_alerts_and_the_dashboard_query_is_exported() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut queried = std::collections::BTreeSet::new();
+    for file in ["prometheus/alerts.yml", "grafana/fedmesh.json"] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        let named = series_named_in(&text);
+        assert!(named.len() > 5, "{file} names the series it queries");
+        queried.extend(named);
+    }
+
+    let mesh = TestMesh::start_configured(fedmesh_tests::Backend::Sqlite, |options| {
+        options.webhooks.webhook_poll_ms = 50;
+    })
+    .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(serve_admin(
+        listener,
+        mesh.readiness(),
+        shutdown.clone(),
+        shutdown.clone(),
+    ));
+    mesh.register("tax-office", "east").await;
+    mesh.register("land-registry", "west").await;
+    mesh.gateway_knows("east", &["tax-office", "land-registry"])
+        .await;
+    // A webhook subscription, and a relayed send it is told of.
+    let mut receiver = fedmesh_tests::WebhookReceiver::start().await;
+    let subscription = fedmesh_proto::pb::Subscription {
+        webhook: Some(fedmesh_proto::pb::Webhook {
+            url: receiver.url.clone(),
+            ..Default::default()
+        }),
+        ..fedmesh_tests::subscription(
+            "hooked",
+            &["land-registry"],
+            &[fedmesh_common::events::MESSAGE_ACCEPTED],
+        )
+    };
+    mesh.create_subscription(
+        &fedmesh_common::identity::Identity::Operator("ops".into()),
+        subscription,
+    )
+    .await
+    .unwrap();
+    mesh.send("east", "tax-office", "land-registry", "watched", None)
+        .await
+        .unwrap();
+    receiver.next().await;
+
+    // Scraped until every queried series shows (gauges of the spools are
+    // set by their drainers' next look).
+    let missing = |metrics: &str| -> Vec<String> {
+        queried
+            .iter()
+            .filter(|name| !has_series(metrics, name, &[]))
+            .cloned()
+            .collect()
+    };
+    let mut last = Vec::new();
+    // The timeout guards against a hang; it bounds nothing measured.
+    let shown = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            let (_, metrics) = http_get(address, "/metrics").await;
+            last = missing(&metrics);
+            if last.is_empty() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(shown.is_ok(), "not exported: {last:?}");
+    shutdown.cancel();
+}
