@@ -23,6 +23,29 @@ fn has_series(text: &str, name: &str, labels: &[(&str, &str)]) -> bool {
         })
 }
 
+/// A dev mesh (its options changed by `configure`) with an admin listener
+/// at the returned address, serving until the returned token is
+/// cancelled; `tax-office` (east) and `land-registry` (west) registered.
+async fn watched_mesh(
+    configure: impl FnOnce(&mut fedmesh::dev::DevOptions),
+) -> (TestMesh, std::net::SocketAddr, CancellationToken) {
+    let mesh = TestMesh::start_configured(fedmesh_tests::Backend::Sqlite, configure).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(serve_admin(
+        listener,
+        mesh.readiness(),
+        shutdown.clone(),
+        shutdown.clone(),
+    ));
+    mesh.register("tax-office", "east").await;
+    mesh.register("land-registry", "west").await;
+    mesh.gateway_knows("east", &["tax-office", "land-registry"])
+        .await;
+    (mesh, address, shutdown)
+}
+
 #[tokio::test]
 async fn the_admin_listener_says_alive_ready_or_why_not_and_unready_while_draining() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -80,20 +103,7 @@ async fn the_admin_listener_says_alive_ready_or_why_not_and_unready_while_draini
 
 #[tokio::test]
 async fn a_dev_mesh_is_ready_and_exports_the_signals_of_a_relayed_send() {
-    let mesh = TestMesh::start().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(serve_admin(
-        listener,
-        mesh.readiness(),
-        shutdown.clone(),
-        shutdown.clone(),
-    ));
-    mesh.register("tax-office", "east").await;
-    mesh.register("land-registry", "west").await;
-    mesh.gateway_knows("east", &["tax-office", "land-registry"])
-        .await;
+    let (mesh, address, shutdown) = watched_mesh(|_| {}).await;
     let (status, body) = http_get(address, "/readyz").await;
     assert_eq!(status, 200, "{body}");
 
@@ -199,23 +209,10 @@ async fn every_series_the_alerts_and_the_dashboard_query_is_exported() {
         queried.extend(named);
     }
 
-    let mesh = TestMesh::start_configured(fedmesh_tests::Backend::Sqlite, |options| {
+    let (mesh, address, shutdown) = watched_mesh(|options| {
         options.webhooks.webhook_poll_ms = 50;
     })
     .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(serve_admin(
-        listener,
-        mesh.readiness(),
-        shutdown.clone(),
-        shutdown.clone(),
-    ));
-    mesh.register("tax-office", "east").await;
-    mesh.register("land-registry", "west").await;
-    mesh.gateway_knows("east", &["tax-office", "land-registry"])
-        .await;
     // A webhook subscription, and a relayed send it is told of.
     let mut receiver = fedmesh_tests::WebhookReceiver::start().await;
     let subscription = fedmesh_proto::pb::Subscription {
