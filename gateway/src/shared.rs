@@ -260,6 +260,7 @@ impl Shared {
             .iter()
             .map(|(name, shard)| {
                 let usage = shard.store.pool_usage();
+                crate::telemetry::pool(name, usage.open, usage.idle, usage.max);
                 pb::ShardPool {
                     shard: name.clone(),
                     open: usage.open,

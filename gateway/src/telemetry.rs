@@ -16,6 +16,9 @@ pub(crate) const SPOOL_MESSAGES: &str = "fedmesh_spool_messages";
 pub(crate) const SPOOL_OLDEST_AGE: &str = "fedmesh_spool_oldest_age_seconds";
 /// The version of the topology the gateway routes by.
 pub(crate) const TOPOLOGY_VERSION: &str = "fedmesh_gateway_topology_version";
+/// A shard's database connections, by `shard` and `state` (`busy`,
+/// `idle`, `max`).
+pub(crate) const POOL_CONNECTIONS: &str = "fedmesh_db_pool_connections";
 /// Inboxes streamed now.
 pub(crate) const OPEN_STREAMS: &str = "fedmesh_gateway_open_streams";
 
@@ -50,6 +53,22 @@ pub(crate) fn describe() {
         "version of the topology the gateway routes by"
     );
     metrics::describe_gauge!(OPEN_STREAMS, "inboxes streamed by this gateway");
+    metrics::describe_gauge!(
+        POOL_CONNECTIONS,
+        "a shard's database connections: busy, idle, and the most there may be"
+    );
+}
+
+/// Sets the connections of `shard`'s pool, as the gateway reports them.
+pub(crate) fn pool(shard: &str, open: u32, idle: u32, max: u32) {
+    for (state, count) in [
+        ("busy", open.saturating_sub(idle)),
+        ("idle", idle),
+        ("max", max),
+    ] {
+        metrics::gauge!(POOL_CONNECTIONS, "shard" => shard.to_string(), "state" => state)
+            .set(f64::from(count));
+    }
 }
 
 /// Records a committed batch.

@@ -151,6 +151,10 @@ async fn a_dev_mesh_is_ready_and_exports_the_signals_of_a_relayed_send() {
         ),
         ("fedmesh_gateway_topology_version", &[("gateway", "east-0")]),
         ("fedmesh_gateway_open_streams", &[("gateway", "west-0")]),
+        (
+            "fedmesh_db_pool_connections",
+            &[("shard", "east-1"), ("state", "idle")],
+        ),
     ];
     for (name, labels) in expected {
         assert!(
