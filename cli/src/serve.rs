@@ -602,17 +602,36 @@ mod tests {
             format!("{error:#}").contains("--cert, --key and --ca together"),
             "{error:#}"
         );
-        with(&[
+        let error = with(&[
             "--listen",
             "0.0.0.0:50052",
             "--cert",
-            "gateway.crt",
+            "/nonexistent/gateway.crt",
             "--key",
-            "gateway.key",
+            "/nonexistent/gateway.key",
             "--ca",
-            "ca.crt",
+            "/nonexistent/ca.crt",
         ])
-        .expect("TLS on any address");
+        .expect_err("TLS material that is not there");
+        assert!(
+            format!("{error:#}").contains("/nonexistent/gateway.crt"),
+            "{error:#}"
+        );
+
+        // With the material there (a development CA, allowed), on any address.
+        let certs = tempfile::tempdir().expect("temp dir");
+        let gateway = fedmesh_common::identity::Identity::Gateway("east".into());
+        crate::certs::init(certs.path(), "fedmesh.local", &[gateway], 1).expect("certs");
+        let path = |name: &str| certs.path().join(name).display().to_string();
+        let (cert, key, ca) = (
+            path("gateway/east.crt"),
+            path("gateway/east.key"),
+            path("ca.crt"),
+        );
+        let mut argv = base.to_vec();
+        argv.extend_from_slice(&["--listen", "0.0.0.0:50052", "--allow-dev-ca"]);
+        argv.extend_from_slice(&["--cert", &cert, "--key", &key, "--ca", &ca]);
+        check(&argv).expect("TLS on any address");
     }
 
     #[test]

@@ -419,7 +419,12 @@ pub fn check_security(
 ) -> Result<(), ConfigError> {
     tls.validate()?;
     if tls.enabled() {
-        return Ok(());
+        // The material is read and checked as the role would at start:
+        // files there, a key that matches, a chain to the CA.
+        return match MeshTls::load(tls, None) {
+            Ok(_) => Ok(()),
+            Err(error) => Err(ConfigError::setting("cert", error.to_string())),
+        };
     }
     if !dev_identity {
         return Err(ConfigError::setting(
