@@ -16,6 +16,7 @@ use fedmesh_common::amqp::{AmqpPublisher, AmqpQueues, AmqpSource, EventBusSettin
 use fedmesh_common::config::{ConfigError, load, to_toml};
 use fedmesh_common::events::{EventBus, EventPublisher};
 use fedmesh_common::server::{ConnectionSettings, check_security};
+use fedmesh_common::telemetry::Readiness;
 use fedmesh_common::tls::TlsSettings;
 use fedmesh_coordinator::CoordinatorConfig;
 use fedmesh_gateway::GatewayConfig;
@@ -227,10 +228,28 @@ pub async fn coordinator(
         })
     });
     let drain = drain(&config.connections);
-    let ready = fedmesh_common::telemetry::always_ready();
+    // Unready until the coordinator has opened its control database.
+    let opened: Arc<std::sync::OnceLock<Readiness>> = Arc::default();
+    let ready: Readiness = {
+        let opened = Arc::clone(&opened);
+        Arc::new(move || match opened.get() {
+            Some(readiness) => readiness(),
+            None => {
+                Box::pin(async { vec!["starting: the control database is not open yet".into()] })
+            }
+        })
+    };
     admin(config.admin_listen.as_deref(), ready, &drain).await?;
     let connections = config.connections;
-    let role = fedmesh_coordinator::run(config, listener, bus, drain.stop.clone());
+    let role = fedmesh_coordinator::run_telling_readiness(
+        config,
+        listener,
+        bus,
+        drain.stop.clone(),
+        move |readiness| {
+            let _ = opened.set(readiness);
+        },
+    );
     finish_within(role, &drain, &connections).await?;
     Ok(())
 }

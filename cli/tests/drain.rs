@@ -1,5 +1,6 @@
-//! A stand-alone role stopping on SIGTERM: unready first while it still
-//! serves and answers `/healthz`, then it stops and the process exits.
+//! Stand-alone roles' admin listeners: ready once they can work, and on
+//! SIGTERM unready first while they still serve and answer `/healthz`,
+//! then they stop and the process exits.
 
 #![allow(clippy::unwrap_used)]
 
@@ -24,6 +25,76 @@ async fn status_of(port: u16, path: &str) -> Option<u16> {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.ok()?;
     answer.split(' ').nth(1)?.parse().ok()
+}
+
+/// The port of the admin listener of `role`, from its log; the rest of
+/// the log is read (and dropped) so that it never blocks.
+async fn admin_port(role: &mut tokio::process::Child) -> u16 {
+    let mut log = BufReader::new(role.stderr.take().unwrap()).lines();
+    let port = tokio::time::timeout(DEADLINE, async {
+        let mut seen = Vec::new();
+        while let Ok(Some(line)) = log.next_line().await {
+            if line.contains("admin listener serving")
+                && let Some(port) = line
+                    .rsplit_once("address=127.0.0.1:")
+                    .and_then(|(_, port)| port.trim().parse().ok())
+            {
+                return port;
+            }
+            seen.push(line);
+        }
+        panic!("stopped before serving:\n{}", seen.join("\n"));
+    })
+    .await
+    .expect("the role starts");
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    port
+}
+
+/// Asks `/readyz` on `port` until it answers 200, as a load balancer
+/// would.
+async fn becomes_ready(port: u16) {
+    tokio::time::timeout(DEADLINE, async {
+        while status_of(port, "/readyz").await != Some(200) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the role becomes ready");
+}
+
+#[tokio::test]
+async fn a_coordinator_is_ready_once_its_control_database_is_open_and_shows_its_lease() {
+    let binary = Path::new(env!("CARGO_BIN_EXE_fedmesh"));
+    let data_dir = tempfile::tempdir().unwrap();
+    let control = format!(
+        "sqlite://{}",
+        data_dir.path().join("control.sqlite").display()
+    );
+    let mut coordinator = Command::new(binary)
+        .args(["coordinator", "--dev-identity", "--db", &control])
+        .args(["--region", "east=east-1"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admin = admin_port(&mut coordinator).await;
+    becomes_ready(admin).await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", admin))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut metrics = String::new();
+    stream.read_to_string(&mut metrics).await.unwrap();
+    assert!(
+        metrics.contains("fedmesh_coordinator_leading{"),
+        "the lease's series: {metrics}"
+    );
 }
 
 #[tokio::test]
@@ -55,34 +126,9 @@ async fn a_gateway_on_sigterm_turns_unready_while_alive_then_exits() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut log = BufReader::new(gateway.stderr.take().unwrap()).lines();
-    let admin: u16 = tokio::time::timeout(DEADLINE, async {
-        let mut seen = Vec::new();
-        while let Ok(Some(line)) = log.next_line().await {
-            if line.contains("admin listener serving")
-                && let Some(port) = line
-                    .rsplit_once("address=127.0.0.1:")
-                    .and_then(|(_, port)| port.trim().parse().ok())
-            {
-                return port;
-            }
-            seen.push(line);
-        }
-        panic!("the gateway stopped before serving:\n{}", seen.join("\n"));
-    })
-    .await
-    .expect("the gateway starts");
-    // The rest of its log is read (and dropped) so that it never blocks.
-    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
-    // Ready once it has the topology: asked until it says so, as a load
-    // balancer would.
-    tokio::time::timeout(DEADLINE, async {
-        while status_of(admin, "/readyz").await != Some(200) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the gateway becomes ready");
+    let admin = admin_port(&mut gateway).await;
+    // Ready once it has the topology.
+    becomes_ready(admin).await;
 
     let pid = gateway.id().unwrap().to_string();
     let killed = Command::new("kill")

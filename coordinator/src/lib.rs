@@ -70,6 +70,18 @@ pub async fn run(
     bus: Option<EventBus>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    run_telling_readiness(config, listener, bus, shutdown, |_| {}).await
+}
+
+/// As [`run`], handing `readiness` what says whether the coordinator can do
+/// its work (its control database answers) once it is open.
+pub async fn run_telling_readiness(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    bus: Option<EventBus>,
+    shutdown: CancellationToken,
+    readiness: impl FnOnce(fedmesh_common::telemetry::Readiness),
+) -> Result<(), RunError> {
     config.validate()?;
     let security = Security::establish(
         Identity::Coordinator,
@@ -105,6 +117,18 @@ pub async fn run(
         directory::Directory::load(store, config.regions.clone(), outbox_wake, queues).await?;
     directory.declare_subscription_queues().await;
     let directory = Arc::new(directory);
+    readiness({
+        let store = Arc::clone(directory.store());
+        Arc::new(move || {
+            let store = Arc::clone(&store);
+            Box::pin(async move {
+                match store.lease(lease::LEADER).await {
+                    Ok(_) => Vec::new(),
+                    Err(error) => vec![format!("the control database does not answer: {error}")],
+                }
+            })
+        })
+    });
     security.set_audit(DirectoryAudit::spawn(Arc::clone(&directory)));
     let holder = config.id.clone().unwrap_or_else(|| {
         // The random end of a UUIDv7.
