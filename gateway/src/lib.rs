@@ -242,6 +242,13 @@ pub async fn start(
         shutdown.clone(),
     ));
 
+    for (name, shard) in &shared.shards {
+        tasks.spawn(telemetry::follow_backlog(
+            name.clone(),
+            Arc::clone(&shard.store),
+            shutdown.clone(),
+        ));
+    }
     for shard in &config.shards {
         tasks.spawn(spool::drain_shard(
             Arc::clone(&shared),

@@ -19,6 +19,12 @@ pub(crate) const TOPOLOGY_VERSION: &str = "fedmesh_gateway_topology_version";
 /// A shard's database connections, by `shard` and `state` (`busy`,
 /// `idle`, `max`).
 pub(crate) const POOL_CONNECTIONS: &str = "fedmesh_db_pool_connections";
+/// Messages unacknowledged in a shard's inboxes, by `shard`.
+pub(crate) const INBOX_UNACKED: &str = "fedmesh_inbox_unacked_messages";
+/// Age of the oldest unacknowledged message of a shard, by `shard`.
+pub(crate) const INBOX_OLDEST_UNACKED_AGE: &str = "fedmesh_inbox_oldest_unacked_age_seconds";
+/// How often the inbox backlog of each shard is read.
+const BACKLOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Inboxes streamed now.
 pub(crate) const OPEN_STREAMS: &str = "fedmesh_gateway_open_streams";
 
@@ -53,6 +59,15 @@ pub(crate) fn describe() {
         "version of the topology the gateway routes by"
     );
     metrics::describe_gauge!(OPEN_STREAMS, "inboxes streamed by this gateway");
+    metrics::describe_gauge!(
+        INBOX_UNACKED,
+        "messages unacknowledged in a shard's inboxes"
+    );
+    metrics::describe_gauge!(
+        INBOX_OLDEST_UNACKED_AGE,
+        metrics::Unit::Seconds,
+        "age of the oldest unacknowledged message of a shard"
+    );
     metrics::describe_gauge!(
         POOL_CONNECTIONS,
         "a shard's database connections: busy, idle, and the most there may be"
@@ -128,6 +143,37 @@ pub(crate) async fn follow(
             () = shutdown.cancelled() => return,
             changed = topology.changed() => if changed.is_err() { return },
             changed = open_streams.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Reads the inbox backlog of `shard` every [`BACKLOG_INTERVAL`] (at once
+/// first) into its gauges, until `shutdown`.
+pub(crate) async fn follow_backlog(
+    shard: String,
+    store: std::sync::Arc<dyn crate::store::MessageStore>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let unacked = metrics::gauge!(INBOX_UNACKED, "shard" => shard.clone());
+    let oldest = metrics::gauge!(INBOX_OLDEST_UNACKED_AGE, "shard" => shard.clone());
+    let mut every = tokio::time::interval(BACKLOG_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match store.backlog().await {
+            Ok((count, oldest_stored)) => {
+                unacked.set(count as f64);
+                let age = oldest_stored.map_or(0.0, |stored| {
+                    (fedmesh_common::time::now_micros() - stored).max(0) as f64 / 1e6
+                });
+                oldest.set(age);
+            }
+            Err(error) => {
+                tracing::warn!(%shard, %error, "cannot read the inbox backlog for its metrics");
+            }
         }
     }
 }

@@ -155,6 +155,7 @@ async fn a_dev_mesh_is_ready_and_exports_the_signals_of_a_relayed_send() {
             "fedmesh_db_pool_connections",
             &[("shard", "east-1"), ("state", "idle")],
         ),
+        ("fedmesh_inbox_unacked_messages", &[("shard", "west-1")]),
     ];
     for (name, labels) in expected {
         assert!(

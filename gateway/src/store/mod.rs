@@ -382,6 +382,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// pool.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// What waits unacknowledged in all the shard's inboxes: how many
+    /// messages, and when the oldest was stored (microseconds since the
+    /// epoch; None when none waits). Reads every unacknowledged row: for
+    /// metrics, every few seconds, not per call.
+    async fn backlog(&self) -> Result<(u64, Option<i64>), StoreError>;
+
     /// How many batches may usefully commit at once: 1 for a store with a
     /// single writer lock (SQLite).
     fn max_concurrent_batches(&self) -> usize {

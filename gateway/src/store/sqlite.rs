@@ -675,6 +675,14 @@ impl MessageStore for SqliteMessageStore {
         Ok(messages + keys)
     }
 
+    async fn backlog(&self) -> Result<(u64, Option<i64>), StoreError> {
+        let (count, oldest): (i64, Option<i64>) =
+            sqlx::query_as("SELECT count(*), min(stored_at) FROM messages WHERE acked_at IS NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((u64::try_from(count).unwrap_or(0), oldest))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
