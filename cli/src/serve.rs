@@ -352,7 +352,20 @@ pub async fn notifier(
         &config.events.amqp_exchange,
         &format!("fedmesh-notifier-{}-queues", config.id),
     );
-    let ready = fedmesh_common::telemetry::always_ready();
+    // Ready while it consumes the broker's exchange.
+    let ready: Readiness = {
+        let source = Arc::clone(&source);
+        Arc::new(move || {
+            let live = fedmesh_common::events::EventSource::is_live(source.as_ref());
+            Box::pin(async move {
+                if live {
+                    Vec::new()
+                } else {
+                    vec!["not consuming the broker's exchange: is RabbitMQ reachable?".into()]
+                }
+            })
+        })
+    };
     admin(config.admin_listen.as_deref(), ready, &drain).await?;
     let connections = config.connections;
     let role = fedmesh_notifier::run(config, listener, source, Some(Arc::new(queues)), stop);

@@ -1,4 +1,5 @@
-//! Stand-alone roles' admin listeners: ready once they can work, and on
+//! Stand-alone roles' admin listeners: ready once they can work (or saying
+//! why not), and on
 //! SIGTERM unready first while they still serve and answer `/healthz`,
 //! then they stop and the process exits.
 
@@ -94,6 +95,56 @@ async fn a_coordinator_is_ready_once_its_control_database_is_open_and_shows_its_
     assert!(
         metrics.contains("fedmesh_coordinator_leading{"),
         "the lease's series: {metrics}"
+    );
+}
+
+/// A notifier consuming `amqp`, on ports it picks; its admin port.
+async fn notifier_on(amqp: &str) -> (tokio::process::Child, u16) {
+    let binary = Path::new(env!("CARGO_BIN_EXE_fedmesh"));
+    // One name for every run: the exchange stays on the broker, alone.
+    let exchange = "fedmesh.test.readiness";
+    let mut notifier = Command::new(binary)
+        .args(["notifier", "--dev-identity", "--id", "notifier-9"])
+        .args(["--amqp", amqp, "--amqp-exchange", exchange])
+        .args(["--coordinator", "http://127.0.0.1:1"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admin = admin_port(&mut notifier).await;
+    (notifier, admin)
+}
+
+/// The body of `GET /readyz` on `port`.
+async fn readyz_body(port: u16) -> String {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+#[tokio::test]
+async fn a_notifier_is_ready_while_it_consumes_its_broker_and_says_why_not() {
+    let amqp = std::env::var("FEDMESH_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+    let (_consuming, admin) = notifier_on(&amqp).await;
+    becomes_ready(admin).await;
+
+    // Nothing listens on port 1: it never consumes, and says so.
+    let (_alone, admin) = notifier_on("amqp://guest:guest@127.0.0.1:1/%2f").await;
+    assert_eq!(status_of(admin, "/healthz").await, Some(200));
+    let answer = readyz_body(admin).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("RabbitMQ"),
+        "{answer}"
     );
 }
 
