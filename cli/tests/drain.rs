@@ -28,6 +28,21 @@ async fn status_of(port: u16, path: &str) -> Option<u16> {
     answer.split(' ').nth(1)?.parse().ok()
 }
 
+/// Starts `fedmesh ARGS` (a role) listening on ports it picks; returns the
+/// process (killed when dropped) and its admin port.
+async fn role(args: &[&str]) -> (tokio::process::Child, u16) {
+    let mut role = Command::new(Path::new(env!("CARGO_BIN_EXE_fedmesh")))
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admin = admin_port(&mut role).await;
+    (role, admin)
+}
+
 /// The port of the admin listener of `role`, from its log; the rest of
 /// the log is read (and dropped) so that it never blocks.
 async fn admin_port(role: &mut tokio::process::Child) -> u16 {
@@ -53,79 +68,79 @@ async fn admin_port(role: &mut tokio::process::Child) -> u16 {
 }
 
 /// Asks `/readyz` on `port` until it answers 200, as a load balancer
-/// would.
+/// would; says what it last answered if it never does.
 async fn becomes_ready(port: u16) {
-    tokio::time::timeout(DEADLINE, async {
-        while status_of(port, "/readyz").await != Some(200) {
+    let mut last = String::new();
+    let ready = tokio::time::timeout(DEADLINE, async {
+        loop {
+            last = get(port, "/readyz").await;
+            if last.starts_with("HTTP/1.1 200") {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
-    .await
-    .expect("the role becomes ready");
+    .await;
+    assert!(ready.is_ok(), "never ready; it last said:\n{last}");
 }
 
 #[tokio::test]
 async fn a_coordinator_is_ready_once_its_control_database_is_open_and_shows_its_lease() {
-    let binary = Path::new(env!("CARGO_BIN_EXE_fedmesh"));
     let data_dir = tempfile::tempdir().unwrap();
     let control = format!(
         "sqlite://{}",
         data_dir.path().join("control.sqlite").display()
     );
-    let mut coordinator = Command::new(binary)
-        .args(["coordinator", "--dev-identity", "--db", &control])
-        .args(["--region", "east=east-1"])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let admin = admin_port(&mut coordinator).await;
+    let (_coordinator, admin) = role(&[
+        "coordinator",
+        "--dev-identity",
+        "--db",
+        &control,
+        "--region",
+        "east=east-1",
+    ])
+    .await;
     becomes_ready(admin).await;
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", admin))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut metrics = String::new();
-    stream.read_to_string(&mut metrics).await.unwrap();
-    assert!(
-        metrics.contains("fedmesh_coordinator_leading{"),
-        "the lease's series: {metrics}"
-    );
+    // Its election runs beside: scraped until the lease shows, as
+    // Prometheus would.
+    tokio::time::timeout(DEADLINE, async {
+        while !get(admin, "/metrics")
+            .await
+            .contains("fedmesh_coordinator_leading{")
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the lease's series");
 }
 
 /// A notifier consuming `amqp`, on ports it picks; its admin port.
 async fn notifier_on(amqp: &str) -> (tokio::process::Child, u16) {
-    let binary = Path::new(env!("CARGO_BIN_EXE_fedmesh"));
     // One name for every run: the exchange stays on the broker, alone.
     let exchange = "fedmesh.test.readiness";
-    let mut notifier = Command::new(binary)
-        .args(["notifier", "--dev-identity", "--id", "notifier-9"])
-        .args(["--amqp", amqp, "--amqp-exchange", exchange])
-        .args(["--coordinator", "http://127.0.0.1:1"])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let admin = admin_port(&mut notifier).await;
-    (notifier, admin)
+    role(&[
+        "notifier",
+        "--dev-identity",
+        "--id",
+        "notifier-9",
+        "--amqp",
+        amqp,
+        "--amqp-exchange",
+        exchange,
+        "--coordinator",
+        "http://127.0.0.1:1",
+    ])
+    .await
 }
 
-/// The body of `GET /readyz` on `port`.
-async fn readyz_body(port: u16) -> String {
+/// The whole answer to `GET path` on the admin listener at `port`.
+async fn get(port: u16, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    stream
-        .write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.unwrap();
     answer
@@ -141,7 +156,7 @@ async fn a_notifier_is_ready_while_it_consumes_its_broker_and_says_why_not() {
     // Nothing listens on port 1: it never consumes, and says so.
     let (_alone, admin) = notifier_on("amqp://guest:guest@127.0.0.1:1/%2f").await;
     assert_eq!(status_of(admin, "/healthz").await, Some(200));
-    let answer = readyz_body(admin).await;
+    let answer = get(admin, "/readyz").await;
     assert!(
         answer.starts_with("HTTP/1.1 503") && answer.contains("RabbitMQ"),
         "{answer}"
@@ -160,24 +175,21 @@ async fn a_gateway_on_sigterm_turns_unready_while_alive_then_exits() {
         "east-1=sqlite://{}",
         data_dir.path().join("east-1.sqlite").display()
     );
-    let mut gateway = Command::new(binary)
-        .args([
-            "gateway",
-            "--region",
-            "east",
-            "--id",
-            "east-9",
-            "--dev-identity",
-        ])
-        .args(["--shard", &shard, "--coordinator", &coordinator])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(["--drain-delay-ms", "3000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let admin = admin_port(&mut gateway).await;
+    let (mut gateway, admin) = role(&[
+        "gateway",
+        "--region",
+        "east",
+        "--id",
+        "east-9",
+        "--dev-identity",
+        "--shard",
+        &shard,
+        "--coordinator",
+        &coordinator,
+        "--drain-delay-ms",
+        "3000",
+    ])
+    .await;
     // Ready once it has the topology.
     becomes_ready(admin).await;
 

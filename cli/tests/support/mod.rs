@@ -24,14 +24,21 @@ pub(crate) async fn start_dev(binary: &Path, data_dir: &Path) -> (Child, String)
     let stdout = dev.stdout.take().expect("the dev mesh's output");
     let mut lines = BufReader::new(stdout).lines();
     let coordinator = tokio::time::timeout(DEADLINE, async {
+        let mut coordinator = None;
         while let Ok(Some(line)) = lines.next_line().await {
             if let Some(url) = line.trim().strip_prefix("export FEDMESH_COORDINATOR=") {
-                return url.to_string();
+                coordinator = Some(url.to_string());
+            }
+            if line.starts_with("press Ctrl-C") {
+                break;
             }
         }
-        panic!("the dev mesh printed no coordinator to export");
+        coordinator.expect("the dev mesh printed a coordinator to export")
     })
     .await
     .expect("the dev mesh starts");
+    // Its output is read to the end: a closed pipe would fail its next
+    // write and stop it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (dev, coordinator)
 }
