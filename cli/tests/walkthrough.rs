@@ -35,29 +35,7 @@ fn walkthrough_script() -> String {
 async fn the_readme_walkthrough_runs_as_a_script() {
     let binary = Path::new(env!("CARGO_BIN_EXE_fedmesh"));
     let data_dir = tempfile::tempdir().unwrap();
-    let mut dev = Command::new(binary)
-        .args(["dev", "--base-port", "0", "--data-dir"])
-        .arg(data_dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
-    let coordinator = tokio::time::timeout(DEADLINE, async {
-        let mut coordinator = None;
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(url) = line.trim().strip_prefix("export FEDMESH_COORDINATOR=") {
-                coordinator = Some(url.to_string());
-            }
-            if line.starts_with("press Ctrl-C") {
-                break;
-            }
-        }
-        coordinator.expect("the dev mesh on free ports prints the export line")
-    })
-    .await
-    .expect("the dev mesh starts");
+    let (mut dev, coordinator) = support::start_dev(binary, data_dir.path()).await;
 
     let path = format!(
         "{}:{}",

@@ -154,12 +154,12 @@ impl CallMetrics {
         }
     }
 
-    fn record(self, code: &str) {
+    fn record(self, code: &'static str) {
         metrics::counter!(
             GRPC_REQUESTS,
             "service" => self.service.clone(),
             "method" => self.method.clone(),
-            "code" => code.to_string()
+            "code" => code
         )
         .increment(1);
         metrics::histogram!(

@@ -126,7 +126,7 @@ impl Batch for ClaimKeys {
 /// recipients: read, not written, but batched the same way, one query for
 /// the pairs of many sends.
 struct CheckSpool {
-    store: Arc<dyn MessageStore>,
+    spool: Arc<dyn crate::store::SpoolStore>,
 }
 
 impl Batch for CheckSpool {
@@ -138,7 +138,7 @@ impl Batch for CheckSpool {
         &'a self,
         pairs: &'a [SpoolPair],
     ) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
-        Box::pin(async move { self.store.spool().holds(pairs).await })
+        Box::pin(self.spool.holds(pairs))
     }
 }
 
@@ -237,7 +237,9 @@ impl Committer {
         let claims = ClaimKeys {
             store: Arc::clone(&store),
         };
-        let spool_checks = CheckSpool { store };
+        let spool_checks = CheckSpool {
+            spool: store.spool(),
+        };
         Committer {
             messages: Arc::new(Lanes::spawn(Arc::new(messages), batching, thread, &shard)),
             claims: Arc::new(Lanes::spawn(Arc::new(claims), batching, thread, &shard)),

@@ -219,8 +219,21 @@ impl RelayClients {
         let mut request = pb::ForwardBatchRequest { messages };
         let mut last_failure = None;
         let mut targets = Targets::new(tiers, Some(&self.coordinator));
+        let mut attempted = false;
         while let Some(target) = targets.next(balancer) {
-            if last_failure.is_none() {
+            // An address no channel can be opened to is passed over, not
+            // attempted.
+            let client = match &target {
+                Target::Gateway(address) => match self.client(region, address) {
+                    Ok(client) => Some(client),
+                    Err(error) => {
+                        tracing::warn!(%region, %address, %error, "unusable gateway address");
+                        continue;
+                    }
+                },
+                Target::Coordinator(_) => None,
+            };
+            if !std::mem::replace(&mut attempted, true) {
                 balancer.first_attempt();
                 self.attempts.first.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::relay_attempt(region, false);
@@ -235,15 +248,8 @@ impl RelayClients {
                 return Err(GatewayError::DeadlineExceeded);
             }
             let timeout = self.stamp(&mut request, deadlines);
-            let answer = match &target {
-                Target::Gateway(address) => {
-                    let client = match self.client(region, address) {
-                        Ok(client) => client,
-                        Err(error) => {
-                            tracing::warn!(%region, %address, %error, "unusable gateway address");
-                            continue;
-                        }
-                    };
+            let answer = match (&target, client) {
+                (Target::Gateway(address), Some(client)) => {
                     let call = balancer.start(address);
                     let answer = attempt(&request, timeout, |call| async move {
                         let mut client = client;
@@ -261,7 +267,8 @@ impl RelayClients {
                     }
                     answer
                 }
-                Target::Coordinator(coordinator) => {
+                (Target::Gateway(_), None) => continue,
+                (Target::Coordinator(coordinator), _) => {
                     tracing::warn!(%region, "no gateway of the region answers; relaying through the coordinator");
                     let client = CoordinatorRelayClient::clone(coordinator);
                     attempt(&request, timeout, |call| async move {
